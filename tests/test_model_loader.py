@@ -1,0 +1,175 @@
+"""Parity of the handwritten decoder with transformers on tiny random configs, the tokenizer and chat
+template on a local HF directory, and every bad input the loader must name in one line."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from model_loader import MipoError, ModelConfig, load_model
+
+transformers = pytest.importorskip("transformers")
+
+TINY = dict(vocab_size=211, hidden_size=64, intermediate_size=96, num_hidden_layers=2, max_position_embeddings=512,
+            rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2)
+CONFIGS = {
+    "llama_llama3_rope": dict(TINY, model_type="llama", architectures=["LlamaForCausalLM"], num_attention_heads=4,
+                              num_key_value_heads=2, rope_theta=500000.0, tie_word_embeddings=False,
+                              rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                            "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
+    "llama_tied": dict(TINY, model_type="llama", architectures=["LlamaForCausalLM"], num_attention_heads=4,
+                       num_key_value_heads=4, tie_word_embeddings=True),
+    "qwen2_bias_ratio7": dict(TINY, model_type="qwen2", architectures=["Qwen2ForCausalLM"], num_attention_heads=7,
+                              num_key_value_heads=1, hidden_size=112, rope_theta=1000000.0, tie_word_embeddings=False),
+    "qwen3_head_dim": dict(TINY, model_type="qwen3", architectures=["Qwen3ForCausalLM"], num_attention_heads=4,
+                           num_key_value_heads=2, head_dim=32, tie_word_embeddings=True),
+}
+
+
+def write_hf_model(config: dict, out_dir, seed=0):
+    """A random transformers model saved as an HF directory (the reference we must match)."""
+    torch.manual_seed(seed)
+    hf_cfg = transformers.AutoConfig.for_model(**config)
+    model = transformers.AutoModelForCausalLM.from_config(hf_cfg, dtype=torch.float32)
+    with torch.no_grad():  # random biases and norm weights, so that a missed one shows up
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.normal_(0, 0.5 if "norm" in name else 0.1).add_(1.0 if "norm" in name else 0.0)
+    model.save_pretrained(out_dir)
+    return model.eval()
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_logits_match_transformers(name, tmp_path):
+    ref = write_hf_model(CONFIGS[name], tmp_path)
+    ours, _ = load_model_dir_without_tokenizer(tmp_path)
+    ids = torch.randint(0, TINY["vocab_size"], (3, 37), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = ref(ids).logits
+        got = ours(ids)
+    diff = (got - expected).abs().max().item()
+    print(f"{name}: max |logit diff| = {diff:.2e}")
+    assert diff < 1e-4
+
+
+@pytest.mark.parametrize("name", ["llama_llama3_rope", "qwen2_bias_ratio7", "qwen3_head_dim"])
+def test_cached_decoding_equals_full_forward(name, tmp_path):
+    write_hf_model(CONFIGS[name], tmp_path)
+    model, _ = load_model_dir_without_tokenizer(tmp_path)
+    ids = torch.randint(0, TINY["vocab_size"], (2, 20), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        full = model(ids)
+        cache = model.new_kv_cache(2, 32)
+        steps = [model(ids[:, :12], kv_cache=cache, mask=causal_mask(12, 12))]  # prefill 12, then 1 at a time
+        for t in range(12, 20):
+            steps.append(model(ids[:, t : t + 1], kv_cache=cache, cache_start=t, mask=torch.ones(1, 1, 1, t + 1, dtype=torch.bool)))
+    assert (torch.cat(steps, dim=1) - full).abs().max().item() < 1e-5
+
+
+def test_bf16_close_to_float32(tmp_path):
+    write_hf_model(CONFIGS["qwen2_bias_ratio7"], tmp_path)
+    m32, _ = load_model_dir_without_tokenizer(tmp_path)
+    m16, _ = load_model_dir_without_tokenizer(tmp_path, dtype=torch.bfloat16)
+    assert m16.lm_head.weight.dtype == torch.bfloat16
+    ids = torch.randint(0, TINY["vocab_size"], (2, 16), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert (m16(ids).float() - m32(ids)).abs().max().item() < 0.1
+
+
+def causal_mask(T, S):
+    return torch.ones(T, S, dtype=torch.bool).tril(S - T)[None, None]
+
+
+def load_model_dir_without_tokenizer(path, dtype=torch.float32):
+    write_tiny_tokenizer(path)
+    return load_model(path, dtype=dtype)
+
+
+def write_tiny_tokenizer(path):
+    """A word-level tokenizer.json plus a ChatML template: enough for load_model on random weights."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {f"w{i}": i for i in range(TINY["vocab_size"] - 3)}
+    vocab.update({"<|im_start|>": 208, "<|im_end|>": 209, "<|endoftext|>": 210})
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.add_special_tokens(["<|im_start|>", "<|im_end|>", "<|endoftext|>"])
+    tok.save(str(path / "tokenizer.json"))
+    chatml = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+              "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    (path / "tokenizer_config.json").write_text(json.dumps(
+        {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "chat_template": chatml}))
+    (path / "generation_config.json").write_text(json.dumps({"eos_token_id": [209, 210]}))
+
+
+def test_tokenizer_interface(tmp_path):
+    write_hf_model(CONFIGS["llama_tied"], tmp_path)
+    _, tok = load_model_dir_without_tokenizer(tmp_path)
+    assert tok.encode("w5 w7") == [5, 7]
+    assert tok.stop_token_ids == [209, 210] and tok.pad_token_id == 210
+    ids = tok.apply_chat_template([{"role": "user", "content": "w3"}])
+    # "<|im_start|>user\nw3<|im_end|>\n<|im_start|>assistant\n"; the words user/assistant are unknown: w0
+    assert ids == [208, 0, 3, 209, 208, 0]
+
+
+# ------------------------------------------------------------------ bad input: one line, one error type
+
+
+def test_config_field_errors():
+    base = dict(CONFIGS["llama_tied"])
+    with pytest.raises(MipoError, match="model_type 'gpt2' is not supported"):
+        ModelConfig.from_dict({**base, "model_type": "gpt2"})
+    with pytest.raises(MipoError, match="missing field 'hidden_size'"):
+        ModelConfig.from_dict({k: v for k, v in base.items() if k != "hidden_size"})
+    with pytest.raises(MipoError, match="rope type 'yarn' is not supported"):
+        ModelConfig.from_dict({**base, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}})
+
+
+def test_rope_parameters_form_equals_rope_scaling_form():
+    old = ModelConfig.from_dict(CONFIGS["llama_llama3_rope"])
+    raw = {k: v for k, v in CONFIGS["llama_llama3_rope"].items() if k not in ("rope_scaling", "rope_theta")}
+    new = ModelConfig.from_dict({**raw, "rope_parameters": {**CONFIGS["llama_llama3_rope"]["rope_scaling"], "rope_theta": 500000.0}})
+    assert (old.rope_theta, old.rope_scaling) == (new.rope_theta, new.rope_scaling)
+
+
+def test_bad_model_directories(tmp_path):
+    with pytest.raises(MipoError, match="no such model directory"):
+        load_model(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(MipoError, match="no config.json"):
+        load_model(tmp_path / "empty")
+    bad = tmp_path / "badjson"
+    bad.mkdir()
+    (bad / "config.json").write_text("{not json")
+    with pytest.raises(MipoError, match="config.json: malformed JSON"):
+        load_model(bad)
+
+
+def test_missing_misshapen_and_truncated_tensors(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    write_hf_model(CONFIGS["qwen2_bias_ratio7"], tmp_path)
+    write_tiny_tokenizer(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    state = load_file(weights)
+    save_file({k: v for k, v in state.items() if k != "model.norm.weight"}, weights)
+    with pytest.raises(MipoError, match="lacks 1 tensor.*model.norm.weight"):
+        load_model(tmp_path)
+    save_file({**state, "model.norm.weight": torch.ones(5)}, weights)
+    with pytest.raises(MipoError, match="'model.norm.weight' has shape \\(5,\\)"):
+        load_model(tmp_path)
+    save_file(state, weights)
+    weights.write_bytes(weights.read_bytes()[:-1000])
+    with pytest.raises(MipoError, match="model.safetensors: cannot read safetensors file"):
+        load_model(tmp_path)
+
+
+def test_sharded_checkpoint_loads(tmp_path):
+    ref = write_hf_model(CONFIGS["llama_tied"], tmp_path / "sharded")
+    ref.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").exists()
+    ours, _ = load_model_dir_without_tokenizer(tmp_path / "sharded")
+    ids = torch.arange(10)[None]
+    with torch.no_grad():
+        assert (ours(ids) - ref(ids).logits).abs().max().item() < 1e-4
