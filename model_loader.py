@@ -204,7 +204,7 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(D, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(D, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, mask, kv_cache=None, cache_start=0):
+    def forward(self, x, cos, sin, mask, kv_cache=None, cache_pos=None):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, H, D)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, K, D)
@@ -214,13 +214,14 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H or K, T, D)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv_cache is not None:
-            # The cache is preallocated (B, K, S_max, D); this call writes slots [cache_start, cache_start+T)
-            # and attends over everything written so far. No concatenation, no reallocation.
+            # The cache is preallocated (B, K, S_max, D): write the T new keys/values at slots cache_pos,
+            # then attend over the first S slots, S being the mask's width. No concatenation, no
+            # reallocation, and with a fixed S the shapes are static (compilable, graph-capturable).
             k_cache, v_cache = kv_cache
-            end = cache_start + T
-            k_cache[:, :, cache_start:end] = k
-            v_cache[:, :, cache_start:end] = v
-            k, v = k_cache[:, :, :end], v_cache[:, :, :end]  # (B, K, S, D)
+            k_cache.index_copy_(2, cache_pos, k)
+            v_cache.index_copy_(2, cache_pos, v)
+            S = mask.shape[-1]
+            k, v = k_cache[:, :, :S], v_cache[:, :, :S]  # (B, K, S, D)
         # Grouped-query attention: each of the K key/value heads serves H/K query heads (any ratio, e.g. 7).
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_heads != self.n_kv_heads)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, H*D)
@@ -246,8 +247,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, mask, kv_cache=None, cache_start=0):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_cache, cache_start)
+    def forward(self, x, cos, sin, mask, kv_cache=None, cache_pos=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_cache, cache_pos)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -273,19 +274,20 @@ class CausalLM(nn.Module):
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
         self.gradient_checkpointing = False  # recompute each layer in backward: less memory, ~30% more time
 
-    def forward(self, input_ids, positions=None, mask=None, kv_cache=None, cache_start=0, logits_index=None):
+    def forward(self, input_ids, positions=None, mask=None, kv_cache=None, cache_pos=None, logits_index=None):
         """input_ids (B, T) -> logits (B, T, V), float32 when the weights are.
 
-        Without the optional arguments this is a plain causal forward over positions 0..T-1.
+        Without the optional arguments this is a plain causal forward over positions 0..T-1 (right
+        padding needs nothing more: real tokens never attend to the pads after them).
         The sampler passes: positions (B, T) per row (left padding shifts them), a boolean mask
         (B, 1, T, S) of which key slots each query may see, a KV cache (one (k, v) pair of
-        (B, K, S_max, D) tensors per layer) written from slot `cache_start`, and `logits_index`
-        to apply the output projection only to the positions that are sampled (e.g. -1).
+        (B, K, S_max, D) tensors per layer) with cache_pos (T,) the slots to write, and
+        logits_index to apply the output projection only to the positions that are sampled (-1).
         """
         B, T = input_ids.shape
         if positions is None:
-            positions = torch.arange(cache_start, cache_start + T, device=input_ids.device).expand(B, T)
-        if mask is None and kv_cache is None:
+            positions = torch.arange(T, device=input_ids.device).expand(B, T)
+        if mask is None:
             mask = torch.ones(T, T, dtype=torch.bool, device=input_ids.device).tril()  # causal (T, T)
         # RoPE tables in float32 from explicit positions: (B, 1, T, D), shared by all heads and layers.
         freqs = positions[..., None].float() * self.inv_freq  # (B, T, D/2)
@@ -298,7 +300,7 @@ class CausalLM(nn.Module):
             if self.gradient_checkpointing and self.training:
                 x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, mask, layer_cache, cache_start)
+                x = layer(x, cos, sin, mask, layer_cache, cache_pos)
         x = self.model.norm(x)
         if logits_index is not None:
             x = x[:, logits_index]

@@ -61,9 +61,11 @@ def test_cached_decoding_equals_full_forward(name, tmp_path):
     with torch.no_grad():
         full = model(ids)
         cache = model.new_kv_cache(2, 32)
-        steps = [model(ids[:, :12], kv_cache=cache, mask=causal_mask(12, 12))]  # prefill 12, then 1 at a time
+        # prefill 12 tokens, then one at a time
+        steps = [model(ids[:, :12], kv_cache=cache, cache_pos=torch.arange(12), mask=causal_mask(12, 12))]
         for t in range(12, 20):
-            steps.append(model(ids[:, t : t + 1], kv_cache=cache, cache_start=t, mask=torch.ones(1, 1, 1, t + 1, dtype=torch.bool)))
+            one = torch.ones(1, 1, 1, t + 1, dtype=torch.bool)
+            steps.append(model(ids[:, t : t + 1], positions=torch.full((2, 1), t), kv_cache=cache, cache_pos=torch.tensor([t]), mask=one))
     assert (torch.cat(steps, dim=1) - full).abs().max().item() < 1e-5
 
 

@@ -1,0 +1,124 @@
+"""Batched generation with a preallocated KV cache: how MIPO gets its data. Every positive and negative
+response of a preference pair is a sample from the base model (MIPO section 3), so this is the slowest
+stage of a run. It knows nothing about prompts or pairs: token ids in, token ids (and log-probs) out.
+
+Strategy: prompts are sorted longest first and cut into batches; each batch is LEFT-padded so that every
+row's last prompt token sits in the same cache slot, with explicit per-row positions (a row's first real
+token is position 0) and a key mask that hides the pad slots. The prompt is prefilled in one forward,
+then one token per step is decoded for the live rows; rows that stop leave the batch.
+
+Shape legend: B rows in the batch, P padded prompt length, S key/value slots, V vocab.
+"""
+import torch
+from tqdm import tqdm
+
+DEFAULT_BATCH_SIZE = 32
+
+
+@torch.no_grad()
+def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0, stop_token_ids=(), seed=0,
+             batch_size=None, return_logprobs=False, progress=True, static=False):
+    """prompts: list of token-id lists. temperature=0 is greedy. Returns, in the input order, each
+    completion's tokens (the stop token included when one was emitted), or with return_logprobs
+    (tokens, logprobs) pairs, logprobs being the model's log p(token) at temperature 1, unfiltered.
+
+    static=True keeps every shape fixed during decoding (attention over the whole preallocated cache,
+    finished rows kept in the batch), which is what torch.compile(mode="reduce-overhead") / CUDA graphs
+    need; the default drops finished rows, which is faster in eager mode on a CPU.
+    """
+    if temperature < 0 or not 0 < top_p <= 1 or top_k < 0 or max_new_tokens < 1:
+        raise ValueError(f"need temperature >= 0, 0 < top_p <= 1, top_k >= 0, max_new_tokens >= 1; got "
+                         f"{temperature}, {top_p}, {top_k}, {max_new_tokens}")
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    batch_size = batch_size or DEFAULT_BATCH_SIZE
+    device = model.lm_head.weight.device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))  # longest first: least padding
+    results = [None] * len(prompts)
+    with tqdm(total=len(prompts), unit="prompt", desc="sampling", disable=not progress, leave=False) as bar:
+        for start in range(0, len(order), batch_size):
+            rows = order[start:start + batch_size]
+            out = generate_batch(model, [prompts[i] for i in rows], max_new_tokens, temperature, top_p, top_k,
+                                 stop_token_ids, generator, static)
+            for i, completion in zip(rows, out):
+                results[i] = completion if return_logprobs else completion[0]
+            bar.update(len(rows))
+    return results
+
+
+def generate_batch(model, prompts, max_new_tokens, temperature, top_p, top_k, stop_token_ids, generator, static):
+    device = model.lm_head.weight.device
+    B, P = len(prompts), max(len(p) for p in prompts)
+    S_max = P + max_new_tokens
+    lengths = torch.tensor([len(p) for p in prompts], device=device)
+    n_pad = P - lengths  # (B,)
+    input_ids = torch.tensor([[0] * (P - len(p)) + list(p) for p in prompts], device=device)  # (B, P) left-padded
+    positions = (torch.arange(P, device=device) - n_pad[:, None]).clamp(min=0)  # (B, P)
+    slot_is_real = torch.arange(S_max, device=device)[None] >= n_pad[:, None]  # (B, S_max) key slot holds a token
+    causal = torch.ones(P, P, dtype=torch.bool, device=device).tril()
+    # A pad query sees only itself: a fully masked row would give NaN, which would reach real rows
+    # through the cached values (0 * NaN). Real queries never see pad keys.
+    mask = (causal & slot_is_real[:, None, None, :P]) | torch.eye(P, dtype=torch.bool, device=device)  # (B, 1, P, P)
+    kv_cache = model.new_kv_cache(B, S_max)
+    logits = model(input_ids, positions, mask, kv_cache, torch.arange(P, device=device), logits_index=-1)  # (B, V)
+
+    stop_ids = torch.tensor(sorted(set(stop_token_ids)), dtype=torch.long, device=device)
+    tokens, logprobs = [[] for _ in range(B)], [[] for _ in range(B)]
+    live = torch.arange(B, device=device)  # original row of each row still in the batch
+    next_position = lengths.clone()  # (B,)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    for step in range(max_new_tokens):
+        logits = logits.float()  # (B, V) sampling and log-probs in float32 whatever the model dtype
+        next_token = sample(logits, temperature, top_p, top_k, generator)  # (B,)
+        token_logprob = torch.log_softmax(logits, dim=-1).gather(-1, next_token[:, None])[:, 0]
+        stopped = torch.isin(next_token, stop_ids) | (step == max_new_tokens - 1)
+        # The one host-device sync per step: recording tokens and checking which rows stopped.
+        for row, tok, lp, was_done in zip(live.tolist(), next_token.tolist(), token_logprob.tolist(), done.tolist()):
+            if not was_done:
+                tokens[row].append(tok)
+                logprobs[row].append(lp)
+        done = done | stopped
+        if bool(done.all()):
+            break
+        if not static and bool(done.any()):
+            # Finished rows leave the batch, so compute follows the live rows.
+            keep = (~done).nonzero()[:, 0]
+            kv_cache = [(k.index_select(0, keep), v.index_select(0, keep)) for k, v in kv_cache]
+            live, next_token, next_position = live[keep], next_token[keep], next_position[keep]
+            slot_is_real, done = slot_is_real[keep], done[keep]
+        slot = P + step
+        width = S_max if static else slot + 1  # static: attend over the whole cache; unwritten slots masked
+        key_mask = slot_is_real[:, None, None, :width] & (torch.arange(width, device=device) <= slot)  # (B, 1, 1, S)
+        logits = model(next_token[:, None], next_position[:, None], key_mask, kv_cache,
+                       torch.tensor([slot], device=device), logits_index=-1)  # (B, V)
+        next_position = next_position + 1
+    return list(zip(tokens, logprobs))
+
+
+def sample(logits, temperature, top_p, top_k, generator):
+    """logits (B, V) float32 -> token ids (B,). temperature 0 is greedy."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        logits = top_p_filter(logits, top_p)
+    probs = torch.softmax(logits, dim=-1)
+    # Sampling by argmax(p / E), E ~ Exp(1): exact (the exponential-race form of the Gumbel-max trick)
+    # and free of the device sync torch.multinomial can cause.
+    race = torch.empty_like(probs).exponential_(1, generator=generator)
+    return (probs / race).argmax(dim=-1)
+
+
+def top_p_filter(logits, top_p):
+    """Nucleus: keep the smallest set of most likely tokens whose probability reaches top_p (Holtzman
+    et al. 2020); the most likely token always survives."""
+    sorted_logits, sorted_idx = torch.sort(logits, dim=-1, descending=True)  # (B, V)
+    probs = torch.softmax(sorted_logits, dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs  # mass of the strictly more likely tokens
+    drop_sorted = mass_before >= top_p
+    drop = drop_sorted.scatter(-1, sorted_idx, drop_sorted)  # back to vocabulary order
+    return logits.masked_fill(drop, float("-inf"))

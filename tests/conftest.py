@@ -1,0 +1,25 @@
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the top-level modules, from any cwd
+
+from model_loader import CausalLM, ModelConfig  # noqa: E402
+
+
+def make_tiny_model(model_type="llama", seed=0, vocab_size=97, **overrides):
+    """A randomly initialized decoder small enough for exact, fast tests (no files, no tokenizer)."""
+    raw = dict(model_type=model_type, vocab_size=vocab_size, hidden_size=48, intermediate_size=64, num_hidden_layers=2,
+               num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    model = CausalLM(ModelConfig.from_dict({**raw, **overrides}))
+    with torch.no_grad():  # larger than default init, so the next-token distribution is far from uniform
+        model.lm_head.weight.mul_(20)
+    return model.eval()
+
+
+@pytest.fixture
+def tiny_model():
+    return make_tiny_model()

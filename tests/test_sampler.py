@@ -1,0 +1,99 @@
+"""The sampler is exact: cached, batched, left-padded decoding gives what a full recompute of each row
+alone gives; the filters are exact on hand-made logits; sampling follows softmax(logits / T)."""
+import math
+
+import pytest
+import torch
+
+from conftest import make_tiny_model
+from sampler import generate, sample, top_p_filter
+
+PROMPTS = [[5, 9, 3], [7], [11, 2, 8, 4, 6, 1, 30], [3, 3], [60, 61, 62, 63, 64]]
+
+
+def greedy_full_recompute(model, prompt, max_new_tokens, stop_ids=()):
+    """The slow reference: no cache, no batch, the whole sequence re-run every step."""
+    ids = list(prompt)
+    for _ in range(max_new_tokens):
+        tok = int(model(torch.tensor([ids]))[0, -1].argmax())
+        ids.append(tok)
+        if tok in stop_ids:
+            break
+    return ids[len(prompt):]
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("static", [False, True])
+def test_greedy_ragged_batch_equals_each_row_alone_without_cache(model_type, static):
+    model = make_tiny_model(model_type)
+    with torch.no_grad():
+        expected = [greedy_full_recompute(model, p, 12) for p in PROMPTS]
+    got = generate(model, PROMPTS, 12, temperature=0, batch_size=3, progress=False, static=static)
+    assert got == expected
+
+
+def test_stop_ids_end_each_row_and_are_included(tiny_model):
+    with torch.no_grad():
+        free = [greedy_full_recompute(tiny_model, p, 10) for p in PROMPTS]
+    stop = free[0][3]  # a token row 0 emits at its 4th step
+    got = generate(tiny_model, PROMPTS, 10, temperature=0, stop_token_ids=[stop], progress=False)
+    for row, completion in zip(free, got):
+        cut = row.index(stop) + 1 if stop in row else len(row)
+        assert completion == row[:cut]
+    assert got[0][-1] == stop and len(got[0]) == 4
+
+
+def test_max_new_tokens_and_logprobs(tiny_model):
+    out = generate(tiny_model, PROMPTS, 6, temperature=1.0, seed=3, return_logprobs=True, progress=False)
+    for prompt, (tokens, logprobs) in zip(PROMPTS, out):
+        assert len(tokens) == len(logprobs) == 6
+        with torch.no_grad():  # the log-prob of each sampled token under a full forward, temperature 1
+            logits = tiny_model(torch.tensor([prompt + tokens]))[0, len(prompt) - 1:-1]
+        expected = torch.log_softmax(logits, -1).gather(-1, torch.tensor(tokens)[:, None])[:, 0]
+        assert torch.allclose(torch.tensor(logprobs), expected, atol=1e-5)
+
+
+def test_same_seed_same_tokens_other_seed_other_tokens(tiny_model):
+    run = lambda seed: generate(tiny_model, PROMPTS, 8, temperature=1.5, top_p=0.95, seed=seed, batch_size=2, progress=False)
+    assert run(7) == run(7)
+    assert run(7) != run(8)
+
+
+def test_top_k_keeps_exactly_the_k_largest():
+    logits = torch.tensor([[1.0, 5.0, 3.0, 4.0, 2.0]])
+    probs = torch.softmax(logits, -1)
+    g = torch.Generator().manual_seed(0)
+    drawn = {int(sample(logits, 1.0, 1.0, 2, g)) for _ in range(200)}
+    assert drawn == {1, 3}
+    assert int(sample(logits, 1.0, 1.0, 1, g)) == 1 and probs.argmax() == 1
+
+
+def test_top_p_keeps_smallest_set_reaching_p():
+    probs = torch.tensor([[0.05, 0.5, 0.3, 0.15]])
+    logits = probs.log()
+    kept = lambda p: torch.isfinite(top_p_filter(logits, p))[0].tolist()
+    assert kept(0.5) == [False, True, False, False]  # 0.5 alone reaches 0.5
+    assert kept(0.6) == [False, True, True, False]  # 0.5 < 0.6 <= 0.8
+    assert kept(0.9) == [False, True, True, True]  # 0.8 < 0.9 <= 0.95
+    assert kept(0.96) == [True, True, True, True]
+    assert kept(0.01) == [False, True, False, False]  # the top token always survives
+
+
+def test_first_token_distribution_matches_softmax_over_temperature():
+    """Chi-square goodness of fit of 4000 first tokens against softmax(logits / T), fixed seed."""
+    model = make_tiny_model(vocab_size=11)
+    prompt, T = [3, 1, 4], 0.7
+    with torch.no_grad():
+        probs = torch.softmax(model(torch.tensor([prompt]))[0, -1] / T, -1)
+    draws = generate(model, [prompt] * 4000, 1, temperature=T, seed=0, batch_size=1000, progress=False)
+    counts = torch.bincount(torch.tensor([d[0] for d in draws]), minlength=11).float()
+    expected = probs * 4000
+    chi2 = ((counts - expected) ** 2 / expected).sum().item()
+    assert chi2 < 2 * 23.2  # 23.2 is the 99% quantile of chi-square with 10 degrees of freedom
+
+
+def test_bad_arguments(tiny_model):
+    with pytest.raises(ValueError, match="top_p"):
+        generate(tiny_model, PROMPTS, 4, top_p=0.0)
+    with pytest.raises(ValueError, match="at least one token"):
+        generate(tiny_model, [[]], 4)
