@@ -40,14 +40,15 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0
         for start in range(0, len(order), batch_size):
             rows = order[start:start + batch_size]
             out = generate_batch(model, [prompts[i] for i in rows], max_new_tokens, temperature, top_p, top_k,
-                                 stop_token_ids, generator, static)
+                                 stop_token_ids, generator, static, return_logprobs)
             for i, completion in zip(rows, out):
                 results[i] = completion if return_logprobs else completion[0]
             bar.update(len(rows))
     return results
 
 
-def generate_batch(model, prompts, max_new_tokens, temperature, top_p, top_k, stop_token_ids, generator, static):
+def generate_batch(model, prompts, max_new_tokens, temperature, top_p, top_k, stop_token_ids, generator, static,
+                   return_logprobs):
     device = model.lm_head.weight.device
     B, P = len(prompts), max(len(p) for p in prompts)
     S_max = P + max_new_tokens
@@ -71,7 +72,10 @@ def generate_batch(model, prompts, max_new_tokens, temperature, top_p, top_k, st
     for step in range(max_new_tokens):
         logits = logits.float()  # (B, V) sampling and log-probs in float32 whatever the model dtype
         next_token = sample(logits, temperature, top_p, top_k, generator)  # (B,)
-        token_logprob = torch.log_softmax(logits, dim=-1).gather(-1, next_token[:, None])[:, 0]
+        if return_logprobs:  # log p(token) at temperature 1, unfiltered
+            token_logprob = logits.gather(-1, next_token[:, None])[:, 0] - logits.logsumexp(dim=-1)
+        else:
+            token_logprob = torch.zeros_like(logits[:, 0])
         stopped = torch.isin(next_token, stop_ids) | (step == max_new_tokens - 1)
         # The one host-device sync per step: recording tokens and checking which rows stopped.
         for row, tok, lp, was_done in zip(live.tolist(), next_token.tolist(), token_logprob.tolist(), done.tolist()):
@@ -101,24 +105,39 @@ def sample(logits, temperature, top_p, top_k, generator):
     if temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits / temperature
-    if top_k > 0:
-        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]  # (B, 1)
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+    token_ids = None
+    if top_k > 0 or top_p < 1.0:
+        logits, token_ids = top_k_top_p(logits, top_k, top_p)  # (B, K) candidates, filtered ones at -inf
+    # Inverse-CDF sampling: one uniform number per row. Searching for the first cumulative mass that
+    # exceeds it can never land on a filtered (zero-probability) token.
+    cdf = torch.softmax(logits, dim=-1).cumsum(dim=-1)  # (B, V or K)
+    u = torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device) * cdf[:, -1:]
+    choice = torch.searchsorted(cdf, u, right=True).clamp(max=cdf.shape[-1] - 1)  # (B, 1)
+    return choice[:, 0] if token_ids is None else token_ids.gather(-1, choice)[:, 0]
+
+
+NUCLEUS_CANDIDATES = 1024  # on a CPU, sorting 151,936 logits per row per step costs more than the forward
+
+
+def top_k_top_p(logits, top_k, top_p):
+    """Top-k, then nucleus (Holtzman et al. 2020: the smallest set of most likely tokens whose mass
+    reaches top_p; the top token always survives), in transformers' order. Returns the candidates'
+    logits (B, K), sorted descending with filtered ones at -inf, and their token ids (B, K).
+
+    Without top-k, the nucleus is searched among the NUCLEUS_CANDIDATES most likely tokens and the
+    whole vocabulary is sorted only when those hold less than top_p of the mass, so the result is
+    exact either way. On a GPU the full sort is cheap and avoids a host sync, so it is always used.
+    """
+    V = logits.shape[-1]
+    k = top_k if top_k > 0 else (V if logits.is_cuda else min(NUCLEUS_CANDIDATES, V))
+    values, token_ids = torch.topk(logits, min(k, V), dim=-1)  # (B, K) sorted descending
     if top_p < 1.0:
-        logits = top_p_filter(logits, top_p)
-    probs = torch.softmax(logits, dim=-1)
-    # Sampling by argmax(p / E), E ~ Exp(1): exact (the exponential-race form of the Gumbel-max trick)
-    # and free of the device sync torch.multinomial can cause.
-    race = torch.empty_like(probs).exponential_(1, generator=generator)
-    return (probs / race).argmax(dim=-1)
-
-
-def top_p_filter(logits, top_p):
-    """Nucleus: keep the smallest set of most likely tokens whose probability reaches top_p (Holtzman
-    et al. 2020); the most likely token always survives."""
-    sorted_logits, sorted_idx = torch.sort(logits, dim=-1, descending=True)  # (B, V)
-    probs = torch.softmax(sorted_logits, dim=-1)
-    mass_before = probs.cumsum(dim=-1) - probs  # mass of the strictly more likely tokens
-    drop_sorted = mass_before >= top_p
-    drop = drop_sorted.scatter(-1, sorted_idx, drop_sorted)  # back to vocabulary order
-    return logits.masked_fill(drop, float("-inf"))
+        # Mass under the distribution left by top-k; with no top-k, under the full softmax.
+        log_norm = (values if top_k > 0 else logits).logsumexp(dim=-1, keepdim=True)  # (B, 1)
+        probs = (values - log_norm).exp()
+        if top_k == 0 and k < V and bool((probs.sum(-1) < top_p).any()):
+            values, token_ids = torch.sort(logits, dim=-1, descending=True)  # the nucleus is wider: use all V
+            probs = (values - log_norm).exp()
+        mass_before = probs.cumsum(dim=-1) - probs  # mass of the strictly more likely tokens
+        values = values.masked_fill(mass_before >= top_p, float("-inf"))
+    return values, token_ids

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from conftest import make_tiny_model
-from sampler import generate, sample, top_p_filter
+import sampler
+from sampler import generate, sample, top_k_top_p
 
 PROMPTS = [[5, 9, 3], [7], [11, 2, 8, 4, 6, 1, 30], [3, 3], [60, 61, 62, 63, 64]]
 
@@ -68,15 +69,40 @@ def test_top_k_keeps_exactly_the_k_largest():
     assert int(sample(logits, 1.0, 1.0, 1, g)) == 1 and probs.argmax() == 1
 
 
+def kept_tokens(logits, top_k, top_p):
+    values, ids = top_k_top_p(logits, top_k, top_p)
+    return sorted(ids[0][torch.isfinite(values[0])].tolist())
+
+
 def test_top_p_keeps_smallest_set_reaching_p():
-    probs = torch.tensor([[0.05, 0.5, 0.3, 0.15]])
-    logits = probs.log()
-    kept = lambda p: torch.isfinite(top_p_filter(logits, p))[0].tolist()
-    assert kept(0.5) == [False, True, False, False]  # 0.5 alone reaches 0.5
-    assert kept(0.6) == [False, True, True, False]  # 0.5 < 0.6 <= 0.8
-    assert kept(0.9) == [False, True, True, True]  # 0.8 < 0.9 <= 0.95
-    assert kept(0.96) == [True, True, True, True]
-    assert kept(0.01) == [False, True, False, False]  # the top token always survives
+    logits = torch.tensor([[0.05, 0.5, 0.3, 0.15]]).log()
+    assert kept_tokens(logits, 0, 0.49) == [1]  # 0.5 alone reaches 0.49
+    assert kept_tokens(logits, 0, 0.6) == [1, 2]  # 0.5 < 0.6 <= 0.8
+    assert kept_tokens(logits, 0, 0.9) == [1, 2, 3]  # 0.8 < 0.9 <= 0.95
+    assert kept_tokens(logits, 0, 0.96) == [0, 1, 2, 3]
+    assert kept_tokens(logits, 0, 0.01) == [1]  # the top token always survives
+
+
+def test_top_p_after_top_k_renormalizes_within_the_k():
+    logits = torch.tensor([[0.05, 0.5, 0.3, 0.15]]).log()
+    # top-2 leaves {0.5, 0.3} -> renormalized {0.625, 0.375}: 0.6 is reached by the first alone
+    assert kept_tokens(logits, 2, 0.6) == [1]
+    assert kept_tokens(logits, 2, 0.7) == [1, 2]
+
+
+def test_nucleus_wider_than_the_candidates_falls_back_to_the_full_sort(monkeypatch):
+    logits = torch.zeros(1, 50)  # uniform: the nucleus of 0.9 holds 45 tokens
+    monkeypatch.setattr(sampler, "NUCLEUS_CANDIDATES", 8)
+    assert len(kept_tokens(logits, 0, 0.9)) == 45
+    monkeypatch.setattr(sampler, "NUCLEUS_CANDIDATES", 1024)
+    assert len(kept_tokens(logits, 0, 0.9)) == 45
+
+
+def test_filtered_sampling_follows_the_renormalized_distribution():
+    logits = torch.tensor([[0.05, 0.5, 0.3, 0.15]]).log().expand(20000, 4)
+    draws = sample(logits, 1.0, 0.9, 0, torch.Generator().manual_seed(0))
+    freq = torch.bincount(draws, minlength=4).float() / 20000
+    assert freq[0] == 0 and torch.allclose(freq[1:], torch.tensor([0.5, 0.3, 0.15]) / 0.95, atol=0.015)
 
 
 def test_first_token_distribution_matches_softmax_over_temperature():
