@@ -1,0 +1,434 @@
+"""MIPO pairs: the pairing logic on a fake sampler (exact and fast), the whole path on a tiny random model,
+every task's loader on the real package data, the checkers on hand-written responses, and bad input."""
+import json
+import random
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import mipo
+import sampler
+from conftest import make_tiny_model
+from mipo import TASKS, Example, Sampling, build_pairs, read_pairs
+from model_loader import MipoError, Tokenizer
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLING = Sampling(temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=8)
+
+
+# ------------------------------------------------------------------ a fake sampler for exact pairing tests
+
+class ByteTokenizer:
+    """Chat messages as UTF-8 bytes; id 256 ends a turn. decode(encode(x)) == x."""
+    stop_token_ids = [256]
+
+    def apply_chat_template(self, messages, add_generation_prompt=True):
+        text = "".join(f"<{m['role']}>{m['content']}</{m['role']}>" for m in messages)
+        return list((text + ("<assistant>" if add_generation_prompt else "")).encode())
+
+    def decode(self, ids, skip_special_tokens=True):
+        return bytes(i for i in ids if i < 256).decode()
+
+
+FAKE_MODEL = SimpleNamespace(config=SimpleNamespace(max_position_embeddings=100_000))
+
+
+@pytest.fixture
+def echo(monkeypatch):
+    """sampler.generate replaced by an echo: each completion is 'seed S|' + its own prompt + stop, so
+    every stored response names the prompt it was sampled from. Counts calls; can fail on call k."""
+    state = SimpleNamespace(calls=[], fail_on_call=None)
+
+    def fake_generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0, stop_token_ids=(),
+                      seed=0, batch_size=None, return_logprobs=False, progress=True, static=False):
+        state.calls.append(len(prompts))
+        if state.fail_on_call == len(state.calls):
+            raise KeyboardInterrupt  # the run is killed mid-way
+        return [list(f"seed {seed}|".encode()) + list(p) + [256] for p in prompts]
+
+    monkeypatch.setattr(sampler, "generate", fake_generate)
+    return state
+
+
+def persona_like(n):
+    return [Example(f"u{i}", f"question {i}?", f"- preference {i}") for i in range(n)]
+
+
+def choice_like(n):
+    return [Example(f"q{i}", f"question {i}", "", "A", {"choices": [f"a{i}", f"b{i}"]}) for i in range(n)]
+
+
+def content(message_list):
+    return message_list[0]["content"]
+
+
+# ------------------------------------------------------------------ pairing
+
+def test_derangement_has_no_fixed_point_and_no_equal_content():
+    for n in range(2, 40):
+        for seed in range(5):
+            donor = mipo.derangement([str(i) for i in range(n)], random.Random(seed))
+            assert sorted(donor) == list(range(n)) and all(d != i for i, d in enumerate(donor))
+    keys = ["a", "a", "b", "c", "c", "c", "d", "e"]  # duplicate prompts must not pair with each other either
+    for seed in range(50):
+        donor = mipo.derangement(keys, random.Random(seed))
+        assert sorted(donor) == list(range(len(keys))) and all(keys[d] != keys[i] for i, d in enumerate(donor))
+    with pytest.raises(MipoError, match="at least 2"):
+        mipo.derangement(["a"], random.Random(0))
+    with pytest.raises(MipoError, match="identical"):
+        mipo.derangement(["a", "a", "a"], random.Random(0))
+
+
+def test_random_negative_with_context_is_the_same_question_under_another_users_context(echo, tmp_path):
+    task, examples = TASKS["persona"], persona_like(10)
+    pairs = build_pairs(FAKE_MODEL, ByteTokenizer(), task, examples, tmp_path / "p.jsonl", "random", SAMPLING, seed=3, batch_size=4)
+    assert [p["id"] for p in pairs] == [ex.id for ex in examples]
+    by_id = {ex.id: ex for ex in examples}
+    for pair, ex in zip(pairs, examples):
+        donor = by_id[pair["negative_source"]]
+        assert donor.id != ex.id
+        x_prime = task.render(replace(ex, context=donor.context))
+        assert pair["prompt"] == [{"role": "user", "content": task.render(ex)}]  # stored under the ORIGINAL x
+        assert content(pair["negative_prompt"]) == x_prime
+        assert content(pair["chosen"]).endswith(f"<user>{task.render(ex)}</user><assistant>")  # sampled from x
+        assert content(pair["rejected"]).endswith(f"<user>{x_prime}</user><assistant>")  # sampled from x'
+        assert ex.question in x_prime and ex.context not in x_prime and donor.context in x_prime
+
+
+def test_random_negative_without_context_is_another_prompt(echo, tmp_path):
+    task, examples = TASKS["arc"], choice_like(7)
+    pairs = build_pairs(FAKE_MODEL, ByteTokenizer(), task, examples, tmp_path / "p.jsonl", "random", SAMPLING, batch_size=3)
+    by_id = {ex.id: ex for ex in examples}
+    assert sorted(p["negative_source"] for p in pairs) == sorted(by_id)  # each prompt donates exactly once
+    for pair, ex in zip(pairs, examples):
+        donor = by_id[pair["negative_source"]]
+        assert donor.id != ex.id
+        assert content(pair["prompt"]) == task.render(ex)
+        assert content(pair["negative_prompt"]) == task.render(donor)
+        assert content(pair["rejected"]).endswith(f"<user>{task.render(donor)}</user><assistant>")
+
+
+def test_incomplete_negative_removes_the_context(echo, tmp_path):
+    task, examples = TASKS["persona"], persona_like(5)
+    pairs = build_pairs(FAKE_MODEL, ByteTokenizer(), task, examples, tmp_path / "p.jsonl", "incomplete", SAMPLING)
+    for pair, ex in zip(pairs, examples):
+        assert pair["negative_source"] == "no context"
+        assert content(pair["prompt"]) == task.render(ex) and ex.context in content(pair["prompt"])
+        assert content(pair["negative_prompt"]) == task.render(replace(ex, context="")) == f"My question: {ex.question}"
+        assert content(pair["rejected"]).endswith(f"<user>My question: {ex.question}</user><assistant>")
+
+
+def test_incomplete_math_prompt_drops_one_sentence_but_never_the_question(echo, tmp_path):
+    question = "Ann has 3 apples. Bob gives her 4 more. She eats 2. How many apples does Ann have now?"
+    for seed in range(20):
+        kept, dropped = mipo.drop_one_sentence(question, random.Random(seed))
+        assert dropped in question and dropped not in kept and kept.endswith("How many apples does Ann have now?")
+        assert len(mipo.sentences(kept)) == 3
+    kept, dropped = mipo.drop_one_sentence("If Ann has 3 apples, and Bob has 4, how many do they have?", random.Random(0))
+    assert kept.endswith("how many do they have?") and kept.count(", ") == 1
+    task = replace(TASKS["gsm8k"], render=lambda ex: ex.question)  # the 8-shot template is tested on real data below
+    ex = Example("g0", question, "", "5")
+    pairs = build_pairs(FAKE_MODEL, ByteTokenizer(), task, [ex, replace(ex, id="g1")], tmp_path / "p.jsonl", "incomplete", SAMPLING)
+    assert pairs[0]["negative_source"].startswith("dropped sentence: ")
+    assert content(pairs[0]["negative_prompt"]) != question and content(pairs[0]["prompt"]) == question
+
+
+def test_incomplete_negative_needs_a_context_or_a_sentence_to_drop(echo, tmp_path):
+    with pytest.raises(MipoError, match="no user context to remove; use --negative random"):
+        build_pairs(FAKE_MODEL, ByteTokenizer(), TASKS["arc"], choice_like(3), tmp_path / "p.jsonl", "incomplete", SAMPLING)
+    assert not (tmp_path / "p.jsonl").exists()
+
+
+def test_pairs_file_is_trl_conversational_and_round_trips(echo, tmp_path):
+    out = tmp_path / "p.jsonl"
+    pairs = build_pairs(FAKE_MODEL, ByteTokenizer(), TASKS["persona"], persona_like(4), out, "random", SAMPLING, seed=1,
+                        model_name="tiny")
+    lines = out.read_text().splitlines()
+    assert [json.loads(line) for line in lines] == pairs == read_pairs(out)
+    for pair in pairs:
+        assert [m["role"] for m in pair["prompt"]] == ["user"]
+        assert [m["role"] for m in pair["chosen"]] == [m["role"] for m in pair["rejected"]] == ["assistant"]
+        assert pair["chosen_stopped"] and pair["rejected_stopped"]  # the stop token is recorded, not stored in the text
+        assert "\x00" not in content(pair["chosen"]) and pair["task"] == "persona" and pair["negative"] == "random"
+        assert pair["sampling"] == {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "max_new_tokens": 8, "seed": 1, "model": "tiny"}
+
+
+def test_interrupted_build_resumes_without_duplicates_and_equals_an_uninterrupted_run(echo, tmp_path):
+    args = (FAKE_MODEL, ByteTokenizer(), TASKS["persona"], persona_like(10))
+    whole = tmp_path / "whole.jsonl"
+    build_pairs(*args, whole, "random", SAMPLING, seed=5, batch_size=3)
+    assert echo.calls == [6, 6, 6, 2]  # positives and negatives of a batch in one generate call
+
+    out = tmp_path / "resumed.jsonl"
+    echo.calls, echo.fail_on_call = [], 3
+    with pytest.raises(KeyboardInterrupt):
+        build_pairs(*args, out, "random", SAMPLING, seed=5, batch_size=3)
+    assert len(read_pairs(out)) == 6
+    with open(out, "a") as f:
+        f.write('{"id": "u6", "task": "pers')  # the half line a kill during a write leaves
+    with pytest.raises(MipoError, match="incomplete"):
+        read_pairs(out)
+    echo.calls, echo.fail_on_call = [], None
+    pairs = build_pairs(*args, out, "random", SAMPLING, seed=5, batch_size=3)
+    assert echo.calls == [6, 2]  # only the unfinished batches are sampled again
+    assert [p["id"] for p in pairs] == [f"u{i}" for i in range(10)]
+    assert out.read_text() == whole.read_text()
+    echo.calls = []
+    build_pairs(*args, out, "random", SAMPLING, seed=5, batch_size=3)  # nothing left to do
+    assert echo.calls == [] and len(read_pairs(out)) == 10
+
+
+def test_resume_refuses_a_file_of_another_run(echo, tmp_path):
+    out = tmp_path / "p.jsonl"
+    build_pairs(FAKE_MODEL, ByteTokenizer(), TASKS["persona"], persona_like(3), out, "random", SAMPLING)
+    with pytest.raises(MipoError, match="another run.*another --out"):
+        build_pairs(FAKE_MODEL, ByteTokenizer(), TASKS["persona"], persona_like(3), out, "incomplete", SAMPLING)
+
+
+# ------------------------------------------------------------------ the real sampler on a tiny random model
+
+def tiny_tokenizer(tmp_path, vocab_size=97):
+    """Word-level tokenizer 'w0'..'w93' + ChatML specials 94-96, loaded through model_loader.Tokenizer."""
+    from tokenizers import Tokenizer as HFTokenizer, models, pre_tokenizers
+
+    vocab = {f"w{i}": i for i in range(vocab_size - 3)}
+    vocab.update({"<|im_start|>": 94, "<|im_end|>": 95, "<|endoftext|>": 96})
+    tok = HFTokenizer(models.WordLevel(vocab, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.add_special_tokens(["<|im_start|>", "<|im_end|>", "<|endoftext|>"])
+    tok.save(str(tmp_path / "tokenizer.json"))
+    chatml = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+              "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>", "chat_template": chatml}))
+    return Tokenizer(tmp_path, SimpleNamespace(eos_token_id=[95, 96]))
+
+
+def test_tiny_model_pairs_and_pointwise_mi_equal_a_full_forward(tmp_path):
+    model, tokenizer = make_tiny_model("qwen2"), tiny_tokenizer(tmp_path)
+    task = replace(TASKS["persona"], render=lambda ex: f"{ex.context} w{len(ex.question)} {ex.question}".strip())
+    examples = [Example(f"u{i}", " ".join(f"w{(i * 7 + k) % 90 + 1}" for k in range(3 + i)), f"w{i + 50} w{i + 60}") for i in range(5)]
+    out = tmp_path / "pairs.jsonl"
+    pairs = build_pairs(model, tokenizer, task, examples, out, "incomplete", Sampling(1.0, 1.0, 0, 12), seed=0, batch_size=2)
+    assert [p["id"] for p in pairs] == [ex.id for ex in examples] and read_pairs(out) == pairs
+    assert any(p["chosen"] != p["rejected"] for p in pairs)
+
+    mi = mipo.pointwise_mi(model, tokenizer, pairs, batch_size=3)
+
+    def full_forward_logp(messages, text, stopped):
+        prompt, response = mipo.encode_turn(tokenizer, messages, text, stopped)
+        assert response and (response[-1] in tokenizer.stop_token_ids) == stopped
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt + response]))[0, len(prompt) - 1:-1]
+        return torch.log_softmax(logits.float(), -1).gather(-1, torch.tensor(response)[:, None]).sum().item()
+
+    expected = [[full_forward_logp(p["prompt"], content(p[k]), p[f"{k}_stopped"])
+                 - full_forward_logp(p["negative_prompt"], content(p[k]), p[f"{k}_stopped"]) for k in ("chosen", "rejected")]
+                for p in pairs]
+    assert mi["pairs"] == 5
+    assert mi["pmi"] == pytest.approx(sum(e[0] for e in expected) / 5, abs=1e-4)
+    assert mi["pmi_rejected"] == pytest.approx(sum(e[1] for e in expected) / 5, abs=1e-4)
+
+
+def test_prompt_longer_than_the_context_window_is_one_clear_error(tmp_path):
+    model, tokenizer = make_tiny_model("llama"), tiny_tokenizer(tmp_path)  # 256 positions
+    examples = [Example("short", "w1 w2"), Example("long", " ".join(["w3"] * 300))]
+    task = replace(TASKS["gsm8k"], render=lambda ex: ex.question)
+    with pytest.raises(MipoError, match=r"^gsm8k item short: negative prompt \(long\) of 305 tokens \+ --max-new-tokens 8 "
+                                        r"exceeds the model's context window of 256 tokens; lower --max-new-tokens"):
+        build_pairs(model, tokenizer, task, examples, tmp_path / "p.jsonl", "random", SAMPLING)
+    with pytest.raises(MipoError, match=r"^gsm8k item long: prompt of 305 tokens"):
+        build_pairs(model, tokenizer, task, examples[::-1], tmp_path / "p.jsonl", "random", SAMPLING)
+    assert not (tmp_path / "p.jsonl").exists()  # nothing written
+
+
+# ------------------------------------------------------------------ every task on its real data
+
+SPLITS = {"persona": (3410, 200), "movielens": (755, 188), "gsm8k": (1119, 200), "arc": (869, 3548), "mmlu": (1504, 14042)}
+
+
+@pytest.mark.parametrize("name", SPLITS)
+def test_task_loads_real_data_with_disjoint_splits_and_renders_its_template(name):
+    task = TASKS[name]
+    train, held_out = mipo.load_examples(task, "train"), mipo.load_examples(task, "eval")
+    assert (len(train), len(held_out)) == SPLITS[name]
+    assert len({ex.id for ex in train + held_out}) == len(train) + len(held_out)  # unique ids, disjoint splits
+    assert not {task.render(ex) for ex in train} & {task.render(ex) for ex in held_out}  # and disjoint prompts
+    assert mipo.load_examples(task, "train", 5) == train[:5]  # --n takes a fixed prefix
+    for ex in train[:20] + held_out[:20]:
+        text = task.render(ex)
+        assert ex.question in text and ex.context in text and ex.answer
+    if name in ("persona", "movielens"):  # personalization: a user context, removed for the incomplete prompt
+        assert all(ex.context for ex in train)
+        assert train[0].context not in task.render(replace(train[0], context=""))
+    if name == "movielens":
+        assert {ex.meta["user_id"] % 5 for ex in held_out} == {0} and 0 not in {ex.meta["user_id"] % 5 for ex in train}
+        assert train[0].context.count("\n- ") == mipo.N_SHOWN_RATINGS and 1 <= int(train[0].answer) <= 5
+    if name in ("arc", "mmlu"):
+        assert task.render(train[0]).splitlines()[-1].startswith(("C. ", "D. ", "E. "))
+        assert "The answer is: X" in task.render(train[0]) and train[0].answer in mipo.LETTERS[:len(train[0].meta["choices"])]
+    if name == "arc":
+        assert {ex.meta["subset"] for ex in held_out} == {"challenge", "easy"}
+    if name == "gsm8k":
+        text = task.render(train[0])
+        assert text.count("Question: ") == 9 and text.count("\n#### ") == 8 and text.endswith(f"Question: {train[0].question}\nAnswer:")
+        assert all(len(mipo.drop_one_sentence(ex.question, random.Random(0))[0]) < len(ex.question) for ex in train + held_out)
+
+
+def test_persona_users_state_two_or_three_compatible_checkable_preferences():
+    train = mipo.load_examples(TASKS["persona"], "train", 300)
+    groups = {rule: group for rule, group, _, _ in mipo.PREFERENCES}
+    for ex in train:
+        rules = ex.meta["rules"]
+        assert 2 <= len(rules) <= 3 and len({groups[r] for r in rules}) == len(rules)
+        assert ex.context.splitlines() == [f"- {mipo.PREFERENCE_BY_ID[r][2]}" for r in rules]
+    assert len({tuple(ex.meta["rules"]) for ex in train}) > 50  # many different users
+    assert mipo.load_examples(TASKS["persona"], "train", 3) == train[:3]  # the same users every time
+
+
+# ------------------------------------------------------------------ checkers
+
+@pytest.mark.parametrize("response, number", [
+    ("Tom has 3 + 4 = 7 apples.\n#### 7", "7"),
+    ("#### 1,234", "1234"),
+    ("She pays $5 each.\n#### $15", "15"),
+    ("It drops by 3.\n#### -3.50", "-3.50"),
+    ("18 minus 2 is 16.\n#### 16\n\nQuestion: Ben has 3 pens.\nAnswer: #### 5", "16"),  # first ####, not an invented exemplar's
+    ("So 9 * 2 = 18. The answer is 18.", "18"),  # fallback: 'the answer is'
+    ("First 5 + 4 = 9, then 9 * 3 = 27 apples", "27"),  # fallback: the last number
+    ("I do not know.", None),
+])
+def test_extract_number(response, number):
+    assert mipo.extract_number(response) == number
+
+
+def test_score_gsm8k():
+    ex = Example("g", "q", "", "1234")
+    assert mipo.score_gsm8k(ex, "#### 1,234") == {"parsed": 1.0, "correct": 1.0}
+    assert mipo.score_gsm8k(replace(ex, answer="3.5"), "#### 3.50") == {"parsed": 1.0, "correct": 1.0}
+    assert mipo.score_gsm8k(ex, "#### 1233") == {"parsed": 1.0, "correct": 0.0}
+    assert mipo.score_gsm8k(ex, "no idea") == {"parsed": 0.0, "correct": 0.0}
+
+
+@pytest.mark.parametrize("response, letter", [
+    ("Plants need light. The answer is: B", "B"),
+    ("the answer is (c).", None),  # lower-case letters are words, not choices
+    ("The answer is: **D**", "D"),
+    ("A looks right, but no. The answer is: C", "C"),
+    ("The answer is a bit unclear.", None),
+    ("B", "B"),
+    ("(A)", "A"),
+    ("I cannot tell.", None),
+])
+def test_extract_letter(response, letter):
+    assert mipo.extract_letter(response) == letter
+
+
+def test_score_choice_and_movielens_and_jsonl():
+    ex = Example("q", "q", "", "B", {"choices": ["x", "y", "z"]})
+    assert mipo.score_choice(ex, "The answer is: B") == {"parsed": 1.0, "correct": 1.0}
+    assert mipo.score_choice(ex, "The answer is: A") == {"parsed": 1.0, "correct": 0.0}
+    rating = Example("m", "q", "c", "4")
+    assert mipo.score_movielens(rating, "You love westerns.\nRating: 5") == {"parsed": 1.0, "exact": 0.0, "abs_error": 1.0}
+    assert mipo.score_movielens(rating, "Rating: **4**") == {"parsed": 1.0, "exact": 1.0, "abs_error": 0.0}
+    assert mipo.score_movielens(rating, "Probably a 4.") == {"parsed": 0.0, "exact": 0.0}
+    assert mipo.score_jsonl(Example("j", "p"), "anything") == {}
+    assert mipo.score_jsonl(Example("j", "p", "", "42"), "#### 42")["correct"] == 1.0
+    assert mipo.score_jsonl(Example("j", "p", "", "C"), "The answer is: C")["correct"] == 1.0
+    assert mipo.score_jsonl(Example("j", "p", "", "Paris"), "It is paris.")["correct"] == 1.0
+
+
+NQ = Example("persona-0", "Who wrote Hamlet?", "", "William Shakespeare", {"answers": ["William Shakespeare", "Shakespeare"]})
+PREFERENCE_CASES = {  # rule: (a response that follows it, one that does not)
+    "short": ("Shakespeare wrote it.", " ".join(["word"] * 60)),
+    "bullets": ("- Shakespeare\n- around 1600", "Shakespeare wrote it around 1600."),
+    "numbered": ("1. Shakespeare\n2) around 1600", "- Shakespeare\n- around 1600"),
+    "child": ("A man named Shakespeare wrote it. He wrote lots of plays.",
+              "Hamlet, the quintessential Elizabethan revenge tragedy, demonstrates extraordinary psychological sophistication."),
+    "example": ("He wrote many plays. For example, Macbeth.", "He wrote many plays, like Macbeth."),
+    "question": ("Shakespeare wrote it. Have you read it?", "Shakespeare wrote it. Have you read it? I hope so."),
+    "summary": ("Shakespeare wrote it around 1600.\n\n**In short:** Shakespeare.", "In short: Shakespeare.\nHe wrote it around 1600."),
+    "formal": ("Shakespeare is the author.", "It's Shakespeare!"),
+    "answer_first": ("Shakespeare wrote it. It is a tragedy.", "It is a tragedy. Shakespeare wrote it."),
+    "bold": ("It was **Shakespeare**.", "It was *Shakespeare*."),
+}
+
+
+def test_every_preference_rule_on_hand_written_responses():
+    assert set(PREFERENCE_CASES) == set(mipo.PREFERENCE_BY_ID)
+    for rule, (follows, breaks) in PREFERENCE_CASES.items():
+        ex = replace(NQ, meta={**NQ.meta, "rules": [rule]})
+        assert mipo.score_persona(ex, follows)[f"met_{rule}"] == 1.0, rule
+        assert mipo.score_persona(ex, breaks)[f"met_{rule}"] == 0.0, rule
+    ex = replace(NQ, meta={**NQ.meta, "rules": ["short", "bold", "question"]})
+    assert mipo.score_persona(ex, "It was **Shakespeare**.") == {
+        "preferences_met": 2 / 3, "all_met": 0.0, "met_short": 1.0, "met_bold": 1.0, "met_question": 0.0}
+    assert mipo.CONTRACTION.search("I don\u2019t know") and not mipo.CONTRACTION.search("Shakespeare's plays")
+
+
+def test_compare_responses_scores_both_sides_against_the_original_item():
+    ex = Example("a", "q", "", "B", {"choices": ["x", "y"]})
+    pair = {"id": "a", "chosen": [{"role": "assistant", "content": "The answer is: B"}],
+            "rejected": [{"role": "assistant", "content": "The answer is: A"}]}
+    assert mipo.compare_responses(TASKS["arc"], [ex], [pair]) == {"parsed": (1.0, 1.0), "correct": (1.0, 0.0)}
+
+
+# ------------------------------------------------------------------ bad input: one line each
+
+def test_user_jsonl_file(tmp_path):
+    path = tmp_path / "mine.jsonl"
+    path.write_text('{"prompt": "How do I boil an egg?", "context": "I am a chef. Be brief."}\n\n'
+                    '{"prompt": "What is 6 * 7?", "answer": 42, "id": "m1"}\n')
+    first, second = mipo.load_examples(TASKS["jsonl"], "train", path=path)
+    assert (first.id, first.context, second.id, second.answer) == ("line1", "I am a chef. Be brief.", "m1", "42")
+    assert "I am a chef. Be brief." in TASKS["jsonl"].render(first) and TASKS["jsonl"].render(second) == "What is 6 * 7?"
+
+
+@pytest.mark.parametrize("text, message", [
+    ('{"prompt": "ok"}\n{"prompt": "broken"\n', r"mine.jsonl:2: not valid JSON"),
+    ('{"prompt": "ok"}\n{"context": "no prompt"}\n', r"mine.jsonl:2: field 'prompt' is missing"),
+    ('{"prompt": "a", "id": "x"}\n{"prompt": "b", "id": "x"}\n', r"mine.jsonl:2: id 'x' appears twice"),
+    ('{"prompt": "a", "context": ["not", "a", "string"]}\n', r"mine.jsonl:1: field 'context' must be a string"),
+    ("\n\n", r"task jsonl: the train split is empty"),
+])
+def test_bad_user_jsonl_is_one_line_naming_file_and_line(tmp_path, text, message):
+    path = tmp_path / "mine.jsonl"
+    path.write_text(text)
+    with pytest.raises(MipoError, match=message) as e:
+        mipo.load_examples(TASKS["jsonl"], "train", path=path)
+    assert "\n" not in str(e.value)
+
+
+def test_bad_pairs_file_and_bad_arguments(tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    path.write_text('{"id": 1}\n')
+    with pytest.raises(MipoError, match=r"pairs.jsonl:1: field 'task' is missing"):
+        read_pairs(path)
+    path.write_text("\n{oops\n")
+    with pytest.raises(MipoError, match=r"pairs.jsonl:2: not valid JSON"):
+        read_pairs(path)
+    with pytest.raises(MipoError, match=r"--task nope: unknown task \(known: persona, movielens"):
+        mipo.get_task("nope")
+    with pytest.raises(MipoError, match="--n 0: must be at least 1"):
+        mipo.load_examples(TASKS["gsm8k"], "train", 0)
+    with pytest.raises(MipoError, match="--task jsonl needs --data"):
+        mipo.load_examples(TASKS["jsonl"], "train")
+    with pytest.raises(MipoError, match="missing.jsonl: file not found"):
+        mipo.load_examples(TASKS["jsonl"], "train", path=tmp_path / "missing.jsonl")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--task", "nope"], "error: --task nope: unknown task"),
+    (["--task", "jsonl", "--data", "missing.jsonl"], "error: missing.jsonl: file not found (--data)"),
+    (["--task", "persona", "--max-new-tokens", "0"], "error: sampling settings"),
+])
+def test_cli_bad_input_exits_2_with_one_line_and_no_traceback(tmp_path, argv, message):
+    result = subprocess.run([sys.executable, str(ROOT / "mipo.py"), *argv, "--out", str(tmp_path / "p.jsonl")],
+                            capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.startswith(message) and result.stderr.count("\n") == 1, result.stderr
+    assert not (tmp_path / "p.jsonl").exists()
