@@ -518,3 +518,33 @@ def compile_chat_template(source: str):
         env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
         _templates[source] = env.from_string(source)
     return _templates[source]
+
+
+def main():
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Fetch/convert a model once, print its shape, optionally answer a question greedily.")
+    parser.add_argument("model", help="bundled name (qwen, llama, smollm2) or a local Hugging Face directory")
+    parser.add_argument("question", nargs="?", help="a user message to answer with greedy decoding")
+    parser.add_argument("--max-new-tokens", type=int, default=128, help="length limit of the answer")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weight dtype")
+    args = parser.parse_args()
+    try:
+        model, tokenizer = load_model(args.model, dtype=getattr(torch, args.dtype))
+    except MipoError as e:
+        print(f"error: {e}", file=sys.stderr)  # one line, no traceback
+        sys.exit(2)
+    cfg = model.config
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"{args.model}: {cfg.model_type}, {n_params / 1e6:.0f}M parameters, {cfg.num_hidden_layers} layers, "
+          f"{cfg.num_attention_heads}/{cfg.num_key_value_heads} heads, vocab {cfg.vocab_size}, from {resolve_model_dir(args.model)}")
+    if args.question:
+        from sampler import generate  # the CLI's one use of the next stage
+
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": args.question}])
+        [answer] = generate(model, [prompt], args.max_new_tokens, temperature=0, stop_token_ids=tokenizer.stop_token_ids, progress=False)
+        print(tokenizer.decode(answer))
+
+
+if __name__ == "__main__":
+    main()
