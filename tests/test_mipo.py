@@ -298,6 +298,7 @@ def test_persona_users_state_two_or_three_compatible_checkable_preferences():
     ("She pays $5 each.\n#### $15", "15"),
     ("It drops by 3.\n#### -3.50", "-3.50"),
     ("18 minus 2 is 16.\n#### 16\n\nQuestion: Ben has 3 pens.\nAnswer: #### 5", "16"),  # first ####, not an invented exemplar's
+    ("5 * 16 = 80, so he pays \\boxed{80} for 16 glasses.", "80"),  # fallback: LaTeX box
     ("So 9 * 2 = 18. The answer is 18.", "18"),  # fallback: 'the answer is'
     ("First 5 + 4 = 9, then 9 * 3 = 27 apples", "27"),  # fallback: the last number
     ("I do not know.", None),
@@ -335,6 +336,7 @@ def test_score_choice_and_movielens_and_jsonl():
     rating = Example("m", "q", "c", "4")
     assert mipo.score_movielens(rating, "You love westerns.\nRating: 5") == {"parsed": 1.0, "exact": 0.0, "abs_error": 1.0}
     assert mipo.score_movielens(rating, "Rating: **4**") == {"parsed": 1.0, "exact": 1.0, "abs_error": 0.0}
+    assert mipo.score_movielens(rating, "I'd give it 3 out of 5. Maybe a 3/5.")["abs_error"] == 1.0  # fallback
     assert mipo.score_movielens(rating, "Probably a 4.") == {"parsed": 0.0, "exact": 0.0}
     assert mipo.score_jsonl(Example("j", "p"), "anything") == {}
     assert mipo.score_jsonl(Example("j", "p", "", "42"), "#### 42")["correct"] == 1.0
