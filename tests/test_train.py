@@ -1,0 +1,266 @@
+"""train.py end to end on a tiny random model with a word-level tokenizer: the loss goes down, the policy equals
+the stored reference at step 0, the update does not depend on the micro-batch split or on the number of
+processes, a killed run resumes to the same weights, the saved model loads in transformers with the same
+logits, and bad input or a NaN loss ends the run with one line and exit status 2."""
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import make_tiny_model
+from model_loader import MipoError, ModelConfig, Tokenizer, load_model, save_model
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+import train  # noqa: E402
+
+VOCAB = 211  # w0 ... w207, then <|im_start|> 208, <|im_end|> 209, <|endoftext|> 210
+
+
+def write_tiny_model(out_dir: Path, seed=0) -> Path:
+    """A random tiny llama with a word-level tokenizer and a ChatML template, as a Hugging Face directory."""
+    from tokenizers import Tokenizer as HFTokenizer, models, pre_tokenizers
+
+    src = out_dir.with_name(out_dir.name + "-tokenizer")
+    src.mkdir(parents=True)
+    vocab = {f"w{i}": i for i in range(VOCAB - 3)}
+    vocab.update({"<|im_start|>": 208, "<|im_end|>": 209, "<|endoftext|>": 210})
+    tok = HFTokenizer(models.WordLevel(vocab, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.add_special_tokens(["<|im_start|>", "<|im_end|>", "<|endoftext|>"])
+    tok.save(str(src / "tokenizer.json"))
+    chatml = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+              "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    (src / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
+                                                           "chat_template": chatml}))
+    (src / "generation_config.json").write_text(json.dumps({"eos_token_id": [209, 210]}))
+    model = make_tiny_model("llama", seed=seed, vocab_size=VOCAB, max_position_embeddings=512)
+    with torch.no_grad():  # make_tiny_model sharpens the next-token distribution 20x; a little less here
+        model.lm_head.weight.div_(4)
+    save_model(model, Tokenizer(src, model.config), out_dir)
+    return out_dir
+
+
+def write_prompts(path: Path, n: int) -> Path:
+    gen = torch.Generator().manual_seed(7)
+    with open(path, "w") as f:
+        for i in range(n):
+            words = " ".join(f"w{int(t)}" for t in torch.randint(1, 200, (int(torch.randint(3, 9, (1,), generator=gen)),), generator=gen))
+            f.write(json.dumps({"id": f"q{i}", "prompt": words}) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    return {"model": write_tiny_model(root / "tiny"), "data": write_prompts(root / "prompts.jsonl", 16), "root": root}
+
+
+def args_for(assets, out, *extra, n=8):
+    return ["--model", str(assets["model"]), "--task", "jsonl", "--data", str(assets["data"]), "--negative", "random",
+            "--n", str(n), "--n-eval", "0", "--max-new-tokens", "6", "--temperature", "1.0", "--lr", "1e-3",
+            "--batch-size", "4", "--dtype", "float32", "--device", "cpu", "--out", str(out), *extra]
+
+
+def run_cli(args, launcher=(sys.executable,), env=None):
+    if "torch.distributed.run" in launcher:  # torchrun reads --n as an abbreviation of its own flags without the --
+        args = ["--", *args]
+    return subprocess.run([*launcher, str(REPO / "train.py"), *args], capture_output=True, text=True, cwd=REPO,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, timeout=600)
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def final_weights(out: Path) -> dict:
+    return load_file(out / "final" / "model.safetensors")
+
+
+@pytest.fixture(scope="session")
+def baseline(assets):
+    """One uninterrupted run: 8 pairs, 2 epochs of batch 4, a checkpoint every 2 steps (4 steps in all)."""
+    out = assets["root"] / "baseline"
+    train.main(args_for(assets, out, "--epochs", "2", "--save-every", "2"))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------- training
+
+
+def test_loss_decreases_and_every_stage_writes_its_file(assets, baseline):
+    history = metrics(baseline)
+    assert [m["step"] for m in history] == [1, 2, 3, 4]
+    assert history[-1]["loss"] < history[0]["loss"] - 0.05
+    assert history[-1]["rewards/margins"] > 0
+    for name in ("config.json", "pairs.jsonl", "reference.jsonl", "metrics.jsonl", "summary.json", "final/config.json"):
+        assert (baseline / name).exists(), name
+    assert not (baseline / "checkpoint.pt").exists()  # removed once the final model is written
+    for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
+                "logps/rejected", "lr", "grad_norm", "tokens/s"):
+        assert all(math.isfinite(m[key]) for m in history), key
+
+
+def test_step0_policy_equals_stored_reference(baseline):
+    first = metrics(baseline)[0]
+    assert first["step0/ok"] and first["step0/max_abs_logp_diff"] < 1e-4
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-5)
+    assert first["rewards/chosen"] == pytest.approx(0, abs=1e-5) and first["rewards/rejected"] == pytest.approx(0, abs=1e-5)
+
+
+def test_step0_check_catches_reference_from_another_model(assets, baseline, tmp_path):
+    # The same pairs scored by a different model: the check must fail loudly, not pass quietly.
+    out = tmp_path / "other"
+    out.mkdir()
+    for name in ("config.json", "pairs.jsonl"):
+        (out / name).write_text((baseline / name).read_text().replace(str(baseline), str(out)))
+    records = [json.loads(line) for line in (baseline / "reference.jsonl").read_text().splitlines()]
+    other, _ = load_model(write_tiny_model(tmp_path / "tiny-seed1", seed=1))
+    with torch.no_grad():
+        input_ids, mask, first, _ = train.collate(records, False, "cpu")
+        logps = train.forward_logps(other, input_ids, mask, first, train.HardwareConfig())
+    for i, r in enumerate(records):
+        r["ref_chosen_logps"], r["ref_rejected_logps"] = logps[i].item(), logps[len(records) + i].item()
+    (out / "reference.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    train.main(args_for(assets, out, "--epochs", "2", "--save-every", "2"))
+    first = metrics(out)[0]
+    assert not first["step0/ok"] and first["step0/max_abs_logp_diff"] > 1.0
+
+
+def test_gradient_accumulation_gives_the_same_update(assets, baseline, tmp_path):
+    out = tmp_path / "micro1"
+    train.main(args_for(assets, out, "--epochs", "2", "--save-every", "2", "--micro-batch-size", "1"))
+    split, whole = final_weights(out), final_weights(baseline)
+    start = load_file(assets["model"] / "model.safetensors")
+    for name in whole:
+        moved = (whole[name] - start[name]).abs().max().item()
+        assert moved > 0, name
+        torch.testing.assert_close(split[name], whole[name], rtol=0, atol=1e-5 + 1e-3 * moved)
+
+
+def test_saved_model_loads_in_transformers_with_identical_logits(baseline):
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(baseline / "final", dtype=torch.float32).eval()
+    ours, tokenizer = load_model(baseline / "final")
+    ids = torch.tensor([tokenizer.apply_chat_template([{"role": "user", "content": "w5 w9 w17"}])])
+    with torch.no_grad():
+        assert (hf(ids).logits - ours(ids)).abs().max().item() < 1e-4
+    assert tokenizer.chat_template and tokenizer.stop_token_ids == [209, 210]
+
+
+@pytest.mark.parametrize("loss", [x for x in train.LOSS_TYPES if x != "sigmoid"])
+def test_every_loss_type_trains(assets, tmp_path, loss):
+    out = tmp_path / loss
+    extra = ["--label-smoothing", "0.1"] if loss in ("robust", "exo_pair") else []
+    train.main(args_for(assets, out, "--loss", loss, *extra))
+    history = metrics(out)
+    assert len(history) == 2 and all(math.isfinite(m["loss"]) for m in history)
+    assert (out / "final" / "model.safetensors").exists()
+
+
+def test_bf16_autocast_run_and_held_out_meter(assets, tmp_path):
+    out = tmp_path / "bf16"
+    train.main(args_for(assets, out, "--dtype", "bfloat16", "--n-eval", "4"))
+    first = metrics(out)[0]
+    assert first["step0/ok"], first
+    summary = json.loads((out / "summary.json").read_text())
+    for side in ("base_eval", "trained_eval"):
+        assert math.isfinite(summary[side]["pmi"]) and summary[side]["pairs"] == 4
+
+
+# ---------------------------------------------------------------------------------------------------- resuming
+
+
+@pytest.mark.parametrize("crash_at", ["train:3", "reference:1"])
+def test_killed_run_resumes_to_identical_weights(assets, baseline, tmp_path, crash_at):
+    out = tmp_path / "resumed"
+    args = args_for(assets, out, "--epochs", "2", "--save-every", "2", "--micro-batch-size", "2")
+    killed = run_cli([*args, "--_crash-at", crash_at])
+    assert killed.returncode == -9, killed.stderr[-2000:]  # SIGKILL: nothing was cleaned up
+    assert not (out / "final").exists()
+    resumed = run_cli(args)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    # The same command uninterrupted, in a process of its own (the thread count changes float rounding).
+    uninterrupted = tmp_path / "uninterrupted"
+    args = args_for(assets, uninterrupted, "--epochs", "2", "--save-every", "2", "--micro-batch-size", "2")
+    assert run_cli(args).returncode == 0
+    a, b = final_weights(out), final_weights(uninterrupted)
+    assert all(torch.equal(a[k], b[k]) for k in a)  # bitwise
+    assert [m["step"] for m in metrics(out)] == [1, 2, 3, 4]
+
+
+# ---------------------------------------------------------------------------------------------------- processes
+
+
+def test_two_process_ddp_equals_one_process(assets, baseline, tmp_path):
+    out = tmp_path / "ddp"
+    args = args_for(assets, out, "--epochs", "2", "--save-every", "2", "--micro-batch-size", "2",
+                    "--pairs", str(baseline / "pairs.jsonl"))
+    launcher = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2")
+    result = run_cli(args, launcher=launcher)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ddp, single = final_weights(out), final_weights(baseline)
+    for name in single:
+        torch.testing.assert_close(ddp[name], single[name], rtol=0, atol=1e-5)
+    assert [m["step"] for m in metrics(out)] == [1, 2, 3, 4]
+
+
+# ---------------------------------------------------------------------------------------------------- bad input
+
+
+def test_bad_flags_and_inputs_give_one_line_and_status_2(assets, baseline, tmp_path):
+    other_pairs = tmp_path / "other-model-pairs.jsonl"
+    other_pairs.write_text((baseline / "pairs.jsonl").read_text().replace(json.dumps(str(assets["model"])), '"qwen"'))
+    cases = {
+        "--loss": (["--loss", "dpo_v2"], "invalid choice: 'dpo_v2'"),
+        "--beta": (["--beta", "0"], "--beta 0.0: must be > 0"),
+        "run directory": (["--lr", "2e-3", "--out", str(baseline)], "holds a run with optim.lr = 0.001"),
+        "pairs model": (["--pairs", str(other_pairs)], "was sampled by model 'qwen'"),
+    }
+    for what, (extra, message) in cases.items():
+        result = run_cli([*args_for(assets, tmp_path / "bad"), *extra])
+        assert result.returncode == 2, (what, result.stderr[-2000:])
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], (what, lines)
+
+
+def test_infonce_needs_the_negative_prompt(assets, baseline, tmp_path):
+    pairs = [json.loads(line) for line in (baseline / "pairs.jsonl").read_text().splitlines()]
+    for p in pairs:
+        p["negative_prompt"] = None
+    path = tmp_path / "no-x-prime.jsonl"
+    path.write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    with pytest.raises(MipoError, match="no 'negative_prompt'"):
+        train.main(args_for(assets, tmp_path / "run", "--loss", "infonce", "--pairs", str(path)))
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(assets, tmp_path):
+    out = tmp_path / "nan"
+    args = args_for(assets, out, "--epochs", "2", "--save-every", "2")
+    assert run_cli([*args, "--_crash-at", "train:2"]).returncode == -9
+    checkpoint = (out / "checkpoint.pt").read_bytes()
+    # Corrupt what the next steps read: a NaN reference log-prob makes every later loss NaN.
+    records = [json.loads(line) for line in (out / "reference.jsonl").read_text().splitlines()]
+    for r in records:
+        r["ref_chosen_logps"] = float("nan")
+    (out / "reference.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    result = run_cli(args)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: step 3: the loss is nan") and "checkpoint.pt (step 2)" in lines[-1]
+    assert (out / "checkpoint.pt").read_bytes() == checkpoint and not (out / "final").exists()
+    assert [m["step"] for m in metrics(out)] == [1, 2]
+
+
+def test_learning_rate_schedule():
+    cfg = train.OptimConfig(lr=1.0, warmup_ratio=0.1, min_lr_ratio=0.1)
+    lrs = [train.learning_rate(s, 20, cfg) for s in range(20)]
+    assert lrs[:2] == [0.5, 1.0]  # ceil(0.1 * 20) = 2 warmup steps; the first step already moves
+    assert lrs[2] == 1.0 and all(a >= b for a, b in zip(lrs[2:], lrs[3:]))
+    assert lrs[-1] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 17 / 18)))

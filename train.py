@@ -1,0 +1,835 @@
+"""MIPO training, the command a user runs (Nam, Li, Jaques 2026, section 3): the base model samples its own
+preference pairs, they are scored once under the frozen base model, then one epoch of DPO on them, and the
+result is saved as a Hugging Face model.
+
+    python train.py --model qwen                      # CPU preset: a small persona run, about 20 minutes
+    python train.py --model qwen --preset paper       # the paper's settings, for a GPU
+    torchrun --nproc_per_node 2 train.py -- --model qwen --n 64   # DDP: gloo on CPU, nccl on GPU (the -- keeps
+                                                                   # torchrun from reading --n as its --nnodes)
+
+Every stage writes a file in the run directory (--out) and is skipped when that file is complete, so the same
+command, run again after a kill, resumes where the last run stopped:
+    config.json       the settings; a rerun with incompatible settings is refused
+    pairs.jsonl       stage 1, mipo.build_pairs: TRL's conversational preference format (+ x', the sampling)
+    eval_pairs.jsonl  stage 1, the same for held-out prompts; base_eval.json: the base model's meter on them
+    reference.jsonl   stage 2, one line per pair: token ids, lengths, ref_chosen_logps, ref_rejected_logps
+    checkpoint.pt     stage 3, every --save-every steps: model, AdamW, step (data position and lr), RNG states
+    metrics.jsonl     stage 3, one line per optimizer step, under TRL's metric names
+    final/            stage 4, the trained model: config.json, model.safetensors, tokenizer files, chat template
+    summary.json      the step-0 check, the last step's metrics, the held-out meter before and after
+
+Shape legend: B pairs in a micro-batch, R sequences in its forward (2B: chosen then rejected; 4B for infonce
+and sami, which also score both responses under x'), T padded tokens, V vocabulary.
+"""
+import argparse
+import contextlib
+import json
+import math
+import os
+import random
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass, fields, replace
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+import mipo
+from dpo_loss import F_DIVERGENCES, LOSS_TYPES, check_options, preference_loss, preference_metrics, sequence_logps
+from model_loader import MipoError, load_model, save_model
+
+# ---------------------------------------------------------------------------------------------------------------
+# Settings: one dataclass per concern, then the presets. A flag left out takes the preset's value.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PairsConfig:  # stage 1: which prompts, which negatives, how responses are sampled
+    model: str = "qwen"
+    task: str = "persona"
+    data: str | None = None  # --task jsonl: the prompts file
+    negative: str | None = None  # random | incomplete; None: the task's (MIPO section 3)
+    n: int | None = 64  # training prompts, hence pairs; None: the whole training split
+    n_eval: int = 16  # held-out prompts for the pointwise-MI meter and the task metric; 0: none
+    pairs_file: str | None = None  # an existing pairs file instead of sampling
+    sampling: mipo.Sampling | None = None  # None: the task's (paper or CPU) settings
+    sample_batch_size: int = 16  # prompts per generate call (mipo.build_pairs; it fixes the sampling seeds)
+    seed: int = 0
+
+
+@dataclass
+class LossConfig:  # stage 3: the preference loss, dpo_loss.preference_loss(loss, ..., beta, **options)
+    loss: str = "sigmoid"  # MIPO is plain sigmoid DPO; everything else is an ablation
+    beta: float = 0.1
+    label_smoothing: float = 0.0
+    reference_free: bool = False
+    rpo_alpha: float | None = None
+    f_divergence_type: str = "reverse_kl"
+    f_alpha_divergence_coef: float = 0.5
+    discopop_tau: float = 0.05
+    simpo_gamma: float = 0.5
+    bco_delta: float | None = None
+    temperature: float = 1.0  # infonce / sami
+
+    def options(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("loss", "beta")}
+
+
+@dataclass
+class OptimConfig:  # stage 3: AdamW and the schedule (MIPO appendix: OpenRLHF's DPO defaults)
+    lr: float = 5e-7
+    betas: tuple = (0.9, 0.95)
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.03  # linear warmup over 3% of the steps ...
+    min_lr_ratio: float = 0.1  # ... then cosine down to 0.1 x lr
+    grad_clip: float = 1.0
+    epochs: int = 1
+    batch_size: int = 4  # global: pairs per optimizer step, over all processes and micro-batches
+    micro_batch_size: int = 4  # pairs per forward; the update does not depend on it
+    seed: int = 0  # data order: a permutation per epoch from (seed, epoch)
+
+
+@dataclass
+class HardwareConfig:
+    device: str = "cpu"
+    dtype: str = "float32"  # compute dtype: bfloat16 = matmuls under autocast; weights and AdamW stay float32
+    gradient_checkpointing: bool = False
+    save_every: int = 25  # optimizer steps between checkpoints
+
+
+PRESETS = {
+    # `python train.py --model qwen` on 2 CPU cores, end to end in about 20 minutes (README's timings). 64 pairs
+    # at batch 4 are 16 optimizer steps; at the paper's lr of 5e-7 the policy would not visibly move in 16 steps,
+    # so this preset trains 20x faster (1e-5), which moves the rewards and the pointwise-MI meter without wrecking
+    # a 0.5B model. The sampling settings are the task's CPU ones (mipo.TASKS: same temperature, fewer tokens).
+    "cpu": dict(n=64, n_eval=16, lr=1e-5, batch_size=4, micro_batch_size=4, save_every=8, sampling="cpu"),
+    # The paper: every training prompt, 512 new tokens, lr 5e-7, global batch 4, beta 0.1, one epoch.
+    "paper": dict(n=None, n_eval=200, lr=5e-7, batch_size=4, micro_batch_size=4, save_every=100, sampling="paper"),
+}
+
+# Settings that may change between a run and its resumption: they change how the work is done, not the result.
+MAY_CHANGE = {"hardware.device", "hardware.gradient_checkpointing", "hardware.save_every", "optim.micro_batch_size"}
+# The losses that compare a pair against the other pairs of the same forward: a split of the global batch
+# into micro-batches changes what they compute, so only these break gradient-accumulation equivalence.
+BATCH_COUPLED_LOSSES = ("aot", "aot_unpaired", "bco_pair")
+LN2 = math.log(2)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Processes: one, or several under torchrun. Rank 0 writes the shared files; every rank trains.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def init_distributed(device: str):
+    """(rank, world_size, device) from torchrun's environment; a plain `python train.py` is rank 0 of 1."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, device
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if device.startswith("cuda"):
+        device = f"cuda:{local_rank}"
+        torch.cuda.set_device(device)
+    # Generous timeout: ranks wait at barriers while rank 0 alone writes files or measures the held-out meter.
+    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo", timeout=timedelta(hours=6))
+    return rank, world, device
+
+
+def barrier(world: int):
+    if world > 1:
+        dist.barrier()
+
+
+def autocast(cfg: HardwareConfig):
+    device_type = torch.device(cfg.device).type
+    return torch.autocast(device_type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16")
+
+
+def write_atomically(path: Path, text: str):
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """Complete lines only: a last line without its newline is what a kill mid-write leaves, and is dropped."""
+    data = path.read_text(encoding="utf-8") if path.exists() else ""
+    return [json.loads(line) for line in data.split("\n")[:-1] if line.strip()]
+
+
+def crash_hook(crash_at: str | None, stage: str, count: int):
+    # Test hook (--_crash-at STAGE:K): SIGKILL this process after the K-th unit of work of a stage, which is
+    # what a power cut or the OOM killer does. The resume tests rerun the command and compare final weights.
+    if crash_at == f"{stage}:{count}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Stage 1: pairs. For each prompt x the base model samples y+ from x and y- from x' (another prompt, or x
+# without its context); both are stored under x (MIPO section 3). mipo.build_pairs does the work and resumes.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def make_pairs(cfg: PairsConfig, hw: HardwareConfig, out: Path, rank: int, world: int):
+    """-> (training pairs, held-out pairs, the base model's held-out meter or None)."""
+    task = mipo.get_task(cfg.task)
+    negative = cfg.negative or task.negative
+    pairs_path, eval_path, base_eval_path = out / "pairs.jsonl", out / "eval_pairs.jsonl", out / "base_eval.json"
+    if cfg.pairs_file:
+        train_examples, pairs = None, read_pairs_file(Path(cfg.pairs_file), cfg)
+    else:
+        train_examples = mipo.load_examples(task, "train", cfg.n, cfg.data)
+        pairs = mipo.read_pairs(pairs_path, repair=True) if pairs_path.exists() else []
+    eval_examples = mipo.load_examples(task, "eval", cfg.n_eval, cfg.data) if cfg.n_eval > 0 else []
+    eval_pairs = mipo.read_pairs(eval_path, repair=True) if eval_path.exists() else []
+    base_eval = json.loads(base_eval_path.read_text()) if base_eval_path.exists() else None
+    train_done = train_examples is None or len(pairs) == len(train_examples)
+    if train_done and len(eval_pairs) == len(eval_examples) and (base_eval is not None or not eval_examples):
+        return pairs, eval_pairs, base_eval
+
+    # Sampling runs with the weights in the compute dtype: the sampler's KV cache holds the weights' dtype, and
+    # bf16 matmuls are several times faster on a CPU with AVX-512 BF16 / AMX and on a GPU.
+    dtype = torch.bfloat16 if hw.dtype == "bfloat16" else torch.float32
+    model, tokenizer = load_model(cfg.model, hw.device, dtype)
+    if not train_done:
+        pairs = build_sharded(model, tokenizer, task, train_examples, pairs_path, negative, cfg, rank, world)
+    eval_pairs = build_sharded(model, tokenizer, task, eval_examples, eval_path, negative, cfg, rank, world) if eval_examples else []
+    if eval_pairs and rank == 0:
+        # The base model's own samples from x are the held-out pairs' chosen responses: its task metric is theirs.
+        base_eval = held_out_meter(model, tokenizer, task, eval_examples, eval_pairs, [p["chosen"][0]["content"] for p in eval_pairs])
+        write_atomically(base_eval_path, json.dumps(base_eval, indent=2))
+    barrier(world)
+    base_eval = json.loads(base_eval_path.read_text()) if base_eval_path.exists() else None
+    del model
+    return pairs, eval_pairs, base_eval
+
+
+def build_sharded(model, tokenizer, task, examples, path: Path, negative, cfg: PairsConfig, rank, world) -> list[dict]:
+    sampling = cfg.sampling
+    if world == 1:
+        return mipo.build_pairs(model, tokenizer, task, examples, path, negative, sampling, cfg.seed,
+                                cfg.sample_batch_size, cfg.model)
+    # Under torchrun each rank samples a contiguous share into its own file, then rank 0 concatenates them.
+    # mipo.build_pairs pairs prompts and seeds its batches within the share it is given, so these pairs are
+    # valid MIPO pairs but not the very pairs a single process samples.
+    share = math.ceil(len(examples) / world)
+    rank_path = path.with_name(f"{path.stem}.rank{rank}-of-{world}.jsonl")
+    if not path.exists():
+        mipo.build_pairs(model, tokenizer, task, examples[rank * share:(rank + 1) * share], rank_path, negative,
+                         sampling, cfg.seed, cfg.sample_batch_size, cfg.model, progress=rank == 0)
+    barrier(world)
+    if rank == 0 and not path.exists():
+        rank_paths = [path.with_name(f"{path.stem}.rank{r}-of-{world}.jsonl") for r in range(world)]
+        write_atomically(path, "".join(p.read_text(encoding="utf-8") for p in rank_paths if p.exists()))
+        for p in rank_paths:
+            p.unlink(missing_ok=True)
+    barrier(world)
+    return mipo.read_pairs(path)
+
+
+def read_pairs_file(path: Path, cfg: PairsConfig) -> list[dict]:
+    """--pairs FILE: pairs sampled earlier. They must come from the model being trained: DPO's reference is that
+    model, and MIPO's pairs are its own samples."""
+    pairs = mipo.read_pairs(path)
+    for pair in pairs:
+        sampled_by = str(pair["sampling"].get("model", "")) if isinstance(pair["sampling"], dict) else ""
+        if not same_model(sampled_by, cfg.model):
+            raise MipoError(f"{path}: pair {pair['id']!r} was sampled by model {sampled_by!r}, not --model {cfg.model}; "
+                            "sample pairs with this model (leave out --pairs) or pass the model that sampled them")
+        if pair["task"] != cfg.task:
+            raise MipoError(f"{path}: pair {pair['id']!r} is from task {pair['task']!r}, not --task {cfg.task}")
+    if not pairs:
+        raise MipoError(f"{path}: no pairs in the file (--pairs)")
+    return pairs[:cfg.n] if cfg.n else pairs
+
+
+def same_model(a: str, b: str) -> bool:
+    if a == b:
+        return True
+    return Path(a).exists() and Path(b).exists() and Path(a).resolve() == Path(b).resolve()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Stage 2: frozen reference log-probs. One no-grad pass of the base model over every pair, chosen and rejected
+# scored under the original prompt x (MIPO section 3), stored with the token ids. Training then needs no
+# reference model in memory: pi_ref enters DPO's loss (DPO Eq. 7) only through these numbers.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def tokenize_pair(tokenizer, pair: dict, with_negative_prompt: bool, context_window: int) -> dict:
+    # The completion is what the chat template puts after the prompt: the response and its end-of-turn token
+    # when the sample stopped (mipo.encode_turn, the same cut the pointwise-MI meter uses).
+    record = {"id": pair["id"]}
+    for key in ("chosen", "rejected"):
+        prompt_ids, response_ids = mipo.encode_turn(tokenizer, pair["prompt"], pair[key][0]["content"], pair.get(f"{key}_stopped", True))
+        if not response_ids:
+            raise MipoError(f"pair {pair['id']!r}: the {key} response is empty and was not stopped; it has no token to score")
+        if len(prompt_ids) + len(response_ids) > context_window:
+            raise MipoError(f"pair {pair['id']!r}: prompt + {key} response is {len(prompt_ids) + len(response_ids)} tokens, "
+                            f"more than the model's context window of {context_window}")
+        record["prompt_ids"], record[f"{key}_ids"], record[f"{key}_length"] = prompt_ids, response_ids, len(response_ids)
+    if with_negative_prompt:  # infonce / sami also score both responses under x'
+        if not pair.get("negative_prompt"):
+            raise MipoError(f"pair {pair['id']!r} has no 'negative_prompt' (the prompt x' the negative was sampled from); "
+                            "--loss infonce and sami need it: rebuild the pairs with mipo.py")
+        for key in ("chosen", "rejected"):
+            negative_prompt_ids, response_ids = mipo.encode_turn(tokenizer, pair["negative_prompt"], pair[key][0]["content"],
+                                                                 pair.get(f"{key}_stopped", True))
+            if response_ids != record[f"{key}_ids"]:
+                raise MipoError(f"pair {pair['id']!r}: the chat template tokenizes the {key} response differently under x'; "
+                                "--loss infonce and sami are not supported with this template")
+        record["negative_prompt_ids"] = negative_prompt_ids
+    return record
+
+
+def collate(records: list[dict], with_negative_prompt: bool, device):
+    """Chosen and rejected (and, for infonce/sami, both under x') as one right-padded batch. The completion
+    mask comes from the lengths, never from a pad id (the pad may be the end-of-turn token)."""
+    rows = [(r["prompt_ids"], r["chosen_ids"]) for r in records] + [(r["prompt_ids"], r["rejected_ids"]) for r in records]
+    if with_negative_prompt:
+        rows += [(r["negative_prompt_ids"], r["chosen_ids"]) for r in records]
+        rows += [(r["negative_prompt_ids"], r["rejected_ids"]) for r in records]
+    T = max(len(p) + len(c) for p, c in rows)
+    input_ids = torch.zeros(len(rows), T, dtype=torch.long)  # (R, T); any id pads: real tokens never see it
+    completion_mask = torch.zeros(len(rows), T, dtype=torch.bool)  # (R, T) True on the completion tokens
+    for i, (prompt, completion) in enumerate(rows):
+        input_ids[i, :len(prompt) + len(completion)] = torch.tensor(prompt + completion)
+        completion_mask[i, len(prompt):len(prompt) + len(completion)] = True
+    # The logits at position t score token t+1, so none are needed before the shortest prompt's last token:
+    # the output projection (a quarter of a small model's FLOPs at Qwen's 152k vocabulary) skips the prompts.
+    first = min(len(p) for p, _ in rows) - 1
+    n_tokens = sum(len(p) + len(c) for p, c in rows)
+    return input_ids.to(device), completion_mask.to(device), first, n_tokens
+
+
+def forward_logps(model, input_ids, completion_mask, first, hw: HardwareConfig):
+    """Summed log pi(completion | prompt) of every row, (R,) float32."""
+    with autocast(hw):
+        logits = model(input_ids, logits_index=slice(first, None))  # (R, T - first, V)
+    # Outside autocast on purpose: sequence_logps takes the log-softmax in float32.
+    logps, _ = sequence_logps(logits, input_ids[:, first:], completion_mask[:, first:])
+    return logps
+
+
+@torch.no_grad()
+def reference_logps(model, tokenizer, pairs, loss: LossConfig, opt: OptimConfig, hw: HardwareConfig, out: Path,
+                    rank: int, world: int, crash_at=None) -> list[dict]:
+    path = out / "reference.jsonl"
+    if path.exists():
+        return read_jsonl(path)
+    with_negative_prompt = loss.loss in ("infonce", "sami")
+    records = [tokenize_pair(tokenizer, p, with_negative_prompt, model.config.max_position_embeddings) for p in pairs]
+    # Micro-batches are fixed by position, and the ranks take turns (batch k on rank k % world), so every pair
+    # is scored in the same batch whatever the number of processes and however often the stage is interrupted.
+    m = opt.micro_batch_size
+    batches = [records[i:i + m] for i in range(0, len(records), m)]
+    partial = out / f"reference.rank{rank}-of-{world}.partial.jsonl"
+    done = {r["id"]: r for r in read_jsonl(partial)}
+    model.eval()
+    mine = [b for k, b in enumerate(batches) if k % world == rank]
+    for k, batch in enumerate(tqdm(mine, desc="reference log-probs", unit="batch", disable=rank != 0)):
+        if all(r["id"] in done for r in batch):
+            continue
+        input_ids, completion_mask, first, _ = collate(batch, False, hw.device)
+        logps = forward_logps(model, input_ids, completion_mask, first, hw).cpu()  # (2B,) chosen, then rejected
+        lines = []
+        for i, r in enumerate(batch):
+            r = {**r, "ref_chosen_logps": logps[i].item(), "ref_rejected_logps": logps[len(batch) + i].item()}
+            done[r["id"]] = r
+            lines.append(json.dumps(r) + "\n")
+        with open(partial, "a", encoding="utf-8") as f:
+            f.write("".join(lines))  # one write per micro-batch
+            f.flush()
+        crash_hook(crash_at, "reference", k + 1)
+    barrier(world)
+    if rank == 0:  # merge the ranks' files, in the pairs' order, into one file written atomically
+        for r in range(1, world):
+            done.update({x["id"]: x for x in read_jsonl(out / f"reference.rank{r}-of-{world}.partial.jsonl")})
+        write_atomically(path, "".join(json.dumps(done[r["id"]]) + "\n" for r in records))
+        for r in range(world):
+            (out / f"reference.rank{r}-of-{world}.partial.jsonl").unlink(missing_ok=True)
+    barrier(world)
+    return read_jsonl(path)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Stage 3: DPO. Plain PyTorch: AdamW, cosine schedule with warmup, gradient accumulation over micro-batches,
+# DistributedDataParallel across processes, an atomic checkpoint every --save-every steps.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def learning_rate(step: int, total_steps: int, cfg: OptimConfig) -> float:
+    # Linear warmup over ceil(3%) of the steps (the first step already moves), then a cosine from lr down to
+    # min_lr_ratio * lr (OpenRLHF's cosine_with_min_lr). A pure function of the step: nothing else to checkpoint.
+    warmup = max(1, math.ceil(cfg.warmup_ratio * total_steps))
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total_steps - warmup)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def epoch_order(n_pairs: int, seed: int, epoch: int) -> list[int]:
+    # The data order depends only on (seed, epoch): a resumed run sees the pairs in the same order.
+    return torch.randperm(n_pairs, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()
+
+
+def save_checkpoint(path: Path, model, optimizer, step: int):
+    state = {
+        "step": step,  # optimizer steps done: fixes the data position (epoch, batch) and the learning rate
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:  # a temporary name, then an atomic rename: a kill never leaves half a checkpoint
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path, model, optimizer) -> int:
+    state = torch.load(path, map_location="cpu", weights_only=False)  # our own file: it holds numpy RNG state
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["rng"]["torch"])
+    random.setstate(state["rng"]["python"])
+    np.random.set_state(state["rng"]["numpy"])
+    if state["rng"]["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    return state["step"]
+
+
+def train(model, records: list[dict], loss: LossConfig, opt: OptimConfig, hw: HardwareConfig, out: Path,
+          rank: int, world: int, crash_at=None):
+    G = opt.batch_size
+    per_rank = G // world  # pairs each process handles per step
+    steps_per_epoch = len(records) // G  # the last partial batch of an epoch is dropped
+    total_steps = steps_per_epoch * opt.epochs
+    model.train()
+    model.gradient_checkpointing = hw.gradient_checkpointing
+    # Weights, gradients and AdamW moments stay float32 even with bf16 compute: an update of lr 5e-7 times a
+    # unit Adam step is far below bf16's resolution (8 bits of mantissa) and would round away.
+    optimizer = torch.optim.AdamW(model.parameters(), lr=opt.lr, betas=opt.betas, weight_decay=opt.weight_decay,
+                                  eps=1e-8, fused=torch.device(hw.device).type in ("cpu", "cuda"))
+    checkpoint_path, metrics_path = out / "checkpoint.pt", out / "metrics.jsonl"
+    start = load_checkpoint(checkpoint_path, model, optimizer) if checkpoint_path.exists() else 0
+    saved = start  # the step of the last good checkpoint (0: none)
+    if rank == 0:  # the metrics history of the run being resumed, without the steps that are done again
+        write_atomically(metrics_path, "".join(json.dumps(x) + "\n" for x in read_jsonl(metrics_path) if x["step"] <= start))
+    ddp_model = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    with tqdm(total=total_steps, initial=start, desc="DPO", unit="step", disable=rank != 0) as bar:
+        for step in range(start, total_steps):
+            t0 = time.time()
+            epoch, position = divmod(step, steps_per_epoch)
+            batch = [records[i] for i in epoch_order(len(records), opt.seed, epoch)[position * G:(position + 1) * G]]
+            lr = learning_rate(step, total_steps, opt)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            stats, n_tokens = accumulate_gradients(ddp_model, batch[rank * per_rank:(rank + 1) * per_rank], loss, opt, hw, world)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), opt.grad_clip).item()
+            stats = gather(stats, world)  # (G, k): every pair of the global batch, on every rank
+            metrics = step_metrics(stats, step, lr, grad_norm, n_tokens * world, time.time() - t0, steps_per_epoch)
+            if not (math.isfinite(metrics["loss"]) and math.isfinite(grad_norm)):
+                # Every rank sees the same gathered numbers, so every rank stops here, before the update.
+                last_good = f"{checkpoint_path} (step {saved})" if saved else "none yet"
+                raise MipoError(f"step {step + 1}: the loss is {metrics['loss']} and the gradient norm {grad_norm}; training "
+                                f"stopped before the update. Last good checkpoint: {last_good}. Lower --lr or check the pairs")
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if step == 0:
+                metrics.update(step0_check(stats))
+            if rank == 0:
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps(metrics) + "\n")
+                bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['rewards/accuracies']:.2f}")
+                bar.update(1)
+                if step == 0:
+                    bar.write(step0_message(metrics, loss))
+            if (step + 1) % hw.save_every == 0 and step + 1 < total_steps:
+                if rank == 0:
+                    save_checkpoint(checkpoint_path, model, optimizer, step + 1)
+                saved = step + 1
+                barrier(world)
+            crash_hook(crash_at, "train", step + 1)
+
+
+def accumulate_gradients(ddp_model, mine: list[dict], loss: LossConfig, opt: OptimConfig, hw: HardwareConfig, world: int):
+    """Forward and backward over this process's share of the global batch, one micro-batch at a time.
+    Returns the per-pair numbers to log, (share, k), and the tokens processed."""
+    with_negative_prompt = loss.loss in ("infonce", "sami")
+    m, stats, n_tokens = opt.micro_batch_size, [], 0
+    for start in range(0, len(mine), m):
+        micro = mine[start:start + m]
+        # DDP all-reduces gradients in backward; only the last micro-batch of the step needs it.
+        sync = world == 1 or start + m >= len(mine)
+        with contextlib.nullcontext() if sync else ddp_model.no_sync():
+            input_ids, completion_mask, first, tokens = collate(micro, with_negative_prompt, hw.device)
+            logps = forward_logps(ddp_model, input_ids, completion_mask, first, hw)  # (R,)
+            losses, micro_stats = dpo_terms(logps, micro, loss, with_negative_prompt)  # (B,), (B, k)
+            # Summed over the micro-batch, divided by the pairs of this process: the accumulated gradient is the
+            # mean over the global batch however it is split (and DDP averages the processes' equal shares).
+            (losses.sum() / len(mine)).backward()
+        stats.append(micro_stats)
+        n_tokens += tokens
+    return torch.cat(stats), n_tokens
+
+
+# The per-pair numbers one step logs, as columns of a (B, k) tensor so that processes can gather them.
+STAT_COLUMNS = ("loss", "chosen_rewards", "rejected_rewards", "chosen_logps", "rejected_logps", "chosen_lengths",
+                "rejected_lengths", "abs_logp_diff")
+
+
+def dpo_terms(logps, micro: list[dict], loss: LossConfig, with_negative_prompt: bool):
+    B = len(micro)
+    chosen, rejected = logps[:B], logps[B:2 * B]  # (B,) log pi(y+|x), log pi(y-|x)
+    ref_chosen = torch.tensor([r["ref_chosen_logps"] for r in micro], device=logps.device)  # (B,) float32
+    ref_rejected = torch.tensor([r["ref_rejected_logps"] for r in micro], device=logps.device)
+    chosen_lengths = torch.tensor([r["chosen_length"] for r in micro], device=logps.device)
+    rejected_lengths = torch.tensor([r["rejected_length"] for r in micro], device=logps.device)
+    options = loss.options()
+    if with_negative_prompt:  # rows: (x, y+), (x, y-), (x', y+), (x', y-), B each
+        options["logps_matrix"] = logps.view(2, 2, B).permute(2, 0, 1)  # (B, prompt x|x', response y+|y-)
+    losses, chosen_rewards, rejected_rewards = preference_loss(
+        loss.loss, chosen, rejected, ref_chosen, ref_rejected, chosen_lengths, rejected_lengths, beta=loss.beta, **options)
+    abs_diff = torch.maximum((chosen - ref_chosen).abs(), (rejected - ref_rejected).abs())  # the step-0 check
+    stats = torch.stack([losses.detach(), chosen_rewards, rejected_rewards, chosen.detach(), rejected.detach(),
+                         chosen_lengths.float(), rejected_lengths.float(), abs_diff.detach()], dim=1)  # (B, k)
+    return losses, stats.float().cpu()
+
+
+def gather(stats, world: int):
+    if world == 1:
+        return stats
+    parts = [torch.empty_like(stats) for _ in range(world)]
+    dist.all_gather(parts, stats)
+    return torch.cat(parts)
+
+
+def step_metrics(stats, step, lr, grad_norm, n_tokens, seconds, steps_per_epoch) -> dict:
+    col = {name: stats[:, i] for i, name in enumerate(STAT_COLUMNS)}
+    return {
+        "step": step + 1,
+        "epoch": (step + 1) / steps_per_epoch,
+        "loss": col["loss"].mean().item(),
+        **preference_metrics(col["chosen_rewards"], col["rejected_rewards"], col["chosen_logps"], col["rejected_logps"],
+                             col["chosen_lengths"], col["rejected_lengths"]),
+        "lr": lr,
+        "grad_norm": grad_norm,
+        "tokens/s": n_tokens / seconds,
+        "pairs/s": len(stats) / seconds,
+    }
+
+
+def step0_check(stats) -> dict:
+    # Before the first update the policy IS the reference, so every log-ratio is 0, every reward is 0 and the
+    # sigmoid loss is -log sigma(0) = ln 2. A mismatch means the reference pass and training score different
+    # tokens or run different numerics. Rounding differs between batch shapes (padding), hence a tolerance,
+    # which grows with the tokens summed: bf16 matmuls carry about 3 significant digits.
+    col = {name: stats[:, i] for i, name in enumerate(STAT_COLUMNS)}
+    diff = col["abs_logp_diff"].max().item()
+    tolerance = 0.05 * col["chosen_lengths"].max().item() ** 0.5
+    return {"step0/max_abs_logp_diff": diff, "step0/tolerance": tolerance, "step0/ok": diff <= tolerance}
+
+
+def step0_message(first: dict, loss: LossConfig) -> str:
+    """first: the metrics of step 1, whose loss was computed before the first update."""
+    message = f"step-0 check: max |log pi - log pi_ref| = {first['step0/max_abs_logp_diff']:.2e} nats"
+    if loss.loss == "sigmoid" and not loss.reference_free and loss.label_smoothing == 0:
+        message += f", rewards {first['rewards/chosen']:.1e} / {first['rewards/rejected']:.1e}, loss {first['loss']:.6f} (ln 2 = {LN2:.6f})"
+    if first["step0/ok"]:
+        return message + ": OK"
+    return message + f": MISMATCH (tolerance {first['step0/tolerance']:.2e}); the stored reference log-probs are not this model's"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Stage 4: the final model, in Hugging Face layout, then the held-out meter of the trained model.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def save_final(model, tokenizer, out: Path) -> Path:
+    final = save_model(model, tokenizer, out / "final")  # written under a temporary name, then renamed
+    (out / "checkpoint.pt").unlink(missing_ok=True)  # a full copy of the weights and 2x more for AdamW: done with
+    return final
+
+
+@torch.no_grad()
+def held_out_meter(model, tokenizer, task, examples, eval_pairs, responses: list[str], batch_size: int = 8) -> dict:
+    """The pointwise mutual information log p(y|x) - log p(y|x') that MIPO maximizes (mipo.pointwise_mi, on the
+    held-out pairs' responses) and the task's metric of the model's own responses to the held-out prompts."""
+    was_training = model.training
+    model.eval()
+    meter = mipo.pointwise_mi(model, tokenizer, eval_pairs, batch_size)
+    by_id = {ex.id: ex for ex in examples}
+    scores: dict[str, list[float]] = {}
+    for pair, response in zip(eval_pairs, responses):
+        for metric, value in task.score(by_id[pair["id"]], response).items():
+            scores.setdefault(metric, []).append(value)
+    model.train(was_training)
+    return {**meter, "task": {metric: sum(v) / len(v) for metric, v in scores.items()}}
+
+
+def sample_responses(model, tokenizer, eval_pairs, cfg: PairsConfig) -> list[str]:
+    import sampler
+
+    prompts = [tokenizer.apply_chat_template(p["prompt"]) for p in eval_pairs]
+    s = cfg.sampling
+    completions = sampler.generate(model, prompts, s.max_new_tokens, temperature=s.temperature, top_p=s.top_p,
+                                   top_k=s.top_k, stop_token_ids=tokenizer.stop_token_ids, seed=cfg.seed,
+                                   batch_size=cfg.sample_batch_size, progress=False)
+    stops = set(tokenizer.stop_token_ids)
+    return [tokenizer.decode(c[:-1] if c and c[-1] in stops else c) for c in completions]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The command line. Flags default to None so that the preset fills in whatever was not given.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def flag_error(message):
+    raise MipoError(f"bad flag: {message}")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description="MIPO: sample pairs from the base model, score them under it, "
+                                                 "train one epoch of DPO, save a Hugging Face model.")
+    parser.error = flag_error  # argparse would print its usage block; one line instead, and exit status 2
+    g = parser.add_argument_group("model")
+    g.add_argument("--model", default="qwen", help="bundled model (qwen, llama, smollm2) or a Hugging Face directory (default qwen)")
+    g.add_argument("--preset", choices=PRESETS, default=None, help="cpu: a ~20 minute run on a laptop CPU; paper: the "
+                   "paper's settings (default: cpu on a CPU, paper on a GPU)")
+    g = parser.add_argument_group("data / pairs (stage 1)")
+    g.add_argument("--task", default="persona", help=f"one of {', '.join(mipo.TASKS)} (default persona)")
+    g.add_argument("--data", default=None, help="--task jsonl: the prompts file")
+    g.add_argument("--negative", choices=mipo.NEGATIVES, default=None, help="random: the response to another prompt; "
+                   "incomplete: to x without its user context or with a sentence dropped (default: the task's)")
+    g.add_argument("--n", type=int, default=None, help="training prompts, hence pairs (preset: cpu 64, paper all; 0: all)")
+    g.add_argument("--n-eval", type=int, default=None, help="held-out prompts for the pointwise-MI meter and the task metric (0: none)")
+    g.add_argument("--pairs", default=None, help="train on this pairs file (mipo.py's format) instead of sampling")
+    g = parser.add_argument_group("sampling (stage 1; defaults: the task's, shortened on a CPU)")
+    g.add_argument("--max-new-tokens", type=int, default=None, help="new tokens per response")
+    g.add_argument("--temperature", type=float, default=None, help="sampling temperature")
+    g.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass")
+    g.add_argument("--top-k", type=int, default=None, help="top-k filter (0: off)")
+    g.add_argument("--sample-batch-size", type=int, default=16, help="prompts per generate call (default 16)")
+    g = parser.add_argument_group("loss (stage 3)")
+    g.add_argument("--loss", choices=LOSS_TYPES, default="sigmoid", help="preference loss (default sigmoid: DPO, as MIPO)")
+    g.add_argument("--beta", type=float, default=0.1, help="DPO's beta, the strength of the pull to the reference (default 0.1)")
+    g.add_argument("--label-smoothing", type=float, default=0.0, help="cDPO / robust / EXO: label-flip probability")
+    g.add_argument("--reference-free", action="store_true", help="drop pi_ref from the loss")
+    g.add_argument("--rpo-alpha", type=float, default=None, help="RPO: add alpha x the chosen response's NLL")
+    g.add_argument("--f-divergence-type", choices=F_DIVERGENCES, default="reverse_kl", help="f-DPO divergence")
+    g.add_argument("--f-alpha-divergence-coef", type=float, default=0.5, help="f-DPO alpha (alpha_divergence)")
+    g.add_argument("--discopop-tau", type=float, default=0.05, help="DiscoPOP temperature")
+    g.add_argument("--simpo-gamma", type=float, default=0.5, help="SimPO target margin")
+    g.add_argument("--bco-delta", type=float, default=None, help="BCO reward shift (default: the batch mean)")
+    g.add_argument("--loss-temperature", type=float, default=1.0, help="infonce / sami: log-probs are divided by it")
+    g = parser.add_argument_group("optimization (stage 3)")
+    g.add_argument("--lr", type=float, default=None, help="peak learning rate (preset: cpu 1e-5, paper 5e-7)")
+    g.add_argument("--warmup-ratio", type=float, default=0.03, help="fraction of steps with linear warmup (default 0.03)")
+    g.add_argument("--min-lr-ratio", type=float, default=0.1, help="the cosine ends at this fraction of --lr (default 0.1)")
+    g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0)")
+    g.add_argument("--grad-clip", type=float, default=1.0, help="clip the global gradient norm to this (default 1.0)")
+    g.add_argument("--epochs", type=int, default=1, help="passes over the pairs (default 1, as the paper)")
+    g.add_argument("--batch-size", type=int, default=None, help="global batch: pairs per optimizer step (default 4)")
+    g.add_argument("--micro-batch-size", type=int, default=None, help="pairs per forward on each process (default 4); the update does not depend on it")
+    g.add_argument("--seed", type=int, default=0, help="seed of the sampling and of the data order (default 0)")
+    g = parser.add_argument_group("run / checkpoint")
+    g.add_argument("--out", default=None, help="run directory (default runs/MODEL-TASK-NEGATIVE-LOSS); the model goes to OUT/final")
+    g.add_argument("--save-every", type=int, default=None, help="optimizer steps between checkpoints (preset: cpu 8, paper 100)")
+    g.add_argument("--_crash-at", default=None, help=argparse.SUPPRESS)  # test hook, see crash_hook
+    g = parser.add_argument_group("hardware")
+    g.add_argument("--device", default=None, help="torch device (default cuda if available, else cpu)")
+    g.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto", help="compute dtype; bfloat16 "
+                   "runs matmuls in bf16 under autocast, weights and AdamW stay float32 (default auto: bfloat16 on a "
+                   "GPU or a CPU with bf16 instructions, else float32)")
+    g.add_argument("--gradient-checkpointing", action="store_true", help="recompute each layer in backward: less memory, ~30%% more time")
+    return parser.parse_args(argv)
+
+
+def resolve_config(args):
+    """Flags and the preset -> the four configs, each value from exactly one place, with every check up front."""
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    preset = PRESETS[args.preset or ("cpu" if torch.device(device).type == "cpu" else "paper")]
+    task = mipo.get_task(args.task)
+    for flag, value, low in (("--n", args.n, 0), ("--n-eval", args.n_eval, 0), ("--batch-size", args.batch_size, 1),
+                             ("--micro-batch-size", args.micro_batch_size, 1), ("--epochs", args.epochs, 1),
+                             ("--save-every", args.save_every, 1), ("--sample-batch-size", args.sample_batch_size, 1)):
+        if value is not None and value < low:
+            raise MipoError(f"{flag} {value}: must be at least {low}")
+    if args.lr is not None and not args.lr > 0:
+        raise MipoError(f"--lr {args.lr}: must be > 0")
+    if not args.beta > 0:
+        raise MipoError(f"--beta {args.beta}: must be > 0 (MIPO uses 0.1)")
+    base = task.cpu if preset["sampling"] == "cpu" else task.paper
+    given = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k}
+    sampling = replace(base, **{k: v for k, v in given.items() if v is not None})
+    if sampling.temperature < 0 or not 0 < sampling.top_p <= 1 or sampling.top_k < 0 or sampling.max_new_tokens < 1:
+        raise MipoError(f"sampling {asdict(sampling)}: need --temperature >= 0, 0 < --top-p <= 1, --top-k >= 0, --max-new-tokens >= 1")
+    n = preset["n"] if args.n is None else (args.n or None)
+    pairs = PairsConfig(model=args.model, task=args.task, data=args.data, negative=args.negative or task.negative, n=n,
+                        n_eval=preset["n_eval"] if args.n_eval is None else args.n_eval, pairs_file=args.pairs,
+                        sampling=sampling, sample_batch_size=args.sample_batch_size, seed=args.seed)
+    loss = LossConfig(loss=args.loss, beta=args.beta, label_smoothing=args.label_smoothing, reference_free=args.reference_free,
+                      rpo_alpha=args.rpo_alpha, f_divergence_type=args.f_divergence_type,
+                      f_alpha_divergence_coef=args.f_alpha_divergence_coef, discopop_tau=args.discopop_tau,
+                      simpo_gamma=args.simpo_gamma, bco_delta=args.bco_delta, temperature=args.loss_temperature)
+    try:
+        check_options(loss.loss, loss.beta, loss.options())
+    except ValueError as e:
+        raise MipoError(f"--loss {loss.loss}: {e}")
+    opt = OptimConfig(lr=args.lr or preset["lr"], weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio,
+                      min_lr_ratio=args.min_lr_ratio, grad_clip=args.grad_clip, epochs=args.epochs,
+                      batch_size=args.batch_size or preset["batch_size"],
+                      micro_batch_size=args.micro_batch_size or preset["micro_batch_size"], seed=args.seed)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if opt.batch_size % (world * opt.micro_batch_size):
+        raise MipoError(f"--batch-size {opt.batch_size} must be a multiple of --micro-batch-size {opt.micro_batch_size} "
+                        f"x {world} process(es)")
+    if loss.loss in BATCH_COUPLED_LOSSES and opt.micro_batch_size != opt.batch_size and rank_zero():
+        print(f"note: --loss {loss.loss} compares the pairs of one forward with each other; with micro-batches "
+              "smaller than --batch-size it sees only the micro-batch", file=sys.stderr)
+    dtype = args.dtype
+    if dtype == "auto":
+        if torch.device(device).type == "cuda":
+            dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
+        else:
+            dtype = "bfloat16" if cpu_has_fast_bf16() else "float32"
+    hw = HardwareConfig(device=device, dtype=dtype, gradient_checkpointing=args.gradient_checkpointing,
+                        save_every=args.save_every or preset["save_every"])
+    negative = pairs.negative
+    out = Path(args.out or f"runs/{Path(args.model).name}-{args.task}-{negative}-{args.loss}")
+    return pairs, loss, opt, hw, out
+
+
+def cpu_has_fast_bf16() -> bool:
+    # bf16 matmuls beat float32 only with native instructions (AVX-512 BF16 or AMX); elsewhere they are emulated.
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+def rank_zero() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def check_run_dir(out: Path, settings: dict):
+    """config.json holds the settings of the run in this directory; a different result-changing setting means
+    another run, and mixing two runs' files would silently train on the wrong data."""
+    path = out / "config.json"
+    if not path.exists():
+        out.mkdir(parents=True, exist_ok=True)
+        write_atomically(path, json.dumps(settings, indent=2) + "\n")
+        return
+    try:
+        old = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        raise MipoError(f"{path}: not valid JSON; delete the run directory or pass another --out")
+    for section, values in settings.items():
+        for key, value in values.items():
+            if f"{section}.{key}" in MAY_CHANGE:
+                continue
+            before = old.get(section, {}).get(key, "(not set)")
+            if json.loads(json.dumps(value)) != before:
+                raise MipoError(f"{path}: this run directory holds a run with {section}.{key} = {before!r}, this command "
+                                f"asks for {value!r}; pass another --out, or the same settings to resume it")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    pairs_cfg, loss_cfg, opt_cfg, hw, out = resolve_config(args)
+    rank, world, hw.device = init_distributed(hw.device)
+    if rank == 0:
+        check_run_dir(out, {"pairs": asdict(pairs_cfg), "loss": asdict(loss_cfg), "optim": asdict(opt_cfg), "hardware": asdict(hw)})
+    barrier(world)
+    torch.manual_seed(opt_cfg.seed)
+    if rank == 0:
+        print_plan(pairs_cfg, loss_cfg, opt_cfg, hw, out, world)
+    timings = {}
+
+    t = time.time()
+    pairs, eval_pairs, base_eval = make_pairs(pairs_cfg, hw, out, rank, world)
+    timings["pairs"] = time.time() - t
+    final_dir = out / "final"
+    if not final_dir.exists():
+        model, tokenizer = load_model(pairs_cfg.model, hw.device, torch.float32)
+        t = time.time()
+        records = reference_logps(model, tokenizer, pairs, loss_cfg, opt_cfg, hw, out, rank, world, args._crash_at)
+        timings["reference"] = time.time() - t
+        if len(records) < opt_cfg.batch_size:
+            raise MipoError(f"{len(records)} pairs are fewer than one batch of --batch-size {opt_cfg.batch_size}; raise --n")
+        t = time.time()
+        train(model, records, loss_cfg, opt_cfg, hw, out, rank, world, args._crash_at)
+        timings["train"] = time.time() - t
+        if rank == 0:
+            save_final(model, tokenizer, out)
+        del model
+        barrier(world)
+    if world > 1:
+        dist.destroy_process_group()
+    if rank != 0:
+        return
+
+    summary_path = out / "summary.json"
+    if not summary_path.exists():
+        history = read_jsonl(out / "metrics.jsonl")
+        summary = {"final": str(final_dir), "step0": history[0], "last": history[-1], "base_eval": base_eval,
+                   "trained_eval": None, "timings_s": timings}
+        if eval_pairs:
+            t = time.time()
+            task = mipo.get_task(pairs_cfg.task)
+            dtype = torch.bfloat16 if hw.dtype == "bfloat16" else torch.float32
+            model, tokenizer = load_model(final_dir, hw.device, dtype)  # the dtype the base model was measured in
+            eval_examples = mipo.load_examples(task, "eval", pairs_cfg.n_eval, pairs_cfg.data)
+            responses = sample_responses(model, tokenizer, eval_pairs, pairs_cfg)
+            summary["trained_eval"] = held_out_meter(model, tokenizer, task, eval_examples, eval_pairs, responses)
+            timings["held_out_eval"] = time.time() - t
+        write_atomically(summary_path, json.dumps(summary, indent=2))
+    print_summary(json.loads(summary_path.read_text()), loss_cfg)
+
+
+def print_plan(pairs_cfg: PairsConfig, loss_cfg: LossConfig, opt_cfg: OptimConfig, hw: HardwareConfig, out: Path, world: int):
+    s = pairs_cfg.sampling
+    source = pairs_cfg.pairs_file or f"{pairs_cfg.n or 'all'} {pairs_cfg.task} prompts"
+    steps = f"{pairs_cfg.n // opt_cfg.batch_size * opt_cfg.epochs} steps" if pairs_cfg.n else f"{opt_cfg.epochs} epoch(s)"
+    print(f"MIPO run in {out}: {world} process(es) on {hw.device}, {hw.dtype} compute, float32 weights and AdamW\n"
+          f"  1 pairs      {source} (+{pairs_cfg.n_eval} held out), --negative {pairs_cfg.negative}; {pairs_cfg.model} "
+          f"samples at T={s.temperature}, top-p {s.top_p}, up to {s.max_new_tokens} new tokens\n"
+          f"  2 reference  one no-grad pass of the base model over every pair, stored; no reference model after it\n"
+          f"  3 DPO        --loss {loss_cfg.loss}, beta {loss_cfg.beta}: {steps} of {opt_cfg.batch_size} pairs (micro-batch "
+          f"{opt_cfg.micro_batch_size}), AdamW lr {opt_cfg.lr:g} cosine to {opt_cfg.min_lr_ratio:g}x, checkpoint every "
+          f"{hw.save_every} steps\n"
+          f"  4 final      {out / 'final'}", flush=True)
+
+
+def print_summary(summary: dict, loss_cfg: LossConfig):
+    print(f"\ntrained model: {summary['final']}  (model_loader.load_model, or transformers' from_pretrained)")
+    print(step0_message(summary["step0"], loss_cfg))
+    last = summary["last"]
+    print(f"last step ({last['step']}): loss {last['loss']:.4f}, reward accuracy {last['rewards/accuracies']:.2f}, "
+          f"margin {last['rewards/margins']:.4f}")
+    before, after = summary["base_eval"], summary["trained_eval"]
+    if before and after:
+        print(f"held-out pointwise MI, log p(y|x) - log p(y|x') over {before['pairs']} prompts: {before['pmi']:.3f} -> "
+              f"{after['pmi']:.3f} nats (on the rejected responses: {before['pmi_rejected']:.3f} -> {after['pmi_rejected']:.3f})")
+        for metric, value in before["task"].items():
+            print(f"held-out {metric}: {value:.3f} -> {after['task'].get(metric, float('nan')):.3f}")
+    print("time: " + ", ".join(f"{stage} {seconds:.0f} s" for stage, seconds in summary["timings_s"].items()))
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except MipoError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
