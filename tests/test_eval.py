@@ -1,0 +1,334 @@
+"""eval.py: every metric on hand-made responses, the bootstrap on cases with a known answer, the judge's
+score parser on messy replies, the MI meter against a full forward pass, `--compare` end to end on tiny
+synthetic runs (table, cache, Markdown, plots), and bad input (one line, exit status 2, nothing written)."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+import eval as evaluation
+import mipo
+import sampler
+from conftest import make_tiny_model
+from mipo import TASKS, Example
+from model_loader import MipoError, Tokenizer, load_model, save_model
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# ------------------------------------------------------------------ tiny models and runs on disk
+
+def write_tiny_model_dir(path: Path, seed: int = 0) -> Path:
+    """A random qwen2-shaped model with a word-level tokenizer ('w0'..'w93', ChatML specials 94-96), saved in
+    Hugging Face layout so that load_model, the sampler and the judge all run on it."""
+    from tokenizers import Tokenizer as HFTokenizer, models, pre_tokenizers
+
+    path.mkdir(parents=True)
+    vocab = {f"w{i}": i for i in range(94)}
+    vocab.update({"<|im_start|>": 94, "<|im_end|>": 95, "<|endoftext|>": 96})
+    tok = HFTokenizer(models.WordLevel(vocab, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.add_special_tokens(["<|im_start|>", "<|im_end|>", "<|endoftext|>"])
+    tok.save(str(path / "tokenizer.json"))
+    chatml = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+              "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    (path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>", "chat_template": chatml}))
+    (path / "generation_config.json").write_text(json.dumps({"eos_token_id": [95, 96]}))
+    model = make_tiny_model("qwen2", seed=seed, max_position_embeddings=4096)
+    return save_model(model, Tokenizer(path, model.config), path)
+
+
+def write_run(path: Path, data: Path, seed: int) -> Path:
+    """What train.py leaves: RUN/final (a model), RUN/metrics.jsonl (one dict per step), RUN/config.json (settings
+    by section) and RUN/summary.json (the held-out MI meter before and after training)."""
+    write_tiny_model_dir(path / evaluation.RUN_FINAL, seed)
+    steps = [{"step": s, "loss": 0.693 - 0.05 * s, "rewards/accuracies": 0.1 * s, "rewards/margins": 0.2 * s,
+              "rewards/chosen": 0.1 * s, "rewards/rejected": -0.1 * s, "logps/chosen": -40 + s, "logps/rejected": -50 - s,
+              "lr": 5e-7, "grad_norm": 1.0} for s in range(6)]
+    (path / evaluation.RUN_METRICS).write_text("".join(json.dumps(r) + "\n" for r in steps))
+    (path / evaluation.RUN_CONFIG).write_text(json.dumps({"pairs": {"model": "base", "task": "jsonl", "data": str(data)},
+                                                         "loss": {"loss": "sigmoid", "beta": 0.1}}))
+    (path / evaluation.RUN_SUMMARY).write_text(json.dumps({"base_eval": {"pmi": 1.5, "pmi_rejected": -2.0, "pairs": 4},
+                                                          "trained_eval": {"pmi": 2.5, "pmi_rejected": -3.0, "pairs": 4}}))
+    return path
+
+
+def write_user_file(path: Path) -> Path:
+    """Four users with stated preferences and a numeric answer (the jsonl task: judged and exact-matched)."""
+    rows = [{"id": f"u{i}", "prompt": f"w{i + 1} w{i + 2} w{i + 3}", "answer": str(i),
+             "context": f"- w{i + 10} w{i + 11}\n- w{i + 20}"} for i in range(4)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+# ------------------------------------------------------------------ task metrics on hand-made responses
+
+def item(ex_id, **metrics):
+    return {"id": ex_id, "response": "", "stopped": True, "metrics": metrics}
+
+
+def test_gsm8k_exact_match_with_the_papers_extraction_and_its_fallback():
+    ex = Example("g", "How many?", "", "1,250")
+    responses = {"5 + 3 = 8.\n#### 1250": 1.0,                # the '####' answer, commas ignored
+                 "So the answer is 1,250 apples.": 1.0,        # fallback: 'the answer is'
+                 "First 12, then 1250": 1.0,                   # fallback: the last number
+                 "#### 1249\nQuestion: next #### 1250": 0.0,   # the invented next exemplar does not count
+                 "I do not know.": 0.0}
+    items = [item(f"r{k}", **evaluation.score_item(TASKS["gsm8k"], ex, r)) for k, r in enumerate(responses)]
+    assert [it["metrics"]["correct"] for it in items] == list(responses.values())
+    assert [it["metrics"]["parsed"] for it in items] == [1.0, 1.0, 1.0, 1.0, 0.0]
+    summary = evaluation.summarize(items)
+    assert summary["correct"]["mean"] == pytest.approx(3 / 5) and summary["correct"]["n"] == 5
+
+
+@pytest.mark.parametrize("task", ["arc", "mmlu"])
+def test_multiple_choice_accuracy_is_the_letter_after_the_answer_is(task):
+    ex = Example("q", "Which?", "", "B", {"choices": ["x", "y", "z"]})
+    responses = ["It is y. The answer is: B", "The answer is (B).", "The answer is A, no wait, the answer is C", "B"]
+    scores = [evaluation.score_item(TASKS[task], ex, r)["correct"] for r in responses]
+    assert scores == [1.0, 1.0, 0.0, 1.0]
+
+
+def test_persona_preferences_met_and_the_answer_guard():
+    ex = Example("p", "What is the capital of France?", "- ...", "Paris", {"rules": ["short", "bold"], "answers": ["Paris"]})
+    both = evaluation.score_item(TASKS["persona"], ex, "The capital is **Paris**.")
+    assert both == {"preferences_met": 1.0, "all_met": 1.0, "met_short": 1.0, "met_bold": 1.0, "answer_found": 1.0}
+    degenerate = evaluation.score_item(TASKS["persona"], ex, "**Yes.**")  # follows both rules, answers nothing
+    assert (degenerate["preferences_met"], degenerate["answer_found"]) == (1.0, 0.0)
+    half = evaluation.score_item(TASKS["persona"], ex, " ".join(["Paris"] * 70))
+    assert (half["preferences_met"], half["all_met"], half["answer_found"]) == (0.0, 0.0, 1.0)
+
+
+def movielens_item(ex_id, shown, truth):
+    context = "About me: ...\nSome movies I have rated (1 = hated it, 5 = loved it):\n" + "\n".join(
+        f"- Movie {k} (1990) (Drama, War): {r}" for k, r in enumerate(shown))
+    return Example(ex_id, "How would I rate X?", context, str(truth), {"user_id": 1})
+
+
+def test_movielens_mae_and_exact_accuracy_next_to_the_users_mean_rating():
+    task = TASKS["movielens"]
+    cases = [(movielens_item("a", [4, 4, 5, 5], 5), "I liked war films. Rating: 3"),  # user mean 4.5 -> 5 (halves up)
+             (movielens_item("b", [1, 2, 2, 3], 2), "Rating: 2"),                      # user mean 2.0
+             (movielens_item("c", [3, 3, 3, 4], 1), "Probably a four.")]               # not parsed: out of the MAE
+    items = [item(ex.id, **evaluation.score_item(task, ex, r)) for ex, r in cases]
+    assert [it["metrics"]["abs_error"] for it in items] == [2.0, 0.0, None]
+    summary = evaluation.summarize(items)
+    assert summary["abs_error"]["mean"] == pytest.approx(1.0) and summary["abs_error"]["n"] == 2
+    assert summary["exact"]["mean"] == pytest.approx(1 / 3) and summary["parsed"]["mean"] == pytest.approx(2 / 3)
+    assert summary["user_mean_abs_error"]["mean"] == pytest.approx((0.5 + 0.0 + 2.25) / 3)
+    assert summary["user_mean_exact"]["mean"] == pytest.approx(2 / 3)
+    # The regular expression reads the same lines load_movielens writes.
+    assert evaluation.user_mean_rating(movielens_item("d", [1, 5], 3)) == 3.0
+
+
+# ------------------------------------------------------------------ bootstrap intervals
+
+def test_bootstrap_interval_on_a_fixed_seed():
+    # Means of 4 draws from [0, 0, 0, 1]: P(0) = 0.32, P(<= 0.5) = 0.95, P(<= 0.75) = 0.996, so the 2.5% and
+    # 97.5% quantiles are 0 and 0.75 with a wide margin for 2000 resamples.
+    assert evaluation.bootstrap_ci([0, 0, 0, 1]) == (0.0, 0.75)
+    assert evaluation.bootstrap_ci([0.25] * 9) == (0.25, 0.25)
+    assert evaluation.bootstrap_ci([1, 0, 1, 1, 0, 1]) == evaluation.bootstrap_ci([1, 0, 1, 1, 0, 1])  # seeded
+    assert evaluation.bootstrap_ci(np.arange(50.0), seed=1) != evaluation.bootstrap_ci(np.arange(50.0), seed=2)
+    # Large n: the percentile interval of a proportion is the normal one, p +- 1.96 sqrt(p (1 - p) / n).
+    values = np.array([1.0] * 120 + [0.0] * 280)
+    low, high = evaluation.bootstrap_ci(values)
+    half_width = 1.96 * np.sqrt(0.3 * 0.7 / 400)
+    assert low == pytest.approx(0.3 - half_width, abs=0.006) and high == pytest.approx(0.3 + half_width, abs=0.006)
+    assert all(np.isnan(evaluation.bootstrap_ci([])))
+
+
+def test_differences_are_paired_by_item_id():
+    difficulty = np.linspace(0, 1, 20)  # items differ a lot; the run is better by 0.1 on every one of them
+    base = [item(f"i{k}", score=d) for k, d in enumerate(difficulty)]
+    run = [item(f"i{k}", score=d + 0.1) for k, d in enumerate(difficulty)][::-1]  # another order: matched by id
+    b, r = evaluation.paired(base, run, "score")
+    assert np.allclose(r - b, 0.1)
+    assert evaluation.bootstrap_ci(r - b) == pytest.approx((0.1, 0.1))
+    low, high = evaluation.bootstrap_ci(r)
+    assert high - low > 0.2  # an unpaired interval could not tell the two models apart
+
+
+def test_compare_rows_on_hand_made_results():
+    base = [item("a", correct=1.0, pmi=2.0), item("b", correct=0.0, pmi=1.0), item("c", correct=1.0, pmi=3.0),
+            item("d", correct=0.0, pmi=0.0)]
+    run = [item("d", correct=1.0, pmi=1.0), item("c", correct=1.0, pmi=4.0), item("b", correct=1.0, pmi=2.0)]  # no "a"
+    rows = {row["metric"]: row for row in evaluation.compare_rows(base, [run])}
+    assert list(rows) == ["correct", "pmi"]
+    assert rows["correct"]["base"]["mean"] == 0.5 and rows["correct"]["runs"][0]["value"]["mean"] == 1.0
+    diff = rows["correct"]["runs"][0]["diff"]  # on b, c, d: +1, 0, +1
+    assert diff["mean"] == pytest.approx(2 / 3) and diff["n"] == 3
+    assert rows["pmi"]["runs"][0]["diff"]["mean"] == pytest.approx(1.0) and rows["pmi"]["runs"][0]["diff"]["ci"] == (1.0, 1.0)
+    text = evaluation.format_table(evaluation.compare_rows(base, [run]), ["base", "run"], markdown=False)
+    assert text.splitlines()[1].split()[:4] == ["correct", "0.500", "1.000", "+0.667"]
+    markdown = evaluation.format_table(evaluation.compare_rows(base, [run]), ["base", "run"], markdown=True)
+    assert markdown.splitlines()[0] == "| metric | base | run | diff [95% CI] |"
+    assert "| pmi | 1.500 | 2.333 | +1.000 [+1.000, +1.000]* (n=3) |" in markdown
+
+
+# ------------------------------------------------------------------ the judge
+
+@pytest.mark.parametrize("reply, score", [
+    ("Score: 4\nThe response is a bulleted list.", 4),
+    ("**Score:** 3 - partly follows it", 3),
+    ("Score:\n\n5", 5),
+    ("Rating: 2/5", 2),
+    ("I would give this response a 4 out of 5.", 4),
+    ("The response has 12 sentences and 3 bullet points.", 3),   # several numbers: the first one in 1-5
+    ("It has 2 bullets and 4 lines. Score: 5", 5),              # 'Score:' wins over earlier numbers
+    ("Score: 7", None),                                          # out of range after 'Score:': never clipped
+    ("Score: 0", None),
+    ("Score: 3.5", None),
+    ("10/10, excellent", None),
+    ("-3 points for style, 3rd attempt", None),
+    ("The response follows the preference well.", None),        # no number
+    ("", None),
+])
+def test_parse_judge_score_on_messy_replies(reply, score):
+    assert evaluation.parse_judge_score(reply) == score
+
+
+class ByteTokenizer:
+    """Chat messages as UTF-8 bytes; id 256 ends a turn."""
+    stop_token_ids = [256]
+
+    def apply_chat_template(self, messages, add_generation_prompt=True):
+        return list("".join(m["content"] for m in messages).encode())
+
+    def decode(self, ids, skip_special_tokens=True):
+        return bytes(i for i in ids if i < 256).decode()
+
+
+def test_judge_scores_each_stated_preference_and_a_win_is_at_least_the_reference(monkeypatch):
+    replies = {"short": "Score: 4", "bold": "I'd say 2 out of 5", "formal": "No idea.", "question": "Score: 5"}
+
+    def fake_generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0, stop_token_ids=(), seed=0,
+                      batch_size=None, return_logprobs=False, progress=True, static=False):
+        assert temperature == 0  # the judge decodes greedily
+        texts = [bytes(p).decode() for p in prompts]
+        rule = [next(r for r in replies if mipo.PREFERENCE_BY_ID[r][2] in t) for t in texts]
+        return [list(replies[r].encode()) + [256] for r in rule]
+
+    monkeypatch.setattr(sampler, "generate", fake_generate)
+    task = TASKS["persona"]
+    examples = [Example("x", "Q1?", "", "", {"rules": ["short", "bold"], "answers": ["a"]}),
+                Example("y", "Q2?", "", "", {"rules": ["formal"], "answers": ["b"]}),
+                Example("z", "Q3?", "", "", {"rules": ["question", "short"], "answers": ["c"]})]
+    items = [item(ex.id) for ex in examples]
+    judge_model = SimpleNamespace(config=SimpleNamespace(max_position_embeddings=100_000))
+    evaluation.judge(judge_model, ByteTokenizer(), "fake", task, examples, items, progress=False)
+    assert [it["judge"]["scores"] for it in items] == [[4, 2], [None], [5, 4]]
+    assert [it["metrics"]["judge_score"] for it in items] == [3.0, None, 4.5]
+    assert items[0]["judge"]["replies"] == ["Score: 4", "I'd say 2 out of 5"]
+
+    run = [item("x", judge_score=3.0), item("y", judge_score=5.0), item("z", judge_score=4.0)]
+    rows = {row["metric"]: row for row in evaluation.compare_rows(items, [run])}
+    win = rows["judge_win"]["runs"][0]["value"]  # x: 3 >= 3 wins (a tie wins), y: base unparsed, z: 4 < 4.5
+    assert (win["mean"], win["n"], rows["judge_win"]["base"]) == (0.5, 2, None)
+
+
+# ------------------------------------------------------------------ the MI meter
+
+def test_pmi_meter_equals_a_full_forward_pass(tmp_path):
+    write_tiny_model_dir(tmp_path / "m")
+    model, tokenizer = load_model(tmp_path / "m")
+    task = TASKS["jsonl"]
+    examples = mipo.load_examples(task, "eval", path=write_user_file(tmp_path / "users.jsonl"))
+    items = evaluation.evaluate(model, tokenizer, task, examples, mipo.Sampling(1.0, 1.0, 0, 6), seed=0, batch_size=3,
+                                progress=False)
+    negatives = evaluation.mi_negatives(task, examples)
+    # x' of a prompt with a user context: the same request under another user's context (MIPO's random negative)
+    assert [n.question for n in negatives] == [ex.question for ex in examples]
+    assert all(n.context != ex.context for n, ex in zip(negatives, examples))
+
+    def full_forward_logp(messages, it):
+        prompt, response = mipo.encode_turn(tokenizer, messages, it["response"], it["stopped"])
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt + response]))[0, len(prompt) - 1:-1]
+        return torch.log_softmax(logits.float(), -1).gather(-1, torch.tensor(response)[:, None]).sum().item()
+
+    for ex, negative, it in zip(examples, negatives, items):
+        expected = (full_forward_logp(mipo.prompt_messages(task, ex), it)
+                    - full_forward_logp(mipo.prompt_messages(task, negative), it))
+        assert it["metrics"]["pmi"] == pytest.approx(expected, abs=1e-4)
+    assert evaluation.mi_negatives(task, examples) == negatives  # the same x' for every model
+
+
+# ------------------------------------------------------------------ --compare end to end
+
+def test_compare_two_synthetic_runs_end_to_end(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # runs/eval/... of the base lands here
+    data = write_user_file(tmp_path / "users.jsonl")
+    base = write_tiny_model_dir(tmp_path / "base")
+    run_a, run_b = write_run(tmp_path / "run_a", data, seed=1), write_run(tmp_path / "run_b", data, seed=2)
+    argv = ["--compare", str(base), str(run_a), str(run_b), "--n", "4", "--max-new-tokens", "6", "--judge", str(base),
+            "--batch-size", "4"]
+    evaluation.main(argv)  # the task and its data come from the runs' config.json
+    out = capsys.readouterr().out
+    table = out.splitlines()[1:]
+    assert table[0].split() == ["metric", "base", "run_a", "diff", "[95%", "CI]", "run_b", "diff", "[95%", "CI]"]
+    assert [line.split()[0] for line in table[1:6]] == ["judge_score", "judge_win", "correct", "parsed", "pmi"]
+    assert table[6] == "judge replies without a score 1-5: base 8/8, run_a 8/8, run_b 8/8"  # a random judge
+
+    for run in (run_a, run_b):
+        items = [json.loads(line) for line in (run / "eval" / "jsonl.jsonl").read_text().splitlines()]
+        assert [it["id"] for it in items] == ["u0", "u1", "u2", "u3"]
+        assert all(len(it["judge"]["scores"]) == 2 for it in items)  # two stated preferences per user
+        summary = json.loads((run / "eval" / "jsonl.summary.json").read_text())
+        assert summary["settings"]["n"] == 4 and summary["judge"]["scored"] == 8
+        markdown = (run / "eval" / "compare-jsonl.md").read_text()
+        assert markdown.startswith("# jsonl: ") and "| metric | " in markdown and "`judge_win`" in markdown
+        for png in ("compare-jsonl.png", "curves.png"):
+            assert (run / "eval" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+            assert (run / "eval" / png).stat().st_size > 10_000
+    assert not list(tmp_path.rglob("*.tmp*"))  # nothing half-written
+
+    # Cached: nothing is loaded, sampled or judged again, and the table is the same.
+    monkeypatch.setattr("model_loader.load_model", lambda *a, **k: pytest.fail("loaded a model despite the cache"))
+    evaluation.main(argv)
+    assert capsys.readouterr().out == out
+
+
+def test_single_model_evaluation_and_tables_without_matplotlib(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    data = write_user_file(tmp_path / "users.jsonl")
+    run = write_run(tmp_path / "run", data, seed=1)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
+    monkeypatch.setattr(evaluation, "_warned_no_matplotlib", [])
+    evaluation.main(["--model", str(run), "--n", "3", "--max-new-tokens", "4", "--judge", "none", "--no-mi"])
+    captured = capsys.readouterr()
+    assert captured.out.splitlines()[0] == f"{run} on jsonl: 3 items -> {run / 'eval'}"
+    assert "correct" in captured.out and "pmi" not in captured.out and "judge_score" not in captured.out
+    assert "plots skipped: matplotlib is not installed" in captured.err
+    assert (run / "eval" / "jsonl.jsonl").is_file() and not (run / "eval" / "curves.png").exists()
+    monkeypatch.setattr(evaluation, "_warned_no_matplotlib", [])
+    evaluation.main(["--compare", str(run / "final"), str(run), "--n", "3", "--max-new-tokens", "4", "--judge", "none",
+                     "--no-mi", "--out", str(tmp_path / "report")])
+    assert (tmp_path / "report" / "compare-jsonl.md").is_file() and not (tmp_path / "report" / "compare-jsonl.png").exists()
+    assert capsys.readouterr().err.count("plots skipped") == 1  # one line for the chart and the curves together
+
+
+# ------------------------------------------------------------------ bad input: one line, exit status 2
+
+@pytest.mark.parametrize("argv, message", [
+    (["--compare", "base", "missing_run"], "error: missing_run: no such run directory or model"),
+    (["--model", "broken", "--task", "gsm8k", "--n", "2"], "error: broken: no model.safetensors"),
+    (["--model", "base", "--task", "nope"], "error: --task nope: unknown task (known: persona"),
+    (["--model", "empty_run", "--task", "gsm8k"], "error: empty_run: run directory without a trained model"),
+    (["--model", "base"], "error: --task is required"),
+])
+def test_bad_input_is_one_line_and_exit_status_2(tmp_path, argv, message):
+    write_tiny_model_dir(tmp_path / "base")
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    (tmp_path / "empty_run").mkdir()
+    (tmp_path / "empty_run" / evaluation.RUN_METRICS).write_text("")
+    result = subprocess.run([sys.executable, str(ROOT / "eval.py"), *argv], capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.startswith(message) and result.stderr.count("\n") == 1, result.stderr
+    assert not (tmp_path / "runs").exists()  # nothing written
