@@ -9,7 +9,7 @@ personalization, 1-18% on math and multiple choice. This file measures the same 
   gsm8k      exact match of the answer after '####' (mipo.extract_number, with its fallbacks);
   arc, mmlu  accuracy of the letter after 'The answer is' (mipo.extract_letter);
   every task the pointwise MI meter: log p(y|x) - log p(y|x') of the model's own response y, x' the task's
-             negative prompt (MIPO section 3): the quantity one epoch of DPO on MIPO pairs raises.
+             negative prompt (the MIPO paper): the quantity one epoch of DPO on MIPO pairs raises.
 Each model's per-item results are cached next to it (RUN/eval/TASK.jsonl), so `--compare` evaluates only
 what is missing and pairs items by id for a bootstrap interval of every difference.
 
@@ -66,7 +66,7 @@ METRICS = [
     ("user_mean_exact", "movielens baseline: the user's mean shown rating, rounded, equals the real rating"),
     ("user_mean_abs_error", "movielens baseline: |user's mean shown rating - real rating| (lower is better)"),
     ("parsed", "an answer could be read from the response"),
-    ("pmi", "pointwise MI meter: log p(y|x) - log p(y|x') of the model's own response, nats (MIPO section 3)"),
+    ("pmi", "pointwise MI meter: log p(y|x) - log p(y|x') of the model's own response, nats (the MIPO paper)"),
 ]
 METRIC_KEYS = [key for key, _ in METRICS]
 

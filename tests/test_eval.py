@@ -294,6 +294,25 @@ def test_compare_two_synthetic_runs_end_to_end(tmp_path, monkeypatch, capsys):
     assert capsys.readouterr().out == out
 
 
+def test_compare_reads_a_real_train_py_run(tmp_path, monkeypatch, capsys):
+    import train
+
+    monkeypatch.chdir(tmp_path)
+    data, base = write_user_file(tmp_path / "users.jsonl"), write_tiny_model_dir(tmp_path / "base")
+    run = tmp_path / "runs" / "tiny-jsonl-random-sigmoid"
+    train.main(["--model", str(base), "--task", "jsonl", "--data", str(data), "--negative", "random", "--n", "4",
+                "--n-eval", "2", "--max-new-tokens", "6", "--lr", "1e-3", "--batch-size", "2", "--micro-batch-size", "2",
+                "--device", "cpu",
+                "--dtype", "float32", "--out", str(run)])
+    capsys.readouterr()
+    evaluation.main(["--compare", str(base), str(run), "--n", "4", "--max-new-tokens", "6", "--judge", "none"])
+    table = capsys.readouterr().out.splitlines()[1:]
+    assert table[0].split()[:3] == ["metric", "base", "tiny-jsonl-random-sigmoid"]  # task and data: from the run
+    assert [line.split()[0] for line in table[1:]] == ["correct", "parsed", "pmi"]
+    for name in ("jsonl.jsonl", "jsonl.summary.json", "compare-jsonl.md", "compare-jsonl.png", "curves.png"):
+        assert (run / "eval" / name).stat().st_size > 0, name
+
+
 def test_single_model_evaluation_and_tables_without_matplotlib(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     data = write_user_file(tmp_path / "users.jsonl")
