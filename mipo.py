@@ -20,6 +20,7 @@ are read, their code is never imported. The pairs file is TRL's conversational p
     python mipo.py --model qwen --task persona --n 32
 """
 import argparse
+import fcntl
 import gzip
 import json
 import os
@@ -625,16 +626,6 @@ def build_pairs(model, tokenizer, task: Task, examples: list[Example], out_path,
     negatives = [negative_example(task, ex, negative, examples[d] if d is not None else None, random.Random(f"{seed}-{ex.id}"))
                  for ex, d in zip(examples, donors)]
 
-    done = set()
-    if out_path.exists():
-        for record in read_pairs(out_path, repair=True):
-            mine = (record["task"], record["negative"], record["sampling"]) == (task.name, negative, settings)
-            if not mine:
-                raise MipoError(f"{out_path}: holds pairs of another run ({record['task']}, --negative {record['negative']}, "
-                                f"{record['sampling']}); pass another --out or delete the file")
-            done.add(record["id"])
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-
     # Both prompts of every pair as token ids; a prompt too long for the model fails here, before any output.
     positive_prompts = [prompt_messages(task, ex) for ex in examples]
     negative_prompts = [prompt_messages(task, x) for x, _ in negatives]
@@ -647,23 +638,35 @@ def build_pairs(model, tokenizer, task: Task, examples: list[Example], out_path,
                 raise MipoError(f"{task.name} item {ex.id}: {which} of {len(ids)} tokens + --max-new-tokens {sampling.max_new_tokens} "
                                 f"exceeds the model's context window of {limit} tokens; lower --max-new-tokens or shorten the prompt")
 
-    stop_ids = set(tokenizer.stop_token_ids)
-    todo = [start for start in range(0, len(examples), batch_size)
-            if any(ex.id not in done for ex in examples[start:start + batch_size])]
-    for b, start in enumerate(todo):
-        batch = range(start, min(start + batch_size, len(examples)))
-        # One generate call per batch: the positives and the negatives, sampled with the batch's own seed.
-        prompts = [encoded[examples[i].id][0] for i in batch] + [encoded[examples[i].id][1] for i in batch]
-        completions = sampler.generate(model, prompts, sampling.max_new_tokens, temperature=sampling.temperature,
-                                       top_p=sampling.top_p, top_k=sampling.top_k, stop_token_ids=tokenizer.stop_token_ids,
-                                       seed=seed * 1_000_003 + start, batch_size=len(prompts), progress=False)
-        with open(out_path, "a", encoding="utf-8") as f:
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(out_path, "a", encoding="utf-8") as out:
+        # One writer per file: a second run on the same --out would append the same pairs again.
+        try:
+            fcntl.flock(out, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise MipoError(f"{out_path}: another run is writing this file; wait for it to end or pass another --out")
+        done = set()
+        for record in read_pairs(out_path, repair=True):
+            if (record["task"], record["negative"], record["sampling"]) != (task.name, negative, settings):
+                raise MipoError(f"{out_path}: holds pairs of another run ({record['task']}, --negative {record['negative']}, "
+                                f"{record['sampling']}); pass another --out or delete the file")
+            done.add(record["id"])
+        stop_ids = set(tokenizer.stop_token_ids)
+        todo = [start for start in range(0, len(examples), batch_size)
+                if any(ex.id not in done for ex in examples[start:start + batch_size])]
+        for b, start in enumerate(todo):
+            batch = range(start, min(start + batch_size, len(examples)))
+            # One generate call per batch: the positives and the negatives, sampled with the batch's own seed.
+            prompts = [encoded[examples[i].id][0] for i in batch] + [encoded[examples[i].id][1] for i in batch]
+            completions = sampler.generate(model, prompts, sampling.max_new_tokens, temperature=sampling.temperature,
+                                           top_p=sampling.top_p, top_k=sampling.top_k, stop_token_ids=tokenizer.stop_token_ids,
+                                           seed=seed * 1_000_003 + start, batch_size=len(prompts), progress=False)
             for k, i in enumerate(batch):
                 ex = examples[i]
                 if ex.id in done:
                     continue
                 chosen, rejected = completions[k], completions[len(batch) + k]
-                chosen_stopped, rejected_stopped = bool(chosen) and chosen[-1] in stop_ids, bool(rejected) and rejected[-1] in stop_ids
+                chosen_stopped, rejected_stopped = chosen[-1] in stop_ids, rejected[-1] in stop_ids
                 record = {
                     "id": ex.id, "task": task.name,
                     "prompt": positive_prompts[i],
@@ -674,12 +677,12 @@ def build_pairs(model, tokenizer, task: Task, examples: list[Example], out_path,
                     "chosen_stopped": chosen_stopped, "rejected_stopped": rejected_stopped,
                     "sampling": settings,
                 }
-                f.write(json.dumps(record, ensure_ascii=False) + "\n")  # one complete line per pair
+                out.write(json.dumps(record, ensure_ascii=False) + "\n")  # one complete line per pair
                 done.add(ex.id)
-            f.flush()
-            os.fsync(f.fileno())
-        if progress:
-            print(f"pairs: {len(done)}/{len(examples)} (batch {b + 1}/{len(todo)})", file=sys.stderr, flush=True)
+            out.flush()
+            os.fsync(out.fileno())  # a finished batch survives a crash
+            if progress:
+                print(f"pairs: {len(done)}/{len(examples)} (batch {b + 1}/{len(todo)})", file=sys.stderr, flush=True)
     return read_pairs(out_path)
 
 

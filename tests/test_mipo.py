@@ -190,6 +190,18 @@ def test_resume_refuses_a_file_of_another_run(echo, tmp_path):
         build_pairs(FAKE_MODEL, ByteTokenizer(), TASKS["persona"], persona_like(3), out, "incomplete", SAMPLING)
 
 
+def test_a_second_run_on_the_same_file_is_refused_while_the_first_writes(echo, tmp_path):
+    import fcntl
+
+    out = tmp_path / "p.jsonl"
+    with open(out, "a") as first_run:
+        fcntl.flock(first_run, fcntl.LOCK_EX)
+        with pytest.raises(MipoError, match="another run is writing this file"):
+            build_pairs(FAKE_MODEL, ByteTokenizer(), TASKS["persona"], persona_like(3), out, "random", SAMPLING)
+    assert echo.calls == []
+    assert len(build_pairs(FAKE_MODEL, ByteTokenizer(), TASKS["persona"], persona_like(3), out, "random", SAMPLING)) == 3
+
+
 # ------------------------------------------------------------------ the real sampler on a tiny random model
 
 def tiny_tokenizer(tmp_path, vocab_size=97):
