@@ -118,6 +118,7 @@ MAY_CHANGE = {"hardware.device", "hardware.gradient_checkpointing", "hardware.sa
 # into micro-batches changes what they compute, so only these break gradient-accumulation equivalence.
 BATCH_COUPLED_LOSSES = ("aot", "aot_unpaired", "bco_pair")
 LN2 = math.log(2)
+STEP0_TOLERANCE = 1e-3  # nats, on summed log-probs: see step0_check
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -202,8 +203,8 @@ def make_pairs(cfg: PairsConfig, hw: HardwareConfig, out: Path, rank: int, world
         pairs = build_sharded(model, tokenizer, task, train_examples, pairs_path, negative, cfg, rank, world)
     eval_pairs = build_sharded(model, tokenizer, task, eval_examples, eval_path, negative, cfg, rank, world) if eval_examples else []
     if eval_pairs and rank == 0:
-        # The base model's own samples from x are the held-out pairs' chosen responses: its task metric is theirs.
-        base_eval = held_out_meter(model, tokenizer, task, eval_examples, eval_pairs, [p["chosen"][0]["content"] for p in eval_pairs])
+        # The held-out pairs' chosen responses are the base model's own samples from x: measure it on them.
+        base_eval = held_out_meter(model, tokenizer, task, eval_examples, eval_pairs)
         write_atomically(base_eval_path, json.dumps(base_eval, indent=2))
     barrier(world)
     base_eval = json.loads(base_eval_path.read_text()) if base_eval_path.exists() else None
@@ -289,33 +290,56 @@ def tokenize_pair(tokenizer, pair: dict, with_negative_prompt: bool, context_win
     return record
 
 
-def collate(records: list[dict], with_negative_prompt: bool, device):
-    """Chosen and rejected (and, for infonce/sami, both under x') as one right-padded batch. The completion
-    mask comes from the lengths, never from a pad id (the pad may be the end-of-turn token)."""
-    rows = [(r["prompt_ids"], r["chosen_ids"]) for r in records] + [(r["prompt_ids"], r["rejected_ids"]) for r in records]
+def collate(records: list[dict], with_negative_prompt: bool, device) -> dict:
+    """One right-padded row per pair that holds the prompt once and both responses: [x, y+, x[-1], y-].
+
+    y- follows a copy of x's last token, and the attention mask lets that copy and y- see x[:-1] and each other
+    but neither y+ nor the original x[-1]; with their positions restarted where x ends, they compute exactly
+    what a separate sequence x + y- would. So chosen and rejected are scored under x in one forward, and x is
+    run once instead of twice (MIPO's prompts are longer than its responses: ~40% fewer tokens). infonce / sami
+    add a second row per pair with x' in place of x. Masks are built from the lengths, never from a pad id.
+    """
+    prompts = [r["prompt_ids"] for r in records]
     if with_negative_prompt:
-        rows += [(r["negative_prompt_ids"], r["chosen_ids"]) for r in records]
-        rows += [(r["negative_prompt_ids"], r["rejected_ids"]) for r in records]
-    T = max(len(p) + len(c) for p, c in rows)
-    input_ids = torch.zeros(len(rows), T, dtype=torch.long)  # (R, T); any id pads: real tokens never see it
-    completion_mask = torch.zeros(len(rows), T, dtype=torch.bool)  # (R, T) True on the completion tokens
-    for i, (prompt, completion) in enumerate(rows):
-        input_ids[i, :len(prompt) + len(completion)] = torch.tensor(prompt + completion)
-        completion_mask[i, len(prompt):len(prompt) + len(completion)] = True
-    # The logits at position t score token t+1, so none are needed before the shortest prompt's last token:
-    # the output projection (a quarter of a small model's FLOPs at Qwen's 152k vocabulary) skips the prompts.
-    first = min(len(p) for p, _ in rows) - 1
-    n_tokens = sum(len(p) + len(c) for p, c in rows)
-    return input_ids.to(device), completion_mask.to(device), first, n_tokens
+        prompts += [r["negative_prompt_ids"] for r in records]
+        records = records + records
+    T = max(len(p) + len(r["chosen_ids"]) + 1 + len(r["rejected_ids"]) for p, r in zip(prompts, records))
+    R = len(prompts)
+    input_ids = torch.zeros(R, T, dtype=torch.long)  # (R, T); any id pads: no real token attends to a pad
+    positions = torch.zeros(R, T, dtype=torch.long)  # (R, T) RoPE positions
+    branch = torch.zeros(R, T, dtype=torch.long)  # (R, T) 0: x[:-1] and pads, 1: x[-1] + y+, 2: x[-1] copy + y-
+    chosen_mask = torch.zeros(R, T, dtype=torch.bool)  # (R, T) True on y+ tokens
+    rejected_mask = torch.zeros(R, T, dtype=torch.bool)  # (R, T) True on y- tokens
+    for i, (prompt, r) in enumerate(zip(prompts, records)):
+        P, C, N = len(prompt), len(r["chosen_ids"]), len(r["rejected_ids"])
+        input_ids[i, :P + C + 1 + N] = torch.tensor(prompt + r["chosen_ids"] + prompt[-1:] + r["rejected_ids"])
+        positions[i, :P + C] = torch.arange(P + C)
+        positions[i, P + C:P + C + 1 + N] = torch.arange(P - 1, P + N)
+        branch[i, P - 1:P + C], branch[i, P + C:P + C + 1 + N] = 1, 2
+        chosen_mask[i, P:P + C] = True
+        rejected_mask[i, P + C + 1:P + C + 1 + N] = True
+    causal = torch.ones(T, T, dtype=torch.bool).tril()  # (T, T)
+    attention_mask = causal & ~((branch[:, :, None] == 2) & (branch[:, None, :] == 1))  # (R, T queries, T keys)
+    return {
+        "input_ids": input_ids.to(device), "positions": positions.to(device), "mask": attention_mask[:, None].to(device),
+        "chosen_mask": chosen_mask.to(device), "rejected_mask": rejected_mask.to(device),
+        # The logits at position t score token t+1, so none are needed before the shortest prompt's last token:
+        # the output projection (a quarter of a small model's FLOPs at Qwen's 152k vocabulary) skips the prompts.
+        "first": min(len(p) for p in prompts) - 1,
+        "n_tokens": sum(len(p) + len(r["chosen_ids"]) + 1 + len(r["rejected_ids"]) for p, r in zip(prompts, records)),
+    }
 
 
-def forward_logps(model, input_ids, completion_mask, first, hw: HardwareConfig):
-    """Summed log pi(completion | prompt) of every row, (R,) float32."""
+def forward_logps(model, batch: dict, hw: HardwareConfig):
+    """Summed log pi(y+ | prompt) and log pi(y- | prompt) of every row: two (R,) float32 tensors."""
+    first = batch["first"]
     with autocast(hw):
-        logits = model(input_ids, logits_index=slice(first, None))  # (R, T - first, V)
+        logits = model(batch["input_ids"], batch["positions"], batch["mask"], logits_index=slice(first, None))  # (R, T - first, V)
     # Outside autocast on purpose: sequence_logps takes the log-softmax in float32.
-    logps, _ = sequence_logps(logits, input_ids[:, first:], completion_mask[:, first:])
-    return logps
+    input_ids = batch["input_ids"][:, first:]
+    chosen_logps, _ = sequence_logps(logits, input_ids, batch["chosen_mask"][:, first:])
+    rejected_logps, _ = sequence_logps(logits, input_ids, batch["rejected_mask"][:, first:])
+    return chosen_logps, rejected_logps
 
 
 @torch.no_grad()
@@ -326,22 +350,23 @@ def reference_logps(model, tokenizer, pairs, loss: LossConfig, opt: OptimConfig,
         return read_jsonl(path)
     with_negative_prompt = loss.loss in ("infonce", "sami")
     records = [tokenize_pair(tokenizer, p, with_negative_prompt, model.config.max_position_embeddings) for p in pairs]
-    # Micro-batches are fixed by position, and the ranks take turns (batch k on rank k % world), so every pair
-    # is scored in the same batch whatever the number of processes and however often the stage is interrupted.
-    m = opt.micro_batch_size
-    batches = [records[i:i + m] for i in range(0, len(records), m)]
+    # The micro-batches are those of the first epoch of training, on the rank that trains on them: step 0 then
+    # runs the very computation that produced its reference numbers, and the step-0 check is exact even in bf16
+    # (a row's rounding depends on the padded shape of its batch). Fixed batches also make the stage resumable.
+    m, per_rank = opt.micro_batch_size, opt.batch_size // world
+    order = epoch_order(len(records), opt.seed, 0)
+    batches = [[records[i] for i in order[k:k + m]] for k in range(0, len(order), m)]
+    mine = [b for k, b in enumerate(batches) if (k * m % opt.batch_size) // per_rank == rank]
     partial = out / f"reference.rank{rank}-of-{world}.partial.jsonl"
     done = {r["id"]: r for r in read_jsonl(partial)}
     model.eval()
-    mine = [b for k, b in enumerate(batches) if k % world == rank]
     for k, batch in enumerate(tqdm(mine, desc="reference log-probs", unit="batch", disable=rank != 0)):
         if all(r["id"] in done for r in batch):
             continue
-        input_ids, completion_mask, first, _ = collate(batch, False, hw.device)
-        logps = forward_logps(model, input_ids, completion_mask, first, hw).cpu()  # (2B,) chosen, then rejected
+        chosen_logps, rejected_logps = forward_logps(model, collate(batch, with_negative_prompt, hw.device), hw)  # as in training
         lines = []
-        for i, r in enumerate(batch):
-            r = {**r, "ref_chosen_logps": logps[i].item(), "ref_rejected_logps": logps[len(batch) + i].item()}
+        for i, r in enumerate(batch):  # rows [:B] are under x (B more under x' for infonce / sami)
+            r = {**r, "ref_chosen_logps": chosen_logps[i].item(), "ref_rejected_logps": rejected_logps[i].item()}
             done[r["id"]] = r
             lines.append(json.dumps(r) + "\n")
         with open(partial, "a", encoding="utf-8") as f:
@@ -472,14 +497,14 @@ def accumulate_gradients(ddp_model, mine: list[dict], loss: LossConfig, opt: Opt
         # DDP all-reduces gradients in backward; only the last micro-batch of the step needs it.
         sync = world == 1 or start + m >= len(mine)
         with contextlib.nullcontext() if sync else ddp_model.no_sync():
-            input_ids, completion_mask, first, tokens = collate(micro, with_negative_prompt, hw.device)
-            logps = forward_logps(ddp_model, input_ids, completion_mask, first, hw)  # (R,)
-            losses, micro_stats = dpo_terms(logps, micro, loss, with_negative_prompt)  # (B,), (B, k)
+            batch = collate(micro, with_negative_prompt, hw.device)
+            chosen_logps, rejected_logps = forward_logps(ddp_model, batch, hw)  # (R,) each
+            losses, micro_stats = dpo_terms(chosen_logps, rejected_logps, micro, loss)  # (B,), (B, k)
             # Summed over the micro-batch, divided by the pairs of this process: the accumulated gradient is the
             # mean over the global batch however it is split (and DDP averages the processes' equal shares).
             (losses.sum() / len(mine)).backward()
         stats.append(micro_stats)
-        n_tokens += tokens
+        n_tokens += batch["n_tokens"]
     return torch.cat(stats), n_tokens
 
 
@@ -488,16 +513,18 @@ STAT_COLUMNS = ("loss", "chosen_rewards", "rejected_rewards", "chosen_logps", "r
                 "rejected_lengths", "abs_logp_diff")
 
 
-def dpo_terms(logps, micro: list[dict], loss: LossConfig, with_negative_prompt: bool):
+def dpo_terms(chosen_logps, rejected_logps, micro: list[dict], loss: LossConfig):
     B = len(micro)
-    chosen, rejected = logps[:B], logps[B:2 * B]  # (B,) log pi(y+|x), log pi(y-|x)
-    ref_chosen = torch.tensor([r["ref_chosen_logps"] for r in micro], device=logps.device)  # (B,) float32
-    ref_rejected = torch.tensor([r["ref_rejected_logps"] for r in micro], device=logps.device)
-    chosen_lengths = torch.tensor([r["chosen_length"] for r in micro], device=logps.device)
-    rejected_lengths = torch.tensor([r["rejected_length"] for r in micro], device=logps.device)
+    chosen, rejected = chosen_logps[:B], rejected_logps[:B]  # (B,) log pi(y+|x), log pi(y-|x)
+    ref_chosen = torch.tensor([r["ref_chosen_logps"] for r in micro], device=chosen.device)  # (B,) float32
+    ref_rejected = torch.tensor([r["ref_rejected_logps"] for r in micro], device=chosen.device)
+    chosen_lengths = torch.tensor([r["chosen_length"] for r in micro], device=chosen.device)
+    rejected_lengths = torch.tensor([r["rejected_length"] for r in micro], device=chosen.device)
     options = loss.options()
-    if with_negative_prompt:  # rows: (x, y+), (x, y-), (x', y+), (x', y-), B each
-        options["logps_matrix"] = logps.view(2, 2, B).permute(2, 0, 1)  # (B, prompt x|x', response y+|y-)
+    if len(chosen_logps) == 2 * B:  # infonce / sami: rows B: are the same pairs under x'
+        under_x = torch.stack([chosen, rejected], dim=1)  # (B, 2 responses)
+        under_x_prime = torch.stack([chosen_logps[B:], rejected_logps[B:]], dim=1)  # (B, 2 responses)
+        options["logps_matrix"] = torch.stack([under_x, under_x_prime], dim=1)  # (B, prompt x|x', response y+|y-)
     losses, chosen_rewards, rejected_rewards = preference_loss(
         loss.loss, chosen, rejected, ref_chosen, ref_rejected, chosen_lengths, rejected_lengths, beta=loss.beta, **options)
     abs_diff = torch.maximum((chosen - ref_chosen).abs(), (rejected - ref_rejected).abs())  # the step-0 check
@@ -531,13 +558,11 @@ def step_metrics(stats, step, lr, grad_norm, n_tokens, seconds, steps_per_epoch)
 
 def step0_check(stats) -> dict:
     # Before the first update the policy IS the reference, so every log-ratio is 0, every reward is 0 and the
-    # sigmoid loss is -log sigma(0) = ln 2. A mismatch means the reference pass and training score different
-    # tokens or run different numerics. Rounding differs between batch shapes (padding), hence a tolerance,
-    # which grows with the tokens summed: bf16 matmuls carry about 3 significant digits.
-    col = {name: stats[:, i] for i, name in enumerate(STAT_COLUMNS)}
-    diff = col["abs_logp_diff"].max().item()
-    tolerance = 0.05 * col["chosen_lengths"].max().item() ** 0.5
-    return {"step0/max_abs_logp_diff": diff, "step0/tolerance": tolerance, "step0/ok": diff <= tolerance}
+    # sigmoid loss is -log sigma(0) = ln 2. Step 0 repeats the reference pass's computation on the same
+    # micro-batches, so the numbers agree exactly; the tolerance only absorbs nondeterministic GPU kernels.
+    # A mismatch means the reference pass and training scored different tokens or ran different numerics.
+    diff = stats[:, STAT_COLUMNS.index("abs_logp_diff")].max().item()
+    return {"step0/max_abs_logp_diff": diff, "step0/tolerance": STEP0_TOLERANCE, "step0/ok": diff <= STEP0_TOLERANCE}
 
 
 def step0_message(first: dict, loss: LossConfig) -> str:
@@ -562,31 +587,37 @@ def save_final(model, tokenizer, out: Path) -> Path:
 
 
 @torch.no_grad()
-def held_out_meter(model, tokenizer, task, examples, eval_pairs, responses: list[str], batch_size: int = 8) -> dict:
-    """The pointwise mutual information log p(y|x) - log p(y|x') that MIPO maximizes (mipo.pointwise_mi, on the
-    held-out pairs' responses) and the task's metric of the model's own responses to the held-out prompts."""
+def held_out_meter(model, tokenizer, task, examples, eval_pairs, batch_size: int = 8) -> dict:
+    """On held-out pairs whose chosen response is the measured model's own sample from x: the mean pointwise
+    mutual information log p(y|x) - log p(y|x') (mipo.pointwise_mi), a Monte Carlo estimate of the MI that MIPO
+    maximizes, and the task's metric of those samples."""
     was_training = model.training
     model.eval()
     meter = mipo.pointwise_mi(model, tokenizer, eval_pairs, batch_size)
     by_id = {ex.id: ex for ex in examples}
     scores: dict[str, list[float]] = {}
-    for pair, response in zip(eval_pairs, responses):
-        for metric, value in task.score(by_id[pair["id"]], response).items():
+    for pair in eval_pairs:
+        for metric, value in task.score(by_id[pair["id"]], pair["chosen"][0]["content"]).items():
             scores.setdefault(metric, []).append(value)
     model.train(was_training)
     return {**meter, "task": {metric: sum(v) / len(v) for metric, v in scores.items()}}
 
 
-def sample_responses(model, tokenizer, eval_pairs, cfg: PairsConfig) -> list[str]:
+def with_own_samples(model, tokenizer, eval_pairs, cfg: PairsConfig) -> list[dict]:
+    """The held-out pairs with the chosen response resampled from the (trained) model, same settings and seed."""
     import sampler
 
-    prompts = [tokenizer.apply_chat_template(p["prompt"]) for p in eval_pairs]
     s = cfg.sampling
+    prompts = [tokenizer.apply_chat_template(p["prompt"]) for p in eval_pairs]
     completions = sampler.generate(model, prompts, s.max_new_tokens, temperature=s.temperature, top_p=s.top_p,
                                    top_k=s.top_k, stop_token_ids=tokenizer.stop_token_ids, seed=cfg.seed,
-                                   batch_size=cfg.sample_batch_size, progress=False)
-    stops = set(tokenizer.stop_token_ids)
-    return [tokenizer.decode(c[:-1] if c and c[-1] in stops else c) for c in completions]
+                                   batch_size=2 * cfg.sample_batch_size, progress=False)
+    stops, resampled = set(tokenizer.stop_token_ids), []
+    for pair, tokens in zip(eval_pairs, completions):
+        stopped = bool(tokens) and tokens[-1] in stops
+        text = tokenizer.decode(tokens[:-1] if stopped else tokens)
+        resampled.append({**pair, "chosen": [{"role": "assistant", "content": text}], "chosen_stopped": stopped})
+    return resampled
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -791,8 +822,8 @@ def main(argv=None):
             dtype = torch.bfloat16 if hw.dtype == "bfloat16" else torch.float32
             model, tokenizer = load_model(final_dir, hw.device, dtype)  # the dtype the base model was measured in
             eval_examples = mipo.load_examples(task, "eval", pairs_cfg.n_eval, pairs_cfg.data)
-            responses = sample_responses(model, tokenizer, eval_pairs, pairs_cfg)
-            summary["trained_eval"] = held_out_meter(model, tokenizer, task, eval_examples, eval_pairs, responses)
+            resampled = with_own_samples(model, tokenizer, eval_pairs, pairs_cfg)
+            summary["trained_eval"] = held_out_meter(model, tokenizer, task, eval_examples, resampled)
             timings["held_out_eval"] = time.time() - t
         write_atomically(summary_path, json.dumps(summary, indent=2))
     print_summary(json.loads(summary_path.read_text()), loss_cfg)
@@ -820,8 +851,9 @@ def print_summary(summary: dict, loss_cfg: LossConfig):
           f"margin {last['rewards/margins']:.4f}")
     before, after = summary["base_eval"], summary["trained_eval"]
     if before and after:
-        print(f"held-out pointwise MI, log p(y|x) - log p(y|x') over {before['pairs']} prompts: {before['pmi']:.3f} -> "
-              f"{after['pmi']:.3f} nats (on the rejected responses: {before['pmi_rejected']:.3f} -> {after['pmi_rejected']:.3f})")
+        print(f"held-out pointwise MI, log p(y|x) - log p(y|x') with y ~ p(.|x) the model's own sample, over "
+              f"{before['pairs']} prompts: {before['pmi']:.3f} -> {after['pmi']:.3f} nats (on the base model's negatives "
+              f"y ~ p(.|x'): {before['pmi_rejected']:.3f} -> {after['pmi_rejected']:.3f})")
         for metric, value in before["task"].items():
             print(f"held-out {metric}: {value:.3f} -> {after['task'].get(metric, float('nan')):.3f}")
     print("time: " + ", ".join(f"{stage} {seconds:.0f} s" for stage, seconds in summary["timings_s"].items()))

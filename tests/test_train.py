@@ -108,10 +108,11 @@ def test_loss_decreases_and_every_stage_writes_its_file(assets, baseline):
 
 
 def test_step0_policy_equals_stored_reference(baseline):
+    # Step 0 repeats the reference pass's computation on the same micro-batches: equal to the last bit.
     first = metrics(baseline)[0]
-    assert first["step0/ok"] and first["step0/max_abs_logp_diff"] < 1e-4
-    assert first["loss"] == pytest.approx(math.log(2), abs=1e-5)
-    assert first["rewards/chosen"] == pytest.approx(0, abs=1e-5) and first["rewards/rejected"] == pytest.approx(0, abs=1e-5)
+    assert first["step0/ok"] and first["step0/max_abs_logp_diff"] == 0
+    assert first["rewards/chosen"] == first["rewards/rejected"] == first["rewards/accuracies"] == 0
+    assert first["loss"] == pytest.approx(math.log(2), rel=1e-7)
 
 
 def test_step0_check_catches_reference_from_another_model(assets, baseline, tmp_path):
@@ -123,14 +124,29 @@ def test_step0_check_catches_reference_from_another_model(assets, baseline, tmp_
     records = [json.loads(line) for line in (baseline / "reference.jsonl").read_text().splitlines()]
     other, _ = load_model(write_tiny_model(tmp_path / "tiny-seed1", seed=1))
     with torch.no_grad():
-        input_ids, mask, first, _ = train.collate(records, False, "cpu")
-        logps = train.forward_logps(other, input_ids, mask, first, train.HardwareConfig())
+        chosen, rejected = train.forward_logps(other, train.collate(records, False, "cpu"), train.HardwareConfig())
     for i, r in enumerate(records):
-        r["ref_chosen_logps"], r["ref_rejected_logps"] = logps[i].item(), logps[len(records) + i].item()
+        r["ref_chosen_logps"], r["ref_rejected_logps"] = chosen[i].item(), rejected[i].item()
     (out / "reference.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     train.main(args_for(assets, out, "--epochs", "2", "--save-every", "2"))
     first = metrics(out)[0]
     assert not first["step0/ok"] and first["step0/max_abs_logp_diff"] > 1.0
+
+
+def test_packed_row_scores_each_response_as_a_separate_sequence(assets, baseline):
+    # [x, y+, x[-1], y-] in one row, under the branch mask, equals x + y+ and x + y- run alone (and with x').
+    model, _ = load_model(assets["model"])
+    records = [json.loads(line) for line in (baseline / "reference.jsonl").read_text().splitlines()][:3]
+    for r in records:
+        r["negative_prompt_ids"] = r["prompt_ids"][:-2] + [17, 23]  # any other prompt
+    with torch.no_grad():
+        chosen, rejected = train.forward_logps(model, train.collate(records, True, "cpu"), train.HardwareConfig())
+        for i, r in enumerate(records * 2):
+            prompt = r["prompt_ids"] if i < len(records) else r["negative_prompt_ids"]
+            for packed, response in ((chosen[i], r["chosen_ids"]), (rejected[i], r["rejected_ids"])):
+                logits = model(torch.tensor([prompt + response]))[0, len(prompt) - 1:-1]  # (len(response), V)
+                alone = logits.log_softmax(-1).gather(-1, torch.tensor(response)[:, None]).sum()
+                assert abs(packed.item() - alone.item()) < 1e-4
 
 
 def test_gradient_accumulation_gives_the_same_update(assets, baseline, tmp_path):
@@ -168,7 +184,7 @@ def test_bf16_autocast_run_and_held_out_meter(assets, tmp_path):
     out = tmp_path / "bf16"
     train.main(args_for(assets, out, "--dtype", "bfloat16", "--n-eval", "4"))
     first = metrics(out)[0]
-    assert first["step0/ok"], first
+    assert first["step0/ok"] and first["step0/max_abs_logp_diff"] == 0, first  # exact in bf16 too
     summary = json.loads((out / "summary.json").read_text())
     for side in ("base_eval", "trained_eval"):
         assert math.isfinite(summary[side]["pmi"]) and summary[side]["pairs"] == 4
@@ -208,7 +224,8 @@ def test_two_process_ddp_equals_one_process(assets, baseline, tmp_path):
     ddp, single = final_weights(out), final_weights(baseline)
     for name in single:
         torch.testing.assert_close(ddp[name], single[name], rtol=0, atol=1e-5)
-    assert [m["step"] for m in metrics(out)] == [1, 2, 3, 4]
+    history = metrics(out)
+    assert [m["step"] for m in history] == [1, 2, 3, 4] and history[0]["step0/max_abs_logp_diff"] == 0
 
 
 # ---------------------------------------------------------------------------------------------------- bad input
