@@ -275,6 +275,18 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(assets, tmp_path):
     assert [m["step"] for m in metrics(out)] == [1, 2]
 
 
+def test_presets_and_flags_resolve_in_one_place():
+    import mipo
+
+    pairs, loss, opt, hw, out = train.resolve_config(train.parse_args(["--preset", "paper", "--device", "cpu"]))
+    assert (opt.lr, opt.batch_size, opt.betas, opt.weight_decay, opt.warmup_ratio, opt.min_lr_ratio, opt.grad_clip,
+            opt.epochs, loss.beta, loss.loss) == (5e-7, 4, (0.9, 0.95), 0.0, 0.03, 0.1, 1.0, 1, 0.1, "sigmoid")
+    assert pairs.n is None and pairs.sampling == mipo.TASKS["persona"].paper and pairs.negative == "incomplete"
+    pairs, loss, opt, hw, out = train.resolve_config(train.parse_args(["--device", "cpu", "--lr", "3e-6", "--max-new-tokens", "32"]))
+    assert pairs.n == train.PRESETS["cpu"]["n"] and opt.lr == 3e-6 and pairs.sampling.max_new_tokens == 32
+    assert str(out) == "runs/qwen-persona-incomplete-sigmoid"
+
+
 def test_learning_rate_schedule():
     cfg = train.OptimConfig(lr=1.0, warmup_ratio=0.1, min_lr_ratio=0.1)
     lrs = [train.learning_rate(s, 20, cfg) for s in range(20)]
