@@ -66,6 +66,7 @@ METRICS = [
     ("user_mean_exact", "movielens baseline: the user's mean shown rating, rounded, equals the real rating"),
     ("user_mean_abs_error", "movielens baseline: |user's mean shown rating - real rating| (lower is better)"),
     ("parsed", "an answer could be read from the response"),
+    ("stopped", "the response ended by itself within --max-new-tokens (a degenerate loop never does)"),
     ("pmi", "pointwise MI meter: log p(y|x) - log p(y|x') of the model's own response, nats (the MIPO paper)"),
 ]
 METRIC_KEYS = [key for key, _ in METRICS]
@@ -238,7 +239,8 @@ def evaluate(model, tokenizer, task: Task, examples: list[mipo.Example], samplin
     check_fits(model, prompts, sampling.max_new_tokens, f"{task.name} prompts")
     items = []
     for ex, (response, stopped) in zip(examples, generate_texts(model, tokenizer, prompts, sampling, seed, batch_size, progress)):
-        items.append({"id": ex.id, "response": response, "stopped": stopped, "metrics": score_item(task, ex, response)})
+        items.append({"id": ex.id, "response": response, "stopped": stopped,
+                      "metrics": {**score_item(task, ex, response), "stopped": float(stopped)}})
     if mi and (task.negative != "random" or len(examples) >= 2):  # a random x' needs another item
         for item, value in zip(items, item_pmi(model, tokenizer, task, examples, items, batch_size)):
             item["metrics"]["pmi"] = value
@@ -349,6 +351,8 @@ def load_results(eval_dir: Path, task: Task, settings: dict, ids: list[str]) -> 
         return None  # a damaged cache is evaluated again, not trusted
     if summary.get("settings") != settings or [item.get("id") for item in items] != ids:
         return None
+    for item in items:  # results written before `stopped` was a metric
+        item["metrics"].setdefault("stopped", float(item["stopped"]))
     return items
 
 

@@ -241,6 +241,7 @@ def test_pmi_meter_equals_a_full_forward_pass(tmp_path):
     examples = mipo.load_examples(task, "eval", path=write_user_file(tmp_path / "users.jsonl"))
     items = evaluation.evaluate(model, tokenizer, task, examples, mipo.Sampling(1.0, 1.0, 0, 6), seed=0, batch_size=3,
                                 progress=False)
+    assert [it["metrics"]["stopped"] for it in items] == [float(it["stopped"]) for it in items]
     negatives = evaluation.mi_negatives(task, examples)
     # x' of a prompt with a user context: the same request under another user's context (MIPO's random negative)
     assert [n.question for n in negatives] == [ex.question for ex in examples]
@@ -272,8 +273,8 @@ def test_compare_two_synthetic_runs_end_to_end(tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     table = out.splitlines()[1:]
     assert table[0].split() == ["metric", "base", "run_a", "diff", "[95%", "CI]", "run_b", "diff", "[95%", "CI]"]
-    assert [line.split()[0] for line in table[1:6]] == ["judge_score", "judge_win", "correct", "parsed", "pmi"]
-    assert table[6] == "judge replies without a score 1-5: base 8/8, run_a 8/8, run_b 8/8"  # a random judge
+    assert [line.split()[0] for line in table[1:7]] == ["judge_score", "judge_win", "correct", "parsed", "stopped", "pmi"]
+    assert table[7] == "judge replies without a score 1-5: base 8/8, run_a 8/8, run_b 8/8"  # a random judge
 
     for run in (run_a, run_b):
         items = [json.loads(line) for line in (run / "eval" / "jsonl.jsonl").read_text().splitlines()]
@@ -308,7 +309,7 @@ def test_compare_reads_a_real_train_py_run(tmp_path, monkeypatch, capsys):
     evaluation.main(["--compare", str(base), str(run), "--n", "4", "--max-new-tokens", "6", "--judge", "none"])
     table = capsys.readouterr().out.splitlines()[1:]
     assert table[0].split()[:3] == ["metric", "base", "tiny-jsonl-random-sigmoid"]  # task and data: from the run
-    assert [line.split()[0] for line in table[1:]] == ["correct", "parsed", "pmi"]
+    assert [line.split()[0] for line in table[1:]] == ["correct", "parsed", "stopped", "pmi"]
     for name in ("jsonl.jsonl", "jsonl.summary.json", "compare-jsonl.md", "compare-jsonl.png", "curves.png"):
         assert (run / "eval" / name).stat().st_size > 0, name
 
