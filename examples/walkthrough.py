@@ -215,7 +215,9 @@ def main(argv=None):
     heading("time")
     print("train.py: " + ", ".join(f"{stage} {seconds:.0f} s" for stage, seconds in timings.items())
           + f"; this script's own checks {t_extra:.0f} s; total {time.time() - t_start:.0f} s")
-    print(f"run directory: {out}   (inspect it, or: python eval.py --model {out} --n 4 --judge none --max-new-tokens 32)")
+    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    print(f"run directory: {out} ({size / 1e9:.1f} GB, mostly final/; delete it when done)")
+    print(f"next: python eval.py --model {out} --n 4 --judge none --max-new-tokens 32")
 
 
 if __name__ == "__main__":
