@@ -27,6 +27,7 @@ import json
 import math
 import os
 import random
+import shutil
 import signal
 import sys
 import time
@@ -40,6 +41,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import mipo
+import shard
 from dpo_loss import F_DIVERGENCES, LOSS_TYPES, check_options, preference_loss, preference_metrics, sequence_logps
 from model_loader import MipoError, load_model, save_model
 
@@ -99,6 +101,7 @@ class HardwareConfig:
     device: str = "cpu"
     dtype: str = "float32"  # compute dtype: bfloat16 = matmuls under autocast; weights and AdamW stay float32
     gradient_checkpointing: bool = False
+    shard: bool = False  # FSDP2 over the torchrun processes (shard.py)
     save_every: int = 25  # optimizer steps between checkpoints
 
 
@@ -357,16 +360,25 @@ def reference_logps(model, tokenizer, pairs, loss: LossConfig, opt: OptimConfig,
     m, per_rank = opt.micro_batch_size, opt.batch_size // world
     order = epoch_order(len(records), opt.seed, 0)
     batches = [[records[i] for i in order[k:k + m]] for k in range(0, len(order), m)]
-    mine = [b for k, b in enumerate(batches) if (k * m % opt.batch_size) // per_rank == rank]
+    mine = [b for k, b in enumerate(batches) if (k * m % opt.batch_size) // per_rank == rank] if not hw.shard else []
+    if hw.shard:  # training's own split (shard.shard_batch), weight-0 padding dropped: under FSDP every rank runs
+        G = opt.batch_size  # the same forwards, and only real pairs are written
+        for k in range(0, len(order), G):
+            share, weights = shard.shard_batch([records[i] for i in order[k:k + G]], rank, world)
+            mine += [(share[j:j + m], weights[j:j + m]) for j in range(0, len(share), m)]
     partial = out / f"reference.rank{rank}-of-{world}.partial.jsonl"
     done = {r["id"]: r for r in read_jsonl(partial)}
     model.eval()
     for k, batch in enumerate(tqdm(mine, desc="reference log-probs", unit="batch", disable=rank != 0)):
-        if all(r["id"] in done for r in batch):
+        batch, weights = batch if hw.shard else (batch, [1.0] * len(batch))
+        finished = all(r["id"] in done for r, w in zip(batch, weights) if w > 0)
+        if shard.every_rank(finished, hw.device) if hw.shard else finished:
             continue
         chosen_logps, rejected_logps = forward_logps(model, collate(batch, with_negative_prompt, hw.device), hw)  # as in training
         lines = []
-        for i, r in enumerate(batch):  # rows [:B] are under x (B more under x' for infonce / sami)
+        for i, (r, w) in enumerate(zip(batch, weights)):  # rows [:B] are under x (B more under x' for infonce / sami)
+            if w == 0:  # a padding copy (shard.shard_batch)
+                continue
             r = {**r, "ref_chosen_logps": chosen_logps[i].item(), "ref_rejected_logps": rejected_logps[i].item()}
             done[r["id"]] = r
             lines.append(json.dumps(r) + "\n")
@@ -404,6 +416,19 @@ def learning_rate(step: int, total_steps: int, cfg: OptimConfig) -> float:
 def epoch_order(n_pairs: int, seed: int, epoch: int) -> list[int]:
     # The data order depends only on (seed, epoch): a resumed run sees the pairs in the same order.
     return torch.randperm(n_pairs, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()
+
+
+def rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(state: dict):
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def save_checkpoint(path: Path, model, optimizer, step: int):
@@ -446,12 +471,18 @@ def train(model, records: list[dict], loss: LossConfig, opt: OptimConfig, hw: Ha
     # unit Adam step is far below bf16's resolution (8 bits of mantissa) and would round away.
     optimizer = torch.optim.AdamW(model.parameters(), lr=opt.lr, betas=opt.betas, weight_decay=opt.weight_decay,
                                   eps=1e-8, fused=torch.device(hw.device).type in ("cpu", "cuda"))
-    checkpoint_path, metrics_path = out / "checkpoint.pt", out / "metrics.jsonl"
-    start = load_checkpoint(checkpoint_path, model, optimizer) if checkpoint_path.exists() else 0
+    checkpoint_path, metrics_path = out / ("checkpoint" if hw.shard else "checkpoint.pt"), out / "metrics.jsonl"
+    if hw.shard:  # a directory of per-rank shards (torch.distributed.checkpoint)
+        extra = shard.load_sharded(checkpoint_path, model, optimizer)
+        start = extra["step"] if extra else 0
+        if extra:
+            set_rng_state(extra["rng"])
+    else:
+        start = load_checkpoint(checkpoint_path, model, optimizer) if checkpoint_path.exists() else 0
     saved = start  # the step of the last good checkpoint (0: none)
     if rank == 0:  # the metrics history of the run being resumed, without the steps that are done again
         write_atomically(metrics_path, "".join(json.dumps(x) + "\n" for x in read_jsonl(metrics_path) if x["step"] <= start))
-    ddp_model = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    ddp_model = torch.nn.parallel.DistributedDataParallel(model) if world > 1 and not hw.shard else model
     with tqdm(total=total_steps, initial=start, desc="DPO", unit="step", disable=rank != 0) as bar:
         for step in range(start, total_steps):
             t0 = time.time()
@@ -460,17 +491,25 @@ def train(model, records: list[dict], loss: LossConfig, opt: OptimConfig, hw: Ha
             lr = learning_rate(step, total_steps, opt)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            stats, n_tokens = accumulate_gradients(ddp_model, batch[rank * per_rank:(rank + 1) * per_rank], loss, opt, hw, world)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), opt.grad_clip).item()
-            stats = gather(stats, world, hw.device)  # (G, k): every pair of the global batch, on every rank
-            metrics = step_metrics(stats, step, lr, grad_norm, n_tokens * world, time.time() - t0, steps_per_epoch)
-            if not (math.isfinite(metrics["loss"]) and math.isfinite(grad_norm)):
+            if hw.shard:
+                mine, weights = shard.shard_batch(batch, rank, world)
+            else:
+                mine, weights = batch[rank * per_rank:(rank + 1) * per_rank], None
+            stats, n_tokens = accumulate_gradients(ddp_model, mine, loss, opt, hw, world, weights)
+            if hw.shard:
+                grad_norm = shard.clip_grad_norm(model, opt.grad_clip)
+            else:
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), opt.grad_clip).item()
+            stats = gather(stats, world, hw.device)[:G]  # (G, k): every pair of the global batch, on every rank
+            batch_loss = stats[:, STAT_COLUMNS.index("loss")].mean().item()
+            if not (math.isfinite(batch_loss) and math.isfinite(grad_norm)):
                 # Every rank sees the same gathered numbers, so every rank stops here, before the update.
                 last_good = f"{checkpoint_path} (step {saved})" if saved else "none yet"
-                raise MipoError(f"step {step + 1}: the loss is {metrics['loss']} and the gradient norm {grad_norm}; training "
+                raise MipoError(f"step {step + 1}: the loss is {batch_loss} and the gradient norm {grad_norm}; training "
                                 f"stopped before the update. Last good checkpoint: {last_good}. Lower --lr or check the pairs")
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            metrics = step_metrics(stats, step, lr, grad_norm, n_tokens * world, time.time() - t0, steps_per_epoch)
             if step == 0:
                 metrics.update(step0_check(stats))
             if rank == 0:
@@ -481,14 +520,17 @@ def train(model, records: list[dict], loss: LossConfig, opt: OptimConfig, hw: Ha
                 if step == 0:
                     bar.write(step0_message(metrics, loss))
             if (step + 1) % hw.save_every == 0 and step + 1 < total_steps:
-                if rank == 0:
+                if hw.shard:  # collective: every rank writes its shards
+                    shard.save_sharded(checkpoint_path, model, optimizer, {"step": step + 1, "rng": rng_state()})
+                elif rank == 0:
                     save_checkpoint(checkpoint_path, model, optimizer, step + 1)
                 saved = step + 1
                 barrier(world)
             crash_hook(crash_at, "train", step + 1)
 
 
-def accumulate_gradients(ddp_model, mine: list[dict], loss: LossConfig, opt: OptimConfig, hw: HardwareConfig, world: int):
+def accumulate_gradients(ddp_model, mine: list[dict], loss: LossConfig, opt: OptimConfig, hw: HardwareConfig, world: int,
+                         weights: list[float] | None = None):
     """Forward and backward over this process's share of the global batch, one micro-batch at a time.
     Returns the per-pair numbers to log, (share, k), and the tokens processed."""
     with_negative_prompt = loss.loss in ("infonce", "sami")
@@ -496,14 +538,17 @@ def accumulate_gradients(ddp_model, mine: list[dict], loss: LossConfig, opt: Opt
     for start in range(0, len(mine), m):
         micro = mine[start:start + m]
         # DDP all-reduces gradients in backward; only the last micro-batch of the step needs it.
-        sync = world == 1 or start + m >= len(mine)
+        sync = world == 1 or start + m >= len(mine) or hw.shard  # FSDP: reduce-scatter every micro-batch
         with contextlib.nullcontext() if sync else ddp_model.no_sync():
             batch = collate(micro, with_negative_prompt, hw.device)
             chosen_logps, rejected_logps = forward_logps(ddp_model, batch, hw)  # (R,) each
             losses, micro_stats = dpo_terms(chosen_logps, rejected_logps, micro, loss)  # (B,), (B, k)
             # Summed over the micro-batch, divided by the pairs of this process: the accumulated gradient is the
             # mean over the global batch however it is split (and DDP averages the processes' equal shares).
-            (losses.sum() / len(mine)).backward()
+            if weights is None:
+                (losses.sum() / len(mine)).backward()
+            else:  # shard.shard_batch's weights: world / G per real pair, 0 per padding copy
+                (losses * torch.tensor(weights[start:start + m], device=losses.device)).sum().backward()
         stats.append(micro_stats)
         n_tokens += batch["n_tokens"]
     return torch.cat(stats), n_tokens
@@ -515,6 +560,8 @@ STAT_COLUMNS = ("loss", "chosen_rewards", "rejected_rewards", "chosen_logps", "r
 
 
 def dpo_terms(chosen_logps, rejected_logps, micro: list[dict], loss: LossConfig):
+    """The policy's log-probs and the stored reference ones -> per-pair losses (DPO Eq. 7 for MIPO's sigmoid) and
+    the per-pair numbers to log."""
     B = len(micro)
     chosen, rejected = chosen_logps[:B], rejected_logps[:B]  # (B,) log pi(y+|x), log pi(y-|x)
     ref_chosen = torch.tensor([r["ref_chosen_logps"] for r in micro], device=chosen.device)  # (B,) float32
@@ -584,7 +631,8 @@ def step0_message(first: dict, loss: LossConfig) -> str:
 
 def save_final(model, tokenizer, out: Path) -> Path:
     final = save_model(model, tokenizer, out / "final")  # written under a temporary name, then renamed
-    (out / "checkpoint.pt").unlink(missing_ok=True)  # a full copy of the weights and 2x more for AdamW: done with
+    (out / "checkpoint.pt").unlink(missing_ok=True)
+    shutil.rmtree(out / "checkpoint", ignore_errors=True)  # --shard's  # a full copy of the weights and 2x more for AdamW: done with
     return final
 
 
@@ -685,6 +733,8 @@ def parse_args(argv=None):
                    "runs matmuls in bf16 under autocast, weights and AdamW stay float32 (default auto: bfloat16 on a "
                    "GPU or a CPU with bf16 instructions, else float32)")
     g.add_argument("--gradient-checkpointing", action="store_true", help="recompute each layer in backward: less memory, ~30%% more time")
+    g.add_argument("--shard", action="store_true", help="FSDP2: shard weights, gradients and AdamW states over the torchrun "
+                   "processes (bf16 compute over float32 master weights with --dtype bfloat16); docs/scaling.md")
     return parser.parse_args(argv)
 
 
@@ -724,7 +774,12 @@ def resolve_config(args):
                       batch_size=args.batch_size or preset["batch_size"],
                       micro_batch_size=args.micro_batch_size or preset["micro_batch_size"], seed=args.seed)
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if opt.batch_size % (world * opt.micro_batch_size):
+    if args.shard:  # shard.shard_batch: ceil(G / world) pairs per rank, padded with weight-0 copies
+        slots = math.ceil(opt.batch_size / world)
+        if slots % opt.micro_batch_size:
+            raise MipoError(f"--micro-batch-size {opt.micro_batch_size} must divide the {slots} pair(s) each of {world} "
+                            f"process(es) gets of --batch-size {opt.batch_size}")
+    elif opt.batch_size % (world * opt.micro_batch_size):
         raise MipoError(f"--batch-size {opt.batch_size} must be a multiple of --micro-batch-size {opt.micro_batch_size} "
                         f"x {world} process(es)")
     if loss.loss in BATCH_COUPLED_LOSSES and opt.micro_batch_size != opt.batch_size and rank_zero():
@@ -736,7 +791,7 @@ def resolve_config(args):
             dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
         else:
             dtype = "bfloat16" if cpu_has_fast_bf16() else "float32"
-    hw = HardwareConfig(device=device, dtype=dtype, gradient_checkpointing=args.gradient_checkpointing,
+    hw = HardwareConfig(device=device, dtype=dtype, gradient_checkpointing=args.gradient_checkpointing, shard=args.shard,
                         save_every=args.save_every or preset["save_every"])
     negative = pairs.negative
     out = Path(args.out or f"runs/{Path(args.model).name}-{args.task}-{negative}-{args.loss}")
@@ -796,6 +851,8 @@ def main(argv=None):
     final_dir = out / "final"
     if not final_dir.exists():
         model, tokenizer = load_model(pairs_cfg.model, hw.device, torch.float32)
+        if hw.shard:  # before the reference pass: it must run the very computation of training's step 0
+            shard.shard_model(model, param_dtype=torch.bfloat16 if hw.dtype == "bfloat16" else None)
         t = time.time()
         records = reference_logps(model, tokenizer, pairs, loss_cfg, opt_cfg, hw, out, rank, world, args._crash_at)
         timings["reference"] = time.time() - t
@@ -804,8 +861,9 @@ def main(argv=None):
         t = time.time()
         train(model, records, loss_cfg, opt_cfg, hw, out, rank, world, args._crash_at)
         timings["train"] = time.time() - t
+        final_model = shard.full_model_on_rank0(model) if hw.shard else model  # collective: every rank calls it
         if rank == 0:
-            save_final(model, tokenizer, out)
+            save_final(final_model, tokenizer, out)
         del model
         barrier(world)
     if world > 1:

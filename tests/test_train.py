@@ -228,6 +228,25 @@ def test_two_process_ddp_equals_one_process(assets, baseline, tmp_path):
     assert [m["step"] for m in history] == [1, 2, 3, 4] and history[0]["step0/max_abs_logp_diff"] == 0
 
 
+def test_two_process_fsdp_equals_one_process_and_resumes(assets, baseline, tmp_path):
+    """train.py --shard (FSDP2 over 2 gloo processes, shard.py) gives the single-process weights, and a sharded run
+    killed mid-training resumes from its distributed checkpoint to the same weights as an uninterrupted one."""
+    launcher = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2")
+    args = lambda out: args_for(assets, out, "--epochs", "2", "--save-every", "2", "--micro-batch-size", "2",
+                                "--pairs", str(baseline / "pairs.jsonl"), "--shard")
+    result = run_cli(args(tmp_path / "fsdp"), launcher=launcher)
+    assert result.returncode == 0, result.stderr[-3000:]
+    fsdp, single = final_weights(tmp_path / "fsdp"), final_weights(baseline)
+    for name in single:
+        torch.testing.assert_close(fsdp[name], single[name], rtol=0, atol=1e-5)
+    assert metrics(tmp_path / "fsdp")[0]["step0/max_abs_logp_diff"] == 0
+    killed = run_cli([*args(tmp_path / "resumed"), "--_crash-at", "train:3"], launcher=launcher)
+    assert killed.returncode != 0 and (tmp_path / "resumed" / "checkpoint").is_dir()
+    assert run_cli(args(tmp_path / "resumed"), launcher=launcher).returncode == 0
+    resumed = final_weights(tmp_path / "resumed")
+    assert all(torch.equal(resumed[k], fsdp[k]) for k in fsdp)
+
+
 # ---------------------------------------------------------------------------------------------------- bad input
 
 
