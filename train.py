@@ -43,7 +43,7 @@ from tqdm import tqdm
 import mipo
 import shard
 from dpo_loss import F_DIVERGENCES, LOSS_TYPES, check_options, preference_loss, preference_metrics, sequence_logps
-from model_loader import MipoError, load_model, save_model
+from model_loader import MipoError, ModelConfig, load_model, read_json, resolve_model_dir, save_model
 
 # ---------------------------------------------------------------------------------------------------------------
 # Settings: one dataclass per concern, then the presets. A flag left out takes the preset's value.
@@ -892,7 +892,8 @@ def main(argv=None):
 def print_plan(pairs_cfg: PairsConfig, loss_cfg: LossConfig, opt_cfg: OptimConfig, hw: HardwareConfig, out: Path, world: int):
     s = pairs_cfg.sampling
     source = pairs_cfg.pairs_file or f"{pairs_cfg.n or 'all'} {pairs_cfg.task} prompts"
-    steps = f"{pairs_cfg.n // opt_cfg.batch_size * opt_cfg.epochs} steps" if pairs_cfg.n else f"{opt_cfg.epochs} epoch(s)"
+    known_n = pairs_cfg.n and not pairs_cfg.pairs_file  # a given pairs file may hold fewer pairs than --n
+    steps = f"{pairs_cfg.n // opt_cfg.batch_size * opt_cfg.epochs} steps" if known_n else f"{opt_cfg.epochs} epoch(s)"
     print(f"MIPO run in {out}: {world} process(es) on {hw.device}, {hw.dtype} compute, float32 weights and AdamW\n"
           f"  1 pairs      {source} (+{pairs_cfg.n_eval} held out), --negative {pairs_cfg.negative}; {pairs_cfg.model} "
           f"samples at T={s.temperature}, top-p {s.top_p}, up to {s.max_new_tokens} new tokens\n"
@@ -901,6 +902,13 @@ def print_plan(pairs_cfg: PairsConfig, loss_cfg: LossConfig, opt_cfg: OptimConfi
           f"{opt_cfg.micro_batch_size}), AdamW lr {opt_cfg.lr:g} cosine to {opt_cfg.min_lr_ratio:g}x, checkpoint every "
           f"{hw.save_every} steps\n"
           f"  4 final      {out / 'final'}", flush=True)
+    # Whether stage 3 fits, before anything runs (shard.memory_plan: an estimate from config.json, about +-20%).
+    cfg = ModelConfig.from_dict(read_json(resolve_model_dir(pairs_cfg.model) / "config.json"))
+    strategy = "fsdp" if hw.shard else ("ddp" if world > 1 else "single")
+    plan = shard.memory_plan(cfg, world, strategy, hw.gradient_checkpointing, opt_cfg.micro_batch_size,
+                             response_tokens=s.max_new_tokens, param_bytes=2 if hw.dtype == "bfloat16" else 4)
+    gpu_bytes = torch.cuda.get_device_properties(0).total_memory if torch.device(hw.device).type == "cuda" else None
+    print(shard.format_memory_plan(plan, gpu_bytes), flush=True)
 
 
 def print_summary(summary: dict, loss_cfg: LossConfig):
