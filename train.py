@@ -631,8 +631,9 @@ def step0_message(first: dict, loss: LossConfig) -> str:
 
 def save_final(model, tokenizer, out: Path) -> Path:
     final = save_model(model, tokenizer, out / "final")  # written under a temporary name, then renamed
+    # The last checkpoint (a full copy of the weights and twice that for AdamW) is no longer needed.
     (out / "checkpoint.pt").unlink(missing_ok=True)
-    shutil.rmtree(out / "checkpoint", ignore_errors=True)  # --shard's  # a full copy of the weights and 2x more for AdamW: done with
+    shutil.rmtree(out / "checkpoint", ignore_errors=True)  # --shard's: a directory of per-rank shards
     return final
 
 
