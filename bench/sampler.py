@@ -112,11 +112,12 @@ def breakdown(model, prompts, new_tokens, top_p, total):
         for _ in range(4):
             model(step_ids, logits_index=-1)
         forward_1tok = (time.perf_counter() - start) / 4
-    big = torch.empty(256 * 2**20, dtype=torch.uint8)
+    big = torch.ones(64 * 2**20)  # 256 MB of float32, far larger than the caches: a sum reads it from memory
+    big.sum()
     start = time.perf_counter()
     for _ in range(5):
-        big.sum(dtype=torch.int32)
-    bandwidth = 5 * big.numel() / (time.perf_counter() - start)
+        big.sum()
+    bandwidth = 5 * big.numel() * 4 / (time.perf_counter() - start)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     return dict(prefill_s=prefill, sampling_ms_per_step=sampling_per_step * 1e3, decode_forward_ms=forward_1tok * 1e3,
                 weights_mb=weight_bytes / 2**20, read_bandwidth_gbs=bandwidth / 1e9,
