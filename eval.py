@@ -1,4 +1,5 @@
 """Evaluation: does a MIPO run beat its base instruct model on the paper's own measures, and by how much?
+It never trains or changes a model and does not reuse the training pairs: every response it scores is sampled here.
 
 The paper (Nam, Li, Jaques, arXiv 2603.19294) reports gains over the base instruct model: 3-40% on
 personalization, 1-18% on math and multiple choice. This file measures the same things the same way:

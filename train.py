@@ -1,6 +1,7 @@
 """MIPO training, the command a user runs (Nam, Li, Jaques 2026, section 3): the base model samples its own
 preference pairs, they are scored once under the frozen base model, then one epoch of DPO on them, and the
-result is saved as a Hugging Face model.
+result is saved as a Hugging Face model. It orders the stages and holds no method of its own: the pairs are
+mipo.py's, the loss dpo_loss.py's; beyond the held-out MI meter it measures nothing (the paper's tables are eval.py's).
 
     python train.py --model qwen                      # CPU preset: a small persona run, about 20 minutes
     python train.py --model qwen --preset paper       # the paper's settings, for a GPU
