@@ -925,7 +925,8 @@ def print_summary(summary: dict, loss_cfg: LossConfig):
               f"{before['pairs']} prompts: {before['pmi']:.3f} -> {after['pmi']:.3f} nats (on the base model's negatives "
               f"y ~ p(.|x'): {before['pmi_rejected']:.3f} -> {after['pmi_rejected']:.3f})")
         for metric, value in before["task"].items():
-            print(f"held-out {metric}: {value:.3f} -> {after['task'].get(metric, float('nan')):.3f}")
+            if not metric.startswith("met_"):  # persona's per-preference rates stay in summary.json
+                print(f"held-out {metric}: {value:.3f} -> {after['task'].get(metric, float('nan')):.3f}")
     print("time: " + ", ".join(f"{stage} {seconds:.0f} s" for stage, seconds in summary["timings_s"].items()))
 
 
