@@ -283,7 +283,8 @@ class CausalLM(nn.Module):
         The sampler passes: positions (B, T) per row (left padding shifts them), a boolean mask
         (B, 1, T, S) of which key slots each query may see, a KV cache (one (k, v) pair of
         (B, K, S_max, D) tensors per layer) with cache_pos (T,) the slots to write, and
-        logits_index to apply the output projection only to the positions that are sampled (-1).
+        logits_index (an int or a slice) to apply the output projection only to the positions that
+        are needed: -1 when sampling, slice(first, None) when scoring completions.
         """
         B, T = input_ids.shape
         if positions is None:
