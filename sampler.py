@@ -13,6 +13,7 @@ import torch
 from tqdm import tqdm
 
 DEFAULT_BATCH_SIZE = 32
+PREFILL_ROWS = 8  # rows per prefill forward: big enough for efficient matmuls, small enough to waste little padding
 
 
 @torch.no_grad()
@@ -62,7 +63,15 @@ def generate_batch(model, prompts, max_new_tokens, temperature, top_p, top_k, st
     # through the cached values (0 * NaN). Real queries never see pad keys.
     mask = (causal & slot_is_real[:, None, None, :P]) | torch.eye(P, dtype=torch.bool, device=device)  # (B, 1, P, P)
     kv_cache = model.new_kv_cache(B, S_max)
-    logits = model(input_ids, positions, mask, kv_cache, torch.arange(P, device=device), logits_index=-1)  # (B, V)
+    # Prefill PREFILL_ROWS rows at a time, each group cut to its own longest prompt (the rows are sorted longest
+    # first): a group skips the pad slots its rows all share. The cache rows are views, written in place.
+    logits = torch.empty(B, model.config.vocab_size, dtype=model.lm_head.weight.dtype, device=device)  # (B, V)
+    for r in range(0, B, PREFILL_ROWS):
+        rows = slice(r, r + PREFILL_ROWS)
+        first = int(n_pad[rows].min())  # slots before it are pads in every row of the group
+        group_cache = [(k[rows], v[rows]) for k, v in kv_cache]
+        logits[rows] = model(input_ids[rows, first:], positions[rows, first:], mask[rows, :, first:], group_cache,
+                             torch.arange(first, P, device=device), logits_index=-1)
 
     stop_ids = torch.tensor(sorted(set(stop_token_ids)), dtype=torch.long, device=device)
     tokens, logprobs = [[] for _ in range(B)], [[] for _ in range(B)]
@@ -104,7 +113,8 @@ def sample(logits, temperature, top_p, top_k, generator):
     """logits (B, V) float32 -> token ids (B,). temperature 0 is greedy."""
     if temperature == 0:
         return logits.argmax(dim=-1)
-    logits = logits / temperature
+    if temperature != 1.0:
+        logits = logits / temperature
     token_ids = None
     if top_k > 0 or top_p < 1.0:
         logits, token_ids = top_k_top_p(logits, top_k, top_p)  # (B, K) candidates, filtered ones at -inf
@@ -116,7 +126,7 @@ def sample(logits, temperature, top_p, top_k, generator):
     return choice[:, 0] if token_ids is None else token_ids.gather(-1, choice)[:, 0]
 
 
-NUCLEUS_CANDIDATES = 1024  # on a CPU, sorting 151,936 logits per row per step costs more than the forward
+NUCLEUS_BIN_WIDTH = 0.25  # nats: the histogram that bounds the nucleus size without sorting the vocabulary
 
 
 def top_k_top_p(logits, top_k, top_p):
@@ -124,20 +134,45 @@ def top_k_top_p(logits, top_k, top_p):
     reaches top_p; the top token always survives), in transformers' order. Returns the candidates'
     logits (B, K), sorted descending with filtered ones at -inf, and their token ids (B, K).
 
-    Without top-k, the nucleus is searched among the NUCLEUS_CANDIDATES most likely tokens and the
-    whole vocabulary is sorted only when those hold less than top_p of the mass, so the result is
-    exact either way. On a GPU the full sort is cheap and avoids a host sync, so it is always used.
+    Without top-k, sorting all V logits per row per step would cost more than the forward on a CPU
+    (transformers does that), so only the K most likely tokens are sorted, K being an upper bound on
+    the largest row's nucleus (nucleus_size_bound). The whole vocabulary is sorted only when float
+    rounding leaves those K short of top_p, so the result is exact either way. On a GPU the full sort
+    is cheap and avoids a host sync, so it is always used.
     """
     V = logits.shape[-1]
-    k = top_k if top_k > 0 else (V if logits.is_cuda else min(NUCLEUS_CANDIDATES, V))
-    values, token_ids = torch.topk(logits, min(k, V), dim=-1)  # (B, K) sorted descending
-    if top_p < 1.0:
-        # Mass under the distribution left by top-k; with no top-k, under the full softmax.
-        log_norm = (values if top_k > 0 else logits).logsumexp(dim=-1, keepdim=True)  # (B, 1)
-        probs = (values - log_norm).exp()
-        if top_k == 0 and k < V and bool((probs.sum(-1) < top_p).any()):
-            values, token_ids = torch.sort(logits, dim=-1, descending=True)  # the nucleus is wider: use all V
-            probs = (values - log_norm).exp()
-        mass_before = probs.cumsum(dim=-1) - probs  # mass of the strictly more likely tokens
-        values = values.masked_fill(mass_before >= top_p, float("-inf"))
-    return values, token_ids
+    if top_k > 0:
+        values, token_ids = torch.topk(logits, min(top_k, V), dim=-1)  # (B, K) sorted descending
+        if top_p < 1.0:  # the mass is renormalized over the distribution top-k leaves
+            probs = torch.softmax(values, dim=-1)
+            values = values.masked_fill(probs.cumsum(dim=-1) - probs >= top_p, float("-inf"))
+        return values, token_ids
+    row_max = logits.max(dim=-1, keepdim=True).values  # (B, 1)
+    gap = row_max - logits  # (B, V) nats below the row's most likely token
+    unnormalized = torch.exp(-gap)  # (B, V) p * total
+    total = unnormalized.sum(dim=-1, keepdim=True)  # (B, 1)
+    k = V if logits.is_cuda else nucleus_size_bound(gap, unnormalized, total, top_p)
+    values, token_ids = torch.topk(logits, k, dim=-1)  # (B, K) sorted descending
+    probs = torch.exp(values - row_max) / total
+    if k < V and bool((probs.sum(dim=-1) < top_p).any()):
+        values, token_ids = torch.sort(logits, dim=-1, descending=True)  # rounding: use all V
+        probs = torch.exp(values - row_max) / total
+    mass_before = probs.cumsum(dim=-1) - probs  # mass of the strictly more likely tokens
+    return values.masked_fill(mass_before >= top_p, float("-inf")), token_ids
+
+
+def nucleus_size_bound(gap, unnormalized, total, top_p):
+    """An upper bound on the nucleus size of every row, in a few linear passes over (B, V): gap are the
+    nats below the row's most likely token, unnormalized / total the probabilities.
+
+    Histogram each row's tokens by gap in bins of NUCLEUS_BIN_WIDTH nats. The tokens in bins 0..b, b
+    being the first bin where the cumulative mass reaches top_p, are the most likely tokens of the row
+    and hold at least top_p of its mass, so they contain the nucleus; one more bin is counted as a
+    margin for float rounding.
+    """
+    n_bins = 128
+    bins = (gap * (1 / NUCLEUS_BIN_WIDTH)).long().clamp_(max=n_bins - 1)  # (B, V) the last bin takes the tail
+    mass = gap.new_zeros(gap.shape[0], n_bins).scatter_add_(1, bins, unnormalized)  # (B, n_bins)
+    first = (mass.cumsum(dim=-1) < top_p * total).sum(dim=-1, keepdim=True)  # (B, 1) the bin reaching top_p
+    upto = (first + 1).clamp(max=n_bins - 1)
+    return int((bins <= upto).sum(dim=-1).max())

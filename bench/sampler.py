@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from model_loader import load_model, resolve_model_dir  # noqa: E402
+from model_loader import ModelConfig, Tokenizer, load_model, read_json, resolve_model_dir  # noqa: E402
 from sampler import generate, sample  # noqa: E402
 
 QUESTIONS = [
@@ -50,14 +50,14 @@ def chat_prompts(n):
 
 def run_one(engine, model_name, dtype_name, batch, new_tokens, top_p, seed):
     dtype = getattr(torch, dtype_name)
-    model, tok = load_model(model_name, dtype=dtype)
+    model_dir = resolve_model_dir(model_name)
+    tok = Tokenizer(model_dir, ModelConfig.from_dict(read_json(model_dir / "config.json")))
     prompts = [tok.apply_chat_template(m) for m in chat_prompts(batch)]
     stops = tok.stop_token_ids
-    if engine == "transformers":
+    if engine == "transformers":  # only its own model in this process, so the peak memory is its own
         import transformers
 
-        del model
-        hf = transformers.AutoModelForCausalLM.from_pretrained(resolve_model_dir(model_name), dtype=dtype).eval()
+        hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
         width = max(len(p) for p in prompts)
         input_ids = torch.tensor([[tok.pad_token_id] * (width - len(p)) + p for p in prompts])
         attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
@@ -74,6 +74,8 @@ def run_one(engine, model_name, dtype_name, batch, new_tokens, top_p, seed):
                 completions.append(row[:cut])
             return completions
     else:
+        model, _ = load_model(model_name, dtype=dtype)
+
         def run(n_new):
             return generate(model, prompts, n_new, temperature=1.0, top_p=top_p, stop_token_ids=stops, seed=seed,
                             batch_size=batch, progress=False)

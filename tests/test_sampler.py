@@ -25,11 +25,14 @@ def greedy_full_recompute(model, prompt, max_new_tokens, stop_ids=()):
 
 @pytest.mark.parametrize("model_type", ["llama", "qwen2", "qwen3"])
 @pytest.mark.parametrize("static", [False, True])
-def test_greedy_ragged_batch_equals_each_row_alone_without_cache(model_type, static):
+@pytest.mark.parametrize("prefill_rows", [1, 2, 8])
+def test_greedy_ragged_batch_equals_each_row_alone_without_cache(model_type, static, prefill_rows, monkeypatch):
+    """Whatever groups of rows the prefill runs in (each cut to its own longest prompt)."""
+    monkeypatch.setattr(sampler, "PREFILL_ROWS", prefill_rows)
     model = make_tiny_model(model_type)
     with torch.no_grad():
         expected = [greedy_full_recompute(model, p, 12) for p in PROMPTS]
-    got = generate(model, PROMPTS, 12, temperature=0, batch_size=3, progress=False, static=static)
+    got = generate(model, PROMPTS, 12, temperature=0, batch_size=5, progress=False, static=static)
     assert got == expected
 
 
@@ -90,11 +93,33 @@ def test_top_p_after_top_k_renormalizes_within_the_k():
     assert kept_tokens(logits, 2, 0.7) == [1, 2]
 
 
-def test_nucleus_wider_than_the_candidates_falls_back_to_the_full_sort(monkeypatch):
+def full_sort_nucleus(logits, top_p):
+    """The textbook nucleus: sort the whole vocabulary, keep while the mass before is below top_p
+    (the same float arithmetic as top_k_top_p, so rounding at the boundary is the same too)."""
+    values, ids = logits.sort(dim=-1, descending=True)
+    row_max = values[:, :1]
+    probs = torch.exp(values - row_max) / torch.exp(logits - row_max).sum(-1, keepdim=True)
+    return [sorted(i[(p.cumsum(-1) - p) < top_p].tolist()) for p, i in zip(probs, ids)]
+
+
+@pytest.mark.parametrize("scale", [0.1, 1.0, 3.0, 10.0])
+def test_nucleus_equals_the_full_sort_on_realistic_vocabularies(scale):
+    """Flat to peaked rows over a 49,152-token vocabulary: the histogram bound holds every row's
+    nucleus, and the kept sets equal the full-sort reference."""
+    logits = torch.randn(8, 49152, generator=torch.Generator().manual_seed(0)) * scale
+    gap = logits.max(-1, keepdim=True).values - logits
+    for top_p in (0.5, 0.9, 0.99):
+        reference = full_sort_nucleus(logits, top_p)
+        bound = sampler.nucleus_size_bound(gap, torch.exp(-gap), torch.exp(-gap).sum(-1, keepdim=True), top_p)
+        assert max(len(r) for r in reference) <= bound <= 49152
+        values, ids = top_k_top_p(logits, 0, top_p)
+        assert [sorted(i[torch.isfinite(v)].tolist()) for v, i in zip(values, ids)] == reference
+
+
+def test_nucleus_wider_than_the_bound_falls_back_to_the_full_sort(monkeypatch):
     logits = torch.zeros(1, 50)  # uniform: the nucleus of 0.9 holds 45 tokens
-    monkeypatch.setattr(sampler, "NUCLEUS_CANDIDATES", 8)
     assert len(kept_tokens(logits, 0, 0.9)) == 45
-    monkeypatch.setattr(sampler, "NUCLEUS_CANDIDATES", 1024)
+    monkeypatch.setattr(sampler, "nucleus_size_bound", lambda *args: 8)  # a bound rounding broke
     assert len(kept_tokens(logits, 0, 0.9)) == 45
 
 
