@@ -192,6 +192,19 @@ def apply_rope(x, cos, sin):
     return (x.float() * cos + rotated.float() * sin).to(x.dtype)
 
 
+def decode_attention(q, k, v, mask):
+    """Attention of one query per row (a decode step): q (B, H, 1, D), k and v (B, K, S, D), mask
+    broadcastable to (B, 1, 1, S). Computed as transformers' eager attention does (scores in the model
+    dtype, softmax in float32), with the H/K query heads of each key/value head grouped by a view
+    instead of repeating the keys. On a CPU this is several times faster in bfloat16 than the fused
+    SDPA kernel, whose tiling is made for long queries."""
+    B, H, _, D = q.shape
+    K = k.shape[1]
+    scores = (q.view(B, K, H // K, D) @ k.transpose(-1, -2)) * D**-0.5  # (B, K, H/K, S)
+    weights = scores.float().masked_fill(~mask, float("-inf")).softmax(dim=-1).to(v.dtype)
+    return (weights @ v).view(B, H, 1, D)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -224,7 +237,10 @@ class Attention(nn.Module):
             S = mask.shape[-1]
             k, v = k_cache[:, :, :S], v_cache[:, :, :S]  # (B, K, S, D)
         # Grouped-query attention: each of the K key/value heads serves H/K query heads (any ratio, e.g. 7).
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_heads != self.n_kv_heads)
+        if T == 1:
+            y = decode_attention(q, k, v, mask)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_heads != self.n_kv_heads)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, H*D)
         return self.o_proj(y)
 
@@ -354,17 +370,22 @@ def load_weights(model: CausalLM, model_dir: Path, device, dtype) -> None:
     for path in weight_files(model_dir):
         try:
             with safe_open(path, framework="pt", device="cpu") as f:
-                for key in f.keys():
-                    if key.endswith("rotary_emb.inv_freq") or (key == "lm_head.weight" and model.config.tie_word_embeddings):
-                        continue  # recomputed from the config / tied: some checkpoints carry them anyway
-                    if key not in expected:
-                        raise MipoError(f"{path}: unexpected tensor {key!r} for a {model.config.model_type} model")
+                keys = list(f.keys())
+            for key in keys:
+                if key.endswith("rotary_emb.inv_freq") or (key == "lm_head.weight" and model.config.tie_word_embeddings):
+                    continue  # recomputed from the config / tied: some checkpoints carry them anyway
+                if key not in expected:
+                    raise MipoError(f"{path}: unexpected tensor {key!r} for a {model.config.model_type} model")
+                # The file is memory-mapped, and the pages read stay in this process's resident memory until it is
+                # closed: opened once per tensor, loading peaks at the model's size, not twice it.
+                with safe_open(path, framework="pt", device="cpu") as f:
                     tensor = f.get_tensor(key)
-                    if tensor.shape != expected[key].shape:
-                        raise MipoError(f"{path}: tensor {key!r} has shape {tuple(tensor.shape)}, config.json implies {tuple(expected[key].shape)}")
-                    with torch.no_grad():
-                        expected[key].copy_(tensor.to(dtype))
-                    loaded.add(key)
+                if tensor.shape != expected[key].shape:
+                    raise MipoError(f"{path}: tensor {key!r} has shape {tuple(tensor.shape)}, config.json implies {tuple(expected[key].shape)}")
+                with torch.no_grad():
+                    expected[key].copy_(tensor.to(dtype))
+                del tensor
+                loaded.add(key)
         except MipoError:
             raise
         except FileNotFoundError:
