@@ -608,11 +608,15 @@ def read_pairs(path, repair: bool = False) -> list[dict]:
 
 
 def build_pairs(model, tokenizer, task: Task, examples: list[Example], out_path, negative: str, sampling: Sampling,
-                seed: int = 0, batch_size: int = 8, model_name: str = "", progress: bool = True) -> list[dict]:
+                seed: int = 0, batch_size: int = 8, model_name: str = "", progress: bool = True,
+                shard: tuple[int, int] = (0, 1)) -> list[dict]:
     """Sample one positive (from x) and one negative (from x') per example and append the pairs to
     out_path. Resumable: pairs already in the file are kept and not sampled again. The pairing and the
     batches depend on the seed and the examples only, so an interrupted run, started again with the
-    same command, writes what an uninterrupted run would have. Returns every pair in the file."""
+    same command, writes what an uninterrupted run would have. Returns every pair in the file.
+
+    shard=(rank, world): sample only every world-th batch, from the rank-th (each batch has its own
+    seed), so world processes together write exactly the pairs one process writes."""
     out_path = Path(out_path)
     settings = {**asdict(sampling), "seed": seed, "model": model_name}
     if len({ex.id for ex in examples}) != len(examples):
@@ -653,7 +657,8 @@ def build_pairs(model, tokenizer, task: Task, examples: list[Example], out_path,
                                 f"{record['sampling']}); pass another --out or delete the file")
             done.add(record["id"])
         stop_ids = set(tokenizer.stop_token_ids)
-        todo = [start for start in range(0, len(examples), batch_size)
+        rank, world = shard
+        todo = [start for start in range(rank * batch_size, len(examples), world * batch_size)
                 if any(ex.id not in done for ex in examples[start:start + batch_size])]
         for b, start in enumerate(todo):
             batch = range(start, min(start + batch_size, len(examples)))

@@ -36,6 +36,7 @@ def run_ours(args, pairs) -> dict:
     import train
     from model_loader import load_model
 
+    train.return_freed_memory_to_the_os()  # as train.main does
     model, tokenizer = load_model(args.model, "cpu", torch.float32)
     loss = train.LossConfig(loss="sigmoid", beta=0.1)
     opt = train.OptimConfig(lr=args.lr, batch_size=args.batch_size, micro_batch_size=args.batch_size)
@@ -112,6 +113,8 @@ def main():
     parser.add_argument("--lr", type=float, default=1e-5, help="learning rate (default 1e-5)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="bfloat16", help="compute dtype (default bfloat16)")
     parser.add_argument("--gradient-checkpointing", action="store_true", help="on for both systems (TRL's own default is on)")
+    parser.add_argument("--trl-malloc-like-ours", action="store_true", help="give TRL's processes the glibc setting "
+                        "train.py makes (MALLOC_MMAP_THRESHOLD_=1 MiB), to separate it from the rest of the memory gap")
     parser.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma-separated subset of {', '.join(SYSTEMS)}")
     parser.add_argument("--system", default=None, help=argparse.SUPPRESS)  # internal: run one system in this process
     args = parser.parse_args()
@@ -123,7 +126,10 @@ def main():
         cmd = [sys.executable, __file__, "--system", system, "--model", args.model, "--pairs", args.pairs, "--n", str(args.n),
                "--batch-size", str(args.batch_size), "--lr", str(args.lr), "--dtype", args.dtype]
         cmd += ["--gradient-checkpointing"] if args.gradient_checkpointing else []
-        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env={**os.environ, "TQDM_DISABLE": "1"})
+        env = {**os.environ, "TQDM_DISABLE": "1"}
+        if args.trl_malloc_like_ours and system != "ours":  # glibc reads it at start: train.return_freed_memory_to_the_os
+            env["MALLOC_MMAP_THRESHOLD_"] = str(1 << 20)
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env)
         line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
         if proc.returncode != 0 or line is None:
             sys.exit(f"{system} failed:\n{proc.stderr[-3000:]}")
