@@ -58,7 +58,7 @@ EXP_CAP = 80.0  # exp() argument cap in the f-divergences: e^80 is still finite 
 # Per-sequence log-probabilities
 
 
-def sequence_logps(logits, input_ids, completion_mask, chunk_tokens=1024):
+def sequence_logps(logits, input_ids, completion_mask, chunk_tokens=256):
     """Summed log pi(completion | prompt) per row, and the number of completion tokens.
 
     logits (B, T, V) from the model on input_ids (B, T); completion_mask (B, T) marks the completion tokens
@@ -82,7 +82,8 @@ def sequence_logps(logits, input_ids, completion_mask, chunk_tokens=1024):
     logp_sum = torch.zeros(B, dtype=torch.float32, device=logits.device)
     # Chunk over positions so the float32 copy is (B, C, V), never (B, T, V): at Qwen's V = 151,936 the full
     # copy of a (8, 1024) batch is 5 GB. With grad, checkpointing makes backward recompute a chunk's float32
-    # copy instead of keeping every chunk's alive until then.
+    # copy instead of keeping every chunk's alive until then. 256 positions: on SmolLM2-135M with gradient
+    # checkpointing the peak of a DPO step falls 0.3 GiB from 1024, and the step is no slower.
     C = max(1, chunk_tokens // B)
     for start in range(0, T - 1, C):
         end = min(start + C, T - 1)  # the last position predicts nothing

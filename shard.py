@@ -274,7 +274,7 @@ def activation_bytes_per_token(cfg: ModelConfig, act_bytes: int) -> int:
 
 def memory_plan(cfg: ModelConfig, world_size: int = 1, strategy: str = "fsdp", gradient_checkpointing: bool = False,
                 micro_batch_pairs: int = 1, prompt_tokens: int = 512, response_tokens: int = 512,
-                param_bytes: int = 2, master_bytes: int = 4, logits_chunk_tokens: int = 1024) -> dict:
+                param_bytes: int = 2, master_bytes: int = 4, logits_chunk_tokens: int = 256) -> dict:
     """Peak bytes per rank of one training step, by what holds them. An estimate to about +-20%: it leaves out
     the CUDA context and allocator slack (1-3 GB), and counts everything as alive at once.
 
