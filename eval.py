@@ -36,7 +36,7 @@ import torch
 import mipo
 import sampler
 from mipo import Sampling, Task, get_task, load_examples, prompt_messages
-from model_loader import MipoError
+from model_loader import MipoError, cpu_has_fast_bf16
 
 # The layout of a train.py run directory: the one place eval.py knows it.
 RUN_FINAL = "final"  # the trained policy, a Hugging Face model directory
@@ -635,7 +635,7 @@ def parse_args(argv=None):
     sampling.add_argument("--batch-size", type=int, default=16, help="prompts per generate call and rows per MI forward")
     device = parser.add_argument_group("device")
     device.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device (default cuda if available)")
-    device.add_argument("--dtype", choices=("float32", "bfloat16"), default=None, help="default float32 on a CPU, bfloat16 on a GPU")
+    device.add_argument("--dtype", choices=("float32", "bfloat16"), default=None, help="default bfloat16 on a GPU or a CPU with AVX-512 BF16 / AMX, else float32")
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     return args
@@ -665,7 +665,8 @@ def main(argv=None) -> None:
     sampling = replace(base, **{k: v for k, v in overrides.items() if v is not None})
     if sampling.temperature < 0 or not 0 < sampling.top_p <= 1 or sampling.top_k < 0 or sampling.max_new_tokens < 1:
         raise MipoError(f"sampling settings {asdict(sampling)}: need --temperature >= 0, 0 < --top-p <= 1, --top-k >= 0, --max-new-tokens >= 1")
-    args.torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype or ("bfloat16" if on_gpu else "float32")]
+    fast_bf16 = on_gpu or cpu_has_fast_bf16()  # as train.py: bf16 where the hardware multiplies it natively
+    args.torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype or ("bfloat16" if fast_bf16 else "float32")]
     settings = {"task": task.name, "data": str(data) if data else None, "n": len(examples), "sampling": asdict(sampling),
                 "seed": args.seed, "mi": not args.no_mi, "dtype": str(args.torch_dtype).removeprefix("torch.")}
     if args.model is not None and args.out:

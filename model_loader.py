@@ -397,6 +397,15 @@ def load_weights(model: CausalLM, model_dir: Path, device, dtype) -> None:
         raise MipoError(f"{model_dir}: checkpoint lacks {len(missing)} tensor(s), e.g. {missing[0]!r}")
 
 
+def cpu_has_fast_bf16() -> bool:
+    # bf16 matmuls beat float32 only with native instructions (AVX-512 BF16 or AMX); elsewhere they are emulated.
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
 def load_model(name_or_path, device="cpu", dtype=torch.float32):
     """A bundled model name (`qwen`, `llama`, `smollm2`) or a local HF directory -> (model, tokenizer)."""
     model_dir = resolve_model_dir(name_or_path)

@@ -45,7 +45,7 @@ from tqdm import tqdm
 import mipo
 import shard
 from dpo_loss import F_DIVERGENCES, LOSS_TYPES, check_options, preference_loss, preference_metrics, sequence_logps
-from model_loader import MipoError, ModelConfig, load_model, read_json, resolve_model_dir, save_model
+from model_loader import MipoError, ModelConfig, cpu_has_fast_bf16, load_model, read_json, resolve_model_dir, save_model
 
 # ---------------------------------------------------------------------------------------------------------------
 # Settings: one dataclass per concern, then the presets. A flag left out takes the preset's value.
@@ -828,15 +828,6 @@ def fit_to_gpu(model: str, response_tokens: int, opt: OptimConfig, hw: HardwareC
                                  param_bytes=2 if hw.dtype == "bfloat16" else 4)
     return (replace(opt, micro_batch_size=layout["micro_batch_pairs"]),
             replace(hw, gradient_checkpointing=layout["gradient_checkpointing"]))
-
-
-def cpu_has_fast_bf16() -> bool:
-    # bf16 matmuls beat float32 only with native instructions (AVX-512 BF16 or AMX); elsewhere they are emulated.
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return " avx512_bf16" in flags or " amx_bf16" in flags
 
 
 def rank_zero() -> bool:
