@@ -36,7 +36,6 @@ def run_ours(args, pairs) -> dict:
     import train
     from model_loader import load_model
 
-    train.return_freed_memory_to_the_os()  # as train.main does
     model, tokenizer = load_model(args.model, "cpu", torch.float32)
     loss = train.LossConfig(loss="sigmoid", beta=0.1)
     opt = train.OptimConfig(lr=args.lr, batch_size=args.batch_size, micro_batch_size=args.batch_size)
