@@ -171,7 +171,7 @@ def nucleus_size_bound(gap, unnormalized, total, top_p):
     margin for float rounding.
     """
     n_bins = 128
-    bins = (gap * (1 / NUCLEUS_BIN_WIDTH)).long().clamp_(max=n_bins - 1)  # (B, V) the last bin takes the tail
+    bins = (gap * (1 / NUCLEUS_BIN_WIDTH)).clamp_(max=n_bins - 1).long()  # (B, V) the last bin takes the tail (and -inf)
     mass = gap.new_zeros(gap.shape[0], n_bins).scatter_add_(1, bins, unnormalized)  # (B, n_bins)
     first = (mass.cumsum(dim=-1) < top_p * total).sum(dim=-1, keepdim=True)  # (B, 1) the bin reaching top_p
     upto = (first + 1).clamp(max=n_bins - 1)

@@ -116,6 +116,12 @@ def test_nucleus_equals_the_full_sort_on_realistic_vocabularies(scale):
         assert [sorted(i[torch.isfinite(v)].tolist()) for v, i in zip(values, ids)] == reference
 
 
+def test_nucleus_with_banned_tokens_at_minus_infinity():
+    logits = torch.tensor([[0.05, 0.5, 0.3, 0.15, 0.0]]).log()  # the last token has probability 0
+    assert kept_tokens(logits, 0, 0.9) == [1, 2, 3]
+    assert kept_tokens(logits, 0, 0.999) == [0, 1, 2, 3]
+
+
 def test_nucleus_wider_than_the_bound_falls_back_to_the_full_sort(monkeypatch):
     logits = torch.zeros(1, 50)  # uniform: the nucleus of 0.9 holds 45 tokens
     assert len(kept_tokens(logits, 0, 0.9)) == 45
