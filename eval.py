@@ -229,7 +229,7 @@ def item_pmi(model, tokenizer, task: Task, examples: list[mipo.Example], items: 
     for ex, negative, item in zip(examples, mi_negatives(task, examples), items):
         for messages in (prompt_messages(task, ex), prompt_messages(task, negative)):
             rows.append(mipo.encode_turn(tokenizer, messages, item["response"], item["stopped"]))
-    logps = mipo.response_logps(model, rows, batch_size).view(len(items), 2)  # (items, x | x')
+    logps = mipo.response_logps(model, rows, batch_size, progress=True).view(len(items), 2)  # (items, x | x')
     return (logps[:, 0] - logps[:, 1]).tolist()
 
 

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from tqdm import tqdm
 
 import sampler
 from dpo_loss import sequence_logps
@@ -712,13 +713,13 @@ def encode_turn(tokenizer, messages: list[dict], response: str, stopped: bool) -
 
 
 @torch.no_grad()
-def response_logps(model, rows: list[tuple[list[int], list[int]]], batch_size: int = 8) -> torch.Tensor:
+def response_logps(model, rows: list[tuple[list[int], list[int]]], batch_size: int = 8, progress: bool = False) -> torch.Tensor:
     """Summed log p(response | prompt) of each (prompt ids, response ids) row, float32, shape (N,).
     Shapes: B rows in a batch, T tokens, V vocabulary."""
     device = model.lm_head.weight.device
     out = torch.zeros(len(rows))  # an empty response (no token at all) has log-prob 0 under any prompt
     scored = [i for i, (_, r) in enumerate(rows) if r]
-    for start in range(0, len(scored), batch_size):
+    for start in tqdm(range(0, len(scored), batch_size), desc="log-probs", unit="batch", disable=not progress, leave=False):
         batch = scored[start:start + batch_size]
         T = max(len(rows[i][0]) + len(rows[i][1]) for i in batch)
         # Right padding: real tokens never attend to the pads after them, so a plain causal forward is exact.
