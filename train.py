@@ -159,10 +159,11 @@ def autocast(cfg: HardwareConfig):
 def return_freed_memory_to_the_os():
     """Each time a block above glibc's mmap threshold is freed, glibc raises the threshold (up to 32 MiB), so later
     tensors of that size come from its heap, and freed heap memory stays resident: a CPU run's resident memory
-    then holds activation buffers long freed and creeps up step by step. A fixed 1 MiB threshold (M_MMAP_THRESHOLD) gives
-    every large tensor its own mapping, returned to the OS when the tensor is freed. Measured: peak 3.15 -> 2.90
-    GiB on SmolLM2-135M with gradient checkpointing, and no creep. Set when DPO starts: sampling, which allocates
-    large short-lived tensors every step, runs 1.7x slower with it (page faults). Elsewhere than glibc it does nothing."""
+    then holds activation buffers long freed and creeps up step by step. A fixed 1 MiB threshold
+    (M_MMAP_THRESHOLD) gives every large tensor its own mapping, returned to the OS when the tensor is freed.
+    Measured: peak 3.15 -> 2.90 GiB on SmolLM2-135M with gradient checkpointing, and no creep. Set when DPO
+    starts: sampling, which allocates large short-lived tensors every step, runs 1.7x slower with it (page
+    faults). Elsewhere than glibc it does nothing."""
     try:
         ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # -3: M_MMAP_THRESHOLD
     except (OSError, AttributeError):
