@@ -18,14 +18,16 @@ PREFILL_ROWS = 8  # rows per prefill forward: big enough for efficient matmuls, 
 
 @torch.no_grad()
 def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0, stop_token_ids=(), seed=0,
-             batch_size=None, return_logprobs=False, progress=True, static=False):
+             batch_size=None, return_logprobs=False, progress=True, static=False, compile=False):
     """prompts: list of token-id lists. temperature=0 is greedy. Returns, in the input order, each
     completion's tokens (the stop token included when one was emitted), or with return_logprobs
     (tokens, logprobs) pairs, logprobs being the model's log p(token) at temperature 1, unfiltered.
 
     static=True keeps every shape fixed during decoding (attention over the whole preallocated cache,
     finished rows kept in the batch), which is what torch.compile(mode="reduce-overhead") / CUDA graphs
-    need; the default drops finished rows, which is faster in eager mode on a CPU.
+    need; the default drops finished rows, which is faster in eager mode on a CPU. compile=True (implies
+    static) runs the decode step through torch.compile, with CUDA graphs on a GPU (mode="reduce-overhead");
+    the first batch of each shape pays the compilation.
     """
     if temperature < 0 or not 0 < top_p <= 1 or top_k < 0 or max_new_tokens < 1:
         raise ValueError(f"need temperature >= 0, 0 < top_p <= 1, top_k >= 0, max_new_tokens >= 1; got "
@@ -41,7 +43,7 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0
         for start in range(0, len(order), batch_size):
             rows = order[start:start + batch_size]
             out = generate_batch(model, [prompts[i] for i in rows], max_new_tokens, temperature, top_p, top_k,
-                                 stop_token_ids, generator, static, return_logprobs)
+                                 stop_token_ids, generator, static or compile, return_logprobs, compile)
             for i, completion in zip(rows, out):
                 results[i] = completion if return_logprobs else completion[0]
             bar.update(len(rows))
@@ -49,7 +51,7 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0
 
 
 def generate_batch(model, prompts, max_new_tokens, temperature, top_p, top_k, stop_token_ids, generator, static,
-                   return_logprobs):
+                   return_logprobs, compile=False):
     device = model.lm_head.weight.device
     B, P = len(prompts), max(len(p) for p in prompts)
     S_max = P + max_new_tokens
@@ -73,6 +75,12 @@ def generate_batch(model, prompts, max_new_tokens, temperature, top_p, top_k, st
         logits[rows] = model(input_ids[rows, first:], positions[rows, first:], mask[rows, :, first:], group_cache,
                              torch.arange(first, P, device=device), logits_index=-1)
 
+    decode = model
+    if compile:
+        decode = compiled_forward(model)
+        for cache_tensor in (t for kv in kv_cache for t in kv):  # written in place by every step: CUDA graphs
+            torch._dynamo.mark_static_address(cache_tensor)  # need it at a fixed address (re-recorded per batch)
+    slots = torch.arange(S_max, device=device)
     stop_ids = torch.tensor(sorted(set(stop_token_ids)), dtype=torch.long, device=device)
     tokens, logprobs = [[] for _ in range(B)], [[] for _ in range(B)]
     live = torch.arange(B, device=device)  # original row of each row still in the batch
@@ -102,11 +110,23 @@ def generate_batch(model, prompts, max_new_tokens, temperature, top_p, top_k, st
             slot_is_real, done = slot_is_real[keep], done[keep]
         slot = P + step
         width = S_max if static else slot + 1  # static: attend over the whole cache; unwritten slots masked
-        key_mask = slot_is_real[:, None, None, :width] & (torch.arange(width, device=device) <= slot)  # (B, 1, 1, S)
-        logits = model(next_token[:, None], next_position[:, None], key_mask, kv_cache,
-                       torch.tensor([slot], device=device), logits_index=-1)  # (B, V)
+        key_mask = slot_is_real[:, None, None, :width] & (slots[:width] <= slot)  # (B, 1, 1, S)
+        if compile and device.type == "cuda":
+            torch.compiler.cudagraph_mark_step_begin()  # the last step's logits are consumed: its buffers may be reused
+        logits = decode(next_token[:, None], next_position[:, None], key_mask, kv_cache, slots[slot:slot + 1],
+                        logits_index=-1)  # (B, V)
         next_position = next_position + 1
     return list(zip(tokens, logprobs))
+
+
+def compiled_forward(model):
+    """The model's forward through torch.compile, built once per model. fullgraph: a graph break in the decode
+    step would be a bug. Shapes are static within a batch; a batch of another shape recompiles once with
+    dynamic shapes, which then serve every later shape."""
+    if getattr(model, "compiled_forward", None) is None:
+        mode = "reduce-overhead" if model.lm_head.weight.is_cuda else "default"
+        model.compiled_forward = torch.compile(model.forward, mode=mode, fullgraph=True)
+    return model.compiled_forward
 
 
 def sample(logits, temperature, top_p, top_k, generator):

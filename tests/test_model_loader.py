@@ -79,6 +79,29 @@ def test_bf16_close_to_float32(tmp_path):
         assert (m16(ids).float() - m32(ids)).abs().max().item() < 0.1
 
 
+def test_float32_linear_runs_on_onednn_forward_and_backward():
+    from model_loader import ONEDNN_FLOAT32, Linear
+
+    if not ONEDNN_FLOAT32:
+        pytest.skip("this PyTorch build has no oneDNN")
+    torch.manual_seed(0)
+    layer, x = Linear(64, 96, bias=True), torch.randn(3, 5, 64, requires_grad=True)
+    reference = torch.nn.Linear(64, 96)
+    reference.load_state_dict(layer.state_dict())
+    x_ref = x.detach().clone().requires_grad_()
+    with torch.profiler.profile() as prof:
+        y = layer(x)
+        y.backward(y.detach())
+    assert [e.name for e in prof.events()].count("mkldnn::_linear_pointwise") == 3  # y, dx and dW
+    y_ref = reference(x_ref)
+    y_ref.backward(y_ref.detach())
+    for got, expected in ((y, y_ref), (x.grad, x_ref.grad), (layer.weight.grad, reference.weight.grad),
+                          (layer.bias.grad, reference.bias.grad)):
+        assert (got - expected).abs().max().item() <= 1e-5 * expected.abs().max().item()
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast decides the dtype: plain F.linear
+        assert layer(x).dtype == torch.bfloat16
+
+
 def causal_mask(T, S):
     return torch.ones(T, S, dtype=torch.bool).tril(S - T)[None, None]
 

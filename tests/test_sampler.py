@@ -36,6 +36,25 @@ def test_greedy_ragged_batch_equals_each_row_alone_without_cache(model_type, sta
     assert got == expected
 
 
+def test_compiled_decode_gives_the_eager_tokens_and_compiles_once_per_shape(tiny_model):
+    """compile=True sends the decode step through torch.compile with fullgraph (a graph break fails). On a CPU
+    this checks that its shapes stay fixed over the steps, which CUDA graphs need: one graph serves every step
+    of a batch, and after a second batch shape (compiled with dynamic shapes) a third needs no new graph."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    eager = generate(tiny_model, PROMPTS, 8, temperature=0, static=True, return_logprobs=True, progress=False)
+    compiled = generate(tiny_model, PROMPTS, 8, temperature=0, compile=True, return_logprobs=True, progress=False)
+    assert [t for t, _ in compiled] == [t for t, _ in eager]
+    assert max(abs(a - b) for (_, x), (_, y) in zip(compiled, eager) for a, b in zip(x, y)) < 1e-4
+    assert counters["stats"]["unique_graphs"] == 1
+    generate(tiny_model, [[1, 2, 3, 4, 5, 6, 7, 8, 9]] + PROMPTS[:2], 12, temperature=0, compile=True, progress=False)
+    generate(tiny_model, PROMPTS[:2], 5, temperature=0, compile=True, progress=False)
+    assert counters["stats"]["unique_graphs"] == 2
+    torch._dynamo.reset()
+
+
 def test_stop_ids_end_each_row_and_are_included(tiny_model):
     with torch.no_grad():
         free = [greedy_full_recompute(tiny_model, p, 10) for p in PROMPTS]
