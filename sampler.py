@@ -65,12 +65,26 @@ def generate_batch(model, prompts, max_new_tokens, temperature, top_p, top_k, st
     # through the cached values (0 * NaN). Real queries never see pad keys.
     mask = (causal & slot_is_real[:, None, None, :P]) | torch.eye(P, dtype=torch.bool, device=device)  # (B, 1, P, P)
     kv_cache = model.new_kv_cache(B, S_max)
-    # Prefill PREFILL_ROWS rows at a time, each group cut to its own longest prompt (the rows are sorted longest
-    # first): a group skips the pad slots its rows all share. The cache rows are views, written in place.
+    # The tokens every prompt starts with (a chat template's system prompt, a few-shot preamble) are prefilled
+    # once, in one row, and their keys/values copied into each row's slots n_pad .. n_pad + L - 1. Each row
+    # keeps at least its last token to prefill itself, which gives its first logits.
+    L = shared_prefix_length(prompts)
+    if L > 0:
+        prefix_cache = model.new_kv_cache(1, L)
+        model(torch.tensor([prompts[0][:L]], device=device), kv_cache=prefix_cache,
+              cache_pos=torch.arange(L, device=device), logits_index=slice(0))  # (1, L): no logits needed
+        prefix_slots = (n_pad[:, None] + torch.arange(L, device=device))[:, None, :, None]  # (B, 1, L, 1)
+        for (k, v), (prefix_k, prefix_v) in zip(kv_cache, prefix_cache):
+            index = prefix_slots.expand(-1, k.shape[1], -1, k.shape[3])  # (B, K, L, D)
+            k.scatter_(2, index, prefix_k.expand(B, -1, -1, -1))
+            v.scatter_(2, index, prefix_v.expand(B, -1, -1, -1))
+    # Then PREFILL_ROWS rows at a time, each group cut to its own longest prompt (the rows are sorted longest
+    # first): a group skips the pad slots its rows all share and the shared prefix of its longest prompt (a
+    # shorter row's prefix slots the group does cover are recomputed). The cache rows are views, written in place.
     logits = torch.empty(B, model.config.vocab_size, dtype=model.lm_head.weight.dtype, device=device)  # (B, V)
     for r in range(0, B, PREFILL_ROWS):
         rows = slice(r, r + PREFILL_ROWS)
-        first = int(n_pad[rows].min())  # slots before it are pads in every row of the group
+        first = int(n_pad[rows].min()) + L  # slots before it are pads or cached prefix in every row of the group
         group_cache = [(k[rows], v[rows]) for k, v in kv_cache]
         logits[rows] = model(input_ids[rows, first:], positions[rows, first:], mask[rows, :, first:], group_cache,
                              torch.arange(first, P, device=device), logits_index=-1)
@@ -117,6 +131,15 @@ def generate_batch(model, prompts, max_new_tokens, temperature, top_p, top_k, st
                         logits_index=-1)  # (B, V)
         next_position = next_position + 1
     return list(zip(tokens, logprobs))
+
+
+def shared_prefix_length(prompts):
+    """How many leading tokens all prompts share, leaving every prompt at least one token of its own."""
+    shortest = min(prompts, key=len)
+    n = 0
+    while n < len(shortest) - 1 and all(p[n] == shortest[n] for p in prompts):
+        n += 1
+    return n
 
 
 def compiled_forward(model):

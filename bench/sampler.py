@@ -2,9 +2,12 @@
 
     python bench/sampler.py                       # both bundled models, float32 and bfloat16
     python bench/sampler.py --models llama --dtypes float32 --new-tokens 32   # a quick look
+    python bench/sampler.py --device cuda --batch 64 --compile                 # a GPU: compiled decode, CUDA graphs
 
 Each (engine, model, dtype) runs in its own subprocess so peak memory is that engine's alone.
 Tokens are counted the same way for both: each row's completion up to and including its stop token.
+On a CPU in float32 ours runs a second time with MIPO_ONEDNN=0 (MKL's sgemm, as transformers uses), which
+separates what the sampler's own work gains from what oneDNN's float32 matrix products gain.
 """
 import argparse
 import json
@@ -48,7 +51,7 @@ def chat_prompts(n):
     return [[{"role": "user", "content": (CONTEXT if i % 2 else "") + QUESTIONS[i % len(QUESTIONS)]}] for i in range(n)]
 
 
-def run_one(engine, model_name, dtype_name, batch, new_tokens, top_p, seed):
+def run_one(engine, model_name, dtype_name, batch, new_tokens, top_p, seed, device, compile):
     dtype = getattr(torch, dtype_name)
     model_dir = resolve_model_dir(model_name)
     tok = Tokenizer(model_dir, ModelConfig.from_dict(read_json(model_dir / "config.json")))
@@ -57,10 +60,10 @@ def run_one(engine, model_name, dtype_name, batch, new_tokens, top_p, seed):
     if engine == "transformers":  # only its own model in this process, so the peak memory is its own
         import transformers
 
-        hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
+        hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
         width = max(len(p) for p in prompts)
-        input_ids = torch.tensor([[tok.pad_token_id] * (width - len(p)) + p for p in prompts])
-        attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+        input_ids = torch.tensor([[tok.pad_token_id] * (width - len(p)) + p for p in prompts], device=device)
+        attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
 
         def run(n_new):
             torch.manual_seed(seed)
@@ -74,56 +77,67 @@ def run_one(engine, model_name, dtype_name, batch, new_tokens, top_p, seed):
                 completions.append(row[:cut])
             return completions
     else:
-        model, _ = load_model(model_name, dtype=dtype)
+        model, _ = load_model(model_name, device=device, dtype=dtype)
 
         def run(n_new):
             return generate(model, prompts, n_new, temperature=1.0, top_p=top_p, stop_token_ids=stops, seed=seed,
-                            batch_size=batch, progress=False)
+                            batch_size=batch, progress=False, compile=compile)
 
-    run(4)  # warm-up: allocator, oneDNN kernels
-    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    run(new_tokens if compile else 4)  # warm-up: allocator, kernels; with --compile compilation and CUDA graphs
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     completions = run(new_tokens)
+    if cuda:
+        torch.cuda.synchronize()
     seconds = time.perf_counter() - start
-    result = dict(engine=engine, model=model_name, dtype=dtype_name, seconds=seconds,
-                  tokens=sum(len(c) for c in completions), peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                  rss_growth_mb=(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 1024,
+    # Peak memory: the process's resident set on a CPU (weights included), allocated GPU memory on a GPU.
+    peak_mb = torch.cuda.max_memory_allocated() / 2**20 if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result = dict(engine=engine, model=model_name, dtype=dtype_name, device=device, seconds=seconds,
+                  tokens=sum(len(c) for c in completions), peak_mb=peak_mb,
                   mean_len=sum(len(c) for c in completions) / len(completions))
     if engine == "ours":
-        result.update(breakdown(model, prompts, new_tokens, top_p, seconds))
+        result.update(breakdown(model, run, completions, top_p, seconds))
     return result
 
 
-def breakdown(model, prompts, new_tokens, top_p, total):
-    """Where our time goes: one prefill forward, the sampling arithmetic alone, and the decode forwards.
-    Decode at batch B reads every weight once per step, so weights bytes / memory bandwidth is its floor."""
+def breakdown(model, run, completions, top_p, total):
+    """Where our time goes: prefill (a run with one new token), the decode steps (the rest of the run over
+    the longest completion's steps: forward, sampling and bookkeeping), and the sampling arithmetic alone on
+    the full batch. A decode step reads every weight once, so weights bytes / memory bandwidth is its floor."""
     device = model.lm_head.weight.device
-    width = max(len(p) for p in prompts)
-    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device=device)
-    with torch.no_grad():
-        start = time.perf_counter()
-        logits = model(ids, logits_index=-1).float()
-        prefill = time.perf_counter() - start
-        g = torch.Generator().manual_seed(0)
-        start = time.perf_counter()
-        for _ in range(8):
-            sample(logits, 1.0, top_p, 0, g)
-        sampling_per_step = (time.perf_counter() - start) / 8
-        step_ids = ids[:, -1:]
-        start = time.perf_counter()
-        for _ in range(4):
-            model(step_ids, logits_index=-1)
-        forward_1tok = (time.perf_counter() - start) / 4
-    big = torch.ones(64 * 2**20)  # 256 MB of float32, far larger than the caches: a sum reads it from memory
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    run(1)  # warm-up (with --compile, the graphs for this shape)
+    sync()
+    start = time.perf_counter()
+    run(1)
+    sync()
+    prefill = time.perf_counter() - start
+    steps = max(len(c) for c in completions) - 1
+    logits = torch.randn(len(completions), model.config.vocab_size, device=device) * 3
+    g = torch.Generator(device=device).manual_seed(0)
+    sample(logits, 1.0, top_p, 0, g)
+    sync()
+    start = time.perf_counter()
+    for _ in range(8):
+        sample(logits, 1.0, top_p, 0, g)
+    sync()
+    sampling_per_step = (time.perf_counter() - start) / 8
+    # Read bandwidth: a sum over a buffer far larger than the caches reads it from memory once.
+    big = torch.ones((256 if device.type == "cuda" else 64) * 2**20, device=device)
     big.sum()
+    sync()
     start = time.perf_counter()
     for _ in range(5):
         big.sum()
+    sync()
     bandwidth = 5 * big.numel() * 4 / (time.perf_counter() - start)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    return dict(prefill_s=prefill, sampling_ms_per_step=sampling_per_step * 1e3, decode_forward_ms=forward_1tok * 1e3,
-                weights_mb=weight_bytes / 2**20, read_bandwidth_gbs=bandwidth / 1e9,
-                bandwidth_floor_ms=weight_bytes / bandwidth * 1e3)
+    return dict(prefill_s=prefill, decode_ms_per_step=(total - prefill) / max(steps, 1) * 1e3,
+                sampling_ms_per_step=sampling_per_step * 1e3, weights_mb=weight_bytes / 2**20,
+                read_bandwidth_gbs=bandwidth / 1e9, bandwidth_floor_ms=weight_bytes / bandwidth * 1e3)
 
 
 def main():
@@ -134,38 +148,51 @@ def main():
     p.add_argument("--new-tokens", type=int, default=128, help="max new tokens per prompt")
     p.add_argument("--top-p", type=float, default=0.9, help="nucleus threshold (temperature is 1.0)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--compile", action="store_true", help="ours: the decode step through torch.compile "
+                   "(static shapes; CUDA graphs on a GPU)")
     p.add_argument("--out", default=None, help="also write the results as JSON here")
     p.add_argument("--_one", nargs=3, metavar=("ENGINE", "MODEL", "DTYPE"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args._one:
-        print(json.dumps(run_one(*args._one, args.batch, args.new_tokens, args.top_p, args.seed)))
+        print(json.dumps(run_one(*args._one, args.batch, args.new_tokens, args.top_p, args.seed, args.device,
+                                 args.compile)))
         return
     rows = []
     for model_name in args.models:
         for dtype in args.dtypes:
-            pair = {}
-            for engine in ("transformers", "ours"):
-                cmd = [sys.executable, __file__, "--_one", engine, model_name, dtype, "--batch", str(args.batch),
-                       "--new-tokens", str(args.new_tokens), "--top-p", str(args.top_p), "--seed", str(args.seed)]
-                out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+            row = {}
+            engines = {"transformers": {}, "ours": {}}
+            if args.device == "cpu" and dtype == "float32":
+                engines["ours, MKL sgemm"] = {"MIPO_ONEDNN": "0"}
+            for engine, env in engines.items():
+                cmd = [sys.executable, __file__, "--_one", engine.split(",")[0], model_name, dtype, "--batch",
+                       str(args.batch), "--new-tokens", str(args.new_tokens), "--top-p", str(args.top_p), "--seed",
+                       str(args.seed), "--device", args.device, *(["--compile"] if args.compile else [])]
+                out = subprocess.run(cmd, capture_output=True, text=True,
+                                     env={**os.environ, "PYTHONWARNINGS": "ignore", **env})
                 if out.returncode:
                     sys.exit(f"{engine} {model_name} {dtype} failed:\n{out.stderr[-2000:]}")
-                pair[engine] = json.loads(out.stdout.strip().splitlines()[-1])
-            rows.append(pair)
-            hf, ours = pair["transformers"], pair["ours"]
-            print(f"{model_name:6s} {dtype:9s} transformers {hf['tokens'] / hf['seconds']:7.1f} tok/s "
-                  f"({hf['peak_rss_mb']:6.0f} MB) | ours {ours['tokens'] / ours['seconds']:7.1f} tok/s "
-                  f"({ours['peak_rss_mb']:6.0f} MB) | speed-up {ours['tokens'] / ours['seconds'] / (hf['tokens'] / hf['seconds']):.2f}x",
-                  flush=True)
-            print(f"         ours: prefill {ours['prefill_s']:.2f} s, decode forward {ours['decode_forward_ms']:.0f} ms/step "
+                row[engine] = json.loads(out.stdout.strip().splitlines()[-1])
+            rows.append(row)
+            hf_rate = row["transformers"]["tokens"] / row["transformers"]["seconds"]
+            for engine, r in row.items():
+                rate = r["tokens"] / r["seconds"]
+                print(f"{model_name:6s} {dtype:9s} {engine:16s} {rate:7.1f} tok/s  {rate / hf_rate:5.2f}x  "
+                      f"peak {r['peak_mb']:6.0f} MB", flush=True)
+            ours = row["ours"]
+            print(f"{'':17s}ours: prefill {ours['prefill_s']:.2f} s, decode {ours['decode_ms_per_step']:.0f} ms/step "
                   f"(weights {ours['weights_mb']:.0f} MB at {ours['read_bandwidth_gbs']:.1f} GB/s: floor "
-                  f"{ours['bandwidth_floor_ms']:.0f} ms), sampling {ours['sampling_ms_per_step']:.1f} ms/step", flush=True)
-    print("\n| model | dtype | transformers tok/s | ours tok/s | speed-up | peak RSS MB (hf / ours) |")
+                  f"{ours['bandwidth_floor_ms']:.1f} ms), of which sampling {ours['sampling_ms_per_step']:.1f} ms",
+                  flush=True)
+    memory = "peak GPU MB" if args.device != "cpu" else "peak RSS MB"
+    print(f"\n| model | dtype | transformers tok/s | ours tok/s | speed-up | {memory} (hf / ours) |")
     print("| --- | --- | ---: | ---: | ---: | ---: |")
-    for pair in rows:
-        hf, ours = pair["transformers"], pair["ours"]
+    for row in rows:
+        hf, ours = row["transformers"], row["ours"]
         a, b = hf["tokens"] / hf["seconds"], ours["tokens"] / ours["seconds"]
-        print(f"| {ours['model']} | {ours['dtype']} | {a:.1f} | {b:.1f} | {b / a:.2f}x | {hf['peak_rss_mb']:.0f} / {ours['peak_rss_mb']:.0f} |")
+        print(f"| {ours['model']} | {ours['dtype']} | {a:.1f} | {b:.1f} | {b / a:.2f}x | "
+              f"{hf['peak_mb']:.0f} / {ours['peak_mb']:.0f} |")
     if args.out:
         Path(args.out).write_text(json.dumps(rows, indent=2))
 

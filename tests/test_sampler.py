@@ -36,6 +36,23 @@ def test_greedy_ragged_batch_equals_each_row_alone_without_cache(model_type, sta
     assert got == expected
 
 
+@pytest.mark.parametrize("static", [False, True])
+@pytest.mark.parametrize("prefill_rows", [1, 2, 8])
+def test_shared_prefix_prefilled_once_gives_what_each_row_gives_alone(static, prefill_rows, monkeypatch):
+    """Prompts that start alike (a system prompt): the shared tokens are prefilled once and copied to every row,
+    including a prompt that is the prefix plus one token and rows whose group recomputes part of the prefix."""
+    monkeypatch.setattr(sampler, "PREFILL_ROWS", prefill_rows)
+    model = make_tiny_model("qwen2")
+    prefix = [40, 41, 42, 43, 44]
+    prompts = [prefix + p for p in PROMPTS] + [prefix[:-1] + [50]]
+    assert sampler.shared_prefix_length(prompts) == 4
+    with torch.no_grad():
+        expected = [greedy_full_recompute(model, p, 10) for p in prompts]
+    assert generate(model, prompts, 10, temperature=0, batch_size=6, progress=False, static=static) == expected
+    assert sampler.shared_prefix_length([[1, 2, 3], [1, 2, 3]]) == 2  # each prompt keeps one token of its own
+    assert sampler.shared_prefix_length([[1, 2], [3, 2]]) == 0
+
+
 def test_compiled_decode_gives_the_eager_tokens_and_compiles_once_per_shape(tiny_model):
     """compile=True sends the decode step through torch.compile with fullgraph (a graph break fails). On a CPU
     this checks that its shapes stay fixed over the steps, which CUDA graphs need: one graph serves every step
