@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from model_loader import ModelConfig, Tokenizer, load_model, read_json, resolve_model_dir  # noqa: E402
-from sampler import generate, sample  # noqa: E402
+from sampler import generate, keep_freed_memory_for_reuse, sample  # noqa: E402
 
 QUESTIONS = [
     "What is the capital of Australia?",
@@ -51,7 +51,7 @@ def chat_prompts(n):
     return [[{"role": "user", "content": (CONTEXT if i % 2 else "") + QUESTIONS[i % len(QUESTIONS)]}] for i in range(n)]
 
 
-def run_one(engine, model_name, dtype_name, batch, new_tokens, top_p, seed, device, compile):
+def run_one(engine, model_name, dtype_name, batch, new_tokens, top_p, seed, device, compile, hf_malloc_like_ours):
     dtype = getattr(torch, dtype_name)
     model_dir = resolve_model_dir(model_name)
     tok = Tokenizer(model_dir, ModelConfig.from_dict(read_json(model_dir / "config.json")))
@@ -59,6 +59,9 @@ def run_one(engine, model_name, dtype_name, batch, new_tokens, top_p, seed, devi
     stops = tok.stop_token_ids
     if engine == "transformers":  # only its own model in this process, so the peak memory is its own
         import transformers
+
+        if hf_malloc_like_ours:
+            keep_freed_memory_for_reuse()
 
         hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
         width = max(len(p) for p in prompts)
@@ -99,14 +102,15 @@ def run_one(engine, model_name, dtype_name, batch, new_tokens, top_p, seed, devi
                   tokens=sum(len(c) for c in completions), peak_mb=peak_mb,
                   mean_len=sum(len(c) for c in completions) / len(completions))
     if engine == "ours":
-        result.update(breakdown(model, run, completions, top_p, seconds))
+        result.update(breakdown(model, run, prompts, completions, top_p, seconds))
     return result
 
 
-def breakdown(model, run, completions, top_p, total):
+def breakdown(model, run, prompts, completions, top_p, total):
     """Where our time goes: prefill (a run with one new token), the decode steps (the rest of the run over
     the longest completion's steps: forward, sampling and bookkeeping), and the sampling arithmetic alone on
-    the full batch. A decode step reads every weight once, so weights bytes / memory bandwidth is its floor."""
+    the full batch's first logits. A decode step reads every weight once, so weights bytes / memory bandwidth
+    is its floor."""
     device = model.lm_head.weight.device
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     run(1)  # warm-up (with --compile, the graphs for this shape)
@@ -116,7 +120,8 @@ def breakdown(model, run, completions, top_p, total):
     sync()
     prefill = time.perf_counter() - start
     steps = max(len(c) for c in completions) - 1
-    logits = torch.randn(len(completions), model.config.vocab_size, device=device) * 3
+    with torch.no_grad():
+        logits = torch.cat([model(torch.tensor([p], device=device), logits_index=-1).float() for p in prompts])
     g = torch.Generator(device=device).manual_seed(0)
     sample(logits, 1.0, top_p, 0, g)
     sync()
@@ -151,12 +156,14 @@ def main():
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--compile", action="store_true", help="ours: the decode step through torch.compile "
                    "(static shapes; CUDA graphs on a GPU)")
+    p.add_argument("--hf-malloc-like-ours", action="store_true", help="give transformers the glibc settings our "
+                   "sampler uses (sampler.keep_freed_memory_for_reuse)")
     p.add_argument("--out", default=None, help="also write the results as JSON here")
     p.add_argument("--_one", nargs=3, metavar=("ENGINE", "MODEL", "DTYPE"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args._one:
         print(json.dumps(run_one(*args._one, args.batch, args.new_tokens, args.top_p, args.seed, args.device,
-                                 args.compile)))
+                                 args.compile, args.hf_malloc_like_ours)))
         return
     rows = []
     for model_name in args.models:
@@ -168,7 +175,8 @@ def main():
             for engine, env in engines.items():
                 cmd = [sys.executable, __file__, "--_one", engine.split(",")[0], model_name, dtype, "--batch",
                        str(args.batch), "--new-tokens", str(args.new_tokens), "--top-p", str(args.top_p), "--seed",
-                       str(args.seed), "--device", args.device, *(["--compile"] if args.compile else [])]
+                       str(args.seed), "--device", args.device, *(["--compile"] if args.compile else []),
+                       *(["--hf-malloc-like-ours"] if args.hf_malloc_like_ours else [])]
                 out = subprocess.run(cmd, capture_output=True, text=True,
                                      env={**os.environ, "PYTHONWARNINGS": "ignore", **env})
                 if out.returncode:
