@@ -24,7 +24,6 @@ Shape legend: B pairs in a micro-batch, R rows in its forward (B: one row holds 
 """
 import argparse
 import contextlib
-import ctypes
 import json
 import math
 import os
@@ -46,6 +45,7 @@ import mipo
 import shard
 from dpo_loss import F_DIVERGENCES, LOSS_TYPES, check_options, preference_loss, preference_metrics, sequence_logps
 from model_loader import MipoError, ModelConfig, cpu_has_fast_bf16, load_model, read_json, resolve_model_dir, save_model
+from sampler import set_glibc_malloc
 
 # ---------------------------------------------------------------------------------------------------------------
 # Settings: one dataclass per concern, then the presets. A flag left out takes the preset's value.
@@ -165,12 +165,7 @@ def return_freed_memory_to_the_os():
     starts: sampling, which allocates large short-lived tensors every step, runs 1.7x slower with it (page
     faults), and sets the opposite (sampler.keep_freed_memory_for_reuse), whose trim threshold is reset here
     to glibc's default. Elsewhere than glibc it does nothing."""
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):
-        return
-    mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
-    mallopt(-1, 128 << 10)  # M_TRIM_THRESHOLD
+    set_glibc_malloc(mmap_threshold=1 << 20, trim_threshold=128 << 10)
 
 
 def write_atomically(path: Path, text: str):
