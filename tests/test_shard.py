@@ -151,6 +151,7 @@ def worker(rank: int, tmp: str):
                            "param_dtypes": {p.dtype for p in model.parameters()},
                            "grad_dtypes": {p.grad.dtype for p in model.parameters()}}
     torch.save(results, Path(tmp) / f"rank{rank}.pt")
+    dist.barrier()  # no rank tears down its connections while the other may still be using them
     dist.destroy_process_group()
 
 
