@@ -108,8 +108,8 @@ class HardwareConfig:
 
 
 PRESETS = {
-    # `python train.py --model qwen` on 2 idle CPU cores, end to end in 4.5 minutes (pairs 69 s, reference 27 s, DPO
-    # 127 s, held-out meter 27 s). 64 pairs at batch 4 are 16 optimizer steps; at the paper's lr of 5e-7
+    # `python train.py --model qwen` on 2 idle CPU cores, end to end in 4 minutes (pairs 56 s, reference 18 s, DPO
+    # 137 s, held-out meter 25 s). 64 pairs at batch 4 are 16 optimizer steps; at the paper's lr of 5e-7
     # the policy would barely move in 16 steps, so this preset trains 4x faster. Measured on Qwen2.5-0.5B, persona:
     # lr 2e-6 raises the held-out pointwise MI from 17 to 30 nats with the chosen rewards near 0; 1e-5 overshoots
     # (chosen log-probs down by 45 nats, the held-out preference score down). Sampling: the task's CPU settings.
@@ -699,7 +699,7 @@ def parse_args(argv=None):
     parser.error = flag_error  # argparse would print its usage block; one line instead, and exit status 2
     g = parser.add_argument_group("model")
     g.add_argument("--model", default="qwen", help="bundled model (qwen, llama, smollm2) or a Hugging Face directory (default qwen)")
-    g.add_argument("--preset", choices=PRESETS, default=None, help="cpu: a ~20 minute run on a laptop CPU; paper: the "
+    g.add_argument("--preset", choices=PRESETS, default=None, help="cpu: a ~5 minute run on 2 CPU cores; paper: the "
                    "paper's settings (default: cpu on a CPU, paper on a GPU)")
     g = parser.add_argument_group("data / pairs (stage 1)")
     g.add_argument("--task", default="persona", help=f"one of {', '.join(mipo.TASKS)} (default persona)")
