@@ -9,8 +9,9 @@ personalization, 1-18% on math and multiple choice. This file measures the same 
   movielens  mean absolute error and exact-rating accuracy, next to the user's own mean rating;
   gsm8k      exact match of the answer after '####' (mipo.extract_number, with its fallbacks);
   arc, mmlu  accuracy of the letter after 'The answer is' (mipo.extract_letter);
-  every task the pointwise MI meter: log p(y|x) - log p(y|x') of the model's own response y, x' the task's
-             negative prompt (the MIPO paper): the quantity one epoch of DPO on MIPO pairs raises.
+  every task the pointwise MI meter: log p(y|x) - log p(y|x') of the model's own response y under the BASE
+             model, x' the task's negative prompt (the MIPO paper): what one epoch of DPO on MIPO pairs claims to
+             raise (pmi); the same scored by the model itself (pmi_self), the length and the share cut short.
 Each model's per-item results are cached next to it (RUN/eval/TASK.jsonl), so `--compare` evaluates only
 what is missing and pairs items by id for a bootstrap interval of every difference.
 
@@ -60,6 +61,7 @@ METRICS = [
     ("all_met", "persona: every stated preference followed"),
     ("judge_score", "judge score 1-5, mean over the stated preferences (the paper's judge prompt)"),
     ("judge_win", "judge win rate against the base model's response: score >= base's (the paper's protocol)"),
+    ("judge_unparsed", "share of judge replies with no readable score 1-5, each counted as a score of 1"),
     ("answer_found", "persona: the NQ answer string appears in the response (guard against degenerate answers)"),
     ("correct", "gsm8k: exact match of the answer after '####'; arc, mmlu: accuracy of the letter after 'The answer is'"),
     ("exact", "movielens: predicted rating equals the real rating"),
@@ -67,8 +69,11 @@ METRICS = [
     ("user_mean_exact", "movielens baseline: the user's mean shown rating, rounded, equals the real rating"),
     ("user_mean_abs_error", "movielens baseline: |user's mean shown rating - real rating| (lower is better)"),
     ("parsed", "an answer could be read from the response"),
-    ("stopped", "the response ended by itself within --max-new-tokens (a degenerate loop never does)"),
-    ("pmi", "pointwise MI meter: log p(y|x) - log p(y|x') of the model's own response, nats (the MIPO paper)"),
+    ("pmi", "pointwise MI under the BASE model, log p_base(y|x) - log p_base(y|x'), y the model's own response, nats: "
+            "what MIPO claims to raise"),
+    ("pmi_self", "the same difference scored by the model itself (also rises when a model only grows more confident)"),
+    ("length", "response length in tokens (the end-of-turn token included when the response stopped)"),
+    ("truncated", "share of responses cut at --max-new-tokens (a degenerate loop always is)"),
 ]
 METRIC_KEYS = [key for key, _ in METRICS]
 
@@ -115,7 +120,7 @@ def score_item(task: Task, ex: mipo.Example, response: str) -> dict:
     if task.name == "movielens":
         metrics.setdefault("abs_error", None)  # no rating parsed: not in the MAE, counted in `parsed`
         truth, mean = float(ex.answer), user_mean_rating(ex)
-        metrics["user_mean_exact"] = float(math.floor(mean + 0.5) == truth)  # nearest rating, halves up
+        metrics["user_mean_exact"] = float(mipo.nearest_rating(mean) == truth)  # rounded as the model's rating
         metrics["user_mean_abs_error"] = abs(mean - truth)
     return metrics
 
@@ -200,58 +205,46 @@ def check_fits(model, prompts: list[list[int]], max_new_tokens: int, what: str) 
 
 def generate_texts(model, tokenizer, prompts, sampling: Sampling, seed: int, batch_size: int, progress: bool):
     """(text, stopped) per prompt; the stop token is cut from the text, as in the pairs file."""
-    stop_ids = set(tokenizer.stop_token_ids)
     completions = sampler.generate(model, prompts, sampling.max_new_tokens, temperature=sampling.temperature,
                                    top_p=sampling.top_p, top_k=sampling.top_k, stop_token_ids=tokenizer.stop_token_ids,
                                    seed=seed, batch_size=batch_size, progress=progress)
-    out = []
-    for tokens in completions:
-        stopped = bool(tokens) and tokens[-1] in stop_ids
-        out.append((tokenizer.decode(tokens[:-1] if stopped else tokens), stopped))
-    return out
+    return [mipo.response_text(tokenizer, tokens) for tokens in completions]
 
 
-def mi_negatives(task: Task, examples: list[mipo.Example]) -> list[mipo.Example]:
-    """x' for every held-out x, the task's own negative (mipo.negative_example), fixed by MI_SEED and the items
-    alone, so that the base model and every run are metered against the same x'."""
-    if task.negative == "random":
-        donors = mipo.derangement([ex.context or task.render(ex) for ex in examples], random.Random(MI_SEED))
-    else:
-        donors = [None] * len(examples)
-    return [mipo.negative_example(task, ex, task.negative, examples[d] if d is not None else None,
-                                  random.Random(f"{MI_SEED}-{ex.id}"))[0] for ex, d in zip(examples, donors)]
+def meter_rows(task: Task, examples: list[mipo.Example], items: list[dict]) -> list[tuple]:
+    """(x, x', y, stopped) per item, y the model's own response and x' the task's own negative prompt
+    (mipo.plan_negatives), fixed by MI_SEED and the items alone, so that every model is metered against the same x'."""
+    negatives = mipo.plan_negatives(task, examples, task.negative, MI_SEED)
+    return [(prompt_messages(task, ex), prompt_messages(task, x_prime), item["response"], item["stopped"])
+            for ex, (x_prime, _, _), item in zip(examples, negatives, items)]
 
 
-def item_pmi(model, tokenizer, task: Task, examples: list[mipo.Example], items: list[dict], batch_size: int) -> list[float]:
-    """log p(y|x) - log p(y|x') per item, y the model's own response: mipo.pointwise_mi's estimate, kept per
-    item so it gets an interval. Encoded by mipo.encode_turn, the same tokens the training pairs use."""
-    rows = []
-    for ex, negative, item in zip(examples, mi_negatives(task, examples), items):
-        for messages in (prompt_messages(task, ex), prompt_messages(task, negative)):
-            rows.append(mipo.encode_turn(tokenizer, messages, item["response"], item["stopped"]))
-    logps = mipo.response_logps(model, rows, batch_size, progress=True).view(len(items), 2)  # (items, x | x')
-    return (logps[:, 0] - logps[:, 1]).tolist()
+def can_meter(task: Task, examples: list) -> bool:
+    return not task.negative.startswith("random") or len(examples) >= 2  # a random x' needs another item
 
 
 def evaluate(model, tokenizer, task: Task, examples: list[mipo.Example], sampling: Sampling, seed: int,
              batch_size: int = 16, mi: bool = True, progress: bool = True) -> list[dict]:
-    """One record per item: {id, response, stopped, metrics}."""
+    """One record per item: {id, response, stopped, metrics}. With mi, the model's own pointwise MI of its response
+    (pmi_self) and the response's length in tokens; the base model's (pmi) is meter_all's."""
     prompts = [tokenizer.apply_chat_template(prompt_messages(task, ex)) for ex in examples]
     check_fits(model, prompts, sampling.max_new_tokens, f"{task.name} prompts")
     items = []
     for ex, (response, stopped) in zip(examples, generate_texts(model, tokenizer, prompts, sampling, seed, batch_size, progress)):
         items.append({"id": ex.id, "response": response, "stopped": stopped,
-                      "metrics": {**score_item(task, ex, response), "stopped": float(stopped)}})
-    if mi and (task.negative != "random" or len(examples) >= 2):  # a random x' needs another item
-        for item, value in zip(items, item_pmi(model, tokenizer, task, examples, items, batch_size)):
-            item["metrics"]["pmi"] = value
+                      "metrics": {**score_item(task, ex, response), "truncated": float(not stopped)}})
+    if mi and can_meter(task, examples):
+        values, lengths = mipo.pointwise_mi(model, tokenizer, meter_rows(task, examples, items), batch_size, progress=True)
+        for item, value, length in zip(items, values, lengths):
+            item["metrics"].update(pmi_self=value, length=float(length))
     return items
 
 
 def judge(judge_model, judge_tokenizer, judge_name: str, task: Task, examples: list[mipo.Example], items: list[dict],
           batch_size: int = 16, progress: bool = True) -> None:
     """The paper's personalization protocol: the judge scores each response 1-5 for each stated preference.
-    Fills item["judge"] (scores, raw replies) and the metric judge_score (mean of the parsed scores)."""
+    Fills item["judge"] (scores, None where a reply held none; raw replies) and the metric judge_score (their mean,
+    an unreadable reply counted as 1)."""
     requests = [(k, preference) for k, ex in enumerate(examples) for preference in judge_preferences(task, ex)]
     prompts = [judge_tokenizer.apply_chat_template([{"role": "user", "content": JUDGE_PROMPT.format(
         question=examples[k].question, preference=preference, response=items[k]["response"])}]) for k, preference in requests]
@@ -266,8 +259,11 @@ def judge(judge_model, judge_tokenizer, judge_name: str, task: Task, examples: l
         items[k]["judge"]["scores"].append(parse_judge_score(reply))
         items[k]["judge"]["replies"].append(reply)
     for item in items:
-        parsed = [s for s in item["judge"]["scores"] if s is not None]
-        item["metrics"]["judge_score"] = sum(parsed) / len(parsed) if parsed else None
+        # A reply with no readable score counts as the lowest score, 1 (a loss against the reference), not as a
+        # missing item: a judge that fails on the hard responses must not make them vanish from the comparison.
+        scores = [1 if s is None else s for s in item["judge"]["scores"]]
+        item["metrics"]["judge_score"] = sum(scores) / len(scores) if scores else None
+        item["metrics"]["judge_unparsed"] = sum(s is None for s in item["judge"]["scores"]) / len(scores) if scores else None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -314,10 +310,10 @@ def read_json(path: Path) -> dict:
 
 
 def run_data_settings(run: Path) -> dict:
-    """{task, data} of a run: train.py keeps them in the "pairs" section of its config.json."""
+    """{task, data, eval_data} of a run: train.py keeps them in the "pairs" section of its config.json."""
     config = read_json(run / RUN_CONFIG)
     pairs = config.get("pairs") if isinstance(config.get("pairs"), dict) else config
-    return {"task": pairs.get("task"), "data": pairs.get("data")}
+    return {"task": pairs.get("task"), "data": pairs.get("data"), "eval_data": pairs.get("eval_data")}
 
 
 def fingerprint(model_arg: str) -> list:
@@ -352,8 +348,6 @@ def load_results(eval_dir: Path, task: Task, settings: dict, ids: list[str]) -> 
         return None  # a damaged cache is evaluated again, not trusted
     if summary.get("settings") != settings or [item.get("id") for item in items] != ids:
         return None
-    for item in items:  # results written before `stopped` was a metric
-        item["metrics"].setdefault("stopped", float(item["stopped"]))
     return items
 
 
@@ -403,6 +397,44 @@ def judge_all(models: list[tuple[dict, list[dict]]], task: Task, examples, args)
     gc.collect()
 
 
+def meter_all(models: list[tuple[dict, list[dict]]], task: Task, examples, args) -> None:
+    """pmi: every model's responses scored by the reference (base) model, loaded once, for the models it has not
+    scored yet. MIPO's claim is that training raises this number: the base model's pointwise MI of the trained
+    model's responses."""
+    if args.no_mi or not can_meter(task, examples):
+        return
+    reference = {"model": args.mi_reference["name"], "files": fingerprint(args.mi_reference["model"])}
+    todo = [(spec, items) for spec, items in models if any(item.get("mi_reference") != reference for item in items)]
+    if not todo:
+        return
+    from model_loader import load_model
+
+    model, tokenizer = load_model(args.mi_reference["model"], args.device, args.torch_dtype)
+    for spec, items in todo:
+        print(f"{spec['name']}: pointwise MI of {len(items)} responses under {args.mi_reference['name']}", file=sys.stderr)
+        values, _ = mipo.pointwise_mi(model, tokenizer, meter_rows(task, examples, items), args.batch_size, progress=True)
+        for item, value in zip(items, values):
+            item["metrics"]["pmi"], item["mi_reference"] = value, reference
+        summary_path = spec["eval_dir"] / f"{task.name}.summary.json"
+        summary = json.loads(summary_path.read_text())
+        summary.update(metrics=summarize(items), mi_reference=reference)
+        save_results(spec["eval_dir"], task, items, summary)
+    del model
+    gc.collect()
+
+
+def mi_reference(args, specs: list[dict]) -> dict:
+    """The base model whose pointwise MI is the headline meter: --mi-reference, else the base of --compare, else
+    the model a run was trained from (its config.json), else the evaluated model itself."""
+    if args.mi_reference:
+        return resolve(args.mi_reference)
+    if args.compare is not None:
+        return specs[0]
+    run = specs[0]["run"]
+    base = read_json(run / RUN_CONFIG).get("pairs", {}).get("model") if run is not None else None
+    return resolve(base) if base else specs[0]
+
+
 def short_names(specs: list[dict]) -> list[str]:
     """Table headers: a run's directory name (it names the task, negative and loss), a bundled name, or a
     model directory's name; the full paths when two would read the same."""
@@ -448,13 +480,13 @@ def cell(values) -> dict | None:
 
 
 def judge_note(models: list[tuple[dict, list[dict]]], names: list[str]) -> str:
-    """How many judge replies held no score 1-5, per model: they are left out of judge_score, never guessed."""
+    """How many judge replies held no score 1-5, per model: each counts as a score of 1 in judge_score."""
     counts = []
     for name, (_, items) in zip(names, models):
         scores = [s for item in items for s in item.get("judge", {}).get("scores", [])]
         if scores:
             counts.append(f"{name} {sum(s is None for s in scores)}/{len(scores)}")
-    return f"judge replies without a score 1-5: {', '.join(counts)}" if counts else ""
+    return f"judge replies without a score 1-5 (each counted as 1): {', '.join(counts)}" if counts else ""
 
 
 def format_table(rows: list[dict], names: list[str], markdown: bool) -> str:
@@ -586,7 +618,7 @@ def plot_training_curves(run: Path, out_png: Path) -> bool:
             if points:
                 ax.plot(*zip(*points), label=key, marker="." if len(points) < 30 else None)
         if title.startswith("MI meter") and not keys and before_after:
-            ax.plot(*zip(*before_after), marker="o", label=f"held-out pmi, before -> after ({RUN_SUMMARY})")
+            ax.plot(*zip(*before_after), marker="o", label=f"held-out pmi under the base model, before -> after ({RUN_SUMMARY})")
         if ax.lines:
             ax.legend(fontsize=7)
         else:
@@ -619,12 +651,17 @@ def parse_args(argv=None):
     what.add_argument("--compare", nargs="+", default=None, metavar="BASE RUN",
                       help="BASE RUN [RUN ...]: one table of each metric for the base and each run, the paired difference and its 95%% bootstrap interval")
     what.add_argument("--task", default=None, help=f"one of: {', '.join(mipo.TASKS)} (default: the run's task, from its {RUN_CONFIG})")
-    what.add_argument("--data", default=None, help="--task jsonl: the held-out JSONL file (prompt, optional context, answer, id)")
+    what.add_argument("--data", default=None, help="--task jsonl: the task's JSONL file (prompt, optional context, answer, id); "
+                      "every fifth item is held out (default: the run's)")
+    what.add_argument("--eval-data", default=None, help="--task jsonl: a separate file of held-out items (default: the run's)")
     what.add_argument("--n", type=int, default=None, help=f"held-out items, the same ones for every model (default {N_DEFAULT['cpu']} on a CPU, {N_DEFAULT['gpu']} on a GPU)")
     what.add_argument("--out", default=None, help="where results go (default: RUN/eval for a run, runs/eval/NAME otherwise); with --compare: where the table and chart go (default: each run's eval dir)")
     judging = parser.add_argument_group("judge and meters")
     judging.add_argument("--judge", default=DEFAULT_JUDGE, help=f"judge model for personalization: bundled name or model directory, or 'none' (default {DEFAULT_JUDGE})")
-    judging.add_argument("--no-mi", action="store_true", help="skip the pointwise-MI meter (two extra forward passes per item)")
+    judging.add_argument("--no-mi", action="store_true", help="skip the pointwise-MI meters (two extra forward passes per item "
+                         "and model, and as many under the base model)")
+    judging.add_argument("--mi-reference", default=None, help="the base model that scores every model's responses for the "
+                         "pmi meter (default: the --compare base, else the model the run was trained from, else the model itself)")
     judging.add_argument("--force", action="store_true", help="evaluate again even when cached results with the same settings exist")
     sampling = parser.add_argument_group("sampling (defaults: the paper's, scaled down on a CPU)")
     sampling.add_argument("--max-new-tokens", type=int, default=None, help="new tokens per response")
@@ -657,9 +694,11 @@ def main(argv=None) -> None:
     if task_name is None:
         raise MipoError("--task is required: no run directory among the models says which task it was trained on")
     task = get_task(task_name)
-    data = args.data or (config.get("data") if task_name == config.get("task") else None)
+    same_task = task_name == config.get("task")
+    data = args.data or (config.get("data") if same_task else None)
+    eval_data = args.eval_data or (config.get("eval_data") if same_task and not args.data else None)
     on_gpu = torch.device(args.device).type != "cpu"
-    examples = load_examples(task, "eval", args.n or N_DEFAULT["gpu" if on_gpu else "cpu"], data)
+    examples = load_examples(task, "eval", args.n or N_DEFAULT["gpu" if on_gpu else "cpu"], data, eval_data)
     base = mipo.default_sampling(task, args.device)
     overrides = {"temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k, "max_new_tokens": args.max_new_tokens}
     sampling = replace(base, **{k: v for k, v in overrides.items() if v is not None})
@@ -667,14 +706,17 @@ def main(argv=None) -> None:
         raise MipoError(f"sampling settings {asdict(sampling)}: need --temperature >= 0, 0 < --top-p <= 1, --top-k >= 0, --max-new-tokens >= 1")
     fast_bf16 = on_gpu or cpu_has_fast_bf16()  # as train.py: bf16 where the hardware multiplies it natively
     args.torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype or ("bfloat16" if fast_bf16 else "float32")]
-    settings = {"task": task.name, "data": str(data) if data else None, "n": len(examples), "sampling": asdict(sampling),
+    settings = {"task": task.name, "data": str(data) if data else None, "eval_data": str(eval_data) if eval_data else None,
+                "n": len(examples), "sampling": asdict(sampling),
                 "seed": args.seed, "mi": not args.no_mi, "dtype": str(args.torch_dtype).removeprefix("torch.")}
     if args.model is not None and args.out:
         specs[0]["eval_dir"] = Path(args.out)
     if args.judge != "none" and any(judge_preferences(task, ex) for ex in examples):
         resolve(args.judge)  # a judge that does not exist fails now, not after the sampling
+    args.mi_reference = None if args.no_mi else mi_reference(args, specs)
 
     models = [(spec, results_for(spec, task, examples, args, settings)) for spec in specs]
+    meter_all(models, task, examples, args)
     judge_all(models, task, examples, args)
     names = short_names(specs)
 

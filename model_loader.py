@@ -546,6 +546,9 @@ class Tokenizer:
         if (self.model_dir / "chat_template.jinja").exists():  # transformers >= 4.43 may store it beside
             template = (self.model_dir / "chat_template.jinja").read_text()
         self.chat_template = template
+        # The date a template may print ("Today Date: ..." in Llama 3's): fixed when the tokenizer is made, and set
+        # by the pairs stage to the date recorded with the pairs, so that every stage renders the same prompts.
+        self.date = datetime.now().date()
 
     def encode(self, text: str) -> list[int]:
         ids = self.hf.encode(text, add_special_tokens=True).ids
@@ -562,6 +565,7 @@ class Tokenizer:
         return compile_chat_template(self.chat_template).render(
             messages=messages, add_generation_prompt=add_generation_prompt,
             bos_token=self.bos_token or "", eos_token=self.eos_token or "",
+            strftime_now=lambda fmt: datetime.combine(self.date, datetime.min.time()).strftime(fmt),  # as transformers'
         )
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
@@ -588,7 +592,6 @@ def compile_chat_template(source: str):
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
         env.filters["tojson"] = lambda x, indent=None, ensure_ascii=False: json.dumps(x, indent=indent, ensure_ascii=ensure_ascii)
         env.globals["raise_exception"] = raise_exception
-        env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
         _templates[source] = env.from_string(source)
     return _templates[source]
 

@@ -57,13 +57,15 @@ class PairsConfig:  # stage 1: which prompts, which negatives, how responses are
     model: str = "qwen"
     task: str = "persona"
     data: str | None = None  # --task jsonl: the prompts file
-    negative: str | None = None  # random | incomplete; None: the task's (MIPO section 3)
+    eval_data: str | None = None  # --task jsonl: a held-out prompts file (default: every fifth item of data)
+    negative: str | None = None  # random | incomplete | random-resample; None: the task's (MIPO section 3)
     n: int | None = 64  # training prompts, hence pairs; None: the whole training split
     n_eval: int = 16  # held-out prompts for the pointwise-MI meter and the task metric; 0: none
     pairs_file: str | None = None  # an existing pairs file instead of sampling
     sampling: mipo.Sampling | None = None  # None: the task's (paper or CPU) settings
     sample_batch_size: int = 16  # prompts per generate call (mipo.build_pairs; it fixes the sampling seeds)
     seed: int = 0
+    drop_truncated: bool = False  # train only on pairs whose two responses both ended before max_new_tokens
 
 
 @dataclass
@@ -168,15 +170,6 @@ def return_freed_memory_to_the_os():
     set_glibc_malloc(mmap_threshold=1 << 20, trim_threshold=128 << 10)
 
 
-def write_atomically(path: Path, text: str):
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def read_jsonl(path: Path) -> list[dict]:
     """Complete lines only: a last line without its newline is what a kill mid-write leaves, and is dropped."""
     data = path.read_text(encoding="utf-8") if path.exists() else ""
@@ -199,54 +192,52 @@ def crash_hook(crash_at: str | None, stage: str, count: int):
 def make_pairs(cfg: PairsConfig, hw: HardwareConfig, out: Path, rank: int, world: int):
     """-> (training pairs, held-out pairs, the base model's held-out meter or None)."""
     task = mipo.get_task(cfg.task)
-    negative = cfg.negative or task.negative
     pairs_path, eval_path, base_eval_path = out / "pairs.jsonl", out / "eval_pairs.jsonl", out / "base_eval.json"
+    settings = mipo.sampling_settings(cfg.sampling, cfg.seed, cfg.model)
     if cfg.pairs_file:
         train_examples, pairs = None, read_pairs_file(Path(cfg.pairs_file), cfg)
     else:
-        train_examples = mipo.load_examples(task, "train", cfg.n, cfg.data)
-        pairs = mipo.read_pairs(pairs_path, repair=True) if pairs_path.exists() else []
-    eval_examples = mipo.load_examples(task, "eval", cfg.n_eval, cfg.data) if cfg.n_eval > 0 else []
-    eval_pairs = mipo.read_pairs(eval_path, repair=True) if eval_path.exists() else []
+        train_examples = mipo.load_examples(task, "train", cfg.n, cfg.data, cfg.eval_data)
+        pairs = mipo.read_complete_pairs(pairs_path, task, train_examples, cfg.negative, settings)
+    eval_examples = mipo.load_examples(task, "eval", cfg.n_eval, cfg.data, cfg.eval_data) if cfg.n_eval > 0 else []
+    eval_pairs = mipo.read_complete_pairs(eval_path, task, eval_examples, cfg.negative, settings) if eval_examples else []
     base_eval = json.loads(base_eval_path.read_text()) if base_eval_path.exists() else None
-    train_done = train_examples is None or len(pairs) == len(train_examples)
-    if train_done and len(eval_pairs) == len(eval_examples) and (base_eval is not None or not eval_examples):
+    if pairs is not None and eval_pairs is not None and (base_eval is not None or not eval_examples):
         return pairs, eval_pairs, base_eval
 
     # Sampling runs with the weights in the compute dtype: the sampler's KV cache holds the weights' dtype, and
     # bf16 matmuls are several times faster on a CPU with AVX-512 BF16 / AMX and on a GPU.
     dtype = torch.bfloat16 if hw.dtype == "bfloat16" else torch.float32
     model, tokenizer = load_model(cfg.model, hw.device, dtype)
-    if not train_done:
-        pairs = build_sharded(model, tokenizer, task, train_examples, pairs_path, negative, cfg, rank, world)
-    eval_pairs = build_sharded(model, tokenizer, task, eval_examples, eval_path, negative, cfg, rank, world) if eval_examples else []
-    if eval_pairs and rank == 0:
-        # The held-out pairs' chosen responses are the base model's own samples from x: measure it on them.
+    if pairs is None:
+        pairs = build_sharded(model, tokenizer, task, train_examples, pairs_path, cfg, rank, world)
+    if eval_pairs is None:
+        eval_pairs = build_sharded(model, tokenizer, task, eval_examples, eval_path, cfg, rank, world)
+    if eval_pairs and rank == 0 and base_eval is None:
+        # The held-out pairs' chosen responses are the base model's own samples from x: the meter before training.
+        mipo.use_recorded_date(tokenizer, eval_pairs, eval_path)
         base_eval = held_out_meter(model, tokenizer, task, eval_examples, eval_pairs)
-        write_atomically(base_eval_path, json.dumps(base_eval, indent=2))
+        base_eval["pmi_self"] = base_eval["pmi"]  # the base model's own samples, scored by itself
+        mipo.write_atomically(base_eval_path, json.dumps(base_eval, indent=2))
     barrier(world)
     base_eval = json.loads(base_eval_path.read_text()) if base_eval_path.exists() else None
     del model
     return pairs, eval_pairs, base_eval
 
 
-def build_sharded(model, tokenizer, task, examples, path: Path, negative, cfg: PairsConfig, rank, world) -> list[dict]:
-    sampling = cfg.sampling
+def build_sharded(model, tokenizer, task, examples, path: Path, cfg: PairsConfig, rank, world) -> list[dict]:
     if world == 1:
-        return mipo.build_pairs(model, tokenizer, task, examples, path, negative, sampling, cfg.seed,
+        return mipo.build_pairs(model, tokenizer, task, examples, path, cfg.negative, cfg.sampling, cfg.seed,
                                 cfg.sample_batch_size, cfg.model)
-    # Under torchrun each rank samples every world-th batch of prompts into its own file, with the batch's own
-    # seed, then rank 0 merges the files in prompt order: the very pairs one process samples.
-    rank_paths = [path.with_name(f"{path.stem}.rank{r}-of-{world}.jsonl") for r in range(world)]
+    # Under torchrun each rank samples every world-th batch of prompts into its own samples file, with the batch's
+    # own seed, then rank 0 writes the pairs from all of them: the very pairs one process samples.
+    sample_files = [mipo.samples_path(path, (r, world)) for r in range(world)]
     if not path.exists():
-        mipo.build_pairs(model, tokenizer, task, examples, rank_paths[rank], negative, sampling, cfg.seed,
-                         cfg.sample_batch_size, cfg.model, progress=rank == 0, shard=(rank, world))
+        mipo.sample_pairs(model, tokenizer, task, examples, sample_files[rank], cfg.negative, cfg.sampling, cfg.seed,
+                          cfg.sample_batch_size, cfg.model, progress=rank == 0, shard=(rank, world))
     barrier(world)
     if rank == 0 and not path.exists():
-        by_id = {pair["id"]: pair for p in rank_paths for pair in mipo.read_pairs(p)}
-        write_atomically(path, "".join(json.dumps(by_id[ex.id], ensure_ascii=False) + "\n" for ex in examples))
-        for p in rank_paths:
-            p.unlink(missing_ok=True)
+        mipo.write_pairs(task, examples, sample_files, path, cfg.negative, cfg.seed)
     barrier(world)
     return mipo.read_pairs(path)
 
@@ -402,7 +393,7 @@ def reference_logps(model, tokenizer, pairs, loss: LossConfig, opt: OptimConfig,
     if rank == 0:  # merge the ranks' files, in the pairs' order, into one file written atomically
         for r in range(1, world):
             done.update({x["id"]: x for x in read_jsonl(out / f"reference.rank{r}-of-{world}.partial.jsonl")})
-        write_atomically(path, "".join(json.dumps(done[r["id"]]) + "\n" for r in records))
+        mipo.write_atomically(path, "".join(json.dumps(done[r["id"]]) + "\n" for r in records))
         for r in range(world):
             (out / f"reference.rank{r}-of-{world}.partial.jsonl").unlink(missing_ok=True)
     barrier(world)
@@ -416,13 +407,16 @@ def reference_logps(model, tokenizer, pairs, loss: LossConfig, opt: OptimConfig,
 
 
 def learning_rate(step: int, total_steps: int, cfg: OptimConfig) -> float:
-    # Linear warmup over ceil(3%) of the steps (the first step already moves), then a cosine from lr down to
-    # min_lr_ratio * lr (OpenRLHF's cosine_with_min_lr). A pure function of the step: nothing else to checkpoint.
-    warmup = max(1, math.ceil(cfg.warmup_ratio * total_steps))
+    # The paper's schedule, cosine_with_min_lr, exactly as transformers' get_cosine_with_min_lr_schedule_with_warmup
+    # computes it for its OpenRLHF code: a linear warmup from 0 over ceil(3%) of the steps (so with any warmup the
+    # first step runs at lr 0 and moves no weight), then a cosine from lr down to min_lr_ratio * lr. A pure function
+    # of the step: nothing else to checkpoint.
+    warmup = math.ceil(cfg.warmup_ratio * total_steps)
     if step < warmup:
-        return cfg.lr * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total_steps - warmup)
-    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+        return cfg.lr * (float(step) / float(max(1, warmup)))
+    progress = float(step - warmup) / float(max(1, total_steps - warmup))
+    factor = 0.5 * (1.0 + math.cos(math.pi * progress))
+    return cfg.lr * max(0.0, factor * (1 - cfg.min_lr_ratio) + cfg.min_lr_ratio)
 
 
 def epoch_order(n_pairs: int, seed: int, epoch: int) -> list[int]:
@@ -494,7 +488,7 @@ def train(model, records: list[dict], loss: LossConfig, opt: OptimConfig, hw: Ha
         start = load_checkpoint(checkpoint_path, model, optimizer) if checkpoint_path.exists() else 0
     saved = start  # the step of the last good checkpoint (0: none)
     if rank == 0:  # the metrics history of the run being resumed, without the steps that are done again
-        write_atomically(metrics_path, "".join(json.dumps(x) + "\n" for x in read_jsonl(metrics_path) if x["step"] <= start))
+        mipo.write_atomically(metrics_path, "".join(json.dumps(x) + "\n" for x in read_jsonl(metrics_path) if x["step"] <= start))
     ddp_model = torch.nn.parallel.DistributedDataParallel(model) if world > 1 and not hw.shard else model
     with tqdm(total=total_steps, initial=start, desc="DPO", unit="step", disable=rank != 0) as bar:
         for step in range(start, total_steps):
@@ -651,20 +645,25 @@ def save_final(model, tokenizer, out: Path) -> Path:
 
 
 @torch.no_grad()
-def held_out_meter(model, tokenizer, task, examples, eval_pairs, batch_size: int = 8) -> dict:
-    """On held-out pairs whose chosen response is the measured model's own sample from x: the mean pointwise
-    mutual information log p(y|x) - log p(y|x') (mipo.pointwise_mi), a Monte Carlo estimate of the MI that MIPO
-    maximizes, and the task's metric of those samples."""
-    was_training = model.training
-    model.eval()
-    meter = mipo.pointwise_mi(model, tokenizer, eval_pairs, batch_size)
+def held_out_meter(reference, tokenizer, task, examples, eval_pairs, batch_size: int = 8) -> dict:
+    """On held-out pairs whose chosen response is the measured model's own sample from x: the mean pointwise mutual
+    information log p(y|x) - log p(y|x') under the reference (base) model, what MIPO claims to raise (mipo.mi_meter),
+    the responses' length and truncation, and the task's metric of those samples."""
+    was_training = reference.training
+    reference.eval()
+    meter = mipo.mi_meter(reference, tokenizer, meter_rows(eval_pairs), batch_size)
     by_id = {ex.id: ex for ex in examples}
     scores: dict[str, list[float]] = {}
     for pair in eval_pairs:
         for metric, value in task.score(by_id[pair["id"]], pair["chosen"][0]["content"]).items():
             scores.setdefault(metric, []).append(value)
-    model.train(was_training)
+    reference.train(was_training)
     return {**meter, "task": {metric: sum(v) / len(v) for metric, v in scores.items()}}
+
+
+def meter_rows(eval_pairs: list[dict]) -> list[tuple]:
+    """(x, x', y, stopped) of each held-out pair, y its chosen response."""
+    return [(p["prompt"], p["negative_prompt"], p["chosen"][0]["content"], p.get("chosen_stopped", True)) for p in eval_pairs]
 
 
 def with_own_samples(model, tokenizer, eval_pairs, cfg: PairsConfig) -> list[dict]:
@@ -676,12 +675,27 @@ def with_own_samples(model, tokenizer, eval_pairs, cfg: PairsConfig) -> list[dic
     completions = sampler.generate(model, prompts, s.max_new_tokens, temperature=s.temperature, top_p=s.top_p,
                                    top_k=s.top_k, stop_token_ids=tokenizer.stop_token_ids, seed=cfg.seed,
                                    batch_size=2 * cfg.sample_batch_size, progress=False)
-    stops, resampled = set(tokenizer.stop_token_ids), []
+    resampled = []
     for pair, tokens in zip(eval_pairs, completions):
-        stopped = bool(tokens) and tokens[-1] in stops
-        text = tokenizer.decode(tokens[:-1] if stopped else tokens)
+        text, stopped = mipo.response_text(tokenizer, tokens)
         resampled.append({**pair, "chosen": [{"role": "assistant", "content": text}], "chosen_stopped": stopped})
     return resampled
+
+
+def trained_meter(cfg: PairsConfig, hw: HardwareConfig, final_dir: Path, eval_pairs: list[dict], eval_path: Path) -> dict:
+    """The trained model samples its own responses to the held-out prompts; the base model scores them (the meter
+    MIPO's claim is about), and the trained model too (pmi_self, for comparison only)."""
+    task = mipo.get_task(cfg.task)
+    eval_examples = mipo.load_examples(task, "eval", cfg.n_eval, cfg.data, cfg.eval_data)
+    dtype = torch.bfloat16 if hw.dtype == "bfloat16" else torch.float32  # the dtype the base model was measured in
+    policy, tokenizer = load_model(final_dir, hw.device, dtype)
+    mipo.use_recorded_date(tokenizer, eval_pairs, eval_path)
+    own = with_own_samples(policy, tokenizer, eval_pairs, cfg)
+    pmi_self = mipo.mi_meter(policy, tokenizer, meter_rows(own))["pmi"]
+    del policy
+    reference, tokenizer = load_model(cfg.model, hw.device, dtype)
+    mipo.use_recorded_date(tokenizer, eval_pairs, eval_path)
+    return {**held_out_meter(reference, tokenizer, task, eval_examples, own), "pmi_self": pmi_self}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -703,9 +717,12 @@ def parse_args(argv=None):
                    "paper's settings (default: cpu on a CPU, paper on a GPU)")
     g = parser.add_argument_group("data / pairs (stage 1)")
     g.add_argument("--task", default="persona", help=f"one of {', '.join(mipo.TASKS)} (default persona)")
-    g.add_argument("--data", default=None, help="--task jsonl: the prompts file")
-    g.add_argument("--negative", choices=mipo.NEGATIVES, default=None, help="random: the response to another prompt; "
-                   "incomplete: to x without its user context or with a sentence dropped (default: the task's)")
+    g.add_argument("--data", default=None, help="--task jsonl: the prompts file (every fifth item is held out)")
+    g.add_argument("--eval-data", default=None, help="--task jsonl: a separate file of held-out prompts (then all of --data trains)")
+    g.add_argument("--negative", choices=mipo.NEGATIVES, default=None, help="random: the response sampled for another "
+                   "prompt (one sampling pass, the paper's); incomplete: sampled from x without its user context or with a "
+                   "sentence dropped; random-resample: sampled again from another prompt, or from x under another user's "
+                   "context (default: the task's)")
     g.add_argument("--n", type=int, default=None, help="training prompts, hence pairs (preset: cpu 64, paper all; 0: all)")
     g.add_argument("--n-eval", type=int, default=None, help="held-out prompts for the pointwise-MI meter and the task metric (0: none)")
     g.add_argument("--pairs", default=None, help="train on this pairs file (mipo.py's format) instead of sampling")
@@ -715,6 +732,8 @@ def parse_args(argv=None):
     g.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass")
     g.add_argument("--top-k", type=int, default=None, help="top-k filter (0: off)")
     g.add_argument("--sample-batch-size", type=int, default=16, help="prompts per generate call (default 16)")
+    g.add_argument("--drop-truncated", action="store_true", help="train only on pairs whose two responses both ended "
+                   "before --max-new-tokens (default: keep every pair, as the paper)")
     g = parser.add_argument_group("loss (stage 3)")
     g.add_argument("--loss", choices=LOSS_TYPES, default="sigmoid", help="preference loss (default sigmoid: DPO, as MIPO)")
     g.add_argument("--beta", type=float, default=0.1, help="DPO's beta, the strength of the pull to the reference (default 0.1)")
@@ -773,9 +792,11 @@ def resolve_config(args):
     if sampling.temperature < 0 or not 0 < sampling.top_p <= 1 or sampling.top_k < 0 or sampling.max_new_tokens < 1:
         raise MipoError(f"sampling {asdict(sampling)}: need --temperature >= 0, 0 < --top-p <= 1, --top-k >= 0, --max-new-tokens >= 1")
     n = preset["n"] if args.n is None else (args.n or None)
-    pairs = PairsConfig(model=args.model, task=args.task, data=args.data, negative=args.negative or task.negative, n=n,
+    pairs = PairsConfig(model=args.model, task=args.task, data=args.data, eval_data=args.eval_data,
+                        negative=args.negative or task.negative, n=n,
                         n_eval=preset["n_eval"] if args.n_eval is None else args.n_eval, pairs_file=args.pairs,
-                        sampling=sampling, sample_batch_size=args.sample_batch_size, seed=args.seed)
+                        sampling=sampling, sample_batch_size=args.sample_batch_size, seed=args.seed,
+                        drop_truncated=args.drop_truncated)
     loss = LossConfig(loss=args.loss, beta=args.beta, label_smoothing=args.label_smoothing, reference_free=args.reference_free,
                       rpo_alpha=args.rpo_alpha, f_divergence_type=args.f_divergence_type,
                       f_alpha_divergence_coef=args.f_alpha_divergence_coef, discopop_tau=args.discopop_tau,
@@ -841,7 +862,7 @@ def check_run_dir(out: Path, settings: dict):
     path = out / "config.json"
     if not path.exists():
         out.mkdir(parents=True, exist_ok=True)
-        write_atomically(path, json.dumps(settings, indent=2) + "\n")
+        mipo.write_atomically(path, json.dumps(settings, indent=2) + "\n")
         return
     try:
         old = json.loads(path.read_text())
@@ -872,9 +893,16 @@ def main(argv=None):
     t = time.time()
     pairs, eval_pairs, base_eval = make_pairs(pairs_cfg, hw, out, rank, world)
     timings["pairs"] = time.time() - t
+    pair_stats = mipo.pair_stats(pairs)
+    if pairs_cfg.drop_truncated:  # a cut response has no end-of-turn token: such a pair also teaches "stop" or "go on"
+        pairs = [p for p in pairs if p.get("chosen_stopped", True) and p.get("rejected_stopped", True)]
+    pair_stats["trained_on"] = len(pairs)
+    if rank == 0:
+        print(pairs_message(pair_stats, pairs_cfg), flush=True)
     final_dir = out / "final"
     if not final_dir.exists():
         model, tokenizer = load_model(pairs_cfg.model, hw.device, torch.float32)
+        mipo.use_recorded_date(tokenizer, pairs, pairs_cfg.pairs_file or out / "pairs.jsonl")
         if hw.shard:  # before the reference pass: it must run the very computation of training's step 0
             shard.shard_model(model, param_dtype=torch.bfloat16 if hw.dtype == "bfloat16" else None)
         t = time.time()
@@ -898,18 +926,13 @@ def main(argv=None):
     summary_path = out / "summary.json"
     if not summary_path.exists():
         history = read_jsonl(out / "metrics.jsonl")
-        summary = {"final": str(final_dir), "step0": history[0], "last": history[-1], "base_eval": base_eval,
-                   "trained_eval": None, "timings_s": timings}
+        summary = {"final": str(final_dir), "pairs": pair_stats, "step0": history[0], "last": history[-1],
+                   "base_eval": base_eval, "trained_eval": None, "timings_s": timings}
         if eval_pairs:
             t = time.time()
-            task = mipo.get_task(pairs_cfg.task)
-            dtype = torch.bfloat16 if hw.dtype == "bfloat16" else torch.float32
-            model, tokenizer = load_model(final_dir, hw.device, dtype)  # the dtype the base model was measured in
-            eval_examples = mipo.load_examples(task, "eval", pairs_cfg.n_eval, pairs_cfg.data)
-            resampled = with_own_samples(model, tokenizer, eval_pairs, pairs_cfg)
-            summary["trained_eval"] = held_out_meter(model, tokenizer, task, eval_examples, resampled)
+            summary["trained_eval"] = trained_meter(pairs_cfg, hw, final_dir, eval_pairs, out / "eval_pairs.jsonl")
             timings["held_out_eval"] = time.time() - t
-        write_atomically(summary_path, json.dumps(summary, indent=2))
+        mipo.write_atomically(summary_path, json.dumps(summary, indent=2))
     print_summary(json.loads(summary_path.read_text()), loss_cfg)
 
 
@@ -918,9 +941,12 @@ def print_plan(pairs_cfg: PairsConfig, loss_cfg: LossConfig, opt_cfg: OptimConfi
     source = pairs_cfg.pairs_file or f"{pairs_cfg.n or 'all'} {pairs_cfg.task} prompts"
     known_n = pairs_cfg.n and not pairs_cfg.pairs_file  # a given pairs file may hold fewer pairs than --n
     steps = f"{pairs_cfg.n // opt_cfg.batch_size * opt_cfg.epochs} steps" if known_n else f"{opt_cfg.epochs} epoch(s)"
+    steps = f"up to {steps}" if known_n and pairs_cfg.drop_truncated else steps
+    cut = "dropped (--drop-truncated)" if pairs_cfg.drop_truncated else "kept, as the paper"
     print(f"MIPO run in {out}: {world} process(es) on {hw.device}, {hw.dtype} compute, float32 weights and AdamW\n"
           f"  1 pairs      {source} (+{pairs_cfg.n_eval} held out), --negative {pairs_cfg.negative}; {pairs_cfg.model} "
-          f"samples at T={s.temperature}, top-p {s.top_p}, up to {s.max_new_tokens} new tokens\n"
+          f"samples at T={s.temperature}, top-p {s.top_p}, up to {s.max_new_tokens} new tokens; pairs with a response "
+          f"cut at that limit: {cut}\n"
           f"  2 reference  one no-grad pass of the base model over every pair, stored; no reference model after it\n"
           f"  3 DPO        --loss {loss_cfg.loss}, beta {loss_cfg.beta}: {steps} of {opt_cfg.batch_size} pairs (micro-batch "
           f"{opt_cfg.micro_batch_size}), AdamW lr {opt_cfg.lr:g} cosine to {opt_cfg.min_lr_ratio:g}x, checkpoint every "
@@ -935,6 +961,13 @@ def print_plan(pairs_cfg: PairsConfig, loss_cfg: LossConfig, opt_cfg: OptimConfi
     print(shard.format_memory_plan(plan, gpu_bytes), flush=True)
 
 
+def pairs_message(stats: dict, cfg: PairsConfig) -> str:
+    kept = (f"--drop-truncated: training on the {stats['trained_on']} pairs with both sides complete" if cfg.drop_truncated
+            else "all kept (--drop-truncated drops them)")
+    return (f"pairs: {stats['pairs']}; cut at {cfg.sampling.max_new_tokens} new tokens: chosen {stats['chosen_truncated']:.0%}, "
+            f"rejected {stats['rejected_truncated']:.0%}, a pair with either side cut {stats['either_truncated']:.0%}: {kept}")
+
+
 def print_summary(summary: dict, loss_cfg: LossConfig):
     print(f"\ntrained model: {summary['final']}  (model_loader.load_model, or transformers' from_pretrained)")
     print(step0_message(summary["step0"], loss_cfg))
@@ -943,9 +976,11 @@ def print_summary(summary: dict, loss_cfg: LossConfig):
           f"margin {last['rewards/margins']:.4f}")
     before, after = summary["base_eval"], summary["trained_eval"]
     if before and after:
-        print(f"held-out pointwise MI, log p(y|x) - log p(y|x') with y ~ p(.|x) the model's own sample, over "
-              f"{before['pairs']} prompts: {before['pmi']:.3f} -> {after['pmi']:.3f} nats (on the base model's negatives "
-              f"y ~ p(.|x'): {before['pmi_rejected']:.3f} -> {after['pmi_rejected']:.3f})")
+        print(f"held-out pointwise MI under the base model, log p_base(y|x) - log p_base(y|x') with y each model's own "
+              f"sample from x, over {before['pairs']} prompts: {before['pmi']:.3f} -> {after['pmi']:.3f} nats "
+              f"(scored by the trained model itself: {after['pmi_self']:.3f})")
+        print(f"held-out responses: {before['length']:.1f} -> {after['length']:.1f} tokens, cut at the limit "
+              f"{before['truncated']:.0%} -> {after['truncated']:.0%}")
         for metric, value in before["task"].items():
             if not metric.startswith("met_"):  # persona's per-preference rates stay in summary.json
                 print(f"held-out {metric}: {value:.3f} -> {after['task'].get(metric, float('nan')):.3f}")

@@ -7,10 +7,11 @@ and prints what the paper talks about, in the order the paper does it:
   stage 1  one contrastive pair in full: x with the user's stated preferences, x', y+ ~ pi_ref(.|x), y- ~ pi_ref(.|x')
   stage 2  its frozen reference log-probs, and the 2 x 2 table log pi_ref(y+ or y- | x or x') they come from
   stage 3  DPO: step 0 (policy = reference: rewards 0, loss ln 2), then loss and reward accuracy step by step
-  stage 4  the pointwise-MI meter on held-out prompts, base model vs trained model
+  stage 4  the pointwise-MI meter on held-out prompts: the base model's PMI of the base model's answers and of the
+           trained model's answers (what MIPO claims to raise), and the trained model's own score of its answers
 
 Nothing here re-implements the method: every number comes from train.py's files or from calling the project's
-own functions (mipo.response_logps, mipo.pointwise_mi, dpo_loss.preference_loss, train.with_own_samples).
+own functions (mipo.response_logps, mipo.mi_meter, dpo_loss.preference_loss, train.with_own_samples).
 
     python examples/walkthrough.py                      # a fresh temporary run directory, kept afterwards
     python examples/walkthrough.py --out runs/walk      # run it again with the same --out: every stage is reused
@@ -51,6 +52,8 @@ def parse_args(argv=None):
     parser.add_argument("--batch-size", type=int, default=2, help="pairs per DPO step (default 2: --n 8 gives 4 steps)")
     parser.add_argument("--lr", type=float, default=1e-5, help="peak learning rate (default 1e-5: 20x the paper's 5e-7, so that "
                         "4 steps visibly move a 135M model; 1e-4 overshoots)")
+    parser.add_argument("--warmup-ratio", type=float, default=0.03, help="the paper's warmup (default 0.03: ceil(3%%) of the "
+                        "steps, so the first step runs at lr 0)")
     parser.add_argument("--loss", default="sigmoid", help="preference loss (default sigmoid: DPO, as MIPO)")
     parser.add_argument("--beta", type=float, default=0.1, help="DPO's beta (default 0.1, the paper's)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the sampling and the data order")
@@ -75,7 +78,7 @@ def run_train(args, out: Path) -> list[str]:
     """train.py as a user runs it; its own output goes to OUT/train.log. Returns the command line."""
     argv = ["--model", args.model, "--task", args.task, "--n", str(args.n), "--n-eval", str(args.n_eval),
             "--max-new-tokens", str(args.max_new_tokens), "--batch-size", str(args.batch_size),
-            "--micro-batch-size", str(args.batch_size), "--lr", f"{args.lr:g}", "--loss", args.loss,
+            "--micro-batch-size", str(args.batch_size), "--lr", f"{args.lr:g}", "--warmup-ratio", f"{args.warmup_ratio:g}", "--loss", args.loss,
             "--beta", f"{args.beta:g}", "--seed", str(args.seed), "--save-every", "1000",
             # float32: the cross-checks below compare numbers computed by two code paths to ~1e-5 nats
             "--dtype", "float32", "--device", "cpu", "--out", str(out)]
@@ -127,15 +130,20 @@ def main(argv=None):
     heading(f"stage 1  contrastive pairs   mipo.py:build_pairs   {timings.get('pairs', 0):.0f} s   -> pairs.jsonl "
             f"({len(pairs)} pairs), eval_pairs.jsonl")
     kind = pair["negative"]
-    where = {"incomplete": "x' = x without the user's stated preferences (mipo.py:negative_example)",
-             "random": "x' = the prompt of another training item, chosen by mipo.py:derangement (with a user context: the "
-                       "same request under that item's context)"}[kind]
+    where = {"incomplete": "x' = x without the user's stated preferences (mipo.py:negative_example); y- ~ pi_ref(.|x')",
+             "random": "x' = the prompt of another training item, chosen by mipo.py:derangement; y- is the response "
+                       "already sampled for it (its own y+): one sampling pass",
+             "random-resample": "x' = another training item's prompt (with a user context: the same request under that "
+                                "item's context), chosen by mipo.py:derangement; y- ~ pi_ref(.|x') sampled afresh"}[kind]
     print(f"pair {args.pair} ({pair['id']}), --negative {kind}: {where}; negative_source = {pair['negative_source']!r}")
     show("x, the prompt (the user turn; the chat template adds the model's default system prompt):", pair["prompt"][0]["content"])
     show("x', the prompt the negative was sampled from:", pair["negative_prompt"][0]["content"])
     stopped = {k: "ended with end-of-turn" if pair[f"{k}_stopped"] else f"cut at {args.max_new_tokens} tokens" for k in ("chosen", "rejected")}
     show(f"chosen y+ ~ pi_ref(.|x)  [{stopped['chosen']}]:", pair["chosen"][0]["content"])
     show(f"rejected y- ~ pi_ref(.|x')  [{stopped['rejected']}], stored under the ORIGINAL prompt x:", pair["rejected"][0]["content"])
+    stats = summary["pairs"]
+    print(f"responses cut at {args.max_new_tokens} tokens over all {stats['pairs']} pairs: chosen {stats['chosen_truncated']:.0%}, "
+          f"rejected {stats['rejected_truncated']:.0%} (a pair with one side cut also teaches when to stop: --drop-truncated)")
 
     # ------------------------------------------------------------------------------------------- stage 2
     heading(f"stage 2  frozen reference log-probs   train.py:reference_logps   {timings.get('reference', 0):.0f} s   -> reference.jsonl")
@@ -146,6 +154,7 @@ def main(argv=None):
     print("(sums over the response tokens incl. the end-of-turn token when the sample stopped: dpo_loss.py:sequence_logps)")
     t_extra = time.time()
     base, tokenizer = load_model(args.model, "cpu", torch.float32)
+    mipo.use_recorded_date(tokenizer, pairs, out / "pairs.jsonl")  # the prompts as train.py rendered them
     before = two_by_two(base, tokenizer, pair)
     print("\nthe same pair scored again, each response as its own sequence (mipo.py:response_logps), under x and under x':")
     print(f"{'':>14}{'y+':>12}{'y-':>12}")
@@ -167,7 +176,8 @@ def main(argv=None):
           f"(implicit reward beta * log pi/pi_ref)")
     print(f"  loss = {first['loss']:.4f}   ln 2 = {LN2:.4f}   (-log sigmoid(0): a coin flip between y+ and y-)")
     print(f"  rewards/accuracies = {first['rewards/accuracies']:.2f}   (strict chosen > rejected: ties count as wrong)")
-    print("\nstep by step (a step's loss and rewards are measured BEFORE its update, on pairs not yet trained on):")
+    print("\nstep by step (a step's loss and rewards are measured BEFORE its update, on pairs not yet trained on; the paper's "
+          "warmup starts at lr 0, so with any warmup the first update moves nothing):")
     print(f"{'step':>6}{'lr':>10}{'loss':>9}{'reward acc':>12}{'margin':>10}{'chosen r':>11}{'rejected r':>12}")
     for m in history:
         print(f"{m['step']:>6}{m['lr']:>10.2e}{m['loss']:>9.4f}{m['rewards/accuracies']:>12.2f}{m['rewards/margins']:>10.4f}"
@@ -187,26 +197,28 @@ def main(argv=None):
           f"its loss {pair_loss.item():.4f} (was ln 2 = {LN2:.4f})   (dpo_loss.py:preference_loss)")
 
     # ------------------------------------------------------------------------------------------- stage 4
-    heading(f"stage 4  final model + held-out meter   train.py:held_out_meter -> mipo.py:pointwise_mi   "
+    heading(f"stage 4  final model + held-out meter   train.py:held_out_meter -> mipo.py:mi_meter   "
             f"{timings.get('held_out_eval', 0):.0f} s   -> final/, summary.json")
     base_eval, trained_eval = summary["base_eval"], summary["trained_eval"]
     if not (base_eval and trained_eval):
         print("no held-out prompts (--n-eval 0): no meter")
     else:
         n = base_eval["pairs"]
-        print(f"pointwise MI log p(y|x) - log p(y|x'), mean over {n} held-out prompts, y = the measured model's own sample:")
-        print(f"  MI before (base model)    {base_eval['pmi']:8.3f} nats")
-        print(f"  MI after  (trained model) {trained_eval['pmi']:8.3f} nats")
-        print(f"  on the base model's negatives y ~ pi_ref(.|x') (the same texts before and after): "
-              f"{base_eval['pmi_rejected']:.3f} -> {trained_eval['pmi_rejected']:.3f} nats")
-        # The quantity DPO's optimum raises is the BASE model's PMI of what the trained model says (docs/walkthrough.md,
-        # step 11): the trained model's samples, drawn exactly as train.py drew them, scored under pi_ref.
+        print(f"pointwise MI log pi_ref(y|x) - log pi_ref(y|x') under the BASE model, mean over {n} held-out prompts, "
+              f"y = each model's own sample from x:")
+        print(f"  MI before (base model's answers)    {base_eval['pmi']:8.3f} nats")
+        print(f"  MI after  (trained model's answers) {trained_eval['pmi']:8.3f} nats   <- what MIPO claims to raise")
+        print(f"  the trained model's answers scored by the trained model itself: {trained_eval['pmi_self']:.3f} nats "
+              f"(pmi_self: it also rises when a model only grows more confident)")
+        print(f"  answer length {base_eval['length']:.1f} -> {trained_eval['length']:.1f} tokens, cut at the limit "
+              f"{base_eval['truncated']:.0%} -> {trained_eval['truncated']:.0%}")
+        # Recomputed here: the trained model's samples, drawn exactly as train.py drew them, scored under pi_ref.
         pairs_cfg = train.PairsConfig(**{**config["pairs"], "sampling": mipo.Sampling(**config["pairs"]["sampling"])})
         held_out = mipo.read_pairs(out / "eval_pairs.jsonl")
+        mipo.use_recorded_date(tokenizer, held_out, out / "eval_pairs.jsonl")
         own = train.with_own_samples(trained, tokenizer, held_out, pairs_cfg)
-        under_base = mipo.pointwise_mi(base, tokenizer, own)["pmi"]
-        print(f"  the trained model's samples scored under the BASE model: {under_base:.3f} nats "
-              f"(vs {base_eval['pmi']:.3f} for the base model's own samples)")
+        under_base = mipo.mi_meter(base, tokenizer, train.meter_rows(own))["pmi"]
+        print(f"  cross-check: the trained model's samples drawn again and scored under the BASE model here: {under_base:.3f} nats")
         show("held-out prompt 0:", held_out[0]["prompt"][0]["content"])
         show("  the base model's answer (eval_pairs.jsonl):", held_out[0]["chosen"][0]["content"])
         show("  the trained model's answer (sampled with the same seed):", own[0]["chosen"][0]["content"])

@@ -131,7 +131,7 @@ def random_pairs(B=64, seed=0, **overrides):
 
 @pytest.mark.parametrize("loss_type", ["sigmoid", "sigmoid_norm", "robust"])
 def test_zero_margin_gives_ln2(loss_type):
-    # Step 0 of MIPO training: the policy is the reference, every reward is 0, sigmoid DPO is ln 2 (DESIGN.md).
+    # Step 0 of MIPO training: the policy is the reference, every reward is 0, sigmoid DPO is ln 2.
     inputs = random_pairs()
     inputs["ref_chosen_logps"] = inputs["policy_chosen_logps"]
     inputs["ref_rejected_logps"] = inputs["policy_rejected_logps"]
@@ -369,7 +369,7 @@ def random_batch(B=3, T=9, V=50, seed=0, dtype=torch.float32):
     input_ids = torch.randint(0, V, (B, T), generator=generator)
     prompt_lengths, completion_lengths = torch.tensor([2, 4, 1]), torch.tensor([5, 3, 8])  # row 2 fills all T
     positions = torch.arange(T)
-    # masks from lengths, never from pad ids (STYLE.md 7); everything after prompt + completion is right padding
+    # masks from lengths, never from pad ids (never inferred from a pad id); everything after prompt + completion is right padding
     ends = prompt_lengths + completion_lengths
     completion_mask = (positions >= prompt_lengths[:, None]) & (positions < ends[:, None])  # (B, T)
     return logits, input_ids, completion_mask, completion_lengths

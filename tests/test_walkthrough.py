@@ -104,10 +104,11 @@ def test_every_command_in_the_walkthrough_parses_with_the_current_flags():
 
 @pytest.fixture(scope="module")
 def example(tmp_path_factory):
-    """The example with even smaller settings than its defaults: 4 pairs, 2 DPO steps, 2 held-out prompts."""
+    """The example with even smaller settings than its defaults: 4 pairs, 2 DPO steps, 2 held-out prompts; no warmup,
+    so that the first step moves the model (the paper's warmup runs step 1 at lr 0)."""
     tmp = tmp_path_factory.mktemp("walkthrough")
     out = tmp / "run"
-    argv = ["--n", "4", "--n-eval", "2", "--max-new-tokens", "16", "--batch-size", "2", "--out", str(out)]
+    argv = ["--n", "4", "--n-eval", "2", "--max-new-tokens", "16", "--batch-size", "2", "--warmup-ratio", "0", "--out", str(out)]
     result = subprocess.run([sys.executable, str(EXAMPLE), *argv], capture_output=True, text=True, cwd=tmp,
                             env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=1200)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
@@ -154,11 +155,27 @@ def test_example_prints_step_zero_rewards_zero_and_loss_ln2_then_the_steps(examp
 def test_example_prints_the_mi_meter_before_and_after(example):
     stdout, out = example
     summary = json.loads((out / "summary.json").read_text())
-    before = number(r"MI before \(base model\) +(-?[\d.]+) nats", stdout)
-    after = number(r"MI after +\(trained model\) +(-?[\d.]+) nats", stdout)
+    before = number(r"MI before \(base model's answers\) +(-?[\d.]+) nats", stdout)
+    after = number(r"MI after +\(trained model's answers\) +(-?[\d.]+) nats", stdout)
     assert before == pytest.approx(summary["base_eval"]["pmi"], abs=1e-3)
     assert after == pytest.approx(summary["trained_eval"]["pmi"], abs=1e-3)
-    assert math.isfinite(number(r"scored under the BASE model: (-?[\d.]+) nats", stdout))
+    assert number(r"scored by the trained model itself: (-?[\d.]+) nats", stdout) == pytest.approx(summary["trained_eval"]["pmi_self"], abs=1e-3)
+    # train.py's meter scores the trained model's samples under the BASE model: recomputed by the example, equal
+    assert number(r"scored under the BASE model here: (-?[\d.]+) nats", stdout) == pytest.approx(after, abs=1e-3)
+
+
+def test_training_moved_the_model(example):
+    # Not only the run's files agreeing with each other: the update went the way DPO pushes, and the saved weights
+    # are not the base model's.
+    _, out = example
+    history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert history[0]["rewards/margins"] == 0 and history[1]["rewards/margins"] > 0
+    from safetensors.torch import load_file
+
+    from model_loader import resolve_model_dir
+
+    trained, base = load_file(out / "final" / "model.safetensors"), load_file(resolve_model_dir("llama") / "model.safetensors")
+    assert max((trained[k].float() - base[k].float()).abs().max().item() for k in trained) > 1e-5
 
 
 def test_every_function_the_example_prints_exists(example):
