@@ -5,6 +5,7 @@ float32 master weights and float32 RoPE tables; the memory model counts paramete
 The two processes run every distributed case in one spawn (each start costs seconds); the single-process runs they
 are compared with happen in the test process itself."""
 import math
+import pickle
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import shard
-from conftest import make_tiny_model
+from conftest import RunsCodeWhenUnpickled, make_tiny_model
 from dpo_loss import preference_loss, sequence_logps
 from model_loader import ModelConfig, rope_inv_freq
 
@@ -148,8 +149,8 @@ def worker(rank: int, tmp: str):
     logits.float().logsumexp(-1).mean().backward()
     if rank == 0:
         results["bf16"] = {"logits": logits.detach(),
-                           "param_dtypes": {p.dtype for p in model.parameters()},
-                           "grad_dtypes": {p.grad.dtype for p in model.parameters()}}
+                           "param_dtypes": sorted({str(p.dtype) for p in model.parameters()}),
+                           "grad_dtypes": sorted({str(p.grad.dtype) for p in model.parameters()})}
     torch.save(results, Path(tmp) / f"rank{rank}.pt")
     dist.barrier()  # no rank tears down its connections while the other may still be using them
     dist.destroy_process_group()
@@ -159,7 +160,7 @@ def worker(rank: int, tmp: str):
 def distributed(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("shard")
     mp.start_processes(worker, args=(str(tmp),), nprocs=WORLD, start_method="spawn")
-    return torch.load(tmp / "rank0.pt", weights_only=False)
+    return torch.load(tmp / "rank0.pt", weights_only=True)  # tensors, numbers, strings and containers
 
 
 def single_process_run(case: dict):
@@ -240,7 +241,7 @@ def test_resume_from_sharded_checkpoint_gives_the_same_weights(distributed, name
 
 def test_bf16_mixed_precision_keeps_float32_master_weights_and_rope(distributed):
     got = distributed["bf16"]
-    assert got["param_dtypes"] == {torch.float32} and got["grad_dtypes"] == {torch.float32}
+    assert got["param_dtypes"] == got["grad_dtypes"] == ["torch.float32"]
     model = make_tiny_model().to(torch.bfloat16)
     model.inv_freq = rope_inv_freq(model.config)  # .to() cast the buffer too; FSDP leaves it in float32
     with torch.no_grad():
@@ -326,3 +327,23 @@ def test_paper_models_parse_and_table_prints():
     commands = shard.paper_commands()
     assert "torchrun --standalone --nproc_per_node 8 train.py -- --model /models/Qwen2.5-7B-Instruct" in commands
     assert "| Qwen/Qwen2.5-7B-Instruct | 1 | does not fit" in commands
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checkpoints from elsewhere hold weights, never code (no processes needed)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_checkpoint_metadata_that_names_other_code_or_holds_non_tensors_is_refused(tmp_path):
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata
+
+    crafted, marker = tmp_path / "crafted", tmp_path / "code-ran"
+    crafted.mkdir()
+    (crafted / ".metadata").write_bytes(pickle.dumps(RunsCodeWhenUnpickled(marker)))
+    with pytest.raises(shard.MipoError, match="not a checkpoint train.py wrote"):
+        shard.TensorCheckpointReader(crafted).read_metadata()
+    assert not marker.exists()
+    # torch.distributed.checkpoint loads a non-tensor entry with torch.load(weights_only=False): none may pass
+    (crafted / ".metadata").write_bytes(pickle.dumps(Metadata(state_dict_metadata={"optimizer.x": BytesStorageMetadata()})))
+    with pytest.raises(shard.MipoError, match="entries that are not tensors"):
+        shard.TensorCheckpointReader(crafted).read_metadata()

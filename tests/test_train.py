@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import make_tiny_model
+from conftest import RunsCodeWhenUnpickled, make_tiny_model
 from model_loader import MipoError, ModelConfig, Tokenizer, load_model, save_model
 
 REPO = Path(__file__).resolve().parent.parent
@@ -216,6 +216,41 @@ def test_killed_run_resumes_to_identical_weights(assets, baseline, tmp_path, cra
     a, b = final_weights(out), final_weights(uninterrupted)
     assert all(torch.equal(a[k], b[k]) for k in a)  # bitwise
     assert [m["step"] for m in metrics(out)] == [1, 2, 3, 4]
+
+
+def test_checkpoint_holds_no_pickled_object_and_restores_every_generator(tmp_path):
+    """checkpoint.pt holds tensors, numbers and lists only (torch.load with weights_only=True reads it), and loading
+    it gives back the weights, AdamW's moments, the step and every random generator's state."""
+    import random
+
+    import numpy as np
+
+    model = make_tiny_model()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(torch.tensor([[1, 2, 3]])).logsumexp(-1).sum().backward()
+    optimizer.step()
+    torch.manual_seed(5), random.seed(6), np.random.seed(7)
+    np.random.standard_normal()  # numpy caches the second of each pair of Gaussians: part of its state
+    train.save_checkpoint(tmp_path / "checkpoint.pt", model, optimizer, 3)
+    draws = (torch.rand(3).tolist(), random.random(), np.random.standard_normal(2).tolist())
+    json.dumps(train.rng_state())  # the generators' states are plain JSON
+    fresh = make_tiny_model(seed=1)
+    fresh_optimizer = torch.optim.AdamW(fresh.parameters(), lr=1e-3)
+    assert train.load_checkpoint(tmp_path / "checkpoint.pt", fresh, fresh_optimizer) == 3
+    assert (torch.rand(3).tolist(), random.random(), np.random.standard_normal(2).tolist()) == draws
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), model.state_dict().values()))
+    moments = lambda opt: [s["exp_avg_sq"] for s in opt.state_dict()["state"].values()]  # noqa: E731
+    assert all(torch.equal(a, b) for a, b in zip(moments(fresh_optimizer), moments(optimizer)))
+    assert set(torch.load(tmp_path / "checkpoint.pt", weights_only=True)) == {"step", "model", "optimizer", "rng"}
+
+
+def test_a_crafted_checkpoint_is_refused_without_running_it(tmp_path):
+    marker = tmp_path / "code-ran"
+    torch.save({"step": 1, "model": RunsCodeWhenUnpickled(marker)}, tmp_path / "checkpoint.pt")
+    model = make_tiny_model()
+    with pytest.raises(MipoError, match="checkpoint.pt: not a checkpoint this version of train.py wrote"):
+        train.load_checkpoint(tmp_path / "checkpoint.pt", model, torch.optim.AdamW(model.parameters()))
+    assert not marker.exists()
 
 
 # ---------------------------------------------------------------------------------------------------- processes
