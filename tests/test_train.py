@@ -5,13 +5,14 @@ logits, and bad input or a NaN loss ends the run with one line and exit status 2
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from conftest import RunsCodeWhenUnpickled, make_tiny_model
 from model_loader import MipoError, ModelConfig, Tokenizer, load_model, save_model
@@ -63,8 +64,8 @@ def assets(tmp_path_factory):
     return {"model": write_tiny_model(root / "tiny"), "data": write_prompts(root / "prompts.jsonl", 16), "root": root}
 
 
-def args_for(assets, out, *extra, n=8):
-    return ["--model", str(assets["model"]), "--task", "jsonl", "--data", str(assets["data"]), "--negative", "random",
+def args_for(assets, out, *extra, n=8, model=None):
+    return ["--model", str(model or assets["model"]), "--task", "jsonl", "--data", str(assets["data"]), "--negative", "random",
             "--n", str(n), "--n-eval", "0", "--max-new-tokens", "6", "--temperature", "1.0", "--lr", "1e-3",
             "--batch-size", "4", "--sample-batch-size", "2", "--dtype", "float32", "--device", "cpu", "--out", str(out), *extra]
 
@@ -82,6 +83,37 @@ def metrics(out: Path) -> list[dict]:
 
 def final_weights(out: Path) -> dict:
     return load_file(out / "final" / "model.safetensors")
+
+
+def assert_same_metrics(got: Path, want: Path):
+    """Two runs logged the same loss, gradient norm and rewards at every step, to float rounding (relative 1e-5).
+    The gradient norm is logged before clipping, so a gradient off by any factor (a sum where a mean belongs, a
+    missing division by the number of processes) fails here, though AdamW's lr * sign(g) first step would hide it
+    from the weights. A reward is beta times the difference of two log-probs of about 15 nats, each summed in
+    float32 to about 1e-6 (measured: rewards differ by up to 7e-8): 1e-6 absolute on top of the relative bound."""
+    got, want = metrics(got), metrics(want)
+    assert [m["step"] for m in got] == [m["step"] for m in want]
+    for g, w in zip(got, want):
+        for key in ("loss", "grad_norm"):
+            assert g[key] == pytest.approx(w[key], rel=1e-5), (g["step"], key)
+        for key in ("rewards/chosen", "rewards/rejected", "rewards/margins"):
+            assert g[key] == pytest.approx(w[key], rel=1e-5, abs=1e-6), (g["step"], key)
+
+
+def copy_model(assets, to: Path) -> Path:
+    shutil.copytree(assets["model"], to)
+    return to
+
+
+def perturb_weights(model_dir: Path):
+    """Change every weight of a model directory: a run that starts from it again cannot end where it ended."""
+    state = load_file(model_dir / "model.safetensors")
+    save_file({k: v * 1.25 + 0.01 for k, v in state.items()}, model_dir / "model.safetensors", metadata={"format": "pt"})
+
+
+def file_identity(out: Path, names) -> dict:
+    """Content, modification time and inode of each file: equal afterwards means nobody wrote or replaced it."""
+    return {n: ((out / n).read_bytes(), (out / n).stat().st_mtime_ns, (out / n).stat().st_ino) for n in names}
 
 
 def assert_same_update(got: dict, want: dict, assets):
@@ -201,14 +233,38 @@ def test_bf16_autocast_run_and_held_out_meter(assets, tmp_path):
 
 
 @pytest.mark.parametrize("crash_at", ["train:3", "reference:1"])
-def test_killed_run_resumes_to_identical_weights(assets, baseline, tmp_path, crash_at):
+def test_killed_run_resumes_to_identical_weights(assets, tmp_path, crash_at):
+    """SIGKILL, then the same command: the weights of an uninterrupted run, bit for bit. And it resumed, which
+    every fixed seed would hide from the weights alone: the files of the finished stages are untouched, the
+    work kept in the unfinished one is used, not redone, and the run says at which step it resumes."""
+    model = copy_model(assets, tmp_path / "model")  # this run's own copy of the base model, changed below
     out = tmp_path / "resumed"
-    args = args_for(assets, out, "--epochs", "2", "--save-every", "2", "--micro-batch-size", "2")
+    args = args_for(assets, out, "--epochs", "2", "--save-every", "2", "--micro-batch-size", "2", model=model)
     killed = run_cli([*args, "--_crash-at", crash_at])
     assert killed.returncode == -9, killed.stderr[-2000:]  # SIGKILL: nothing was cleaned up
     assert not (out / "final").exists()
+    if crash_at == "train:3":
+        kept = file_identity(out, ["config.json", "pairs.jsonl", "reference.jsonl"])
+        # Steps 1 and 2, the ones the checkpoint holds, are the only ones that read the base weights: a run that
+        # started over would train from these changed weights, and could not end with the uninterrupted weights.
+        perturb_weights(model)
+    else:  # killed after the first micro-batch of the reference pass, which stays in its partial file
+        kept = file_identity(out, ["config.json", "pairs.jsonl"])
+        partial = out / "reference.rank0-of-1.partial.jsonl"
+        scored = [{**json.loads(line), "kept": True} for line in partial.read_text().splitlines()]
+        assert len(scored) == 2  # one micro-batch
+        partial.write_text("".join(json.dumps(r) + "\n" for r in scored))  # a mark a rescoring would not write
     resumed = run_cli(args)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert file_identity(out, kept) == kept
+    if crash_at == "train:3":
+        assert f"resuming from {out / 'checkpoint.pt'}: 2 optimizer step(s) done, training continues at step 3" \
+            in resumed.stdout
+    else:
+        reference = {r["id"]: r for r in map(json.loads, (out / "reference.jsonl").read_text().splitlines())}
+        assert all(reference[r["id"]].get("kept") for r in scored)
+        assert sum(r.get("kept", False) for r in reference.values()) == 2
+        assert "resuming from" not in resumed.stdout  # no checkpoint was written before the kill
     # The same command uninterrupted, in a process of its own (the thread count changes float rounding).
     uninterrupted = tmp_path / "uninterrupted"
     args = args_for(assets, uninterrupted, "--epochs", "2", "--save-every", "2", "--micro-batch-size", "2")
@@ -267,25 +323,36 @@ def test_two_process_ddp_equals_one_process(assets, baseline, tmp_path):
     assert (out / "pairs.jsonl").read_text() == (baseline / "pairs.jsonl").read_text()
     assert not list(out.glob("pairs.rank*"))
     assert_same_update(final_weights(out), final_weights(baseline), assets)
-    history = metrics(out)
-    assert [m["step"] for m in history] == [1, 2, 3, 4] and history[0]["step0/max_abs_logp_diff"] == 0
+    assert_same_metrics(out, baseline)
+    assert metrics(out)[0]["step0/max_abs_logp_diff"] == 0
 
 
 def test_two_process_fsdp_equals_one_process_and_resumes(assets, baseline, tmp_path):
-    """train.py --shard (FSDP2 over 2 gloo processes, shard.py) gives the single-process weights, and a sharded run
-    killed mid-training resumes from its distributed checkpoint to the same weights as an uninterrupted one."""
+    """train.py --shard (FSDP2 over 2 gloo processes, shard.py) gives the single-process weights and logs its
+    numbers, and a sharded run killed mid-training resumes from its distributed checkpoint (not from the start: the
+    base weights are changed after the kill) to the same weights as an uninterrupted one."""
     launcher = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2")
-    args = lambda out: args_for(assets, out, "--epochs", "2", "--save-every", "2", "--micro-batch-size", "2",
-                                "--pairs", str(baseline / "pairs.jsonl"), "--shard")
-    result = run_cli(args(tmp_path / "fsdp"), launcher=launcher)
+    args = lambda out, model, pairs: args_for(assets, out, "--epochs", "2", "--save-every", "2", "--micro-batch-size",
+                                              "2", "--pairs", str(pairs), "--shard", model=model)
+    result = run_cli(args(tmp_path / "fsdp", assets["model"], baseline / "pairs.jsonl"), launcher=launcher)
     assert result.returncode == 0, result.stderr[-3000:]
     fsdp = final_weights(tmp_path / "fsdp")
     assert_same_update(fsdp, final_weights(baseline), assets)
+    assert_same_metrics(tmp_path / "fsdp", baseline)
     assert metrics(tmp_path / "fsdp")[0]["step0/max_abs_logp_diff"] == 0
-    killed = run_cli([*args(tmp_path / "resumed"), "--_crash-at", "train:3"], launcher=launcher)
-    assert killed.returncode != 0 and (tmp_path / "resumed" / "checkpoint").is_dir()
-    assert run_cli(args(tmp_path / "resumed"), launcher=launcher).returncode == 0
-    resumed = final_weights(tmp_path / "resumed")
+
+    model, out = copy_model(assets, tmp_path / "model"), tmp_path / "resumed"
+    pairs = tmp_path / "pairs.jsonl"  # the baseline's pairs, marked as sampled by the copy
+    pairs.write_text((baseline / "pairs.jsonl").read_text().replace(json.dumps(str(assets["model"])), json.dumps(str(model))))
+    killed = run_cli([*args(out, model, pairs), "--_crash-at", "train:3"], launcher=launcher)
+    assert killed.returncode != 0 and (out / "checkpoint" / "extra.json").is_file()
+    kept = file_identity(out, ["config.json", "reference.jsonl"])
+    perturb_weights(model)  # only steps 1 and 2, which the checkpoint holds, start from the base weights
+    resumed = run_cli(args(out, model, pairs), launcher=launcher)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert file_identity(out, kept) == kept
+    assert f"resuming from {out / 'checkpoint'}: 2 optimizer step(s) done, training continues at step 3" in resumed.stdout
+    resumed = final_weights(out)
     assert all(torch.equal(resumed[k], fsdp[k]) for k in fsdp)
 
 
