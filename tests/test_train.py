@@ -209,14 +209,90 @@ def test_saved_model_loads_in_transformers_with_identical_logits(baseline):
     assert tokenizer.chat_template and tokenizer.stop_token_ids == [209, 210]
 
 
-@pytest.mark.parametrize("loss", [x for x in train.LOSS_TYPES if x != "sigmoid"])
-def test_every_loss_type_trains(assets, tmp_path, loss):
+def softplus(x: float) -> float:  # log(1 + e^x) = -log sigma(-x)
+    return max(x, 0.0) + math.log1p(math.exp(-abs(x)))
+
+
+BETA = 0.1  # train.py's default, which args_for keeps
+# Step 0, where the policy is the reference: every log-ratio and margin h is 0. Each loss's value there, and
+# |dloss/dh| there (for the losses of the margin alone), worked out by hand from its formula in dpo_loss.py:
+# sigma(0) = 1/2, sigma'(0) = 1/4, 1 / (2 beta) = 5. robust and exo_pair run with label smoothing eps = 0.1.
+STEP0 = {
+    "sigmoid": (LN2 := math.log(2), BETA / 2),  # -log sigma(beta h)
+    "robust": (LN2, BETA / 2 / 0.8),  # ((1 - eps) (-log sigma(beta h)) - eps (-log sigma(-beta h))) / (1 - 2 eps)
+    "hinge": (1.0, BETA),  # max(0, 1 - beta h)
+    "ipo": (25.0, None),  # (h_per_token - 1 / (2 beta))^2
+    "ipo_sum": (25.0, 10.0),  # (h - 5)^2
+    # q log(q / (1 - eps)) + (1 - q) log((1 - q) / eps) at q = sigma(beta h) = 1/2: 1/2 log(1/4 / (0.9 * 0.1));
+    # its slope in beta h is q'(0) log(eps / (1 - eps)) = log(1/9) / 4
+    "exo_pair": (0.5 * math.log(0.25 / 0.09), BETA * math.log(9) / 4),
+    "nca_pair": (2 * LN2, BETA / 4),  # -log sigma(r+) - 1/2 log sigma(-r+) - 1/2 log sigma(-r-), r = beta log-ratio
+    "bco_pair": (2 * LN2, BETA / 2),  # -log sigma(r+ - delta) - log sigma(-(r- - delta)), delta = mean reward = 0
+    "sppo_hard": (50.0, 10.0),  # (log-ratio+ - 5)^2 + (log-ratio- + 5)^2
+    "aot": (LN2, BETA / 2),  # sigmoid on sorted margins; all equal at step 0
+    "aot_unpaired": (LN2, BETA / 2),
+    "apo_zero": (1.0, BETA / 4),  # 1 - sigma(r+) + sigma(r-)
+    "apo_down": (1.0, None),  # sigma(r+) + 1 - sigma(r+ - r-)
+    # (1 - s(l / tau)) softplus(-l) + s(l / tau) e^-l, tau = 0.05, at l = 0: (ln 2 + 1) / 2; slope in l:
+    # -1/4 - ln 2 / (4 tau) - 1/2 + 1 / (4 tau)
+    "discopop": ((LN2 + 1) / 2, BETA * abs(-0.25 - 5 * LN2 - 0.5 + 5)),
+    "sigmoid_norm": (LN2, None),
+}
+
+
+def step0_loss_by_hand(loss: str, batch: list[dict], under_x_prime) -> float:
+    """The mean loss of step 1's pairs at step 0, where the policy's log-probs are the stored reference ones. The
+    reference-free losses depend on them: simpo and sft from reference.jsonl, infonce and sami also on each
+    response under x' (under_x_prime: pair -> (log pi(y+|x'), log pi(y-|x')))."""
+    if loss in STEP0:
+        return STEP0[loss][0]
+    values = []
+    for r in batch:
+        chosen, rejected = r["ref_chosen_logps"], r["ref_rejected_logps"]
+        if loss == "simpo":  # -log sigma(beta (mean log pi(y+) - mean log pi(y-)) - gamma), gamma 0.5
+            values.append(softplus(-(BETA * (chosen / r["chosen_length"] - rejected / r["rejected_length"]) - 0.5)))
+        elif loss == "sft":
+            values.append(-chosen / r["chosen_length"])
+        else:
+            chosen_x_prime, rejected_x_prime = under_x_prime(r)
+            # InfoNCE: for y+ tell x from x', for y- tell x' from x (a softmax over the two prompts)
+            columns = (softplus(chosen_x_prime - chosen) + softplus(rejected - rejected_x_prime)) / 2
+            # SAMI adds the rows: under x tell y+ from y-, under x' tell y- from y+
+            rows = (softplus(rejected - chosen) + softplus(chosen_x_prime - rejected_x_prime)) / 2
+            values.append(columns if loss == "infonce" else (rows + columns) / 2)
+    return sum(values) / len(values)
+
+
+@pytest.mark.parametrize("loss", train.LOSS_TYPES)
+def test_every_loss_type_trains_from_its_step0_value(assets, baseline, tmp_path, loss):
+    """--loss reaches the loss: the logged step-1 loss, computed before the first update, is the loss's own value
+    at step 0. The gradient norm tells apart the losses that share a step-0 value: for a loss of the margin h
+    alone, the step-0 gradient is dloss/dh times the gradient of h, so its norm is |dloss/dh| / (beta / 2) times
+    sigmoid DPO's (the baseline, whose step 1 is the same batch)."""
     out = tmp_path / loss
     extra = ["--label-smoothing", "0.1"] if loss in ("robust", "exo_pair") else []
     train.main(args_for(assets, out, "--loss", loss, *extra))
     history = metrics(out)
     assert len(history) == 2 and all(math.isfinite(m["loss"]) for m in history)
     assert (out / "final" / "model.safetensors").exists()
+    records = [json.loads(line) for line in (out / "reference.jsonl").read_text().splitlines()]
+    batch = [records[i] for i in train.epoch_order(len(records), 0, 0)[:4]]  # step 1's pairs
+    model, _ = load_model(assets["model"])
+
+    def under_x_prime(r):  # x' + y scored alone: a plain forward, no packing
+        with torch.no_grad():
+            return tuple(alone_logps(model, r["negative_prompt_ids"], r[f"{key}_ids"]) for key in ("chosen", "rejected"))
+
+    assert history[0]["step0/max_abs_logp_diff"] == 0
+    assert history[0]["loss"] == pytest.approx(step0_loss_by_hand(loss, batch, under_x_prime), rel=1e-5, abs=1e-5)
+    slope = STEP0.get(loss, (None, None))[1]
+    if slope is not None:
+        assert history[0]["grad_norm"] == pytest.approx(metrics(baseline)[0]["grad_norm"] * slope / (BETA / 2), rel=1e-5)
+
+
+def alone_logps(model, prompt: list[int], response: list[int]) -> float:
+    logits = model(torch.tensor([prompt + response]))[0, len(prompt) - 1:-1]  # (len(response), V)
+    return logits.float().log_softmax(-1).gather(-1, torch.tensor(response)[:, None]).sum().item()
 
 
 def test_bf16_autocast_run_and_held_out_meter(assets, tmp_path):
