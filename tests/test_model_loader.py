@@ -27,8 +27,9 @@ CONFIGS = {
 }
 
 
-def write_hf_model(config: dict, out_dir, seed=0):
-    """A random transformers model saved as an HF directory (the reference we must match)."""
+def write_hf_model(config: dict, out_dir, seed=0, qk_scale=1.0):
+    """A random transformers model saved as an HF directory (the reference we must match). qk_scale multiplies the
+    query and key projections: a random init attends almost uniformly, so its logits hardly depend on positions."""
     torch.manual_seed(seed)
     hf_cfg = transformers.AutoConfig.for_model(**config)
     model = transformers.AutoModelForCausalLM.from_config(hf_cfg, dtype=torch.float32)
@@ -36,6 +37,8 @@ def write_hf_model(config: dict, out_dir, seed=0):
         for name, p in model.named_parameters():
             if name.endswith("bias") or "norm" in name:
                 p.normal_(0, 0.5 if "norm" in name else 0.1).add_(1.0 if "norm" in name else 0.0)
+            if name.endswith(("q_proj.weight", "k_proj.weight")):
+                p.mul_(qk_scale)
     model.save_pretrained(out_dir)
     return model.eval()
 
@@ -69,14 +72,20 @@ def test_cached_decoding_equals_full_forward(name, tmp_path):
     assert (torch.cat(steps, dim=1) - full).abs().max().item() < 1e-5
 
 
-def test_bf16_close_to_float32(tmp_path):
-    write_hf_model(CONFIGS["qwen2_bias_ratio7"], tmp_path)
+@pytest.mark.parametrize("name", ["qwen2_bias_ratio7", "qwen3_head_dim"])
+def test_bf16_close_to_float32(name, tmp_path):
+    """bf16 weights and activations, with RMSNorm, RoPE tables and softmax in float32: at each of 800 positions
+    (up to 399; bf16 holds every integer only up to 256) the logits are within 2% of that position's float32
+    logit range (measured: 0.8% at most; RoPE angles computed in bf16 reach 6%)."""
+    write_hf_model(CONFIGS[name], tmp_path, qk_scale=4.0)
     m32, _ = load_model_dir_without_tokenizer(tmp_path)
     m16, _ = load_model_dir_without_tokenizer(tmp_path, dtype=torch.bfloat16)
     assert m16.lm_head.weight.dtype == torch.bfloat16
-    ids = torch.randint(0, TINY["vocab_size"], (2, 16), generator=torch.Generator().manual_seed(3))
+    ids = torch.randint(0, TINY["vocab_size"], (2, 400), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
-        assert (m16(ids).float() - m32(ids)).abs().max().item() < 0.1
+        expected, got = m32(ids), m16(ids).float()  # (2, 400, V)
+    spread = expected.amax(-1) - expected.amin(-1)  # (2, 400)
+    assert ((got - expected).abs().amax(-1) / spread).max().item() < 0.02
 
 
 def test_float32_linear_runs_on_onednn_forward_and_backward():
