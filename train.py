@@ -44,7 +44,8 @@ from tqdm import tqdm
 import mipo
 import shard
 from dpo_loss import F_DIVERGENCES, LOSS_TYPES, check_options, preference_loss, preference_metrics, sequence_logps
-from model_loader import MipoError, ModelConfig, cpu_has_fast_bf16, load_model, read_json, resolve_model_dir, save_model
+from model_loader import (MipoError, ModelConfig, cpu_has_fast_bf16, load_model, local_model, read_json, resolve_model_dir,
+                          save_model)
 from sampler import set_glibc_malloc
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -712,7 +713,9 @@ def parse_args(argv=None):
                                                  "train one epoch of DPO, save a Hugging Face model.")
     parser.error = flag_error  # argparse would print its usage block; one line instead, and exit status 2
     g = parser.add_argument_group("model")
-    g.add_argument("--model", default="qwen", help="bundled model (qwen, llama, smollm2) or a Hugging Face directory (default qwen)")
+    g.add_argument("--model", default="qwen", help="bundled model (qwen, llama, smollm2), a Hugging Face directory, or a "
+                   "hub name such as Qwen/Qwen2.5-1.5B-Instruct, downloaded once with huggingface_hub (default qwen)")
+    g.add_argument("--revision", default=None, help="with a hub name: the commit (or branch, tag) to download (default main)")
     g.add_argument("--preset", choices=PRESETS, default=None, help="cpu: a ~5 minute run on 2 CPU cores; paper: the "
                    "paper's settings (default: cpu on a CPU, paper on a GPU)")
     g = parser.add_argument_group("data / pairs (stage 1)")
@@ -787,7 +790,8 @@ def resolve_config(args):
     if sampling.temperature < 0 or not 0 < sampling.top_p <= 1 or sampling.top_k < 0 or sampling.max_new_tokens < 1:
         raise MipoError(f"sampling {asdict(sampling)}: need --temperature >= 0, 0 < --top-p <= 1, --top-k >= 0, --max-new-tokens >= 1")
     n = preset["n"] if args.n is None else (args.n or None)
-    pairs = PairsConfig(model=args.model, task=args.task, data=args.data, negative=args.negative or task.negative, n=n,
+    model = local_model(args.model, args.revision)  # a hub name: downloaded now, then a local directory like any other
+    pairs = PairsConfig(model=model, task=args.task, data=args.data, negative=args.negative or task.negative, n=n,
                         n_eval=preset["n_eval"] if args.n_eval is None else args.n_eval, pairs_file=args.pairs,
                         sampling=sampling, sample_batch_size=args.sample_batch_size, seed=args.seed)
     loss = LossConfig(loss=args.loss, beta=args.beta, label_smoothing=args.label_smoothing, reference_free=args.reference_free,
@@ -816,7 +820,7 @@ def resolve_config(args):
     if preset is PRESETS["paper"] and torch.device(device).type == "cuda" and args.micro_batch_size is None \
             and args.gradient_checkpointing is None:
         gpu_bytes = torch.cuda.get_device_properties(int(os.environ.get("LOCAL_RANK", "0"))).total_memory
-        opt, hw = fit_to_gpu(args.model, sampling.max_new_tokens, opt, hw, world, gpu_bytes)
+        opt, hw = fit_to_gpu(pairs.model, sampling.max_new_tokens, opt, hw, world, gpu_bytes)
     if args.shard:  # shard.shard_batch: ceil(G / world) pairs per rank, padded with weight-0 copies
         slots = math.ceil(opt.batch_size / world)
         if slots % opt.micro_batch_size:

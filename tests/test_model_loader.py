@@ -1,15 +1,19 @@
 """Parity of the handwritten decoder with transformers on tiny random configs, the tokenizer and chat
 template on a local HF directory, and every bad input the loader must name in one line."""
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
+import model_loader
 from model_loader import MipoError, ModelConfig, load_model
 
 transformers = pytest.importorskip("transformers")
+ROOT = Path(__file__).resolve().parent.parent
 
 TINY = dict(vocab_size=211, hidden_size=64, intermediate_size=96, num_hidden_layers=2, max_position_embeddings=512,
             rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2)
@@ -207,3 +211,52 @@ def test_sharded_checkpoint_loads(tmp_path):
     ids = torch.arange(10)[None]
     with torch.no_grad():
         assert (ours(ids) - ref(ids).logits).abs().max().item() < 1e-4
+
+
+def fake_snapshot_download(model_dir, calls: list):
+    """huggingface_hub.snapshot_download as the hub would answer it, without the network: the repository's files
+    are already in model_dir."""
+    def snapshot_download(repo_id, revision=None, allow_patterns=None, **kwargs):
+        calls.append({"repo_id": repo_id, "revision": revision, "allow_patterns": allow_patterns, **kwargs})
+        return str(model_dir)
+    return snapshot_download
+
+
+def test_hub_name_downloads_through_snapshot_download_and_loads_like_a_directory(tmp_path, monkeypatch):
+    huggingface_hub = pytest.importorskip("huggingface_hub")
+    write_hf_model(CONFIGS["llama_tied"], tmp_path)
+    expected, _ = load_model_dir_without_tokenizer(tmp_path)
+    calls = []
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download(tmp_path, calls))
+    model, tokenizer = load_model("meta-llama/Tiny-Instruct", revision="0123abc")
+    assert calls == [{"repo_id": "meta-llama/Tiny-Instruct", "revision": "0123abc", "allow_patterns": model_loader.HUB_FILES}]
+    assert "model.safetensors.index.json" in model_loader.HUB_FILES and "*.safetensors" in model_loader.HUB_FILES
+    ids = torch.tensor([[1, 5, 9]])
+    with torch.no_grad():
+        assert torch.equal(model(ids), expected(ids))
+    assert tokenizer.stop_token_ids == [209, 210]
+    # A local directory of that shape is a directory, not a hub name; a revision needs a hub name.
+    monkeypatch.chdir(tmp_path.parent)
+    assert model_loader.resolve_model_dir(tmp_path.name) == Path(tmp_path.name) and len(calls) == 1
+    with pytest.raises(MipoError, match="--revision 0123abc: pins a Hugging Face hub model .* is a local directory"):
+        model_loader.resolve_model_dir(tmp_path.name, revision="0123abc")
+    with pytest.raises(MipoError, match="is a bundled model"):
+        model_loader.resolve_model_dir("qwen", revision="0123abc")
+
+
+def test_unreachable_hub_is_one_line_naming_the_local_directory_way(tmp_path, monkeypatch):
+    # The real huggingface_hub in a process of its own (it reads its settings at import), told not to connect
+    # (HF_HUB_OFFLINE), with an empty cache: what a machine without network access gets, and no network used.
+    pytest.importorskip("huggingface_hub")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    result = subprocess.run([sys.executable, str(ROOT / "model_loader.py"), "Qwen/Qwen2.5-1.5B-Instruct"], env=env,
+                            cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and result.stdout == ""
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith("error: --model Qwen/Qwen2.5-1.5B-Instruct: not a local directory, and the Hugging Face hub "
+                           "cannot be reached") and line.endswith("and pass --model DIR")
+    # Without huggingface_hub installed: how to get it, or the local directory way.
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # import fails as when not installed
+    with pytest.raises(MipoError, match=r"not a local directory; to download it from the Hugging Face hub, pip install "
+                                        r"huggingface_hub, or download it .* and pass --model DIR$"):
+        load_model("Qwen/Qwen2.5-1.5B-Instruct")

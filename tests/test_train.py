@@ -451,6 +451,54 @@ def test_bad_flags_and_inputs_give_one_line_and_status_2(assets, baseline, tmp_p
         assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], (what, lines)
 
 
+def test_hub_model_name_trains_from_the_downloaded_directory(assets, baseline, tmp_path, monkeypatch):
+    """--model owner/name --revision R: huggingface_hub's snapshot_download (faked here: it returns the tiny model's
+    directory) fetches the model, and the run is the run on that directory: the same pairs, the same weights."""
+    huggingface_hub = pytest.importorskip("huggingface_hub")
+    calls = []
+
+    def snapshot_download(repo_id, revision=None, **kwargs):
+        calls.append((repo_id, revision))
+        return str(assets["model"])
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    out = tmp_path / "hub"
+    argv = args_for(assets, out, "--epochs", "2", "--save-every", "2", "--revision", "0123abc")
+    argv[argv.index("--model") + 1] = "someone/tiny-chat"
+    train.main(argv)
+    assert calls and set(calls) == {("someone/tiny-chat", "0123abc")}
+    assert (out / "pairs.jsonl").read_text() == (baseline / "pairs.jsonl").read_text()  # sampled by the same directory
+    a, b = final_weights(out), final_weights(baseline)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("script", ["train.py", "mipo.py", "eval.py"])
+def test_unreachable_hub_model_is_one_line_and_writes_nothing(assets, tmp_path, script):
+    """Where the hub cannot be reached (the real huggingface_hub told not to connect, with an empty cache), each
+    command line says so in one line with the local-directory way, exits 2 and leaves the file system as it was."""
+    pytest.importorskip("huggingface_hub")
+    work = tmp_path / "work"
+    work.mkdir()
+    data = assets["data"]
+    argv = {"train.py": ["--model", "Qwen/Qwen2.5-1.5B-Instruct", "--revision", "0123abc", "--task", "jsonl", "--data",
+                         str(data), "--out", str(work / "run")],
+            "mipo.py": ["--model", "Qwen/Qwen2.5-1.5B-Instruct", "--revision", "0123abc", "--task", "jsonl", "--data",
+                        str(data), "--out", str(work / "pairs.jsonl")],
+            "eval.py": ["--model", "Qwen/Qwen2.5-1.5B-Instruct", "--revision", "0123abc", "--task", "jsonl", "--data",
+                        str(data), "--out", str(work / "eval"), "--judge", "none"]}[script]
+    listing = lambda: sorted(p for p in REPO.rglob("*") if not {".git", "__pycache__", ".pytest_cache"} & set(p.parts))  # noqa: E731
+    before = listing()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, str(REPO / script), *argv], capture_output=True, text=True, cwd=work,
+                            env=env, timeout=600)
+    assert result.returncode == 2, result.stderr[-2000:]
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith("error: --model Qwen/Qwen2.5-1.5B-Instruct: not a local directory, and the Hugging Face "
+                           "hub cannot be reached") and "pass --model DIR" in line
+    assert list(work.iterdir()) == []
+    assert listing() == before
+
+
 def test_infonce_needs_the_negative_prompt(assets, baseline, tmp_path):
     pairs = [json.loads(line) for line in (baseline / "pairs.jsonl").read_text().splitlines()]
     for p in pairs:
