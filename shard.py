@@ -244,7 +244,7 @@ class MetadataUnpickler(pickle.Unpickler):
 
 class TensorCheckpointReader(dcp.FileSystemReader):
     """torch.distributed.checkpoint reads .metadata with a plain pickle.load, which runs whatever a crafted file
-    names, and loads non-tensor entries with torch.load(weights_only=False). This reader first unpickles .metadata
+    names, and loads non-tensor entries with an unrestricted torch.load. This reader first unpickles .metadata
     with MetadataUnpickler and accepts only tensor entries (all save_sharded writes), so a checkpoint directory from
     elsewhere can hold weights, never code."""
 

@@ -433,7 +433,7 @@ def epoch_order(n_pairs: int, seed: int, epoch: int) -> list[int]:
 
 def rng_state() -> dict:
     """Every random generator's state as lists and numbers, which JSON and torch.load(weights_only=True) both read:
-    a checkpoint holds no pickled object, so opening a run directory someone else made runs no code."""
+    a checkpoint holds no object whose loading runs code, so opening a run directory someone else made is safe."""
     numpy_state = np.random.get_state()  # ("MT19937", (624,) uint32 keys, position, has_gauss, cached_gaussian)
     version, python_internal, python_gauss = random.getstate()
     return {"torch": torch.get_rng_state().tolist(),

@@ -364,7 +364,7 @@ def test_checkpoint_metadata_that_names_other_code_or_holds_non_tensors_is_refus
     with pytest.raises(shard.MipoError, match="not a checkpoint train.py wrote"):
         shard.TensorCheckpointReader(crafted).read_metadata()
     assert not marker.exists()
-    # torch.distributed.checkpoint loads a non-tensor entry with torch.load(weights_only=False): none may pass
+    # torch.distributed.checkpoint loads a non-tensor entry with an unrestricted torch.load: none may pass
     (crafted / ".metadata").write_bytes(pickle.dumps(Metadata(state_dict_metadata={"optimizer.x": BytesStorageMetadata()})))
     with pytest.raises(shard.MipoError, match="entries that are not tensors"):
         shard.TensorCheckpointReader(crafted).read_metadata()
