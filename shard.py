@@ -215,9 +215,11 @@ def load_sharded(path, model, optimizer) -> dict | None:
         path = old  # a save was killed between its two renames: the previous checkpoint is complete
     if not (path / ".metadata").exists() or not (path / "extra.json").exists():
         raise MipoError(f"{path}: not a complete sharded checkpoint (no .metadata or extra.json); delete it to start over")
+    reader = TensorCheckpointReader(path)
+    reader.read_metadata()  # a foreign or damaged .metadata fails here, one MipoError on every rank, not inside dcp.load
     model_state, optimizer_state = get_state_dict(model, optimizer)  # the layout to fill, sharded like the model
     state = {"model": model_state, "optimizer": optimizer_state["state"]}
-    dcp.load(state, storage_reader=TensorCheckpointReader(path))  # in place, each rank reading only its own shards
+    dcp.load(state, storage_reader=reader)  # in place, each rank reading only its own shards
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=optimizer_state)
     try:
         return json.loads((path / "extra.json").read_text(encoding="utf-8"))
