@@ -213,12 +213,12 @@ def softplus(x: float) -> float:  # log(1 + e^x) = -log sigma(-x)
     return max(x, 0.0) + math.log1p(math.exp(-abs(x)))
 
 
-BETA = 0.1  # train.py's default, which args_for keeps
+BETA, LN2 = 0.1, math.log(2)  # beta: train.py's default, which args_for keeps
 # Step 0, where the policy is the reference: every log-ratio and margin h is 0. Each loss's value there, and
 # |dloss/dh| there (for the losses of the margin alone), worked out by hand from its formula in dpo_loss.py:
 # sigma(0) = 1/2, sigma'(0) = 1/4, 1 / (2 beta) = 5. robust and exo_pair run with label smoothing eps = 0.1.
 STEP0 = {
-    "sigmoid": (LN2 := math.log(2), BETA / 2),  # -log sigma(beta h)
+    "sigmoid": (LN2, BETA / 2),  # -log sigma(beta h)
     "robust": (LN2, BETA / 2 / 0.8),  # ((1 - eps) (-log sigma(beta h)) - eps (-log sigma(-beta h))) / (1 - 2 eps)
     "hinge": (1.0, BETA),  # max(0, 1 - beta h)
     "ipo": (25.0, None),  # (h_per_token - 1 / (2 beta))^2
