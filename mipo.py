@@ -957,7 +957,9 @@ def parse_args(argv=None):
                            "context, from x under another user's context (default: the task's)")
     data.add_argument("--out", default=None, help="pairs file to write or resume (default runs/pairs-TASK-NEGATIVE.jsonl)")
     model = parser.add_argument_group("model")
-    model.add_argument("--model", default="qwen", help="bundled model name (qwen, llama, smollm2) or a Hugging Face directory")
+    model.add_argument("--model", default="qwen", help="bundled model name (qwen, llama, smollm2), a Hugging Face directory, "
+                       "or a hub name (owner/name), downloaded once with huggingface_hub")
+    model.add_argument("--revision", default=None, help="with a hub name: the commit (or branch, tag) to download (default main)")
     model.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device (default cuda if available)")
     model.add_argument("--dtype", choices=("float32", "bfloat16"), default=None, help="default bfloat16 on a GPU or a CPU with "
                        "AVX-512 BF16 / AMX, else float32 (as train.py)")
@@ -986,8 +988,9 @@ def main(argv=None) -> None:
     examples = load_examples(task, "train", args.n, args.data)
     out = Path(args.out or f"runs/pairs-{task.name}-{negative}.jsonl")
 
-    from model_loader import load_model
+    from model_loader import load_model, local_model
 
+    args.model = local_model(args.model, args.revision)  # a hub name: downloaded now, then a local directory
     fast_bf16 = torch.device(args.device).type != "cpu" or cpu_has_fast_bf16()
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype or ("bfloat16" if fast_bf16 else "float32")]
     model, tokenizer = load_model(args.model, args.device, dtype)

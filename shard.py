@@ -25,8 +25,10 @@ Shape legend: B pairs in a micro-batch, R rows of its forward (one packed row pe
 V vocabulary, C hidden size, I MLP width, H query heads, K key/value heads, D head_dim, L layers, N parameters.
 """
 import argparse
+import json
 import math
 import os
+import pickle
 import shutil
 import sys
 from pathlib import Path
@@ -173,7 +175,9 @@ def clip_grad_norm(model, max_norm: float) -> float:
 
 def save_sharded(path, model, optimizer, extra: dict):
     """Collective: every rank calls it. path is a directory (on a filesystem all nodes share); extra is small
-    picklable state from rank 0 (the step, RNG states). Atomic: written under path.tmp, then rank 0 renames it."""
+    JSON-able state from rank 0 (the step, RNG states), written as extra.json. Atomic: written under path.tmp,
+    then rank 0 renames it. Only tensors go through torch.distributed.checkpoint: AdamW's hyperparameters
+    (param_groups) are not saved, since train.py builds the optimizer with them and sets the lr every step."""
     path = Path(path)
     tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
     rank = dist.get_rank()
@@ -183,10 +187,10 @@ def save_sharded(path, model, optimizer, extra: dict):
     # get_state_dict names every tensor by its parameter's name (optimizer states too), so the files do not
     # depend on the order parameters were handed to AdamW, or on how many ranks wrote them.
     model_state, optimizer_state = get_state_dict(model, optimizer)
-    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(tmp))
+    dcp.save({"model": model_state, "optimizer": optimizer_state["state"]}, checkpoint_id=str(tmp))
     if rank == 0:
-        with open(tmp / "extra.pt", "wb") as f:
-            torch.save(extra, f)
+        with open(tmp / "extra.json", "w", encoding="utf-8") as f:
+            json.dump(extra, f)
             f.flush()
             os.fsync(f.fileno())
     dist.barrier()  # every rank's shards are on disk
@@ -209,13 +213,57 @@ def load_sharded(path, model, optimizer) -> dict | None:
         if not old.exists():
             return None
         path = old  # a save was killed between its two renames: the previous checkpoint is complete
-    if not (path / ".metadata").exists() or not (path / "extra.pt").exists():
-        raise MipoError(f"{path}: not a complete sharded checkpoint (no .metadata or extra.pt); delete it to start over")
+    if not (path / ".metadata").exists() or not (path / "extra.json").exists():
+        raise MipoError(f"{path}: not a complete sharded checkpoint (no .metadata or extra.json); delete it to start over")
+    reader = TensorCheckpointReader(path)
+    reader.read_metadata()  # a foreign or damaged .metadata fails here, one MipoError on every rank, not inside dcp.load
     model_state, optimizer_state = get_state_dict(model, optimizer)  # the layout to fill, sharded like the model
-    state = {"model": model_state, "optimizer": optimizer_state}
-    dcp.load(state, checkpoint_id=str(path))  # in place, each rank reading only its own shards
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
-    return torch.load(path / "extra.pt", map_location="cpu", weights_only=False)  # our own file: holds RNG states
+    state = {"model": model_state, "optimizer": optimizer_state["state"]}
+    dcp.load(state, storage_reader=reader)  # in place, each rank reading only its own shards
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=optimizer_state)
+    try:
+        return json.loads((path / "extra.json").read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise MipoError(f"{path / 'extra.json'}: not valid JSON ({e}); delete {path} to start over")
+
+
+# What a torch.distributed.checkpoint .metadata file may name: the checkpoint format's own classes and torch's
+# value types (pickle.find_class asks for each class before it builds one).
+METADATA_CLASSES = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"),
+                    ("pathlib", "WindowsPath"), ("collections", "OrderedDict"),
+                    ("torch.distributed.checkpoint.filesystem", "_StorageInfo")}
+METADATA_CLASSES |= {("torch.distributed.checkpoint.metadata", name) for name in (
+    "Metadata", "MetadataIndex", "StorageMeta", "TensorStorageMetadata", "ChunkStorageMetadata", "TensorProperties",
+    "BytesStorageMetadata", "_MEM_FORMAT_ENCODING")}
+
+
+class MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        if (module, name) in METADATA_CLASSES or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not a checkpoint metadata class")
+
+
+class TensorCheckpointReader(dcp.FileSystemReader):
+    """torch.distributed.checkpoint reads .metadata with a plain pickle.load, which runs whatever a crafted file
+    names, and loads non-tensor entries with an unrestricted torch.load. This reader first unpickles .metadata
+    with MetadataUnpickler and accepts only tensor entries (all save_sharded writes), so a checkpoint directory from
+    elsewhere can hold weights, never code."""
+
+    def read_metadata(self, *args, **kwargs):
+        metadata_path = Path(self.path) / ".metadata"
+        try:
+            with open(metadata_path, "rb") as f:
+                metadata = MetadataUnpickler(f).load()
+        except Exception as e:
+            raise MipoError(f"{metadata_path}: not a checkpoint train.py wrote ({str(e).splitlines()[0][:200]}); "
+                            f"delete {self.path} to start over")
+        entries = getattr(metadata, "state_dict_metadata", None)
+        tensors = dcp.metadata.TensorStorageMetadata
+        if not isinstance(entries, dict) or not all(isinstance(entry, tensors) for entry in entries.values()):
+            raise MipoError(f"{metadata_path}: holds entries that are not tensors, which train.py never writes; "
+                            f"delete {self.path} to start over")
+        return super().read_metadata(*args, **kwargs)  # the same bytes, now known to name only the classes above
 
 
 def full_model_on_rank0(model: CausalLM) -> CausalLM | None:

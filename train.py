@@ -44,7 +44,8 @@ from tqdm import tqdm
 import mipo
 import shard
 from dpo_loss import F_DIVERGENCES, LOSS_TYPES, check_options, preference_loss, preference_metrics, sequence_logps
-from model_loader import MipoError, ModelConfig, cpu_has_fast_bf16, load_model, read_json, resolve_model_dir, save_model
+from model_loader import (MipoError, ModelConfig, cpu_has_fast_bf16, load_model, local_model, read_json, resolve_model_dir,
+                          save_model)
 from sampler import set_glibc_malloc
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -425,25 +426,32 @@ def epoch_order(n_pairs: int, seed: int, epoch: int) -> list[int]:
 
 
 def rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+    """Every random generator's state as lists and numbers, which JSON and torch.load(weights_only=True) both read:
+    a checkpoint holds no object whose loading runs code, so opening a run directory someone else made is safe."""
+    numpy_state = np.random.get_state()  # ("MT19937", (624,) uint32 keys, position, has_gauss, cached_gaussian)
+    version, python_internal, python_gauss = random.getstate()
+    return {"torch": torch.get_rng_state().tolist(),
+            "cuda": [s.tolist() for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else None,
+            "python": [version, list(python_internal), python_gauss],
+            "numpy": [numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]]}
 
 
 def set_rng_state(state: dict):
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
     if state["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
+    version, python_internal, python_gauss = state["python"]
+    random.setstate((version, tuple(python_internal), python_gauss))
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), *rest))
 
 
 def save_checkpoint(path: Path, model, optimizer, step: int):
     state = {
         "step": step,  # optimizer steps done: fixes the data position (epoch, batch) and the learning rate
         "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+        "optimizer": optimizer.state_dict(),  # tensors, numbers and tuples only
+        "rng": rng_state(),
     }
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:  # a temporary name, then an atomic rename: a kill never leaves half a checkpoint
@@ -453,16 +461,29 @@ def save_checkpoint(path: Path, model, optimizer, step: int):
     os.replace(tmp, path)
 
 
-def load_checkpoint(path: Path, model, optimizer) -> int:
-    state = torch.load(path, map_location="cpu", weights_only=False)  # our own file: it holds numpy RNG state
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    torch.set_rng_state(state["rng"]["torch"])
-    random.setstate(state["rng"]["python"])
-    np.random.set_state(state["rng"]["numpy"])
-    if state["rng"]["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-    return state["step"]
+def load_checkpoint(path: Path, model, optimizer, sharded: bool = False) -> int:
+    """Fills model and optimizer from the run's checkpoint (--shard: shard.load_sharded's directory, a collective),
+    restores the RNG states and says so; -> the optimizer steps done, 0 when there is no checkpoint."""
+    if sharded:
+        extra = shard.load_sharded(path, model, optimizer)
+        if extra is None:
+            return 0
+        step, rng = extra["step"], extra["rng"]
+    else:
+        if not path.exists():
+            return 0
+        try:  # weights_only: tensors, numbers and containers, never an arbitrary object
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise MipoError(f"{path}: not a checkpoint this version of train.py wrote ({str(e).splitlines()[0][:200]}); "
+                            "delete it to restart training from the stored pairs")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        step, rng = state["step"], state["rng"]
+    set_rng_state(rng)
+    if rank_zero():
+        print(f"resuming from {path}: {step} optimizer step(s) done, training continues at step {step + 1}", flush=True)
+    return step
 
 
 def train(model, records: list[dict], loss: LossConfig, opt: OptimConfig, hw: HardwareConfig, out: Path,
@@ -479,13 +500,7 @@ def train(model, records: list[dict], loss: LossConfig, opt: OptimConfig, hw: Ha
     optimizer = torch.optim.AdamW(model.parameters(), lr=opt.lr, betas=opt.betas, weight_decay=opt.weight_decay,
                                   eps=1e-8, fused=torch.device(hw.device).type in ("cpu", "cuda"))
     checkpoint_path, metrics_path = out / ("checkpoint" if hw.shard else "checkpoint.pt"), out / "metrics.jsonl"
-    if hw.shard:  # a directory of per-rank shards (torch.distributed.checkpoint)
-        extra = shard.load_sharded(checkpoint_path, model, optimizer)
-        start = extra["step"] if extra else 0
-        if extra:
-            set_rng_state(extra["rng"])
-    else:
-        start = load_checkpoint(checkpoint_path, model, optimizer) if checkpoint_path.exists() else 0
+    start = load_checkpoint(checkpoint_path, model, optimizer, hw.shard)  # --shard: a directory of per-rank shards
     saved = start  # the step of the last good checkpoint (0: none)
     if rank == 0:  # the metrics history of the run being resumed, without the steps that are done again
         mipo.write_atomically(metrics_path, "".join(json.dumps(x) + "\n" for x in read_jsonl(metrics_path) if x["step"] <= start))
@@ -712,7 +727,9 @@ def parse_args(argv=None):
                                                  "train one epoch of DPO, save a Hugging Face model.")
     parser.error = flag_error  # argparse would print its usage block; one line instead, and exit status 2
     g = parser.add_argument_group("model")
-    g.add_argument("--model", default="qwen", help="bundled model (qwen, llama, smollm2) or a Hugging Face directory (default qwen)")
+    g.add_argument("--model", default="qwen", help="bundled model (qwen, llama, smollm2), a Hugging Face directory, or a "
+                   "hub name such as Qwen/Qwen2.5-1.5B-Instruct, downloaded once with huggingface_hub (default qwen)")
+    g.add_argument("--revision", default=None, help="with a hub name: the commit (or branch, tag) to download (default main)")
     g.add_argument("--preset", choices=PRESETS, default=None, help="cpu: a ~5 minute run on 2 CPU cores; paper: the "
                    "paper's settings (default: cpu on a CPU, paper on a GPU)")
     g = parser.add_argument_group("data / pairs (stage 1)")
@@ -792,7 +809,8 @@ def resolve_config(args):
     if sampling.temperature < 0 or not 0 < sampling.top_p <= 1 or sampling.top_k < 0 or sampling.max_new_tokens < 1:
         raise MipoError(f"sampling {asdict(sampling)}: need --temperature >= 0, 0 < --top-p <= 1, --top-k >= 0, --max-new-tokens >= 1")
     n = preset["n"] if args.n is None else (args.n or None)
-    pairs = PairsConfig(model=args.model, task=args.task, data=args.data, eval_data=args.eval_data,
+    model = local_model(args.model, args.revision)  # a hub name: downloaded now, then a local directory like any other
+    pairs = PairsConfig(model=model, task=args.task, data=args.data, eval_data=args.eval_data,
                         negative=args.negative or task.negative, n=n,
                         n_eval=preset["n_eval"] if args.n_eval is None else args.n_eval, pairs_file=args.pairs,
                         sampling=sampling, sample_batch_size=args.sample_batch_size, seed=args.seed,
@@ -823,7 +841,7 @@ def resolve_config(args):
     if preset is PRESETS["paper"] and torch.device(device).type == "cuda" and args.micro_batch_size is None \
             and args.gradient_checkpointing is None:
         gpu_bytes = torch.cuda.get_device_properties(int(os.environ.get("LOCAL_RANK", "0"))).total_memory
-        opt, hw = fit_to_gpu(args.model, sampling.max_new_tokens, opt, hw, world, gpu_bytes)
+        opt, hw = fit_to_gpu(pairs.model, sampling.max_new_tokens, opt, hw, world, gpu_bytes)
     if args.shard:  # shard.shard_batch: ceil(G / world) pairs per rank, padded with weight-0 copies
         slots = math.ceil(opt.batch_size / world)
         if slots % opt.micro_batch_size:

@@ -1,3 +1,4 @@
+import os
 import sys
 from pathlib import Path
 
@@ -18,6 +19,16 @@ def make_tiny_model(model_type="llama", seed=0, vocab_size=97, **overrides):
     with torch.no_grad():  # larger than default init, so the next-token distribution is far from uniform
         model.lm_head.weight.mul_(20)
     return model.eval()
+
+
+class RunsCodeWhenUnpickled:
+    """What a crafted pickle holds: unpickling it calls a function of the file's choice (here: create marker)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.mkdir, (str(self.marker),)
 
 
 @pytest.fixture

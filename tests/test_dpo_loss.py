@@ -169,12 +169,19 @@ def test_ipo_is_minimal_at_normalized_margin_one_over_two_beta():
     assert chosen.grad[1] == 0 and chosen.grad[0] < 0 < chosen.grad[2]  # below target: push up; above: push down
 
 
+def softplus(x: float) -> float:  # log(1 + e^x) = -log sigma(-x), in Python floats: no code path shared with dpo_loss
+    return max(x, 0.0) + math.log1p(math.exp(-abs(x)))
+
+
 def test_simpo_with_gamma_zero_is_reference_free_length_normalized_dpo():
+    # -log sigma(beta (log pi(y+) / |y+| - log pi(y-) / |y-|)), pair by pair, rewards beta * the mean log-prob
     inputs = random_pairs()
-    simpo = preference_loss("simpo", **inputs, beta=2.0, simpo_gamma=0.0)
-    norm = preference_loss("sigmoid_norm", **inputs, beta=2.0, reference_free=True)
-    for a, b in zip(simpo, norm):
-        torch.testing.assert_close(a, b)
+    losses, chosen_rewards, rejected_rewards = preference_loss("simpo", **inputs, beta=2.0, simpo_gamma=0.0)
+    rows = list(zip(*(inputs[k].tolist() for k in ("policy_chosen_logps", "policy_rejected_logps", "chosen_lengths",
+                                                  "rejected_lengths"))))
+    assert losses.tolist() == pytest.approx([softplus(-2.0 * (c / c_n - r / r_n)) for c, r, c_n, r_n in rows], rel=1e-12)
+    assert chosen_rewards.tolist() == pytest.approx([2.0 * c / c_n for c, _, c_n, _ in rows], rel=1e-12)
+    assert rejected_rewards.tolist() == pytest.approx([2.0 * r / r_n for _, r, _, r_n in rows], rel=1e-12)
 
 
 def test_alpha_divergence_spans_reverse_and_forward_kl():
@@ -202,20 +209,26 @@ def test_ipo_and_sigmoid_norm_equal_the_summed_losses_on_per_token_inputs():
 
 
 def test_aot_equals_sigmoid_when_both_margins_are_already_in_the_same_order():
-    # Sorting pairs the i-th smallest with the i-th smallest; if the rows already agree, AOT is row-wise DPO.
+    # Sorting pairs the i-th smallest with the i-th smallest; if the rows already agree, AOT is row-wise DPO:
+    # -log sigma(beta (policy margin - reference margin)) = softplus(-0.1 * (2, 0.5, 1)).
     policy_margin = torch.tensor([-1.0, 0.5, 2.0], dtype=torch.float64)
     ref_margin = torch.tensor([-3.0, 0.0, 1.0], dtype=torch.float64)
     zeros = torch.zeros(3, dtype=torch.float64)
-    args = (policy_margin, zeros, ref_margin, zeros, None, None)
-    torch.testing.assert_close(preference_loss("aot", *args)[0], preference_loss("sigmoid", *args)[0])
+    losses = preference_loss("aot", policy_margin, zeros, ref_margin, zeros, None, None)[0]
+    assert losses.tolist() == pytest.approx([softplus(-0.2), softplus(-0.05), softplus(-0.1)], rel=1e-12)
+    # Out of order, the rows are re-paired: policy (2, -1, 0.5) sorts to (-1, 0.5, 2) against (-3, 0, 1) as above.
+    losses = preference_loss("aot", policy_margin[[2, 0, 1]], zeros, ref_margin, zeros, None, None)[0]
+    assert losses.tolist() == pytest.approx([softplus(-0.2), softplus(-0.05), softplus(-0.1)], rel=1e-12)
 
 
 def test_discopop_stays_finite_for_very_negative_margins():
-    # exp(-beta h) alone overflows float32 here; the formula multiplies it by sigma(beta h / tau) ~ 0.
+    # exp(-beta h) alone overflows float32 here; the formula multiplies it by sigma(beta h / tau) ~ 0. At
+    # l = beta h = 0.1 * (-2000 - (-1) - 0) = -199.9 (in float32), sigma(-l / tau) = 1 and sigma(l / tau) = e^-3998:
+    # the loss is softplus(199.9) = 199.9, the logistic term alone.
     chosen = torch.tensor([-2000.0])
     losses = preference_loss("discopop", chosen, torch.tensor([-1.0]), torch.tensor([-1.0]), torch.tensor([-1.0]),
                              None, None)[0]
-    assert torch.isfinite(losses).all()
+    assert losses.item() == pytest.approx(199.9, rel=1e-6)
 
 
 def test_sami_row_term_is_reference_free_dpo_and_column_term_is_infonce():

@@ -6,7 +6,9 @@ The real packages are fetched into the default cache (MIPO_CACHE or ~/.cache/mip
 converted once (about 35 s for qwen, 6 s for llama). Each model is loaded once per module.
 """
 import hashlib
+import importlib.metadata
 import json
+from pathlib import Path
 
 import gguf
 import numpy as np
@@ -375,6 +377,35 @@ def test_parts_are_joined_in_order_and_checked(tmp_path, monkeypatch):
         bundled_gguf("other")
     assert "\n" not in str(error.value) and all(str(f) in str(error.value) for f in files)
     assert sorted(p.name for p in (cache / "gguf").iterdir()) == ["tiny.gguf"]  # no half-joined file
+
+
+def test_a_changed_converter_converts_again(tmp_path, monkeypatch):
+    """The converted directory is named for the converter: after a change to its code or to the gguf package, a
+    bundled model is converted anew, never read from a conversion an older converter made (left as it was)."""
+    write_tiny_gguf(tmp_path / "tiny.gguf", tiny_hf_model("llama"), "llama")
+    content = (tmp_path / "tiny.gguf").read_bytes()
+    part = ("tiny-gguf", "1.0", "tiny_gguf/model.gguf")
+    monkeypatch.setitem(BUNDLED, "tiny", BundledGGUF(parts=(part,), size=len(content), sha256=hashlib.sha256(content).hexdigest()))
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("MIPO_CACHE", str(cache))
+    put_in_fake_package(cache, part, content)
+    conversions = []
+    convert = gguf_convert.convert_gguf
+    monkeypatch.setattr(gguf_convert, "convert_gguf", lambda path, out: conversions.append(out) or convert(path, out))
+
+    first = bundled_model_dir("tiny")
+    assert bundled_model_dir("tiny") == first and conversions == [first]  # cached
+    snapshot = {p.name: p.read_bytes() for p in first.iterdir()}
+    changed = tmp_path / "gguf_convert.py"  # the converter with one more line: what an edit does
+    changed.write_bytes(Path(gguf_convert.__file__).read_bytes() + b"# changed\n")
+    monkeypatch.setattr(gguf_convert, "__file__", str(changed))
+    second = bundled_model_dir("tiny")
+    assert second != first and conversions == [first, second] and second.is_dir()
+    version = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "0.0.1" if name == "gguf" else version(name))
+    third = bundled_model_dir("tiny")
+    assert third not in (first, second) and conversions == [first, second, third]
+    assert {p.name: p.read_bytes() for p in first.iterdir()} == snapshot
 
 
 def test_interrupted_conversion_leaves_nothing(tmp_path, monkeypatch):

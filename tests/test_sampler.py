@@ -173,16 +173,21 @@ def test_filtered_sampling_follows_the_renormalized_distribution():
 
 
 def test_first_token_distribution_matches_softmax_over_temperature():
-    """Chi-square goodness of fit of 4000 first tokens against softmax(logits / T), fixed seed."""
+    """Chi-square goodness of fit of 4000 first tokens against softmax(logits / T), fixed seed. The tiny model's
+    lm_head is scaled back from make_tiny_model's x20 to x2, so the distribution is far from one-hot (p from 0.004
+    to 0.54 at T = 0.7) and every token is expected at least 5 times, where the chi-square test is valid."""
     model = make_tiny_model(vocab_size=11)
-    prompt, T = [3, 1, 4], 0.7
     with torch.no_grad():
-        probs = torch.softmax(model(torch.tensor([prompt]))[0, -1] / T, -1)
-    draws = generate(model, [prompt] * 4000, 1, temperature=T, seed=0, batch_size=1000, progress=False)
-    counts = torch.bincount(torch.tensor([d[0] for d in draws]), minlength=11).float()
-    expected = probs * 4000
+        model.lm_head.weight.div_(10)
+    prompt, T, n = [3, 1, 4], 0.7, 4000
+    with torch.no_grad():
+        probs = torch.softmax(model(torch.tensor([prompt]))[0, -1].double() / T, -1)
+    expected = probs * n
+    assert expected.min().item() >= 5 and probs.max().item() < 0.6
+    draws = generate(model, [prompt] * n, 1, temperature=T, seed=0, batch_size=1000, progress=False)
+    counts = torch.bincount(torch.tensor([d[0] for d in draws]), minlength=11).double()
     chi2 = ((counts - expected) ** 2 / expected).sum().item()
-    assert chi2 < 2 * 23.2  # 23.2 is the 99% quantile of chi-square with 10 degrees of freedom
+    assert chi2 < 29.588  # the 99.9% quantile of chi-square with 10 degrees of freedom
 
 
 def test_bad_arguments(tiny_model):

@@ -5,6 +5,7 @@ float32 master weights and float32 RoPE tables; the memory model counts paramete
 The two processes run every distributed case in one spawn (each start costs seconds); the single-process runs they
 are compared with happen in the test process itself."""
 import math
+import pickle
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import shard
-from conftest import make_tiny_model
+from conftest import RunsCodeWhenUnpickled, make_tiny_model
 from dpo_loss import preference_loss, sequence_logps
 from model_loader import ModelConfig, rope_inv_freq
 
@@ -121,8 +122,12 @@ def worker(rank: int, tmp: str):
         ckpt = Path(tmp) / f"checkpoint-{name}"
         shard.save_sharded(ckpt, model, optimizer, {"step": 1, "case": name})
         after1 = shard.full_model_on_rank0(model)
-        norm2, _ = sharded_step(model, optimizer, step2, case["micro"])
+        norm2, grads2 = sharded_step(model, optimizer, step2, case["micro"])
         after2 = shard.full_model_on_rank0(model)
+        # The tie on the sharded model itself (full_model_on_rank0 ties its copy again, whatever FSDP did): one
+        # parameter under both names, which after two steps still holds the same values.
+        tied = model.lm_head.weight is model.model.embed_tokens.weight
+        same_values = torch.equal(model.lm_head.weight.full_tensor(), model.model.embed_tokens.weight.full_tensor())
 
         if name == "untied" and rank == 0:  # a kill between save_sharded's two renames leaves only .old
             ckpt.rename(ckpt.with_name(ckpt.name + ".old"))
@@ -137,9 +142,9 @@ def worker(rank: int, tmp: str):
         after2_resumed = shard.full_model_on_rank0(resumed)
         if rank == 0:
             results[name] = {"after1": after1.state_dict(), "after2": after2.state_dict(), "norms": (norm1, norm2),
-                             "grads1": grads1,
+                             "grads1": grads1, "grads2": grads2,
                              "after2_resumed": after2_resumed.state_dict(), "extra": extra,
-                             "tied": after2.lm_head.weight is after2.model.embed_tokens.weight}
+                             "tied": tied, "same_values": same_values}
 
     # bf16 compute over float32 master weights: the forward must be exactly that of the model cast to bf16 with
     # its RoPE tables left in float32; weights and gradients stay float32 shards.
@@ -148,8 +153,8 @@ def worker(rank: int, tmp: str):
     logits.float().logsumexp(-1).mean().backward()
     if rank == 0:
         results["bf16"] = {"logits": logits.detach(),
-                           "param_dtypes": {p.dtype for p in model.parameters()},
-                           "grad_dtypes": {p.grad.dtype for p in model.parameters()}}
+                           "param_dtypes": sorted({str(p.dtype) for p in model.parameters()}),
+                           "grad_dtypes": sorted({str(p.grad.dtype) for p in model.parameters()})}
     torch.save(results, Path(tmp) / f"rank{rank}.pt")
     dist.barrier()  # no rank tears down its connections while the other may still be using them
     dist.destroy_process_group()
@@ -159,7 +164,7 @@ def worker(rank: int, tmp: str):
 def distributed(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("shard")
     mp.start_processes(worker, args=(str(tmp),), nprocs=WORLD, start_method="spawn")
-    return torch.load(tmp / "rank0.pt", weights_only=False)
+    return torch.load(tmp / "rank0.pt", weights_only=True)  # tensors, numbers, strings and containers
 
 
 def single_process_run(case: dict):
@@ -185,24 +190,36 @@ def max_diff(a: dict, b: dict) -> float:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-ADAM_EPS = 1e-8
+BETAS, ADAM_EPS = (0.9, 0.95), 1e-8
 
 
-def assert_same_weights(got: dict, expected: dict, grads: list[dict], tol: float = 1e-6):
-    """Equal to tol, except where AdamW may legitimately differ: its update g / (|g| + eps) turns float32 rounding
-    of a gradient entry that is itself within a few eps of 0 (a cancellation) into up to ~1e-2 of lr, in any two
-    runs that sum the same gradient in a different order (DDP and accumulation alike). At most a handful of such
-    entries out of 40k are tolerated; any other difference fails."""
-    excused = 0
+def adamw_by_hand(initial: dict, grads: list[dict]) -> dict:
+    """The weights after len(grads) AdamW steps (weight decay 0) on these gradients, in float64 from the
+    formula (Loshchilov and Hutter, Algorithm 2, with bias correction), not from torch.optim."""
+    b1, b2 = BETAS
+    weights = {}
+    for name, value in initial.items():
+        w, m, v = value.double(), 0.0, 0.0
+        for t, g in enumerate(grads, start=1):
+            g = g.get(name, g["model.embed_tokens.weight"]).double()  # tied lm_head: the embedding's gradient
+            m, v = b1 * m + (1 - b1) * g, b2 * v + (1 - b2) * g * g
+            w = w - LR * (m / (1 - b1 ** t)) / ((v / (1 - b2 ** t)).sqrt() + ADAM_EPS)
+        weights[name] = w
+    return weights
+
+
+def assert_adamw_applied(got: dict, initial: dict, grads: list[dict]):
+    """got holds the float32 weights AdamW reached from initial with these gradients: the float64 formula up to
+    float32 rounding, one unit in the last place of the weight per step (a step moves a weight by about lr = 1e-3,
+    so a missed or wrong update is 1e4 times the bound). The gradients are the run's own, so this holds exactly;
+    comparing two runs' weights instead would magnify their gradients' last-bit differences, g / (|g| + eps)
+    turning 1e-10 into 1e-2 of lr wherever a gradient entry is near eps."""
+    expected = adamw_by_hand(initial, grads)
+    assert got.keys() == expected.keys()
     for name, value in expected.items():
-        off = (got[name] - value).abs() > tol
-        grad = [g.get(name, g["model.embed_tokens.weight"]) for g in grads]  # tied lm_head: the embedding's grad
-        near_eps = torch.zeros_like(off)
-        for g in grad:
-            near_eps |= (g != 0) & (g.abs() < 10 * ADAM_EPS)
-        assert not (off & ~near_eps).any(), f"{name}: differs by {(got[name] - value).abs().max().item():.2e}"
-        excused += (off & near_eps).sum().item()
-    assert excused <= 4
+        bound = len(grads) * 2.0 ** -23 * value.abs() + 1e-8  # 2^-23: float32's relative spacing
+        excess = ((got[name].double() - value).abs() - bound).max().item()
+        assert excess <= 0, f"{name}: {excess:.2e} beyond float32 rounding of the AdamW update of its gradients"
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -211,14 +228,18 @@ def test_sharded_step_equals_single_process_step(distributed, name):
     got = distributed[name]
     initial = make_tiny_model(**CASES[name]["model"]).state_dict()
     assert max_diff(single1, initial) > 0.5 * LR  # the step moved the weights (Adam: by about lr), far past 1e-6
+    # The logged, pre-clip norm of the full gradient is the one-process norm: a gradient off by any factor (a sum
+    # where a mean belongs, a missing division by the number of ranks) fails here, though AdamW would hide it.
+    assert got["norms"] == pytest.approx(single_norms, rel=1e-6)
+    assert single_norms[0] > 1.0  # so clipping was active, and its norm had to be the global one
     # The gradient FSDP reduce-scattered (after clipping) is the one-process gradient, to float32 rounding ...
     scale = max(g.abs().max().item() for g in grads1.values())
     assert max_diff(got["grads1"], grads1) <= 2e-6 * scale
-    assert got["norms"] == pytest.approx(single_norms, rel=1e-6)  # the logged, pre-clip norm of the full gradient
-    assert single_norms[0] > 1.0  # so clipping was active, and its norm had to be the global one
-    # ... and so are the weights after one and after two AdamW steps.
-    assert_same_weights(got["after1"], single1, [grads1])
-    assert_same_weights(got["after2"], single2, [grads1, grads2])
+    # ... and each run's AdamW applied its own gradients, one step and two (the formula checked on one process too).
+    assert_adamw_applied(single1, initial, [grads1])
+    assert_adamw_applied(single2, initial, [grads1, grads2])
+    assert_adamw_applied(got["after1"], initial, [got["grads1"]])
+    assert_adamw_applied(got["after2"], initial, [got["grads1"], got["grads2"]])
 
 
 def test_every_rank(distributed):
@@ -226,8 +247,9 @@ def test_every_rank(distributed):
 
 
 def test_tied_embeddings_stay_tied(distributed):
-    assert distributed["tied"]["tied"]
-    assert not distributed["untied"]["tied"]
+    # On the sharded model that trained: one parameter for lm_head and the embedding, equal values after two steps.
+    assert distributed["tied"]["tied"] and distributed["tied"]["same_values"]
+    assert not distributed["untied"]["tied"] and not distributed["untied"]["same_values"]
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -240,7 +262,7 @@ def test_resume_from_sharded_checkpoint_gives_the_same_weights(distributed, name
 
 def test_bf16_mixed_precision_keeps_float32_master_weights_and_rope(distributed):
     got = distributed["bf16"]
-    assert got["param_dtypes"] == {torch.float32} and got["grad_dtypes"] == {torch.float32}
+    assert got["param_dtypes"] == got["grad_dtypes"] == ["torch.float32"]
     model = make_tiny_model().to(torch.bfloat16)
     model.inv_freq = rope_inv_freq(model.config)  # .to() cast the buffer too; FSDP leaves it in float32
     with torch.no_grad():
@@ -326,3 +348,23 @@ def test_paper_models_parse_and_table_prints():
     commands = shard.paper_commands()
     assert "torchrun --standalone --nproc_per_node 8 train.py -- --model /models/Qwen2.5-7B-Instruct" in commands
     assert "| Qwen/Qwen2.5-7B-Instruct | 1 | does not fit" in commands
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checkpoints from elsewhere hold weights, never code (no processes needed)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_checkpoint_metadata_that_names_other_code_or_holds_non_tensors_is_refused(tmp_path):
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata
+
+    crafted, marker = tmp_path / "crafted", tmp_path / "code-ran"
+    crafted.mkdir()
+    (crafted / ".metadata").write_bytes(pickle.dumps(RunsCodeWhenUnpickled(marker)))
+    with pytest.raises(shard.MipoError, match="not a checkpoint train.py wrote"):
+        shard.TensorCheckpointReader(crafted).read_metadata()
+    assert not marker.exists()
+    # torch.distributed.checkpoint loads a non-tensor entry with an unrestricted torch.load: none may pass
+    (crafted / ".metadata").write_bytes(pickle.dumps(Metadata(state_dict_metadata={"optimizer.x": BytesStorageMetadata()})))
+    with pytest.raises(shard.MipoError, match="entries that are not tensors"):
+        shard.TensorCheckpointReader(crafted).read_metadata()

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
-from conftest import make_tiny_model
 import mipo
+from conftest import RunsCodeWhenUnpickled, make_tiny_model
 from model_loader import MipoError, ModelConfig, Tokenizer, load_model, save_model
 
 REPO = Path(__file__).resolve().parent.parent
@@ -65,11 +65,11 @@ def assets(tmp_path_factory):
     return {"model": write_tiny_model(root / "tiny"), "data": write_prompts(root / "prompts.jsonl", 16), "root": root}
 
 
-def args_for(assets, out, *extra, n=8):
+def args_for(assets, out, *extra, n=8, model=None):
     # random-resample: y- sampled afresh from another prompt. With the default (another prompt's positive reused as
     # y-), each response is chosen in one pair and rejected in another, and a tiny random model's loss oscillates
     # over these few steps instead of falling; the pairing itself is tested in test_mipo.py.
-    return ["--model", str(assets["model"]), "--task", "jsonl", "--data", str(assets["data"]), "--negative", "random-resample",
+    return ["--model", str(model or assets["model"]), "--task", "jsonl", "--data", str(assets["data"]), "--negative", "random-resample",
             "--n", str(n), "--n-eval", "0", "--max-new-tokens", "6", "--temperature", "1.0", "--lr", "1e-3",
             "--batch-size", "4", "--sample-batch-size", "2", "--dtype", "float32", "--device", "cpu", "--out", str(out), *extra]
 
@@ -87,6 +87,37 @@ def metrics(out: Path) -> list[dict]:
 
 def final_weights(out: Path) -> dict:
     return load_file(out / "final" / "model.safetensors")
+
+
+def assert_same_metrics(got: Path, want: Path):
+    """Two runs logged the same loss, gradient norm and rewards at every step, to float rounding (relative 1e-5).
+    The gradient norm is logged before clipping, so a gradient off by any factor (a sum where a mean belongs, a
+    missing division by the number of processes) fails here, though AdamW's lr * sign(g) first step would hide it
+    from the weights. A reward is beta times the difference of two log-probs of about 15 nats, each summed in
+    float32 to about 1e-6 (measured: rewards differ by up to 7e-8): 1e-6 absolute on top of the relative bound."""
+    got, want = metrics(got), metrics(want)
+    assert [m["step"] for m in got] == [m["step"] for m in want]
+    for g, w in zip(got, want):
+        for key in ("loss", "grad_norm"):
+            assert g[key] == pytest.approx(w[key], rel=1e-5), (g["step"], key)
+        for key in ("rewards/chosen", "rewards/rejected", "rewards/margins"):
+            assert g[key] == pytest.approx(w[key], rel=1e-5, abs=1e-6), (g["step"], key)
+
+
+def copy_model(assets, to: Path) -> Path:
+    shutil.copytree(assets["model"], to)
+    return to
+
+
+def perturb_weights(model_dir: Path):
+    """Change every weight of a model directory: a run that starts from it again cannot end where it ended."""
+    state = load_file(model_dir / "model.safetensors")
+    save_file({k: v * 1.25 + 0.01 for k, v in state.items()}, model_dir / "model.safetensors", metadata={"format": "pt"})
+
+
+def file_identity(out: Path, names) -> dict:
+    """Content, modification time and inode of each file: equal afterwards means nobody wrote or replaced it."""
+    return {n: ((out / n).read_bytes(), (out / n).stat().st_mtime_ns, (out / n).stat().st_ino) for n in names}
 
 
 def assert_same_update(got: dict, want: dict, assets):
@@ -182,14 +213,90 @@ def test_saved_model_loads_in_transformers_with_identical_logits(baseline):
     assert tokenizer.chat_template and tokenizer.stop_token_ids == [209, 210]
 
 
-@pytest.mark.parametrize("loss", [x for x in train.LOSS_TYPES if x != "sigmoid"])
-def test_every_loss_type_trains(assets, tmp_path, loss):
+def softplus(x: float) -> float:  # log(1 + e^x) = -log sigma(-x)
+    return max(x, 0.0) + math.log1p(math.exp(-abs(x)))
+
+
+BETA, LN2 = 0.1, math.log(2)  # beta: train.py's default, which args_for keeps
+# Step 0, where the policy is the reference: every log-ratio and margin h is 0. Each loss's value there, and
+# |dloss/dh| there (for the losses of the margin alone), worked out by hand from its formula in dpo_loss.py:
+# sigma(0) = 1/2, sigma'(0) = 1/4, 1 / (2 beta) = 5. robust and exo_pair run with label smoothing eps = 0.1.
+STEP0 = {
+    "sigmoid": (LN2, BETA / 2),  # -log sigma(beta h)
+    "robust": (LN2, BETA / 2 / 0.8),  # ((1 - eps) (-log sigma(beta h)) - eps (-log sigma(-beta h))) / (1 - 2 eps)
+    "hinge": (1.0, BETA),  # max(0, 1 - beta h)
+    "ipo": (25.0, None),  # (h_per_token - 1 / (2 beta))^2
+    "ipo_sum": (25.0, 10.0),  # (h - 5)^2
+    # q log(q / (1 - eps)) + (1 - q) log((1 - q) / eps) at q = sigma(beta h) = 1/2: 1/2 log(1/4 / (0.9 * 0.1));
+    # its slope in beta h is q'(0) log(eps / (1 - eps)) = log(1/9) / 4
+    "exo_pair": (0.5 * math.log(0.25 / 0.09), BETA * math.log(9) / 4),
+    "nca_pair": (2 * LN2, BETA / 4),  # -log sigma(r+) - 1/2 log sigma(-r+) - 1/2 log sigma(-r-), r = beta log-ratio
+    "bco_pair": (2 * LN2, BETA / 2),  # -log sigma(r+ - delta) - log sigma(-(r- - delta)), delta = mean reward = 0
+    "sppo_hard": (50.0, 10.0),  # (log-ratio+ - 5)^2 + (log-ratio- + 5)^2
+    "aot": (LN2, BETA / 2),  # sigmoid on sorted margins; all equal at step 0
+    "aot_unpaired": (LN2, BETA / 2),
+    "apo_zero": (1.0, BETA / 4),  # 1 - sigma(r+) + sigma(r-)
+    "apo_down": (1.0, None),  # sigma(r+) + 1 - sigma(r+ - r-)
+    # (1 - s(l / tau)) softplus(-l) + s(l / tau) e^-l, tau = 0.05, at l = 0: (ln 2 + 1) / 2; slope in l:
+    # -1/4 - ln 2 / (4 tau) - 1/2 + 1 / (4 tau)
+    "discopop": ((LN2 + 1) / 2, BETA * abs(-0.25 - 5 * LN2 - 0.5 + 5)),
+    "sigmoid_norm": (LN2, None),
+}
+
+
+def step0_loss_by_hand(loss: str, batch: list[dict], under_x_prime) -> float:
+    """The mean loss of step 1's pairs at step 0, where the policy's log-probs are the stored reference ones. The
+    reference-free losses depend on them: simpo and sft from reference.jsonl, infonce and sami also on each
+    response under x' (under_x_prime: pair -> (log pi(y+|x'), log pi(y-|x')))."""
+    if loss in STEP0:
+        return STEP0[loss][0]
+    values = []
+    for r in batch:
+        chosen, rejected = r["ref_chosen_logps"], r["ref_rejected_logps"]
+        if loss == "simpo":  # -log sigma(beta (mean log pi(y+) - mean log pi(y-)) - gamma), gamma 0.5
+            values.append(softplus(-(BETA * (chosen / r["chosen_length"] - rejected / r["rejected_length"]) - 0.5)))
+        elif loss == "sft":
+            values.append(-chosen / r["chosen_length"])
+        else:
+            chosen_x_prime, rejected_x_prime = under_x_prime(r)
+            # InfoNCE: for y+ tell x from x', for y- tell x' from x (a softmax over the two prompts)
+            columns = (softplus(chosen_x_prime - chosen) + softplus(rejected - rejected_x_prime)) / 2
+            # SAMI adds the rows: under x tell y+ from y-, under x' tell y- from y+
+            rows = (softplus(rejected - chosen) + softplus(chosen_x_prime - rejected_x_prime)) / 2
+            values.append(columns if loss == "infonce" else (rows + columns) / 2)
+    return sum(values) / len(values)
+
+
+@pytest.mark.parametrize("loss", train.LOSS_TYPES)
+def test_every_loss_type_trains_from_its_step0_value(assets, baseline, tmp_path, loss):
+    """--loss reaches the loss: the logged step-1 loss, computed before the first update, is the loss's own value
+    at step 0. The gradient norm tells apart the losses that share a step-0 value: for a loss of the margin h
+    alone, the step-0 gradient is dloss/dh times the gradient of h, so its norm is |dloss/dh| / (beta / 2) times
+    sigmoid DPO's (the baseline, whose step 1 is the same batch)."""
     out = tmp_path / loss
     extra = ["--label-smoothing", "0.1"] if loss in ("robust", "exo_pair") else []
     train.main(args_for(assets, out, "--loss", loss, *extra))
     history = metrics(out)
     assert len(history) == 2 and all(math.isfinite(m["loss"]) for m in history)
     assert (out / "final" / "model.safetensors").exists()
+    records = [json.loads(line) for line in (out / "reference.jsonl").read_text().splitlines()]
+    batch = [records[i] for i in train.epoch_order(len(records), 0, 0)[:4]]  # step 1's pairs
+    model, _ = load_model(assets["model"])
+
+    def under_x_prime(r):  # x' + y scored alone: a plain forward, no packing
+        with torch.no_grad():
+            return tuple(alone_logps(model, r["negative_prompt_ids"], r[f"{key}_ids"]) for key in ("chosen", "rejected"))
+
+    assert history[0]["step0/max_abs_logp_diff"] == 0
+    assert history[0]["loss"] == pytest.approx(step0_loss_by_hand(loss, batch, under_x_prime), rel=1e-5, abs=1e-5)
+    slope = STEP0.get(loss, (None, None))[1]
+    if slope is not None:
+        assert history[0]["grad_norm"] == pytest.approx(metrics(baseline)[0]["grad_norm"] * slope / (BETA / 2), rel=1e-5)
+
+
+def alone_logps(model, prompt: list[int], response: list[int]) -> float:
+    logits = model(torch.tensor([prompt + response]))[0, len(prompt) - 1:-1]  # (len(response), V)
+    return logits.float().log_softmax(-1).gather(-1, torch.tensor(response)[:, None]).sum().item()
 
 
 def test_bf16_autocast_run_and_held_out_meter(assets, tmp_path):
@@ -264,14 +371,38 @@ def test_truncated_pairs_are_reported_and_dropped_on_request(assets, tmp_path):
 
 
 @pytest.mark.parametrize("crash_at", ["train:3", "reference:1"])
-def test_killed_run_resumes_to_identical_weights(assets, baseline, tmp_path, crash_at):
+def test_killed_run_resumes_to_identical_weights(assets, tmp_path, crash_at):
+    """SIGKILL, then the same command: the weights of an uninterrupted run, bit for bit. And it resumed, which
+    every fixed seed would hide from the weights alone: the files of the finished stages are untouched, the
+    work kept in the unfinished one is used, not redone, and the run says at which step it resumes."""
+    model = copy_model(assets, tmp_path / "model")  # this run's own copy of the base model, changed below
     out = tmp_path / "resumed"
-    args = args_for(assets, out, "--epochs", "2", "--save-every", "2", "--micro-batch-size", "2")
+    args = args_for(assets, out, "--epochs", "2", "--save-every", "2", "--micro-batch-size", "2", model=model)
     killed = run_cli([*args, "--_crash-at", crash_at])
     assert killed.returncode == -9, killed.stderr[-2000:]  # SIGKILL: nothing was cleaned up
     assert not (out / "final").exists()
+    if crash_at == "train:3":
+        kept = file_identity(out, ["config.json", "pairs.jsonl", "reference.jsonl"])
+        # Steps 1 and 2, the ones the checkpoint holds, are the only ones that read the base weights: a run that
+        # started over would train from these changed weights, and could not end with the uninterrupted weights.
+        perturb_weights(model)
+    else:  # killed after the first micro-batch of the reference pass, which stays in its partial file
+        kept = file_identity(out, ["config.json", "pairs.jsonl"])
+        partial = out / "reference.rank0-of-1.partial.jsonl"
+        scored = [{**json.loads(line), "kept": True} for line in partial.read_text().splitlines()]
+        assert len(scored) == 2  # one micro-batch
+        partial.write_text("".join(json.dumps(r) + "\n" for r in scored))  # a mark a rescoring would not write
     resumed = run_cli(args)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert file_identity(out, kept) == kept
+    if crash_at == "train:3":
+        assert f"resuming from {out / 'checkpoint.pt'}: 2 optimizer step(s) done, training continues at step 3" \
+            in resumed.stdout
+    else:
+        reference = {r["id"]: r for r in map(json.loads, (out / "reference.jsonl").read_text().splitlines())}
+        assert all(reference[r["id"]].get("kept") for r in scored)
+        assert sum(r.get("kept", False) for r in reference.values()) == 2
+        assert "resuming from" not in resumed.stdout  # no checkpoint was written before the kill
     # The same command uninterrupted, in a process of its own (the thread count changes float rounding).
     uninterrupted = tmp_path / "uninterrupted"
     args = args_for(assets, uninterrupted, "--epochs", "2", "--save-every", "2", "--micro-batch-size", "2")
@@ -279,6 +410,41 @@ def test_killed_run_resumes_to_identical_weights(assets, baseline, tmp_path, cra
     a, b = final_weights(out), final_weights(uninterrupted)
     assert all(torch.equal(a[k], b[k]) for k in a)  # bitwise
     assert [m["step"] for m in metrics(out)] == [1, 2, 3, 4]
+
+
+def test_checkpoint_holds_no_pickled_object_and_restores_every_generator(tmp_path):
+    """checkpoint.pt holds tensors, numbers and lists only (torch.load with weights_only=True reads it), and loading
+    it gives back the weights, AdamW's moments, the step and every random generator's state."""
+    import random
+
+    import numpy as np
+
+    model = make_tiny_model()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(torch.tensor([[1, 2, 3]])).logsumexp(-1).sum().backward()
+    optimizer.step()
+    torch.manual_seed(5), random.seed(6), np.random.seed(7)
+    np.random.standard_normal()  # numpy caches the second of each pair of Gaussians: part of its state
+    train.save_checkpoint(tmp_path / "checkpoint.pt", model, optimizer, 3)
+    draws = (torch.rand(3).tolist(), random.random(), np.random.standard_normal(2).tolist())
+    json.dumps(train.rng_state())  # the generators' states are plain JSON
+    fresh = make_tiny_model(seed=1)
+    fresh_optimizer = torch.optim.AdamW(fresh.parameters(), lr=1e-3)
+    assert train.load_checkpoint(tmp_path / "checkpoint.pt", fresh, fresh_optimizer) == 3
+    assert (torch.rand(3).tolist(), random.random(), np.random.standard_normal(2).tolist()) == draws
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), model.state_dict().values()))
+    moments = lambda opt: [s["exp_avg_sq"] for s in opt.state_dict()["state"].values()]  # noqa: E731
+    assert all(torch.equal(a, b) for a, b in zip(moments(fresh_optimizer), moments(optimizer)))
+    assert set(torch.load(tmp_path / "checkpoint.pt", weights_only=True)) == {"step", "model", "optimizer", "rng"}
+
+
+def test_a_crafted_checkpoint_is_refused_without_running_it(tmp_path):
+    marker = tmp_path / "code-ran"
+    torch.save({"step": 1, "model": RunsCodeWhenUnpickled(marker)}, tmp_path / "checkpoint.pt")
+    model = make_tiny_model()
+    with pytest.raises(MipoError, match="checkpoint.pt: not a checkpoint this version of train.py wrote"):
+        train.load_checkpoint(tmp_path / "checkpoint.pt", model, torch.optim.AdamW(model.parameters()))
+    assert not marker.exists()
 
 
 # ---------------------------------------------------------------------------------------------------- processes
@@ -295,25 +461,36 @@ def test_two_process_ddp_equals_one_process(assets, baseline, tmp_path):
     assert (out / "pairs.jsonl").read_text() == (baseline / "pairs.jsonl").read_text()
     assert not list(out.glob("pairs.rank*"))
     assert_same_update(final_weights(out), final_weights(baseline), assets)
-    history = metrics(out)
-    assert [m["step"] for m in history] == [1, 2, 3, 4] and history[0]["step0/max_abs_logp_diff"] == 0
+    assert_same_metrics(out, baseline)
+    assert metrics(out)[0]["step0/max_abs_logp_diff"] == 0
 
 
 def test_two_process_fsdp_equals_one_process_and_resumes(assets, baseline, tmp_path):
-    """train.py --shard (FSDP2 over 2 gloo processes, shard.py) gives the single-process weights, and a sharded run
-    killed mid-training resumes from its distributed checkpoint to the same weights as an uninterrupted one."""
+    """train.py --shard (FSDP2 over 2 gloo processes, shard.py) gives the single-process weights and logs its
+    numbers, and a sharded run killed mid-training resumes from its distributed checkpoint (not from the start: the
+    base weights are changed after the kill) to the same weights as an uninterrupted one."""
     launcher = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2")
-    args = lambda out: args_for(assets, out, "--epochs", "2", "--save-every", "2", "--micro-batch-size", "2",
-                                "--pairs", str(baseline / "pairs.jsonl"), "--shard")
-    result = run_cli(args(tmp_path / "fsdp"), launcher=launcher)
+    args = lambda out, model, pairs: args_for(assets, out, "--epochs", "2", "--save-every", "2", "--micro-batch-size",
+                                              "2", "--pairs", str(pairs), "--shard", model=model)
+    result = run_cli(args(tmp_path / "fsdp", assets["model"], baseline / "pairs.jsonl"), launcher=launcher)
     assert result.returncode == 0, result.stderr[-3000:]
     fsdp = final_weights(tmp_path / "fsdp")
     assert_same_update(fsdp, final_weights(baseline), assets)
+    assert_same_metrics(tmp_path / "fsdp", baseline)
     assert metrics(tmp_path / "fsdp")[0]["step0/max_abs_logp_diff"] == 0
-    killed = run_cli([*args(tmp_path / "resumed"), "--_crash-at", "train:3"], launcher=launcher)
-    assert killed.returncode != 0 and (tmp_path / "resumed" / "checkpoint").is_dir()
-    assert run_cli(args(tmp_path / "resumed"), launcher=launcher).returncode == 0
-    resumed = final_weights(tmp_path / "resumed")
+
+    model, out = copy_model(assets, tmp_path / "model"), tmp_path / "resumed"
+    pairs = tmp_path / "pairs.jsonl"  # the baseline's pairs, marked as sampled by the copy
+    pairs.write_text((baseline / "pairs.jsonl").read_text().replace(json.dumps(str(assets["model"])), json.dumps(str(model))))
+    killed = run_cli([*args(out, model, pairs), "--_crash-at", "train:3"], launcher=launcher)
+    assert killed.returncode != 0 and (out / "checkpoint" / "extra.json").is_file()
+    kept = file_identity(out, ["config.json", "reference.jsonl"])
+    perturb_weights(model)  # only steps 1 and 2, which the checkpoint holds, start from the base weights
+    resumed = run_cli(args(out, model, pairs), launcher=launcher)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert file_identity(out, kept) == kept
+    assert f"resuming from {out / 'checkpoint'}: 2 optimizer step(s) done, training continues at step 3" in resumed.stdout
+    resumed = final_weights(out)
     assert all(torch.equal(resumed[k], fsdp[k]) for k in fsdp)
 
 
@@ -334,6 +511,54 @@ def test_bad_flags_and_inputs_give_one_line_and_status_2(assets, baseline, tmp_p
         assert result.returncode == 2, (what, result.stderr[-2000:])
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], (what, lines)
+
+
+def test_hub_model_name_trains_from_the_downloaded_directory(assets, baseline, tmp_path, monkeypatch):
+    """--model owner/name --revision R: huggingface_hub's snapshot_download (faked here: it returns the tiny model's
+    directory) fetches the model, and the run is the run on that directory: the same pairs, the same weights."""
+    huggingface_hub = pytest.importorskip("huggingface_hub")
+    calls = []
+
+    def snapshot_download(repo_id, revision=None, **kwargs):
+        calls.append((repo_id, revision))
+        return str(assets["model"])
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    out = tmp_path / "hub"
+    argv = args_for(assets, out, "--epochs", "2", "--save-every", "2", "--revision", "0123abc")
+    argv[argv.index("--model") + 1] = "someone/tiny-chat"
+    train.main(argv)
+    assert calls and set(calls) == {("someone/tiny-chat", "0123abc")}
+    assert (out / "pairs.jsonl").read_text() == (baseline / "pairs.jsonl").read_text()  # sampled by the same directory
+    a, b = final_weights(out), final_weights(baseline)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("script", ["train.py", "mipo.py", "eval.py"])
+def test_unreachable_hub_model_is_one_line_and_writes_nothing(assets, tmp_path, script):
+    """Where the hub cannot be reached (the real huggingface_hub told not to connect, with an empty cache), each
+    command line says so in one line with the local-directory way, exits 2 and leaves the file system as it was."""
+    pytest.importorskip("huggingface_hub")
+    work = tmp_path / "work"
+    work.mkdir()
+    data = assets["data"]
+    argv = {"train.py": ["--model", "Qwen/Qwen2.5-1.5B-Instruct", "--revision", "0123abc", "--task", "jsonl", "--data",
+                         str(data), "--out", str(work / "run")],
+            "mipo.py": ["--model", "Qwen/Qwen2.5-1.5B-Instruct", "--revision", "0123abc", "--task", "jsonl", "--data",
+                        str(data), "--out", str(work / "pairs.jsonl")],
+            "eval.py": ["--model", "Qwen/Qwen2.5-1.5B-Instruct", "--revision", "0123abc", "--task", "jsonl", "--data",
+                        str(data), "--out", str(work / "eval"), "--judge", "none"]}[script]
+    listing = lambda: sorted(p for p in REPO.rglob("*") if not {".git", "__pycache__", ".pytest_cache"} & set(p.parts))  # noqa: E731
+    before = listing()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, str(REPO / script), *argv], capture_output=True, text=True, cwd=work,
+                            env=env, timeout=600)
+    assert result.returncode == 2, result.stderr[-2000:]
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith("error: --model Qwen/Qwen2.5-1.5B-Instruct: not a local directory, and the Hugging Face "
+                           "hub cannot be reached") and "pass --model DIR" in line
+    assert list(work.iterdir()) == []
+    assert listing() == before
 
 
 def test_infonce_needs_the_negative_prompt(assets, baseline, tmp_path):
