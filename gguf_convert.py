@@ -26,7 +26,7 @@ import torch
 from safetensors.torch import save_file
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
-from model_loader import MipoError, cache_dir, fetch_package
+from files import MipoError, cache_dir, fetch_package
 
 
 @dataclass(frozen=True)

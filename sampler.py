@@ -11,9 +11,18 @@ one token per step is decoded for the live rows; rows that stop leave the batch.
 Shape legend: B rows in the batch, P padded prompt length, S key/value slots, V vocab.
 """
 import ctypes
+from dataclasses import dataclass
 
 import torch
 from tqdm import tqdm
+
+@dataclass(frozen=True)
+class Sampling:  # the settings of a sampling run, one per task and hardware (tasks.py) or from the flags
+    temperature: float
+    top_p: float = 1.0
+    top_k: int = 0  # 0: off
+    max_new_tokens: int = 512
+
 
 DEFAULT_BATCH_SIZE = 32
 PREFILL_ROWS = 8  # rows per prefill forward: big enough for efficient matmuls, small enough to waste little padding

@@ -30,7 +30,6 @@ import math
 import os
 import pickle
 import shutil
-import sys
 from pathlib import Path
 
 import torch
@@ -45,7 +44,8 @@ try:
 except ImportError:  # torch 2.5: the same FSDP2 under its first name (only 2.13 is tested here)
     from torch.distributed._composable.fsdp import MixedPrecisionPolicy, fully_shard
 
-from model_loader import CausalLM, MipoError, ModelConfig, rope_inv_freq
+from files import MipoError, run_command
+from model_loader import CausalLM, ModelConfig, rope_inv_freq
 
 # ---------------------------------------------------------------------------------------------------------------
 # The paper's models. Architecture numbers from each model's published config.json (Hugging Face hub copies);
@@ -509,8 +509,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except MipoError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_command(main)

@@ -33,13 +33,14 @@ def peak_rss_gib() -> float:
 def run_ours(args, pairs) -> dict:
     import torch
 
+    import config
     import train
     from model_loader import load_model
 
     model, tokenizer = load_model(args.model, "cpu", torch.float32)
-    loss = train.LossConfig(loss="sigmoid", beta=0.1)
-    opt = train.OptimConfig(lr=args.lr, batch_size=args.batch_size, micro_batch_size=args.batch_size)
-    hw = train.HardwareConfig(device="cpu", dtype=args.dtype, gradient_checkpointing=args.gradient_checkpointing,
+    loss = config.LossConfig(loss="sigmoid", beta=0.1)
+    opt = config.OptimConfig(lr=args.lr, batch_size=args.batch_size, micro_batch_size=args.batch_size)
+    hw = config.HardwareConfig(device="cpu", dtype=args.dtype, gradient_checkpointing=args.gradient_checkpointing,
                               save_every=10**9)
     with tempfile.TemporaryDirectory() as out:
         t = time.time()
@@ -126,7 +127,7 @@ def main():
                "--batch-size", str(args.batch_size), "--lr", str(args.lr), "--dtype", args.dtype]
         cmd += ["--gradient-checkpointing"] if args.gradient_checkpointing else []
         env = {**os.environ, "TQDM_DISABLE": "1"}
-        if args.trl_malloc_like_ours and system != "ours":  # glibc reads it at start: train.return_freed_memory_to_the_os
+        if args.trl_malloc_like_ours and system != "ours":  # glibc reads it at start: runs.return_freed_memory_to_the_os
             env["MALLOC_MMAP_THRESHOLD_"] = str(1 << 20)
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env)
         line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)

@@ -34,9 +34,13 @@ sys.path.insert(0, str(ROOT))  # the top-level modules, from any working directo
 import torch  # noqa: E402
 
 import mipo  # noqa: E402
+import sampler  # noqa: E402
+import tasks  # noqa: E402
 import train  # noqa: E402
 from dpo_loss import preference_loss  # noqa: E402
-from model_loader import MipoError, load_model  # noqa: E402
+from config import PairsConfig  # noqa: E402
+from files import MipoError, run_command  # noqa: E402
+from model_loader import load_model  # noqa: E402
 
 LN2 = math.log(2)
 
@@ -45,7 +49,7 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="Run MIPO end to end on a tiny budget and print each stage.")
     parser.add_argument("--model", default="llama", help="bundled model or HF directory (default llama: SmolLM2-135M-Instruct)")
     parser.add_argument("--task", default="persona", help="task (default persona: stated preferences + a real question)")
-    parser.add_argument("--negative", choices=mipo.NEGATIVES, default=None, help="kind of negative (default: the task's)")
+    parser.add_argument("--negative", choices=tasks.NEGATIVES, default=None, help="kind of negative (default: the task's)")
     parser.add_argument("--n", type=int, default=8, help="training prompts, hence pairs (default 8)")
     parser.add_argument("--n-eval", type=int, default=4, help="held-out prompts for the MI meter (default 4)")
     parser.add_argument("--max-new-tokens", type=int, default=32, help="new tokens per response (default 32)")
@@ -213,7 +217,7 @@ def main(argv=None):
         print(f"  answer length {base_eval['length']:.1f} -> {trained_eval['length']:.1f} tokens, cut at the limit "
               f"{base_eval['truncated']:.0%} -> {trained_eval['truncated']:.0%}")
         # Recomputed here: the trained model's samples, drawn exactly as train.py drew them, scored under pi_ref.
-        pairs_cfg = train.PairsConfig(**{**config["pairs"], "sampling": mipo.Sampling(**config["pairs"]["sampling"])})
+        pairs_cfg = PairsConfig(**{**config["pairs"], "sampling": sampler.Sampling(**config["pairs"]["sampling"])})
         held_out = mipo.read_pairs(out / "eval_pairs.jsonl")
         mipo.use_recorded_date(tokenizer, held_out, out / "eval_pairs.jsonl")
         own = train.with_own_samples(trained, tokenizer, held_out, pairs_cfg)
@@ -233,8 +237,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except MipoError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_command(main)

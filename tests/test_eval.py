@@ -13,10 +13,13 @@ import torch
 
 import eval as evaluation
 import mipo
+import report
+import runs
 import sampler
+import tasks
 from conftest import make_tiny_model
-from mipo import TASKS, Example
-from model_loader import MipoError, Tokenizer, load_model, save_model
+from model_loader import Tokenizer, load_model, save_model
+from tasks import TASKS, Example
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -50,14 +53,14 @@ def write_tiny_model_dir(path: Path, seed: int = 0, soft: bool = False) -> Path:
 def write_run(path: Path, data: Path, seed: int) -> Path:
     """What train.py leaves: RUN/final (a model), RUN/metrics.jsonl (one dict per step), RUN/config.json (settings
     by section) and RUN/summary.json (the held-out MI meter before and after training)."""
-    write_tiny_model_dir(path / evaluation.RUN_FINAL, seed)
+    write_tiny_model_dir(path / runs.RUN_FINAL, seed)
     steps = [{"step": s, "loss": 0.693 - 0.05 * s, "rewards/accuracies": 0.1 * s, "rewards/margins": 0.2 * s,
               "rewards/chosen": 0.1 * s, "rewards/rejected": -0.1 * s, "logps/chosen": -40 + s, "logps/rejected": -50 - s,
               "lr": 5e-7, "grad_norm": 1.0} for s in range(6)]
-    (path / evaluation.RUN_METRICS).write_text("".join(json.dumps(r) + "\n" for r in steps))
-    (path / evaluation.RUN_CONFIG).write_text(json.dumps({"pairs": {"model": "base", "task": "jsonl", "data": str(data)},
+    (path / runs.RUN_METRICS).write_text("".join(json.dumps(r) + "\n" for r in steps))
+    (path / runs.RUN_CONFIG).write_text(json.dumps({"pairs": {"model": "base", "task": "jsonl", "data": str(data)},
                                                          "loss": {"loss": "sigmoid", "beta": 0.1}}))
-    (path / evaluation.RUN_SUMMARY).write_text(json.dumps({"base_eval": {"pmi": 1.5, "pmi_self": 1.5, "pairs": 4},
+    (path / runs.RUN_SUMMARY).write_text(json.dumps({"base_eval": {"pmi": 1.5, "pmi_self": 1.5, "pairs": 4},
                                                           "trained_eval": {"pmi": 2.5, "pmi_self": 3.0, "pairs": 4}}))
     return path
 
@@ -87,7 +90,7 @@ def test_gsm8k_exact_match_with_the_papers_extraction_and_its_fallback():
     items = [item(f"r{k}", **evaluation.score_item(TASKS["gsm8k"], ex, r)) for k, r in enumerate(responses)]
     assert [it["metrics"]["correct"] for it in items] == list(responses.values())
     assert [it["metrics"]["parsed"] for it in items] == [1.0, 1.0, 1.0, 1.0, 0.0]
-    summary = evaluation.summarize(items)
+    summary = report.summarize(items)
     assert summary["correct"]["mean"] == pytest.approx(3 / 5) and summary["correct"]["n"] == 5
 
 
@@ -122,7 +125,7 @@ def test_movielens_mae_and_exact_accuracy_next_to_the_users_mean_rating():
              (movielens_item("c", [3, 3, 3, 4], 1), "Probably a four.")]               # not parsed: out of the MAE
     items = [item(ex.id, **evaluation.score_item(task, ex, r)) for ex, r in cases]
     assert [it["metrics"]["abs_error"] for it in items] == [2.0, 0.0, None]
-    summary = evaluation.summarize(items)
+    summary = report.summarize(items)
     assert summary["abs_error"]["mean"] == pytest.approx(1.0) and summary["abs_error"]["n"] == 2
     assert summary["exact"]["mean"] == pytest.approx(1 / 3) and summary["parsed"]["mean"] == pytest.approx(2 / 3)
     assert summary["user_mean_abs_error"]["mean"] == pytest.approx((0.5 + 0.0 + 2.25) / 3)
@@ -136,26 +139,26 @@ def test_movielens_mae_and_exact_accuracy_next_to_the_users_mean_rating():
 def test_bootstrap_interval_on_a_fixed_seed():
     # Means of 4 draws from [0, 0, 0, 1]: P(0) = 0.32, P(<= 0.5) = 0.95, P(<= 0.75) = 0.996, so the 2.5% and
     # 97.5% quantiles are 0 and 0.75 with a wide margin for 2000 resamples.
-    assert evaluation.bootstrap_ci([0, 0, 0, 1]) == (0.0, 0.75)
-    assert evaluation.bootstrap_ci([0.25] * 9) == (0.25, 0.25)
-    assert evaluation.bootstrap_ci([1, 0, 1, 1, 0, 1]) == evaluation.bootstrap_ci([1, 0, 1, 1, 0, 1])  # seeded
-    assert evaluation.bootstrap_ci(np.arange(50.0), seed=1) != evaluation.bootstrap_ci(np.arange(50.0), seed=2)
+    assert report.bootstrap_ci([0, 0, 0, 1]) == (0.0, 0.75)
+    assert report.bootstrap_ci([0.25] * 9) == (0.25, 0.25)
+    assert report.bootstrap_ci([1, 0, 1, 1, 0, 1]) == report.bootstrap_ci([1, 0, 1, 1, 0, 1])  # seeded
+    assert report.bootstrap_ci(np.arange(50.0), seed=1) != report.bootstrap_ci(np.arange(50.0), seed=2)
     # Large n: the percentile interval of a proportion is the normal one, p +- 1.96 sqrt(p (1 - p) / n).
     values = np.array([1.0] * 120 + [0.0] * 280)
-    low, high = evaluation.bootstrap_ci(values)
+    low, high = report.bootstrap_ci(values)
     half_width = 1.96 * np.sqrt(0.3 * 0.7 / 400)
     assert low == pytest.approx(0.3 - half_width, abs=0.006) and high == pytest.approx(0.3 + half_width, abs=0.006)
-    assert all(np.isnan(evaluation.bootstrap_ci([])))
+    assert all(np.isnan(report.bootstrap_ci([])))
 
 
 def test_differences_are_paired_by_item_id():
     difficulty = np.linspace(0, 1, 20)  # items differ a lot; the run is better by 0.1 on every one of them
     base = [item(f"i{k}", score=d) for k, d in enumerate(difficulty)]
     run = [item(f"i{k}", score=d + 0.1) for k, d in enumerate(difficulty)][::-1]  # another order: matched by id
-    b, r = evaluation.paired(base, run, "score")
+    b, r = report.paired(base, run, "score")
     assert np.allclose(r - b, 0.1)
-    assert evaluation.bootstrap_ci(r - b) == pytest.approx((0.1, 0.1))
-    low, high = evaluation.bootstrap_ci(r)
+    assert report.bootstrap_ci(r - b) == pytest.approx((0.1, 0.1))
+    low, high = report.bootstrap_ci(r)
     assert high - low > 0.2  # an unpaired interval could not tell the two models apart
 
 
@@ -163,15 +166,15 @@ def test_compare_rows_on_hand_made_results():
     base = [item("a", correct=1.0, pmi=2.0), item("b", correct=0.0, pmi=1.0), item("c", correct=1.0, pmi=3.0),
             item("d", correct=0.0, pmi=0.0)]
     run = [item("d", correct=1.0, pmi=1.0), item("c", correct=1.0, pmi=4.0), item("b", correct=1.0, pmi=2.0)]  # no "a"
-    rows = {row["metric"]: row for row in evaluation.compare_rows(base, [run])}
+    rows = {row["metric"]: row for row in report.compare_rows(base, [run])}
     assert list(rows) == ["correct", "pmi"]
     assert rows["correct"]["base"]["mean"] == 0.5 and rows["correct"]["runs"][0]["value"]["mean"] == 1.0
     diff = rows["correct"]["runs"][0]["diff"]  # on b, c, d: +1, 0, +1
     assert diff["mean"] == pytest.approx(2 / 3) and diff["n"] == 3
     assert rows["pmi"]["runs"][0]["diff"]["mean"] == pytest.approx(1.0) and rows["pmi"]["runs"][0]["diff"]["ci"] == (1.0, 1.0)
-    text = evaluation.format_table(evaluation.compare_rows(base, [run]), ["base", "run"], markdown=False)
+    text = report.format_table(report.compare_rows(base, [run]), ["base", "run"], markdown=False)
     assert text.splitlines()[1].split()[:4] == ["correct", "0.500", "1.000", "+0.667"]
-    markdown = evaluation.format_table(evaluation.compare_rows(base, [run]), ["base", "run"], markdown=True)
+    markdown = report.format_table(report.compare_rows(base, [run]), ["base", "run"], markdown=True)
     assert markdown.splitlines()[0] == "| metric | base | run | diff [95% CI] |"
     assert "| pmi | 1.500 | 2.333 | +1.000 [+1.000, +1.000]* (n=3) |" in markdown
 
@@ -216,7 +219,7 @@ def test_judge_scores_each_stated_preference_and_a_win_is_at_least_the_reference
                       batch_size=None, return_logprobs=False, progress=True, static=False):
         assert temperature == 0  # the judge decodes greedily
         texts = [bytes(p).decode() for p in prompts]
-        rule = [next(r for r in replies if mipo.PREFERENCE_BY_ID[r][2] in t) for t in texts]
+        rule = [next(r for r in replies if tasks.PREFERENCE_BY_ID[r][2] in t) for t in texts]
         return [list(replies[r].encode()) + [256] for r in rule]
 
     monkeypatch.setattr(sampler, "generate", fake_generate)
@@ -233,10 +236,10 @@ def test_judge_scores_each_stated_preference_and_a_win_is_at_least_the_reference
     assert items[0]["judge"]["replies"] == ["Score: 4", "I'd say 2 out of 5"]
 
     run = [item("x", judge_score=3.0), item("y", judge_score=1.0), item("z", judge_score=4.0)]
-    rows = {row["metric"]: row for row in evaluation.compare_rows(items, [run])}
+    rows = {row["metric"]: row for row in report.compare_rows(items, [run])}
     win = rows["judge_win"]["runs"][0]["value"]  # x: 3 >= 3 wins (a tie wins), y: 1 >= 1 (both unparsed) wins, z: 4 < 4.5
     assert (win["mean"], win["n"], rows["judge_win"]["base"]) == (pytest.approx(2 / 3), 3, None)
-    assert evaluation.judge_note([({}, items)], ["base"]) == "judge replies without a score 1-5 (each counted as 1): base 1/5"
+    assert report.judge_note([({}, items)], ["base"]) == "judge replies without a score 1-5 (each counted as 1): base 1/5"
 
 
 # ------------------------------------------------------------------ the MI meter
@@ -247,8 +250,8 @@ def test_pmi_is_scored_by_the_base_model_and_pmi_self_by_the_model_itself(tmp_pa
     model, tokenizer = load_model(tmp_path / "m")
     base, _ = load_model(tmp_path / "base")
     task = TASKS["jsonl"]
-    examples = mipo.load_examples(task, "eval", path=write_user_file(tmp_path / "users.jsonl"))
-    items = evaluation.evaluate(model, tokenizer, task, examples, mipo.Sampling(1.0, 1.0, 0, 6), seed=0, batch_size=3,
+    examples = tasks.load_examples(task, "eval", path=write_user_file(tmp_path / "users.jsonl"))
+    items = evaluation.evaluate(model, tokenizer, task, examples, sampler.Sampling(1.0, 1.0, 0, 6), seed=0, batch_size=3,
                                 progress=False)
     assert [it["metrics"]["truncated"] for it in items] == [float(not it["stopped"]) for it in items]
     spec = {"name": "m", "eval_dir": tmp_path / "m-eval"}
@@ -267,8 +270,8 @@ def test_pmi_is_scored_by_the_base_model_and_pmi_self_by_the_model_itself(tmp_pa
 
     for ex, negative, it in zip(examples, negatives, items):
         for key, scorer in (("pmi", base), ("pmi_self", model)):
-            (under_x, length), (under_x_prime, _) = (full_forward_logp(scorer, mipo.prompt_messages(task, ex), it),
-                                                     full_forward_logp(scorer, mipo.prompt_messages(task, negative), it))
+            (under_x, length), (under_x_prime, _) = (full_forward_logp(scorer, tasks.prompt_messages(task, ex), it),
+                                                     full_forward_logp(scorer, tasks.prompt_messages(task, negative), it))
             assert it["metrics"][key] == pytest.approx(under_x - under_x_prime, abs=1e-4), key
         assert it["metrics"]["length"] == length
     assert any(abs(it["metrics"]["pmi"] - it["metrics"]["pmi_self"]) > 1e-2 for it in items)  # two models, two meters
@@ -353,14 +356,14 @@ def test_single_model_evaluation_and_tables_without_matplotlib(tmp_path, monkeyp
     data = write_user_file(tmp_path / "users.jsonl")
     run = write_run(tmp_path / "run", data, seed=1)
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
-    monkeypatch.setattr(evaluation, "_warned_no_matplotlib", [])
+    monkeypatch.setattr(report, "_warned_no_matplotlib", [])
     evaluation.main(["--model", str(run), "--n", "3", "--max-new-tokens", "4", "--judge", "none", "--no-mi"])
     captured = capsys.readouterr()
     assert captured.out.splitlines()[0] == f"{run} on jsonl: 3 items -> {run / 'eval'}"
     assert "correct" in captured.out and "pmi" not in captured.out and "judge_score" not in captured.out
     assert "plots skipped: matplotlib is not installed" in captured.err
     assert (run / "eval" / "jsonl.jsonl").is_file() and not (run / "eval" / "curves.png").exists()
-    monkeypatch.setattr(evaluation, "_warned_no_matplotlib", [])
+    monkeypatch.setattr(report, "_warned_no_matplotlib", [])
     evaluation.main(["--compare", str(run / "final"), str(run), "--n", "3", "--max-new-tokens", "4", "--judge", "none",
                      "--no-mi", "--out", str(tmp_path / "report")])
     assert (tmp_path / "report" / "compare-jsonl.md").is_file() and not (tmp_path / "report" / "compare-jsonl.png").exists()
@@ -381,7 +384,7 @@ def test_bad_input_is_one_line_and_exit_status_2(tmp_path, argv, message):
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "config.json").write_text(json.dumps({"model_type": "llama"}))
     (tmp_path / "empty_run").mkdir()
-    (tmp_path / "empty_run" / evaluation.RUN_METRICS).write_text("")
+    (tmp_path / "empty_run" / runs.RUN_METRICS).write_text("")
     result = subprocess.run([sys.executable, str(ROOT / "eval.py"), *argv], capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 2
     assert result.stderr.startswith(message) and result.stderr.count("\n") == 1, result.stderr

@@ -20,7 +20,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import gguf_convert
 from gguf_convert import BUNDLED, BundledGGUF, bundled_gguf, bundled_model_dir, convert_gguf
-from model_loader import MipoError, load_model
+from files import MipoError
+from model_loader import load_model
 
 SHAPES = {  # what the project documents for each bundled model
     "qwen": dict(model_type="qwen2", num_hidden_layers=24, hidden_size=896, num_attention_heads=14, num_key_value_heads=2,

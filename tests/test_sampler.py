@@ -1,6 +1,5 @@
 """The sampler is exact: cached, batched, left-padded decoding gives what a full recompute of each row
 alone gives; the filters are exact on hand-made logits; sampling follows softmax(logits / T)."""
-import math
 
 import pytest
 import torch

@@ -16,6 +16,7 @@ import torch.multiprocessing as mp
 import shard
 from conftest import RunsCodeWhenUnpickled, make_tiny_model
 from dpo_loss import preference_loss, sequence_logps
+from files import MipoError
 from model_loader import ModelConfig, rope_inv_freq
 
 WORLD = 2
@@ -323,7 +324,7 @@ def test_memory_plan():
     with_ckpt, without = (shard.memory_plan(big, 4, "fsdp", ckpt)["activations"] for ckpt in (True, False))
     assert with_ckpt < without / 5
     assert shard.memory_plan(big, 4, "fsdp", micro_batch_pairs=2)["logits"] > shard.memory_plan(big, 4, "fsdp")["logits"]
-    with pytest.raises(shard.MipoError, match="strategy single"):
+    with pytest.raises(MipoError, match="strategy single"):
         shard.memory_plan(cfg, 2, "single")
 
 
@@ -334,7 +335,7 @@ def test_choose_layout_keeps_global_batch_and_refuses_what_cannot_fit():
         slots = math.ceil(shard.GLOBAL_BATCH / world)
         assert slots % layout["micro_batch_pairs"] == 0  # accumulation steps x micro-batch x world covers the batch
         assert layout["plan"]["total"] <= 80 * 2**30
-    with pytest.raises(shard.MipoError, match="add --shard or more GPUs"):
+    with pytest.raises(MipoError, match="add --shard or more GPUs"):
         shard.choose_layout(big, 1, "single", 80 * 2**30)  # 16 bytes per parameter alone: 122 GB
     small = shard.paper_config("qwen2.5-0.5b")
     assert shard.choose_layout(small, 1, "single", 80 * 2**30)["micro_batch_pairs"] == 4  # no accumulation needed
@@ -361,10 +362,10 @@ def test_checkpoint_metadata_that_names_other_code_or_holds_non_tensors_is_refus
     crafted, marker = tmp_path / "crafted", tmp_path / "code-ran"
     crafted.mkdir()
     (crafted / ".metadata").write_bytes(pickle.dumps(RunsCodeWhenUnpickled(marker)))
-    with pytest.raises(shard.MipoError, match="not a checkpoint train.py wrote"):
+    with pytest.raises(MipoError, match="not a checkpoint train.py wrote"):
         shard.TensorCheckpointReader(crafted).read_metadata()
     assert not marker.exists()
     # torch.distributed.checkpoint loads a non-tensor entry with an unrestricted torch.load: none may pass
     (crafted / ".metadata").write_bytes(pickle.dumps(Metadata(state_dict_metadata={"optimizer.x": BytesStorageMetadata()})))
-    with pytest.raises(shard.MipoError, match="entries that are not tensors"):
+    with pytest.raises(MipoError, match="entries that are not tensors"):
         shard.TensorCheckpointReader(crafted).read_metadata()

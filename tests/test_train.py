@@ -14,14 +14,18 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import config
+import dpo_loss
 import mipo
+import runs
+import shard
+import tasks
+import train
 from conftest import RunsCodeWhenUnpickled, make_tiny_model
-from model_loader import MipoError, ModelConfig, Tokenizer, load_model, save_model
+from files import MipoError
+from model_loader import Tokenizer, load_model, save_model
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-import shard  # noqa: E402
-import train  # noqa: E402
 
 VOCAB = 211  # w0 ... w207, then <|im_start|> 208, <|im_end|> 209, <|endoftext|> 210
 
@@ -172,7 +176,7 @@ def test_step0_check_catches_reference_from_another_model(assets, baseline, tmp_
     records = [json.loads(line) for line in (baseline / "reference.jsonl").read_text().splitlines()]
     other, _ = load_model(write_tiny_model(tmp_path / "tiny-seed1", seed=1))
     with torch.no_grad():
-        chosen, rejected = train.forward_logps(other, train.collate(records, False, "cpu"), train.HardwareConfig())
+        chosen, rejected = train.forward_logps(other, train.collate(records, False, "cpu"), config.HardwareConfig())
     for i, r in enumerate(records):
         r["ref_chosen_logps"], r["ref_rejected_logps"] = chosen[i].item(), rejected[i].item()
     (out / "reference.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
@@ -188,7 +192,7 @@ def test_packed_row_scores_each_response_as_a_separate_sequence(assets, baseline
     for r in records:
         r["negative_prompt_ids"] = r["prompt_ids"][:-2] + [17, 23]  # any other prompt
     with torch.no_grad():
-        chosen, rejected = train.forward_logps(model, train.collate(records, True, "cpu"), train.HardwareConfig())
+        chosen, rejected = train.forward_logps(model, train.collate(records, True, "cpu"), config.HardwareConfig())
         for i, r in enumerate(records * 2):
             prompt = r["prompt_ids"] if i < len(records) else r["negative_prompt_ids"]
             for packed, response in ((chosen[i], r["chosen_ids"]), (rejected[i], r["rejected_ids"])):
@@ -267,7 +271,7 @@ def step0_loss_by_hand(loss: str, batch: list[dict], under_x_prime) -> float:
     return sum(values) / len(values)
 
 
-@pytest.mark.parametrize("loss", train.LOSS_TYPES)
+@pytest.mark.parametrize("loss", dpo_loss.LOSS_TYPES)
 def test_every_loss_type_trains_from_its_step0_value(assets, baseline, tmp_path, loss):
     """--loss reaches the loss: the logged step-1 loss, computed before the first update, is the loss's own value
     at step 0. The gradient norm tells apart the losses that share a step-0 value: for a loss of the margin h
@@ -317,7 +321,7 @@ def test_held_out_meter_scores_each_models_own_samples_under_the_base_model(asse
     args = args_for(assets, out, "--n-eval", "4", "--epochs", "3")
     train.main(args)
     summary = json.loads((out / "summary.json").read_text())
-    cfg = train.resolve_config(train.parse_args(args))[0]
+    cfg = config.resolve_config(config.train_parser().parse_args(args))[0]
     eval_pairs = mipo.read_pairs(out / "eval_pairs.jsonl")
     base, tokenizer = load_model(assets["model"])
     policy, _ = load_model(out / "final")
@@ -341,8 +345,8 @@ def test_mipo_py_and_train_py_sample_the_same_pairs_for_the_same_seed(assets, ba
     assert result.returncode == 0, result.stderr
     assert out.read_bytes() == (baseline / "pairs.jsonl").read_bytes()
     # and by default: the same prompts per generate call (each batch has its own seed) and the same dtype rule
-    assert mipo.parse_args([]).batch_size == train.parse_args([]).sample_batch_size == 16
-    assert mipo.parse_args(["--dtype", "bfloat16"]).dtype == "bfloat16" and train.parse_args([]).dtype == "auto"
+    assert config.pairs_parser().parse_args([]).batch_size == config.train_parser().parse_args([]).sample_batch_size == 16
+    assert config.pairs_parser().parse_args(["--dtype", "bfloat16"]).dtype == "bfloat16" and config.train_parser().parse_args([]).dtype == "auto"
 
 
 def test_truncated_pairs_are_reported_and_dropped_on_request(assets, tmp_path):
@@ -425,12 +429,12 @@ def test_checkpoint_holds_no_pickled_object_and_restores_every_generator(tmp_pat
     optimizer.step()
     torch.manual_seed(5), random.seed(6), np.random.seed(7)
     np.random.standard_normal()  # numpy caches the second of each pair of Gaussians: part of its state
-    train.save_checkpoint(tmp_path / "checkpoint.pt", model, optimizer, 3)
+    runs.save_checkpoint(tmp_path / "checkpoint.pt", model, optimizer, 3)
     draws = (torch.rand(3).tolist(), random.random(), np.random.standard_normal(2).tolist())
-    json.dumps(train.rng_state())  # the generators' states are plain JSON
+    json.dumps(runs.rng_state())  # the generators' states are plain JSON
     fresh = make_tiny_model(seed=1)
     fresh_optimizer = torch.optim.AdamW(fresh.parameters(), lr=1e-3)
-    assert train.load_checkpoint(tmp_path / "checkpoint.pt", fresh, fresh_optimizer) == 3
+    assert runs.load_checkpoint(tmp_path / "checkpoint.pt", fresh, fresh_optimizer) == 3
     assert (torch.rand(3).tolist(), random.random(), np.random.standard_normal(2).tolist()) == draws
     assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), model.state_dict().values()))
     moments = lambda opt: [s["exp_avg_sq"] for s in opt.state_dict()["state"].values()]  # noqa: E731
@@ -443,7 +447,7 @@ def test_a_crafted_checkpoint_is_refused_without_running_it(tmp_path):
     torch.save({"step": 1, "model": RunsCodeWhenUnpickled(marker)}, tmp_path / "checkpoint.pt")
     model = make_tiny_model()
     with pytest.raises(MipoError, match="checkpoint.pt: not a checkpoint this version of train.py wrote"):
-        train.load_checkpoint(tmp_path / "checkpoint.pt", model, torch.optim.AdamW(model.parameters()))
+        runs.load_checkpoint(tmp_path / "checkpoint.pt", model, torch.optim.AdamW(model.parameters()))
     assert not marker.exists()
 
 
@@ -590,26 +594,24 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(assets, tmp_path):
 
 
 def test_presets_and_flags_resolve_in_one_place():
-    import mipo
-
-    pairs, loss, opt, hw, out = train.resolve_config(train.parse_args(["--preset", "paper", "--device", "cpu"]))
+    pairs, loss, opt, hw, out = config.resolve_config(config.train_parser().parse_args(["--preset", "paper", "--device", "cpu"]))
     assert (opt.lr, opt.batch_size, opt.betas, opt.weight_decay, opt.warmup_ratio, opt.min_lr_ratio, opt.grad_clip,
             opt.epochs, loss.beta, loss.loss) == (5e-7, 4, (0.9, 0.95), 0.0, 0.03, 0.1, 1.0, 1, 0.1, "sigmoid")
-    assert pairs.n is None and pairs.sampling == mipo.TASKS["persona"].paper and pairs.negative == "incomplete"
-    pairs, loss, opt, hw, out = train.resolve_config(train.parse_args(["--device", "cpu", "--lr", "3e-6", "--max-new-tokens", "32"]))
-    assert pairs.n == train.PRESETS["cpu"]["n"] and opt.lr == 3e-6 and pairs.sampling.max_new_tokens == 32
+    assert pairs.n is None and pairs.sampling == tasks.TASKS["persona"].paper and pairs.negative == "incomplete"
+    pairs, loss, opt, hw, out = config.resolve_config(config.train_parser().parse_args(["--device", "cpu", "--lr", "3e-6", "--max-new-tokens", "32"]))
+    assert pairs.n == config.PRESETS["cpu"]["n"] and opt.lr == 3e-6 and pairs.sampling.max_new_tokens == 32
     assert str(out) == "runs/qwen-persona-incomplete-sigmoid"
 
 
 def test_paper_preset_fits_the_micro_batch_and_checkpointing_to_the_gpu(tmp_path):
-    """--preset paper on a GPU (flags left out): train.fit_to_gpu picks what shard.choose_layout picks, keeps the
+    """--preset paper on a GPU (flags left out): config.fit_to_gpu picks what shard.choose_layout picks, keeps the
     global batch, and only turns gradient checkpointing on where the model needs it."""
     def fit(name, gpu_gib, world=1, sharded=False):
         model_dir = tmp_path / name
         model_dir.mkdir(exist_ok=True)
         (model_dir / "config.json").write_text(json.dumps(shard.PAPER_MODELS[name]))
-        opt, hw = train.OptimConfig(micro_batch_size=4), train.HardwareConfig(dtype="bfloat16", shard=sharded)
-        return train.fit_to_gpu(str(model_dir), 512, opt, hw, world, gpu_gib * 2**30)
+        opt, hw = config.OptimConfig(micro_batch_size=4), config.HardwareConfig(dtype="bfloat16", shard=sharded)
+        return config.fit_to_gpu(str(model_dir), 512, opt, hw, world, gpu_gib * 2**30)
 
     opt, hw = fit("qwen2.5-0.5b", 80)
     assert (opt.batch_size, opt.micro_batch_size, hw.gradient_checkpointing) == (4, 4, False)
@@ -617,7 +619,7 @@ def test_paper_preset_fits_the_micro_batch_and_checkpointing_to_the_gpu(tmp_path
     assert opt.batch_size == 4 and (opt.micro_batch_size < 4 or hw.gradient_checkpointing)
     opt, hw = fit("qwen2.5-7b", 80, world=4, sharded=True)
     assert opt.batch_size == 4 and opt.micro_batch_size == 1 and hw.shard
-    with pytest.raises(train.MipoError, match="add --shard or more GPUs"):
+    with pytest.raises(MipoError, match="add --shard or more GPUs"):
         fit("qwen2.5-7b", 80)
 
 
@@ -626,7 +628,7 @@ def test_learning_rate_schedule_is_transformers_cosine_with_min_lr_step_for_step
     # the steps as warmup and min_lr = 0.1 x lr; its value at step 0 is 0 whenever there is any warmup.
     from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
-    cfg = train.OptimConfig(lr=5e-7)
+    cfg = config.OptimConfig(lr=5e-7)
     for total in (1, 2, 16, 33, 34, 100, 1119, 3410):
         param = torch.nn.Parameter(torch.zeros(1))
         optimizer = torch.optim.AdamW([param], lr=cfg.lr)

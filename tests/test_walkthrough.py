@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 DOC = ROOT / "docs" / "walkthrough.md"
 EXAMPLE = ROOT / "examples" / "walkthrough.py"
-CORE = ("model_loader", "gguf_convert", "sampler", "mipo", "dpo_loss", "train", "eval")
+CORE = ("model_loader", "sampler", "mipo", "dpo_loss", "train", "eval")
 
 CODE_REF = re.compile(r"\b([a-z_]+)\.py:([A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*)")  # mipo.py:build_pairs
 TEST_REF = re.compile(r"`(tests/test_[a-z_]+\.py)::([A-Za-z_][A-Za-z0-9_]*)`")  # tests/test_x.py::test_y
@@ -83,15 +83,14 @@ def shown_commands(text: str) -> list[list[str]]:
 
 
 def test_every_command_in_the_walkthrough_parses_with_the_current_flags():
-    import eval as evaluation
-    import mipo
-    import train
+    import config
 
     sys.path.insert(0, str(EXAMPLE.parent))
     import walkthrough
 
-    parsers = {"train.py": lambda argv: train.resolve_config(train.parse_args(argv)),  # also checks the loss options
-               "eval.py": evaluation.parse_args, "mipo.py": mipo.parse_args, "examples/walkthrough.py": walkthrough.parse_args}
+    parsers = {"train.py": lambda argv: config.resolve_config(config.train_parser().parse_args(argv)),  # also checks the loss options
+               "eval.py": config.eval_parser().parse_args, "mipo.py": config.pairs_parser().parse_args,
+               "examples/walkthrough.py": walkthrough.parse_args}
     commands = shown_commands(DOC.read_text())
     scripts = [c[0] for c in commands]
     assert scripts.count("train.py") >= 7 and "eval.py" in scripts and "mipo.py" in scripts

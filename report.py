@@ -1,0 +1,334 @@
+"""What the tools print and draw, which a reader of the method can skip: train.py's end-of-run summary, and
+eval.py's statistics (means and paired percentile bootstrap intervals, Efron & Tibshirani 1993, ch. 13), its
+comparison table (text and Markdown) and its plots (bar charts with intervals, training curves).
+"""
+import json
+import math
+import os
+import platform
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from config import LossConfig, PairsConfig
+from files import MipoError, read_json
+from runs import RUN_METRICS, RUN_SUMMARY
+from tasks import Task
+
+LN2 = math.log(2)
+BOOTSTRAP_RESAMPLES = 2000
+BOOTSTRAP_SEED = 0  # every interval in every table is reproducible
+CONFIDENCE = 0.95
+
+# The metrics a table shows, in this order, when the results hold them: (key, what it measures).
+METRICS = [
+    ("preferences_met", "persona: share of the user's stated preferences the response follows (rule checks)"),
+    ("all_met", "persona: every stated preference followed"),
+    ("judge_score", "judge score 1-5, mean over the stated preferences (the paper's judge prompt)"),
+    ("judge_win", "judge win rate against the base model's response: score >= base's (the paper's protocol)"),
+    ("judge_unparsed", "share of judge replies with no readable score 1-5, each counted as a score of 1"),
+    ("answer_found", "persona: the NQ answer string appears in the response (guard against degenerate answers)"),
+    ("correct", "gsm8k: exact match of the answer after '####'; arc, mmlu: accuracy of the letter after 'The answer is'"),
+    ("exact", "movielens: predicted rating equals the real rating"),
+    ("abs_error", "movielens: |predicted - real rating|, mean over parsed answers (MAE, lower is better)"),
+    ("user_mean_exact", "movielens baseline: the user's mean shown rating, rounded, equals the real rating"),
+    ("user_mean_abs_error", "movielens baseline: |user's mean shown rating - real rating| (lower is better)"),
+    ("parsed", "an answer could be read from the response"),
+    ("pmi", "pointwise MI under the BASE model, log p_base(y|x) - log p_base(y|x'), y the model's own response, nats: "
+            "what MIPO claims to raise"),
+    ("pmi_self", "the same difference scored by the model itself (also rises when a model only grows more confident)"),
+    ("length", "response length in tokens (the end-of-turn token included when the response stopped)"),
+    ("truncated", "share of responses cut at --max-new-tokens (a degenerate loop always is)"),
+]
+METRIC_KEYS = [key for key, _ in METRICS]
+
+
+
+# ---------------------------------------------------------------------------------------------------
+# train.py: the pairs line, the step-0 check, the summary.
+# ---------------------------------------------------------------------------------------------------
+
+
+def step0_message(first: dict, loss: LossConfig) -> str:
+    """first: the metrics of step 1, whose loss was computed before the first update."""
+    message = f"step-0 check: max |log pi - log pi_ref| = {first['step0/max_abs_logp_diff']:.2e} nats"
+    if loss.loss == "sigmoid" and not loss.reference_free and loss.label_smoothing == 0:
+        message += f", rewards {first['rewards/chosen']:.1e} / {first['rewards/rejected']:.1e}, loss {first['loss']:.6f} (ln 2 = {LN2:.6f})"
+    if first["step0/ok"]:
+        return message + ": OK"
+    return message + f": MISMATCH (tolerance {first['step0/tolerance']:.2e}); the stored reference log-probs are not this model's"
+
+
+def pairs_message(stats: dict, cfg: PairsConfig) -> str:
+    kept = (f"--drop-truncated: training on the {stats['trained_on']} pairs with both sides complete" if cfg.drop_truncated
+            else "all kept (--drop-truncated drops them)")
+    return (f"pairs: {stats['pairs']}; cut at {cfg.sampling.max_new_tokens} new tokens: chosen {stats['chosen_truncated']:.0%}, "
+            f"rejected {stats['rejected_truncated']:.0%}, a pair with either side cut {stats['either_truncated']:.0%}: {kept}")
+
+
+def print_summary(summary: dict, loss_cfg: LossConfig):
+    print(f"\ntrained model: {summary['final']}  (model_loader.load_model, or transformers' from_pretrained)")
+    print(step0_message(summary["step0"], loss_cfg))
+    last = summary["last"]
+    print(f"last step ({last['step']}): loss {last['loss']:.4f}, reward accuracy {last['rewards/accuracies']:.2f}, "
+          f"margin {last['rewards/margins']:.4f}")
+    before, after = summary["base_eval"], summary["trained_eval"]
+    if before and after:
+        print(f"held-out pointwise MI under the base model, log p_base(y|x) - log p_base(y|x') with y each model's own "
+              f"sample from x, over {before['pairs']} prompts: {before['pmi']:.3f} -> {after['pmi']:.3f} nats "
+              f"(scored by the trained model itself: {after['pmi_self']:.3f})")
+        print(f"held-out responses: {before['length']:.1f} -> {after['length']:.1f} tokens, cut at the limit "
+              f"{before['truncated']:.0%} -> {after['truncated']:.0%}")
+        for metric, value in before["task"].items():
+            if not metric.startswith("met_"):  # persona's per-preference rates stay in summary.json
+                print(f"held-out {metric}: {value:.3f} -> {after['task'].get(metric, float('nan')):.3f}")
+    print("time: " + ", ".join(f"{stage} {seconds:.0f} s" for stage, seconds in summary["timings_s"].items()))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Statistics: means over items and percentile bootstrap intervals (Efron & Tibshirani 1993, ch. 13).
+# ---------------------------------------------------------------------------------------------------
+
+
+def bootstrap_ci(values, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED,
+                 confidence: float = CONFIDENCE) -> tuple[float, float]:
+    """Percentile interval of the mean: items resampled with replacement. Given per-item DIFFERENCES
+    (run - base on the same item) it is the paired interval, far tighter than two separate ones."""
+    values = np.asarray(values, dtype=np.float64)
+    if len(values) == 0:
+        return (math.nan, math.nan)
+    rng = np.random.default_rng(seed)
+    means = values[rng.integers(0, len(values), size=(resamples, len(values)))].mean(axis=1)  # (resamples,)
+    alpha = (1 - confidence) / 2
+    low, high = np.quantile(means, [alpha, 1 - alpha])
+    return float(low), float(high)
+
+
+def metric_values(items: list[dict], key: str) -> dict[str, float]:
+    """{item id: value} of the items where the metric applies."""
+    return {item["id"]: item["metrics"][key] for item in items if item["metrics"].get(key) is not None}
+
+
+def summarize(items: list[dict]) -> dict:
+    """{metric: {mean, ci, n}} over the items where each metric applies (n counts them)."""
+    keys = [k for k in METRIC_KEYS if any(k in item["metrics"] for item in items)]
+    keys += sorted({k for item in items for k in item["metrics"]} - set(keys))  # per-rule met_* and the like
+    out = {}
+    for key in keys:
+        values = list(metric_values(items, key).values())
+        if values:
+            out[key] = {"mean": float(np.mean(values)), "ci": bootstrap_ci(values), "n": len(values)}
+    return out
+
+
+def paired(base_items: list[dict], run_items: list[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
+    """(base values, run values) on the items both have, matched by id, in the base's order."""
+    base, run = metric_values(base_items, key), metric_values(run_items, key)
+    ids = [i for i in base if i in run]
+    return np.array([base[i] for i in ids]), np.array([run[i] for i in ids])
+
+
+# ---------------------------------------------------------------------------------------------------
+# The comparison: one table (text and Markdown) of base vs runs, and the pictures.
+# ---------------------------------------------------------------------------------------------------
+
+
+def short_names(specs: list[dict]) -> list[str]:
+    """Table headers: a run's directory name (it names the task, negative and loss), a bundled name, or a
+    model directory's name; the full paths when two would read the same."""
+    names = [Path(spec["name"]).name if spec["run"] is None else spec["run"].name for spec in specs]
+    return names if len(set(names)) == len(names) else [spec["name"] for spec in specs]
+
+
+def machine(device: str) -> str:
+    where = torch.cuda.get_device_name() if torch.device(device).type == "cuda" else f"CPU ({os.cpu_count()} cores)"
+    return f"{where}, {platform.system()} {platform.machine()}, torch {torch.__version__}"
+
+
+def compare_rows(base_items: list[dict], runs: list[list[dict]]) -> list[dict]:
+    """Per metric: the base's mean and interval, and per run its mean and interval, plus the paired
+    difference run - base and its interval (over the items both have). judge_win compares judge scores."""
+    rows = []
+    for key in METRIC_KEYS:
+        source = "judge_score" if key == "judge_win" else key
+        if not any(source in item["metrics"] for items in [base_items, *runs] for item in items):
+            continue  # a row even when every value is None (e.g. no judge score parsed): "-" says so
+        base_values = list(metric_values(base_items, source).values())
+        row = {"metric": key, "base": None if key == "judge_win" else cell(base_values), "runs": []}
+        for run_items in runs:
+            base, run = paired(base_items, run_items, source)
+            if key == "judge_win":  # MIPO's protocol: a win when the score is at least the reference's
+                row["runs"].append({"value": cell(run >= base), "diff": None})
+            else:
+                row["runs"].append({"value": cell(list(metric_values(run_items, key).values())), "diff": cell(run - base)})
+        rows.append(row)
+    return rows
+
+
+def cell(values) -> dict | None:
+    values = np.asarray(values, dtype=np.float64)
+    if len(values) == 0:
+        return None
+    return {"mean": float(values.mean()), "ci": bootstrap_ci(values), "n": len(values)}
+
+
+def judge_note(models: list[tuple[dict, list[dict]]], names: list[str]) -> str:
+    """How many judge replies held no score 1-5, per model: each counts as a score of 1 in judge_score."""
+    counts = []
+    for name, (_, items) in zip(names, models):
+        scores = [s for item in items for s in item.get("judge", {}).get("scores", [])]
+        if scores:
+            counts.append(f"{name} {sum(s is None for s in scores)}/{len(scores)}")
+    return f"judge replies without a score 1-5 (each counted as 1): {', '.join(counts)}" if counts else ""
+
+
+def format_table(rows: list[dict], names: list[str], markdown: bool) -> str:
+    header = ["metric", names[0]]
+    for name in names[1:]:
+        header += [name, f"diff [{CONFIDENCE:.0%} CI]"]
+    lines = [header]
+    for row in rows:
+        line = [row["metric"], "ref" if row["metric"] == "judge_win" else number(row["base"])]
+        for run in row["runs"]:
+            if row["metric"] == "judge_win":
+                line += [interval(run["value"]), ""]
+            else:
+                line += [number(run["value"]), interval(run["diff"], signed=True)]
+        lines.append(line)
+    if markdown:
+        out = ["| " + " | ".join(lines[0]) + " |", "|" + "---|" * len(lines[0])]
+        return "\n".join(out + ["| " + " | ".join(line) + " |" for line in lines[1:]])
+    widths = [max(len(line[c]) for line in lines) for c in range(len(header))]
+    return "\n".join("  ".join(text.ljust(w) for text, w in zip(line, widths)).rstrip() for line in lines)
+
+
+def number(c: dict | None) -> str:
+    return "-" if c is None else f"{c['mean']:.3f}"
+
+
+def interval(c: dict | None, signed: bool = False) -> str:
+    """mean [low, high] (n); a '*' marks a difference whose interval excludes 0."""
+    if c is None:
+        return "-"
+    fmt = "{:+.3f}" if signed else "{:.3f}"
+    star = "*" if signed and (c["ci"][0] > 0 or c["ci"][1] < 0) else ""
+    return f"{fmt.format(c['mean'])} [{fmt.format(c['ci'][0])}, {fmt.format(c['ci'][1])}]{star} (n={c['n']})"
+
+
+def markdown_report(rows: list[dict], names: list[str], models, task: Task, args, settings: dict, note: str) -> str:
+    """The Markdown file: the command, the settings, the table, the judge's unparsed replies, the legend."""
+    used = {row["metric"] for row in rows}
+    legend = [f"- `{key}`: {text}" for key, text in METRICS if key in used] + ([f"- {note}"] if note else [])
+    return "\n".join([
+        f"# {task.name}: {names[0]} vs {', '.join(names[1:])}", "",
+        "Models: " + "; ".join(f"{name} = `{spec['model']}`" for name, (spec, _) in zip(names, models)), "",
+        f"`python eval.py {' '.join(args.argv)}`", "",
+        f"{settings['n']} held-out items, sampling {settings['sampling']}, seed {settings['seed']}, "
+        f"judge {args.judge}; {machine(args.device)}. Differences are run - base on the same items; intervals are "
+        f"{CONFIDENCE:.0%} percentile bootstrap intervals over items ({BOOTSTRAP_RESAMPLES} resamples, seed "
+        f"{BOOTSTRAP_SEED}); * marks a difference whose interval excludes 0.", "",
+        format_table(rows, names, markdown=True), "", *legend, ""])
+
+
+_warned_no_matplotlib = []
+
+
+def pyplot():
+    """matplotlib.pyplot, or None with one line on stderr: the plots are optional, the tables are not."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")  # files only, no display
+        import matplotlib.pyplot as plt
+        return plt
+    except ImportError:
+        if not _warned_no_matplotlib:
+            print("plots skipped: matplotlib is not installed (pip install matplotlib); the tables are written", file=sys.stderr)
+            _warned_no_matplotlib.append(True)
+        return None
+
+
+def plot_comparison(rows: list[dict], names: list[str], out_png: Path) -> bool:
+    """One panel per metric: a bar per model with its interval."""
+    plt = pyplot()
+    if plt is None:
+        return False
+    cols = min(3, len(rows))
+    fig, axes = plt.subplots(math.ceil(len(rows) / cols), cols, figsize=(4.2 * cols, 3.2 * math.ceil(len(rows) / cols)),
+                             squeeze=False)
+    for ax, row in zip(axes.flat, rows):
+        cells = [row["base"]] + [run["value"] for run in row["runs"]]  # one slot and one colour per model, always
+        shown = [k for k, c in enumerate(cells) if c is not None]
+        errors = [[cells[k]["mean"] - cells[k]["ci"][0] for k in shown], [cells[k]["ci"][1] - cells[k]["mean"] for k in shown]]
+        ax.bar(shown, [cells[k]["mean"] for k in shown], yerr=errors, capsize=4, color=[f"C{k}" for k in shown])
+        ax.set_xticks(range(len(names)), names, rotation=20, ha="right", fontsize=8)
+        lower = " (lower is better)" if row["metric"].endswith("abs_error") else ""
+        ax.set_title(row["metric"] + lower, fontsize=10)
+        ax.axhline(0, color="black", linewidth=0.5)
+        ax.set_xlim(-0.6, len(names) - 0.4)
+        if not shown:
+            ax.text(0.5, 0.5, "no values", ha="center", va="center", transform=ax.transAxes, color="grey")
+    for ax in list(axes.flat)[len(rows):]:
+        ax.axis("off")
+    fig.suptitle(f"mean and {CONFIDENCE:.0%} bootstrap interval over items", fontsize=10)
+    fig.tight_layout()
+    save_figure(fig, out_png)
+    plt.close(fig)
+    return True
+
+
+def read_metrics(path: Path) -> list[dict]:
+    records, lines = [], path.read_text().splitlines()
+    for lineno, line in enumerate(lines, 1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                if lineno < len(lines):  # only the last line may be cut short, by a train.py still writing it
+                    raise MipoError(f"{path}:{lineno}: not valid JSON ({e.msg})")
+    return records
+
+
+def plot_training_curves(run: Path, out_png: Path) -> bool:
+    """Loss, reward accuracy, margins, chosen and rejected log-probs and the MI meter against the step."""
+    path = run / RUN_METRICS
+    if not path.is_file():
+        return False
+    records = [r for r in read_metrics(path) if isinstance(r, dict)]
+    plt = pyplot()
+    if plt is None or not records:
+        return False
+    pmi_keys = sorted({k for r in records for k in r if "pmi" in k})
+    meter = read_json(run / RUN_SUMMARY) if (run / RUN_SUMMARY).is_file() else {}  # the meter before and after
+    before_after = [(step, meter[key]["pmi"]) for step, key in ((0, "base_eval"), (records[-1].get("step", len(records)), "trained_eval"))
+                    if isinstance(meter.get(key), dict) and isinstance(meter[key].get("pmi"), (int, float))]
+    panels = [("loss", ["loss"]), ("reward accuracy", ["rewards/accuracies"]), ("reward margin", ["rewards/margins"]),
+              ("rewards", ["rewards/chosen", "rewards/rejected"]), ("log-probs (summed)", ["logps/chosen", "logps/rejected"]),
+              ("MI meter (nats)", pmi_keys)]
+    fig, axes = plt.subplots(2, 3, figsize=(13, 6.5))
+    for ax, (title, keys) in zip(axes.flat, panels):
+        for key in keys:
+            points = [(r.get("step", k), r[key]) for k, r in enumerate(records) if isinstance(r.get(key), (int, float))]
+            if points:
+                ax.plot(*zip(*points), label=key, marker="." if len(points) < 30 else None)
+        if title.startswith("MI meter") and not keys and before_after:
+            ax.plot(*zip(*before_after), marker="o", label=f"held-out pmi under the base model, before -> after ({RUN_SUMMARY})")
+        if ax.lines:
+            ax.legend(fontsize=7)
+        else:
+            ax.text(0.5, 0.5, f"not in {RUN_METRICS}", ha="center", va="center", transform=ax.transAxes, color="grey")
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("step", fontsize=8)
+    fig.suptitle(str(run), fontsize=10)
+    fig.tight_layout()
+    save_figure(fig, out_png)
+    plt.close(fig)
+    return True
+
+
+def save_figure(fig, out_png: Path) -> None:
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_png.with_name(out_png.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    os.replace(tmp, out_png)
