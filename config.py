@@ -3,9 +3,13 @@ lines of train.py, mipo.py and eval.py, with the sampling flags and their checks
 uses is resolved here, in one place, before anything runs; the scripts read the resulting dataclasses.
 """
 import argparse
+import hashlib
+import json
 import math
 import os
+import re
 import sys
+import time
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
@@ -13,13 +17,14 @@ import torch
 
 import shard
 from dpo_loss import F_DIVERGENCES, LOSS_TYPES, check_options
-from files import MipoError, read_json
+from files import MipoError, cache_dir, read_json, write_atomically
 from model_loader import ModelConfig
 from model_sources import local_model, resolve_model_dir
 from sampler import Sampling
 from tasks import NEGATIVES, TASKS, Task, default_sampling, get_task
 
 DTYPES = ("auto", "float32", "bfloat16")
+AUTO_DTYPE = "auto: bfloat16 on a GPU, and on a CPU where bf16 matrix products were measured faster, else float32"
 EVAL_N_DEFAULT = {"cpu": 50, "gpu": 200}  # held-out items eval.py takes; 200 is the whole persona / gsm8k held-out set
 DEFAULT_JUDGE = "qwen"  # the largest bundled model; on a GPU pass a larger local checkpoint
 
@@ -106,18 +111,44 @@ BATCH_COUPLED_LOSSES = ("aot", "aot_unpaired", "bco_pair")
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def cpu_has_fast_bf16() -> bool:
-    # bf16 matmuls beat float32 only with native instructions (AVX-512 BF16 or AMX); elsewhere they are emulated.
+def cpu_has_fast_bf16(cpuinfo_path=Path("/proc/cpuinfo")) -> bool:
+    """Whether bf16 matrix products beat float32 ones on this CPU. Native bf16 instructions (AVX-512 BF16, AMX) are
+    needed but not enough: a Xeon with AVX-512 BF16 and no AMX ran a 2048^3 product at 160 GFLOP/s in bf16 and 300 in
+    float32, where an AMD EPYC with the same flag ran bf16 faster. So it is measured, once per CPU model, thread count
+    and torch version, and the answer kept in the cache: every later run on the machine picks the same dtype."""
     try:
-        flags = Path("/proc/cpuinfo").read_text()
+        cpuinfo = cpuinfo_path.read_text()
     except OSError:
         return False
-    return " avx512_bf16" in flags or " amx_bf16" in flags
+    if " avx512_bf16" not in cpuinfo and " amx_bf16" not in cpuinfo:
+        return False  # emulated: always slower
+    name = re.search(r"^model name\s*:\s*(.*)$", cpuinfo, re.MULTILINE)
+    machine = f"{name.group(1) if name else '?'}|{torch.get_num_threads()} threads|torch {torch.__version__}"
+    path = cache_dir() / "cpu-dtype" / f"{hashlib.sha256(machine.encode()).hexdigest()[:16]}.json"
+    if path.exists():
+        return read_json(path)["bfloat16_faster"]
+    seconds = {str(d).removeprefix("torch."): matmul_seconds(d) for d in (torch.float32, torch.bfloat16)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomically(path, json.dumps({"machine": machine, "seconds_1024^3": seconds,
+                                       "bfloat16_faster": seconds["bfloat16"] < seconds["float32"]}, indent=2))
+    return seconds["bfloat16"] < seconds["float32"]
+
+
+def matmul_seconds(dtype, n=1024, repeats=5) -> float:
+    """The best of a few n^3 matrix products in dtype (the first, which loads the kernel, not counted)."""
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return best
 
 
 def compute_dtype(flag: str | None, device) -> str:
-    """--dtype auto (or left out): bfloat16 where the hardware multiplies it natively (a GPU with bf16, a CPU with
-    AVX-512 BF16 or AMX), else float32."""
+    """--dtype auto (or left out): bfloat16 where the hardware multiplies it faster than float32 (a GPU with bf16,
+    a CPU where cpu_has_fast_bf16 measured it), else float32."""
     if flag not in (None, "auto"):
         return flag
     if torch.device(device).type == "cuda":
@@ -210,8 +241,7 @@ def train_parser() -> argparse.ArgumentParser:
     g = parser.add_argument_group("hardware")
     g.add_argument("--device", default=None, help="torch device (default cuda if available, else cpu)")
     g.add_argument("--dtype", choices=DTYPES, default="auto", help="compute dtype; bfloat16 runs matmuls in bf16 under "
-                   "autocast, weights and AdamW stay float32 (default auto: bfloat16 on a GPU or a CPU with bf16 "
-                   "instructions, else float32)")
+                   f"autocast, weights and AdamW stay float32 (default {AUTO_DTYPE})")
     g.add_argument("--gradient-checkpointing", action="store_true", default=None, help="recompute each layer in backward: "
                    "less memory, ~30%% more time (--preset paper on a GPU turns it on when the model needs it)")
     g.add_argument("--shard", action="store_true", help="FSDP2: shard weights, gradients and AdamW states over the torchrun "
@@ -347,8 +377,7 @@ def pairs_parser() -> argparse.ArgumentParser:
                        "or a hub name (owner/name), downloaded once with huggingface_hub")
     model.add_argument("--revision", default=None, help="with a hub name: the commit (or branch, tag) to download (default main)")
     model.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device (default cuda if available)")
-    model.add_argument("--dtype", choices=DTYPES, default="auto", help="default auto: bfloat16 on a GPU or a CPU with "
-                       "AVX-512 BF16 / AMX, else float32 (as train.py)")
+    model.add_argument("--dtype", choices=DTYPES, default="auto", help=f"default {AUTO_DTYPE} (as train.py)")
     sampling = add_sampling_flags(parser, "sampling (defaults: the task's, scaled down on a CPU)")
     sampling.add_argument("--seed", type=int, default=0, help="seed of the pairing and the sampling (default 0)")
     sampling.add_argument("--batch-size", type=int, default=16, help="prompts per generate call, each batch with its own seed "
@@ -394,5 +423,5 @@ def eval_parser() -> argparse.ArgumentParser:
     sampling.add_argument("--batch-size", type=int, default=16, help="prompts per generate call and rows per MI forward")
     device = parser.add_argument_group("device")
     device.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device (default cuda if available)")
-    device.add_argument("--dtype", choices=DTYPES, default="auto", help="default auto: bfloat16 on a GPU or a CPU with AVX-512 BF16 / AMX, else float32")
+    device.add_argument("--dtype", choices=DTYPES, default="auto", help=f"default {AUTO_DTYPE}")
     return parser
