@@ -1,6 +1,6 @@
-"""A training run's machinery, which a reader of the method can skip: the processes under torchrun, the run
-directory's settings, checkpoints (tensors only, no pickle) and random-generator states, glibc's memory settings,
-and the crash hook the resume tests use.
+"""A training run's machinery, which a reader of the method can skip: the checks made before anything is written,
+the processes under torchrun, the run directory's settings, checkpoints (tensors only, no pickle) and
+random-generator states, glibc's memory settings, and the crash hook the resume tests use.
 """
 import json
 import os
