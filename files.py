@@ -87,7 +87,8 @@ def write_atomically(path: Path, text: str) -> None:
 def check_out(path: Path, is_dir: bool) -> None:
     """--out before anything is written: neither a file where a directory goes (or the reverse) nor under a file."""
     existing = next(p for p in (path, *path.parents) if p.exists())
-    if existing.is_dir() != is_dir if existing == path else not existing.is_dir():
+    wrong_kind = existing.is_dir() != is_dir if existing == path else not existing.is_dir()  # path, or a file above
+    if wrong_kind:
         raise MipoError(f"--out {path}: {existing} is a {'directory' if existing.is_dir() else 'file'}; pass "
                         f"{'a run directory' if is_dir else 'the file to write'}")
 
