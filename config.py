@@ -17,7 +17,7 @@ import torch
 
 import shard
 from dpo_loss import F_DIVERGENCES, LOSS_TYPES, check_options
-from files import MipoError, cache_dir, read_json, write_atomically
+from files import MipoError, cache_dir, check_out, read_json, write_atomically
 from model_loader import ModelConfig
 from model_sources import local_model, resolve_model_dir
 from sampler import Sampling
@@ -385,12 +385,15 @@ def pairs_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def task_settings(args) -> tuple[Task, str, Sampling]:
-    """mipo.py's flags -> (the task, the kind of negative, the sampling settings), checked."""
+def task_settings(args) -> tuple[Task, str, Sampling, Path]:
+    """mipo.py's flags -> (the task, the kind of negative, the sampling settings, the pairs file), checked."""
     task = get_task(args.task)
     if args.batch_size < 1:
         raise MipoError(f"--batch-size {args.batch_size}: must be at least 1")
-    return task, args.negative or task.negative, sampling_from_flags(args, default_sampling(task, args.device))
+    negative = args.negative or task.negative
+    out = Path(args.out or f"runs/pairs-{task.name}-{negative}.jsonl")
+    check_out(out, is_dir=False)
+    return task, negative, sampling_from_flags(args, default_sampling(task, args.device)), out
 
 
 # ---------------------------------------------------------------------------------------------------------------

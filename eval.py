@@ -34,7 +34,7 @@ import report
 import sampler
 from files import MipoError, read_json, run_command, write_atomically
 from gguf_convert import BUNDLED, BUNDLED_ALIASES
-from model_loader import load_model, weight_files
+from model_loader import check_model, load_model, weight_files
 from model_sources import is_hub_name, resolve_model_dir
 from report import short_names
 from runs import EVAL_SUBDIR, OTHER_MODELS_DIR, RUN_CONFIG, RUN_FINAL, RUN_METRICS
@@ -201,7 +201,14 @@ def is_run_dir(path: Path) -> bool:
 
 def resolve(name_or_path: str, revision: str | None = None) -> dict:
     """{name, model (what load_model takes), run (the run directory or None), eval_dir}. A hub name (owner/name) is
-    downloaded at revision and then treated as the local directory it is in."""
+    downloaded at revision and then treated as the local directory it is in. The model is checked (config.json,
+    tokenizer, tensor shapes) without loading it, so that a bad one fails before any evaluation is written."""
+    spec = locate(name_or_path, revision)
+    check_model(spec["model"])
+    return spec
+
+
+def locate(name_or_path: str, revision: str | None = None) -> dict:
     path = resolve_model_dir(name_or_path, revision) if is_hub_name(name_or_path) else Path(name_or_path)
     if path.name == RUN_FINAL and is_run_dir(path.parent):  # RUN/final: the run's own results
         path = path.parent
@@ -375,6 +382,10 @@ def held_out_items(args, specs: list[dict]) -> tuple[Task, list[Example], dict]:
     """The task, its held-out items and the settings every model is evaluated with: the flags, else the first run's
     config.json. Sets args.torch_dtype."""
     run_settings = next((run_data_settings(s["run"]) for s in specs[1:] + specs[:1] if s["run"] is not None), {})
+    trained_on = {s["name"]: run_data_settings(s["run"]).get("task") for s in specs if s["run"] is not None}
+    if args.task is None and len(set(trained_on.values())) > 1:
+        tasks = ", ".join(f"{name}: {task}" for name, task in trained_on.items())
+        raise MipoError(f"--compare: the runs were trained on different tasks ({tasks}); pass --task to evaluate them all on one")
     task_name = args.task or run_settings.get("task")
     if task_name is None:
         raise MipoError("--task is required: no run directory among the models says which task it was trained on")

@@ -1,6 +1,7 @@
 """Files, and the one error type: the cache of fetched packages and converted models, atomic writes, and JSON
 reading with errors that name the file. Every other module may import this one; it imports none of them.
 """
+import contextlib
 import json
 import os
 import subprocess
@@ -55,16 +56,41 @@ def fetch_package(name: str, version: str | None = None) -> Path:
     return dest
 
 
+@contextlib.contextmanager
+def atomic_file(path: Path, what: str = "file", binary: bool = False):
+    """Open a temporary name beside path for writing; on leaving, fsync it and rename it to path. An interrupted or
+    failed write (Ctrl-C, a full disk) removes the temporary and leaves path as it was: a kill never leaves half a
+    file, and an OSError becomes one MipoError that says so."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb" if binary else "w", encoding=None if binary else "utf-8") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        kept = f"the previous {what} is kept" if path.exists() else f"no {what} was written"
+        raise MipoError(f"{path}: could not write ({e.strerror or e}); {kept}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def write_atomically(path: Path, text: str) -> None:
     """A temporary name, then a rename: an interrupted write never leaves half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_file(path) as f:
         f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+
+
+def check_out(path: Path, is_dir: bool) -> None:
+    """--out before anything is written: neither a file where a directory goes (or the reverse) nor under a file."""
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    wrong_kind = existing.is_dir() != is_dir if existing == path else not existing.is_dir()  # path, or a file above
+    if wrong_kind:
+        raise MipoError(f"--out {path}: {existing} is a {'directory' if existing.is_dir() else 'file'}; pass "
+                        f"{'a run directory' if is_dir else 'the file to write'}")
 
 
 def read_json(path: Path) -> dict:
@@ -76,6 +102,14 @@ def read_json(path: Path) -> dict:
         raise MipoError(f"{path}: file not found")
     except json.JSONDecodeError as e:
         raise MipoError(f"{path}: malformed JSON ({e.msg} at line {e.lineno})")
+
+
+def utf8(path: Path, data: bytes) -> str:
+    """A file's bytes as text; bytes that are not UTF-8 are a MipoError naming the file and the byte."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise MipoError(f"{path}: not UTF-8 text (byte {e.start} is {data[e.start:e.start + 1]!r}); save it as UTF-8")
 
 
 def jsonl_records(path: Path, text: str) -> list[tuple[int, object]]:
@@ -92,12 +126,16 @@ def jsonl_records(path: Path, text: str) -> list[tuple[int, object]]:
 
 
 def run_command(main) -> None:
-    """A command line's main(): a MipoError ends it with its one line on stderr and exit status 2, no traceback."""
+    """A command line's main(): a MipoError ends it with its one line on stderr and exit status 2, Ctrl-C with one
+    line and status 130 (128 + SIGINT, as a shell reports it); no traceback."""
     try:
         main()
     except MipoError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:  # Ctrl-C: every file is written atomically or line by line, so nothing is half done
+        print("interrupted; run the same command to resume", file=sys.stderr)
+        sys.exit(130)
 
 
 def read_jsonl(path: Path) -> list[dict]:

@@ -38,7 +38,7 @@ from tqdm import tqdm
 import config
 import sampler
 from dpo_loss import sequence_logps
-from files import MipoError, jsonl_records, run_command, write_atomically
+from files import MipoError, jsonl_records, run_command, utf8, write_atomically
 from model_loader import load_model
 from model_sources import local_model
 from sampler import Sampling
@@ -151,7 +151,7 @@ def read_pairs(path, repair: bool = False) -> list[dict]:
         with open(path, "r+b") as f:
             f.truncate(len(data))
     fields = SAMPLE_FIELDS if path.name.endswith(".samples.jsonl") or ".samples.rank" in path.name else PAIR_FIELDS
-    records = jsonl_records(path, data.decode("utf-8"))
+    records = jsonl_records(path, utf8(path, data))
     for lineno, record in records:
         missing = [k for k in fields if not isinstance(record, dict) or k not in record]
         if missing:
@@ -186,12 +186,12 @@ def same_run(record: dict, task: Task, negative: str, settings: dict) -> bool:
 
 def sample_pairs(model, tokenizer, task: Task, examples: list[Example], path, negative: str, sampling: Sampling,
                  seed: int = 0, batch_size: int = 16, model_name: str = "", progress: bool = True,
-                 shard: tuple[int, int] = (0, 1)) -> None:
+                 shard: tuple[int, int] = (0, 1), after_batch=None) -> None:
     """Sample every response the pairs need into the samples file `path`, one line per prompt x: y+ ~ pi(.|x), and
     y- ~ pi(.|x') unless the negative is another prompt's positive (--negative random). Prompts go in batches of
     batch_size, each with its own seed, so an interrupted run, started again, writes what an uninterrupted run
     would have. shard=(rank, world): sample only every world-th batch, from the rank-th, so that world processes
-    together sample exactly what one process samples."""
+    together sample exactly what one process samples. after_batch(k) is called once k batches are on disk."""
     path = Path(path)
     plan = plan_negatives(task, examples, negative, seed)
     sample_negatives = negative != "random"
@@ -228,6 +228,8 @@ def sample_pairs(model, tokenizer, task: Task, examples: list[Example], path, ne
             os.fsync(out.fileno())  # a finished batch survives a crash
             if progress:
                 print(f"pairs: {len(done)}/{len(examples)} prompts sampled (batch {b + 1}/{len(todo)})", file=sys.stderr, flush=True)
+            if after_batch:
+                after_batch(b + 1)
 
 
 def resume_samples(path: Path, tokenizer, task: Task, negative: str, settings: dict) -> set[str]:
@@ -288,14 +290,15 @@ def write_pairs(task: Task, examples: list[Example], sample_files: list, out_pat
 
 
 def build_pairs(model, tokenizer, task: Task, examples: list[Example], out_path, negative: str, sampling: Sampling,
-                seed: int = 0, batch_size: int = 16, model_name: str = "", progress: bool = True) -> list[dict]:
+                seed: int = 0, batch_size: int = 16, model_name: str = "", progress: bool = True, after_batch=None) -> list[dict]:
     """Sample one positive (from x) and one negative (from x') per example and write the pairs to out_path.
     Resumable (sample_pairs); a complete pairs file of the same run is returned as it is. Returns every pair."""
     pairs = read_complete_pairs(out_path, task, examples, negative, sampling_settings(sampling, seed, model_name))
     if pairs is not None:
         return pairs
     path = samples_path(out_path)
-    sample_pairs(model, tokenizer, task, examples, path, negative, sampling, seed, batch_size, model_name, progress)
+    sample_pairs(model, tokenizer, task, examples, path, negative, sampling, seed, batch_size, model_name, progress,
+                 after_batch=after_batch)
     return write_pairs(task, examples, [path], out_path, negative, seed)
 
 
@@ -410,9 +413,8 @@ def mi_meter(model, tokenizer, responses: list[tuple[list[dict], list[dict], str
 
 def main(argv=None) -> None:
     args = config.pairs_parser().parse_args(argv)
-    task, negative, sampling = config.task_settings(args)
+    task, negative, sampling, out = config.task_settings(args)
     examples = load_examples(task, "train", args.n, args.data)
-    out = Path(args.out or f"runs/pairs-{task.name}-{negative}.jsonl")
 
     args.model = local_model(args.model, args.revision)  # a hub name: downloaded now, then a local directory
     model, tokenizer = load_model(args.model, args.device, config.torch_dtype(args.dtype, args.device))

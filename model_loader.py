@@ -348,40 +348,62 @@ def weight_files(model_dir: Path) -> list[Path]:
     raise MipoError(f"{model_dir}: no model.safetensors or model.safetensors.index.json")
 
 
-def load_weights(model: CausalLM, model_dir: Path, device, dtype) -> None:
-    """Copy every checkpoint tensor into the model with a strict 1:1 key map and shape checks."""
-    expected = dict(model.state_dict())
-    if model.config.tie_word_embeddings:
+def check_weights(model_dir: Path, cfg: ModelConfig) -> dict[str, Path]:
+    """The file of every tensor the model config.json describes needs, checked from the safetensors headers alone (no
+    weight is read): no tensor missing, none unexpected, every shape right. A command checks this before it writes."""
+    with torch.device("meta"):  # the shapes, without memory
+        expected = {key: tuple(t.shape) for key, t in CausalLM(cfg).state_dict().items()}
+    if cfg.tie_word_embeddings:
         expected.pop("lm_head.weight")  # the same tensor as model.embed_tokens.weight
-    loaded = set()
+    found = {}
     for path in weight_files(model_dir):
         try:
             with safe_open(path, framework="pt", device="cpu") as f:
-                keys = list(f.keys())
-            for key in keys:
-                if key.endswith("rotary_emb.inv_freq") or (key == "lm_head.weight" and model.config.tie_word_embeddings):
-                    continue  # recomputed from the config / tied: some checkpoints carry them anyway
-                if key not in expected:
-                    raise MipoError(f"{path}: unexpected tensor {key!r} for a {model.config.model_type} model")
-                # The file is memory-mapped, and the pages read stay in this process's resident memory until it is
-                # closed: opened once per tensor, loading peaks at the model's size, not twice it.
-                with safe_open(path, framework="pt", device="cpu") as f:
-                    tensor = f.get_tensor(key)
-                if tensor.shape != expected[key].shape:
-                    raise MipoError(f"{path}: tensor {key!r} has shape {tuple(tensor.shape)}, config.json implies {tuple(expected[key].shape)}")
-                with torch.no_grad():
-                    expected[key].copy_(tensor.to(dtype))
-                del tensor
-                loaded.add(key)
+                for key in f.keys():
+                    if key.endswith("rotary_emb.inv_freq") or (key == "lm_head.weight" and cfg.tie_word_embeddings):
+                        continue  # recomputed from the config / tied: some checkpoints carry them anyway
+                    if key not in expected:
+                        raise MipoError(f"{path}: unexpected tensor {key!r} for a {cfg.model_type} model")
+                    shape = tuple(f.get_slice(key).get_shape())
+                    if shape != expected[key]:
+                        raise MipoError(f"{path}: tensor {key!r} has shape {shape}, config.json implies {expected[key]}")
+                    found[key] = path
         except MipoError:
             raise
         except FileNotFoundError:
             raise MipoError(f"{path}: file not found (listed in model.safetensors.index.json)")
         except Exception as e:  # safetensors raises its own error types for truncated or corrupt files
             raise MipoError(f"{path}: cannot read safetensors file ({str(e).splitlines()[0]}); re-download or re-convert it")
-    missing = sorted(set(expected) - loaded)
+    missing = sorted(set(expected) - set(found))
     if missing:
         raise MipoError(f"{model_dir}: checkpoint lacks {len(missing)} tensor(s), e.g. {missing[0]!r}")
+    return found
+
+
+def load_weights(model: CausalLM, model_dir: Path, device, dtype) -> None:
+    """Copy every checkpoint tensor into the model, after check_weights: a strict 1:1 key map with shape checks."""
+    params = dict(model.state_dict())
+    for key, path in check_weights(model_dir, model.config).items():
+        # The file is memory-mapped, and the pages read stay in this process's resident memory until it is
+        # closed: opened once per tensor, loading peaks at the model's size, not twice it.
+        try:
+            with safe_open(path, framework="pt", device="cpu") as f:
+                tensor = f.get_tensor(key)
+        except Exception as e:
+            raise MipoError(f"{path}: cannot read tensor {key!r} ({str(e).splitlines()[0]}); re-download or re-convert it")
+        with torch.no_grad():
+            params[key].copy_(tensor.to(dtype))
+        del tensor
+
+
+def check_model(name_or_path, revision=None) -> ModelConfig:
+    """What load_model would refuse, found without loading a weight: the directory, config.json, the tokenizer files
+    and the safetensors headers. -> the model's config."""
+    model_dir = resolve_model_dir(name_or_path, revision)
+    cfg = ModelConfig.from_dict(read_json(model_dir / "config.json"), str(model_dir / "config.json"))
+    Tokenizer(model_dir, cfg)
+    check_weights(model_dir, cfg)
+    return cfg
 
 
 def load_model(name_or_path, device="cpu", dtype=torch.float32, revision=None):
@@ -407,14 +429,20 @@ def save_model(model: CausalLM, tokenizer: "Tokenizer", out_dir) -> Path:
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
     state = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight")
-    save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
-    with open(tmp / "config.json", "w") as f:
-        json.dump({**model.config.to_dict(), "torch_dtype": "float32"}, f, indent=2)
-    tokenizer.save(tmp)
+    try:
+        tmp.mkdir(parents=True)
+        save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
+        with open(tmp / "config.json", "w") as f:
+            json.dump({**model.config.to_dict(), "torch_dtype": "float32"}, f, indent=2)
+        tokenizer.save(tmp)
+    except BaseException as e:  # a full disk, or Ctrl-C: no half-written directory stays behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise MipoError(f"{out_dir}: could not write ({e.strerror or e}); {out_dir} is as it was before")
+        raise
     if out_dir.exists():
         shutil.rmtree(out_dir)
     tmp.rename(out_dir)

@@ -1,6 +1,6 @@
-"""A training run's machinery, which a reader of the method can skip: the processes under torchrun, the run
-directory's settings, checkpoints (tensors only, no pickle) and random-generator states, glibc's memory settings,
-and the crash hook the resume tests use.
+"""A training run's machinery, which a reader of the method can skip: the checks made before anything is written,
+the processes under torchrun, the run directory's settings, checkpoints (tensors only, no pickle) and
+random-generator states, glibc's memory settings, and the crash hook the resume tests use.
 """
 import json
 import os
@@ -13,9 +13,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+import mipo
 import shard
-from files import MipoError, write_atomically
+from config import OptimConfig, PairsConfig
+from files import MipoError, atomic_file, check_out, write_atomically
+from model_loader import check_model
 from sampler import set_glibc_malloc
+from tasks import get_task, load_examples
 
 # The layout of a run directory: train.py writes it, eval.py and report.py read it.
 RUN_FINAL = "final"  # the trained policy, a Hugging Face model directory
@@ -57,26 +61,72 @@ def rank_zero() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+def check_inputs(pairs: PairsConfig, opt: OptimConfig, out: Path, settings: dict):
+    """Everything a run reads, checked before its directory is created, so that a refused run leaves the file system
+    as it was: --out and its saved settings, the model (config.json, tokenizer, tensor shapes from the safetensors
+    headers), the pairs file or the task's prompts, and that they fill at least one batch."""
+    check_run_dir(out, settings)
+    check_model(pairs.model)
+    task = get_task(pairs.task)
+    if pairs.pairs_file:
+        n = len(read_pairs_file(Path(pairs.pairs_file), pairs))
+    else:
+        n = len(load_examples(task, "train", pairs.n, pairs.data, pairs.eval_data))
+    if pairs.n_eval > 0:
+        load_examples(task, "eval", pairs.n_eval, pairs.data, pairs.eval_data)
+    if n < opt.batch_size:
+        raise MipoError(f"{n} training pairs are fewer than one batch of --batch-size {opt.batch_size}; raise --n or "
+                        "lower --batch-size")
+
+
 def check_run_dir(out: Path, settings: dict):
     """config.json holds the settings of the run in this directory; a different result-changing setting means
-    another run, and mixing two runs' files would silently train on the wrong data."""
-    path = out / "config.json"
+    another run, and mixing two runs' files would silently train on the wrong data. Reads only."""
+    check_out(out, is_dir=True)
+    path = out / RUN_CONFIG
     if not path.exists():
-        out.mkdir(parents=True, exist_ok=True)
-        write_atomically(path, json.dumps(settings, indent=2) + "\n")
         return
     try:
         old = json.loads(path.read_text())
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, UnicodeDecodeError):
         raise MipoError(f"{path}: not valid JSON; delete the run directory or pass another --out")
     for section, values in settings.items():
         for key, value in values.items():
             if f"{section}.{key}" in MAY_CHANGE:
                 continue
-            before = old.get(section, {}).get(key, "(not set)")
+            before = old.get(section, {}).get(key, "(not set)") if isinstance(old, dict) else "(not set)"
             if json.loads(json.dumps(value)) != before:
                 raise MipoError(f"{path}: this run directory holds a run with {section}.{key} = {before!r}, this command "
                                 f"asks for {value!r}; pass another --out, or the same settings to resume it")
+
+
+def start_run_dir(out: Path, settings: dict):
+    """The run directory and its config.json, once check_inputs has passed (a resumed run keeps its own)."""
+    if not (out / RUN_CONFIG).exists():
+        out.mkdir(parents=True, exist_ok=True)
+        write_atomically(out / RUN_CONFIG, json.dumps(settings, indent=2) + "\n")
+
+
+def read_pairs_file(path: Path, cfg: PairsConfig) -> list[dict]:
+    """--pairs FILE: pairs sampled earlier. They must come from the model being trained: DPO's reference is that
+    model, and MIPO's pairs are its own samples."""
+    pairs = mipo.read_pairs(path)
+    for pair in pairs:
+        sampled_by = str(pair["sampling"].get("model", "")) if isinstance(pair["sampling"], dict) else ""
+        if not same_model(sampled_by, cfg.model):
+            raise MipoError(f"{path}: pair {pair['id']!r} was sampled by model {sampled_by!r}, not --model {cfg.model}; "
+                            "sample pairs with this model (leave out --pairs) or pass the model that sampled them")
+        if pair["task"] != cfg.task:
+            raise MipoError(f"{path}: pair {pair['id']!r} is from task {pair['task']!r}, not --task {cfg.task}")
+    if not pairs:
+        raise MipoError(f"{path}: no pairs in the file (--pairs)")
+    return pairs[:cfg.n] if cfg.n else pairs
+
+
+def same_model(a: str, b: str) -> bool:
+    if a == b:
+        return True
+    return Path(a).exists() and Path(b).exists() and Path(a).resolve() == Path(b).resolve()
 
 
 def return_freed_memory_to_the_os():
@@ -93,9 +143,10 @@ def return_freed_memory_to_the_os():
 
 def crash_hook(crash_at: str | None, stage: str, count: int):
     # Test hook (--_crash-at STAGE:K): SIGKILL this process after the K-th unit of work of a stage, which is
-    # what a power cut or the OOM killer does. The resume tests rerun the command and compare final weights.
-    if crash_at == f"{stage}:{count}":
-        os.kill(os.getpid(), signal.SIGKILL)
+    # what a power cut or the OOM killer does; STAGE:K:INT sends SIGINT instead, which is what Ctrl-C does. The
+    # resume tests rerun the command and compare final weights.
+    if crash_at and crash_at.split(":")[:2] == [stage, str(count)]:
+        os.kill(os.getpid(), signal.SIGINT if crash_at.endswith(":INT") else signal.SIGKILL)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -138,12 +189,8 @@ def save_checkpoint(path: Path, model, optimizer, step: int, sharded: bool = Fal
         "optimizer": optimizer.state_dict(),  # tensors, numbers and tuples only
         "rng": rng_state(),
     }
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:  # a temporary name, then an atomic rename: a kill never leaves half a checkpoint
+    with atomic_file(path, "checkpoint", binary=True) as f:  # a full disk keeps the last complete checkpoint
         torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def load_checkpoint(path: Path, model, optimizer, sharded: bool = False) -> int:

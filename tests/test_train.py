@@ -2,6 +2,7 @@
 the stored reference at step 0, the update does not depend on the micro-batch split or on the number of
 processes, a killed run resumes to the same weights, the saved model loads in transformers with the same
 logits, and bad input or a NaN loss ends the run with one line and exit status 2."""
+import errno
 import json
 import math
 import os
@@ -17,6 +18,7 @@ from safetensors.torch import load_file, save_file
 import config
 import dpo_loss
 import mipo
+import model_loader
 import runs
 import shard
 import tasks
@@ -374,46 +376,112 @@ def test_truncated_pairs_are_reported_and_dropped_on_request(assets, tmp_path):
 # ---------------------------------------------------------------------------------------------------- resuming
 
 
-@pytest.mark.parametrize("crash_at", ["train:3", "reference:1"])
-def test_killed_run_resumes_to_identical_weights(assets, tmp_path, crash_at):
-    """SIGKILL, then the same command: the weights of an uninterrupted run, bit for bit. And it resumed, which
-    every fixed seed would hide from the weights alone: the files of the finished stages are untouched, the
+RESUME_ARGS = ("--epochs", "2", "--save-every", "2", "--micro-batch-size", "2")
+
+
+@pytest.fixture(scope="session")
+def uninterrupted(assets):
+    """The resume tests' command, uninterrupted, in a process of its own (the thread count changes float rounding)."""
+    out = assets["root"] / "uninterrupted"
+    result = run_cli(args_for(assets, out, *RESUME_ARGS))
+    assert result.returncode == 0, result.stderr[-2000:]
+    return out
+
+
+@pytest.mark.parametrize("signal", ["KILL", "INT"])
+@pytest.mark.parametrize("crash_at", ["pairs:2", "reference:1", "train:3"])
+def test_killed_run_resumes_to_identical_weights(assets, uninterrupted, tmp_path, crash_at, signal):
+    """SIGKILL (a power cut, the OOM killer) or SIGINT (Ctrl-C) in each stage, then the same command: the weights of
+    an uninterrupted run, bit for bit. Ctrl-C ends with one line and status 130, no traceback. And it resumed,
+    which every fixed seed would hide from the weights alone: the files of the finished stages are untouched, the
     work kept in the unfinished one is used, not redone, and the run says at which step it resumes."""
     model = copy_model(assets, tmp_path / "model")  # this run's own copy of the base model, changed below
     out = tmp_path / "resumed"
-    args = args_for(assets, out, "--epochs", "2", "--save-every", "2", "--micro-batch-size", "2", model=model)
-    killed = run_cli([*args, "--_crash-at", crash_at])
-    assert killed.returncode == -9, killed.stderr[-2000:]  # SIGKILL: nothing was cleaned up
-    assert not (out / "final").exists()
+    args = args_for(assets, out, *RESUME_ARGS, model=model)
+    killed = run_cli([*args, "--_crash-at", crash_at + (":INT" if signal == "INT" else "")])
+    if signal == "KILL":
+        assert killed.returncode == -9, killed.stderr[-2000:]  # nothing was cleaned up
+    else:
+        assert killed.returncode == 130, killed.stderr[-2000:]
+        assert killed.stderr.strip().splitlines()[-1] == "interrupted; run the same command to resume"
+        assert "Traceback" not in killed.stderr
+    assert not (out / "final").exists() and not list(out.rglob("*.tmp"))  # no half-written file
     if crash_at == "train:3":
         kept = file_identity(out, ["config.json", "pairs.jsonl", "reference.jsonl"])
         # Steps 1 and 2, the ones the checkpoint holds, are the only ones that read the base weights: a run that
         # started over would train from these changed weights, and could not end with the uninterrupted weights.
         perturb_weights(model)
-    else:  # killed after the first micro-batch of the reference pass, which stays in its partial file
+    elif crash_at == "reference:1":  # after the first micro-batch of the reference pass, which stays in its partial file
         kept = file_identity(out, ["config.json", "pairs.jsonl"])
         partial = out / "reference.rank0-of-1.partial.jsonl"
         scored = [{**json.loads(line), "kept": True} for line in partial.read_text().splitlines()]
         assert len(scored) == 2  # one micro-batch
         partial.write_text("".join(json.dumps(r) + "\n" for r in scored))  # a mark a rescoring would not write
+    else:  # after 2 of the 4 batches of prompts were sampled, which stay in the samples file
+        kept = file_identity(out, ["config.json"])
+        assert len((out / "pairs.samples.jsonl").read_text().splitlines()) == 4 and not (out / "pairs.jsonl").exists()
     resumed = run_cli(args)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert file_identity(out, kept) == kept
     if crash_at == "train:3":
         assert f"resuming from {out / 'checkpoint.pt'}: 2 optimizer step(s) done, training continues at step 3" \
             in resumed.stdout
-    else:
+    elif crash_at == "reference:1":
         reference = {r["id"]: r for r in map(json.loads, (out / "reference.jsonl").read_text().splitlines())}
         assert all(reference[r["id"]].get("kept") for r in scored)
         assert sum(r.get("kept", False) for r in reference.values()) == 2
         assert "resuming from" not in resumed.stdout  # no checkpoint was written before the kill
-    # The same command uninterrupted, in a process of its own (the thread count changes float rounding).
-    uninterrupted = tmp_path / "uninterrupted"
-    args = args_for(assets, uninterrupted, "--epochs", "2", "--save-every", "2", "--micro-batch-size", "2")
-    assert run_cli(args).returncode == 0
+    else:
+        assert "pairs: 6/8 prompts sampled (batch 1/2)" in resumed.stderr  # only the last 2 batches sampled
     a, b = final_weights(out), final_weights(uninterrupted)
     assert all(torch.equal(a[k], b[k]) for k in a)  # bitwise
     assert [m["step"] for m in metrics(out)] == [1, 2, 3, 4]
+
+
+def test_samples_file_cut_mid_line_is_repaired_on_resume(assets, uninterrupted, tmp_path):
+    """A kill in the middle of writing a line of the samples file leaves half a line: the rerun cuts it off, samples
+    that prompt's batch again and ends with the very pairs of an uninterrupted run."""
+    out = tmp_path / "cut"
+    args = args_for(assets, out, *RESUME_ARGS)
+    assert run_cli([*args, "--_crash-at", "pairs:3"]).returncode == -9
+    samples = out / "pairs.samples.jsonl"
+    assert len(samples.read_text().splitlines()) == 6
+    samples.write_bytes(samples.read_bytes()[:-40])  # the sixth line cut in its middle
+    resumed = run_cli(args)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "pairs: 6/8 prompts sampled (batch 1/2)" in resumed.stderr  # the cut line's batch again, then the last
+    assert (out / "pairs.jsonl").read_bytes() == (uninterrupted / "pairs.jsonl").read_bytes()
+
+
+def test_a_full_disk_keeps_the_previous_checkpoint_and_final_model(tmp_path, monkeypatch):
+    """A write that fails half-way (No space left on device) leaves the previous checkpoint.pt and final/ complete and
+    loadable, no temporary behind, and says so in one line."""
+    model, tokenizer = load_model(write_tiny_model(tmp_path / "tiny"))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    run = tmp_path / "run"
+    run.mkdir()
+    runs.save_checkpoint(run / "checkpoint.pt", model, optimizer, 2)
+    save_model(model, tokenizer, run / "final")
+    before = {p.name: p.read_bytes() for p in [run / "checkpoint.pt", *(run / "final").iterdir()]}
+
+    def half_then_full(_, f, *args, **kwargs):  # what a disk filling up mid-write does
+        (f if hasattr(f, "write") else open(f, "wb")).write(b"\0" * 1000)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(torch, "save", half_then_full)
+    monkeypatch.setattr(model_loader, "save_file", half_then_full)
+    with pytest.raises(MipoError) as error:
+        runs.save_checkpoint(run / "checkpoint.pt", model, optimizer, 4)
+    assert str(error.value) == f"{run / 'checkpoint.pt'}: could not write (No space left on device); the previous checkpoint is kept"
+    with pytest.raises(MipoError) as error:
+        save_model(model, tokenizer, run / "final")
+    assert str(error.value) == f"{run / 'final'}: could not write (No space left on device); {run / 'final'} is as it was before"
+    monkeypatch.undo()
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoint.pt", "final"]  # no .tmp left
+    assert {p.name: p.read_bytes() for p in [run / "checkpoint.pt", *(run / "final").iterdir()]} == before
+    fresh = make_tiny_model("llama", seed=3, vocab_size=VOCAB, max_position_embeddings=512)
+    assert runs.load_checkpoint(run / "checkpoint.pt", fresh, torch.optim.AdamW(fresh.parameters())) == 2
+    load_model(run / "final")
 
 
 def test_checkpoint_holds_no_pickled_object_and_restores_every_generator(tmp_path):
