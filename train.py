@@ -75,7 +75,7 @@ def make_pairs(cfg: PairsConfig, hw: HardwareConfig, out: Path, rank: int, world
         return pairs, eval_pairs, base_eval
 
     # Sampling runs with the weights in the compute dtype: the sampler's KV cache holds the weights' dtype, and
-    # bf16 matmuls are several times faster on a GPU and on most CPUs with bf16 instructions (config.compute_dtype).
+    # bf16 matmuls are several times faster on a GPU and on CPUs with AMX (config.compute_dtype measures a CPU).
     dtype = torch.bfloat16 if hw.dtype == "bfloat16" else torch.float32
     model, tokenizer = load_model(cfg.model, hw.device, dtype)
     if pairs is None:
