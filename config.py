@@ -92,11 +92,11 @@ class HardwareConfig:
 
 
 PRESETS = {
-    # `python train.py --model qwen` on 2 CPU cores: 5 to 17 minutes end to end, by CPU (README: set-up). 64 pairs
+    # `python train.py --model qwen` on 2 CPU cores: 5 to 14 minutes end to end, by CPU (README: set-up). 64 pairs
     # at batch 4 are 16 optimizer steps; at the paper's lr of 5e-7 the policy would barely move in 16 steps, so this
     # preset trains 4x faster. Measured on Qwen2.5-0.5B, persona: lr 2e-6 raises the held-out pointwise MI under the
-    # base model from 12.6 to 30.0 nats (16 prompts); 1e-5 overshoots (chosen log-probs down by 45 nats, the
-    # held-out preference score down). Sampling: the task's CPU settings.
+    # base model from about 12 to 19-30 nats (16 prompts, by CPU and dtype); 1e-5 overshoots (chosen log-probs down
+    # by 45 nats, the held-out preference score down). Sampling: the task's CPU settings.
     "cpu": dict(n=64, n_eval=16, lr=2e-6, batch_size=4, micro_batch_size=4, save_every=8, sampling="cpu"),
     # The paper: every training prompt, 512 new tokens, lr 5e-7, global batch 4, beta 0.1, one epoch.
     "paper": dict(n=None, n_eval=200, lr=5e-7, batch_size=4, micro_batch_size=4, save_every=100, sampling="paper"),
