@@ -128,10 +128,9 @@ def cpu_has_fast_bf16(cpuinfo_path=Path("/proc/cpuinfo")) -> bool:
     if path.exists():
         return read_json(path)["bfloat16_faster"]
     seconds = {str(d).removeprefix("torch."): matmul_seconds(d) for d in (torch.float32, torch.bfloat16)}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomically(path, json.dumps({"machine": machine, "seconds_1024^3": seconds,
-                                       "bfloat16_faster": seconds["bfloat16"] < seconds["float32"]}, indent=2))
-    return seconds["bfloat16"] < seconds["float32"]
+    faster = seconds["bfloat16"] < seconds["float32"]
+    write_atomically(path, json.dumps({"machine": machine, "seconds_1024^3": seconds, "bfloat16_faster": faster}, indent=2))
+    return faster
 
 
 def matmul_seconds(dtype, n=1024, repeats=5) -> float:

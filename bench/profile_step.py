@@ -34,16 +34,9 @@ import train  # noqa: E402
 from model_loader import load_model  # noqa: E402
 
 
-def matmul_peak(dtype, n=2048, seconds=2.0) -> float:
-    """FLOP/s of an n x n x n matrix product, the best of repeated products for about `seconds`."""
-    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
-    a @ b
-    best, end = float("inf"), time.perf_counter() + seconds
-    while time.perf_counter() < end:
-        t = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t)
-    return 2 * n**3 / best
+def matmul_peak(dtype, n=2048) -> float:
+    """FLOP/s of an n x n x n matrix product: the best of several (config.matmul_seconds, as --dtype auto measures)."""
+    return 2 * n**3 / config.matmul_seconds(dtype, n=n, repeats=10)
 
 
 class Marks:
