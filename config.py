@@ -88,7 +88,8 @@ class HardwareConfig:
     dtype: str = "float32"  # compute dtype: bfloat16 = matmuls under autocast; weights and AdamW stay float32
     gradient_checkpointing: bool = False
     shard: bool = False  # FSDP2 over the torchrun processes (shard.py)
-    save_every: int = 25  # optimizer steps between checkpoints
+    save_minutes: float = 10.0  # minutes of DPO between checkpoints (0: not by time); Ctrl-C and SIGTERM write one too
+    save_every: int | None = None  # optimizer steps between checkpoints, besides the clock (None: by the clock only)
 
 
 PRESETS = {
@@ -97,9 +98,9 @@ PRESETS = {
     # preset trains 4x faster. Measured on Qwen2.5-0.5B, persona: lr 2e-6 raises the held-out pointwise MI under the
     # base model from about 12 to 19-30 nats (16 prompts, by CPU and dtype); 1e-5 overshoots (chosen log-probs down
     # by 45 nats, the held-out preference score down). Sampling: the task's CPU settings.
-    "cpu": dict(n=64, n_eval=16, lr=2e-6, batch_size=4, micro_batch_size=4, save_every=8, sampling="cpu"),
+    "cpu": dict(n=64, n_eval=16, lr=2e-6, batch_size=4, micro_batch_size=4, sampling="cpu"),
     # The paper: every training prompt, 512 new tokens, lr 5e-7, global batch 4, beta 0.1, one epoch.
-    "paper": dict(n=None, n_eval=200, lr=5e-7, batch_size=4, micro_batch_size=4, save_every=100, sampling="paper"),
+    "paper": dict(n=None, n_eval=200, lr=5e-7, batch_size=4, micro_batch_size=4, sampling="paper"),
 }
 
 # The losses that compare a pair against the other pairs of the same forward: a split of the global batch
@@ -235,7 +236,9 @@ def train_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0, help="seed of the sampling and of the data order (default 0)")
     g = parser.add_argument_group("run / checkpoint")
     g.add_argument("--out", default=None, help="run directory (default runs/MODEL-TASK-NEGATIVE-LOSS); the model goes to OUT/final")
-    g.add_argument("--save-every", type=int, default=None, help="optimizer steps between checkpoints (preset: cpu 8, paper 100)")
+    g.add_argument("--save-minutes", type=float, default=10.0, help="minutes of DPO between checkpoints (default 10; 0: "
+                   "not by time); Ctrl-C or SIGTERM also writes one after the step in flight, then stops")
+    g.add_argument("--save-every", type=int, default=None, help="also write a checkpoint every N optimizer steps")
     g.add_argument("--_crash-at", default=None, help=argparse.SUPPRESS)  # test hook, see crash_hook
     g = parser.add_argument_group("hardware")
     g.add_argument("--device", default=None, help="torch device (default cuda if available, else cpu)")
@@ -270,7 +273,7 @@ def resolve_config(args):
                       min_lr_ratio=args.min_lr_ratio, grad_clip=args.grad_clip, epochs=args.epochs,
                       batch_size=batch_size, micro_batch_size=micro_batch_size, seed=args.seed)
     hw = HardwareConfig(device=device, dtype=compute_dtype(args.dtype, device), gradient_checkpointing=bool(args.gradient_checkpointing),
-                        shard=args.shard, save_every=args.save_every or preset["save_every"])
+                        shard=args.shard, save_minutes=args.save_minutes, save_every=args.save_every)
     if preset is PRESETS["paper"] and torch.device(device).type == "cuda" and args.micro_batch_size is None \
             and args.gradient_checkpointing is None:
         gpu_bytes = torch.cuda.get_device_properties(int(os.environ.get("LOCAL_RANK", "0"))).total_memory
@@ -289,6 +292,8 @@ def check_ranges(args):
                              ("--save-every", args.save_every, 1), ("--sample-batch-size", args.sample_batch_size, 1)):
         if value is not None and value < low:
             raise MipoError(f"{flag} {value}: must be at least {low}")
+    if not args.save_minutes >= 0:
+        raise MipoError(f"--save-minutes {args.save_minutes}: must be at least 0 (0: no checkpoint by time)")
     if args.lr is not None and not args.lr > 0:
         raise MipoError(f"--lr {args.lr}: must be > 0")
     if not args.beta > 0:
@@ -330,6 +335,13 @@ def fit_to_gpu(model: str, response_tokens: int, opt: OptimConfig, hw: HardwareC
             replace(hw, gradient_checkpointing=layout["gradient_checkpointing"]))
 
 
+def checkpoints(hw: HardwareConfig) -> str:
+    """When stage 3 writes its checkpoint, for the plan line."""
+    when = [f"every {hw.save_minutes:g} min"] if hw.save_minutes else []
+    when += [f"every {hw.save_every} steps"] if hw.save_every else []
+    return f"checkpoint {' and '.join(when) + ', ' if when else ''}on Ctrl-C or SIGTERM"
+
+
 def print_plan(pairs_cfg: PairsConfig, loss_cfg: LossConfig, opt_cfg: OptimConfig, hw: HardwareConfig, out: Path, world: int):
     s = pairs_cfg.sampling
     source = pairs_cfg.pairs_file or f"{pairs_cfg.n or 'all'} {pairs_cfg.task} prompts"
@@ -343,8 +355,7 @@ def print_plan(pairs_cfg: PairsConfig, loss_cfg: LossConfig, opt_cfg: OptimConfi
           f"cut at that limit: {cut}\n"
           f"  2 reference  one no-grad pass of the base model over every pair, stored; no reference model after it\n"
           f"  3 DPO        --loss {loss_cfg.loss}, beta {loss_cfg.beta}: {steps} of {opt_cfg.batch_size} pairs (micro-batch "
-          f"{opt_cfg.micro_batch_size}), AdamW lr {opt_cfg.lr:g} cosine to {opt_cfg.min_lr_ratio:g}x, checkpoint every "
-          f"{hw.save_every} steps\n"
+          f"{opt_cfg.micro_batch_size}), AdamW lr {opt_cfg.lr:g} cosine to {opt_cfg.min_lr_ratio:g}x, {checkpoints(hw)}\n"
           f"  4 final      {out / 'final'}", flush=True)
     # Whether stage 3 fits, before anything runs (shard.memory_plan: an estimate from config.json, about +-20%).
     cfg = ModelConfig.from_dict(read_json(resolve_model_dir(pairs_cfg.model) / "config.json"))

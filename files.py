@@ -4,6 +4,7 @@ reading with errors that name the file. Every other module may import this one; 
 import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -13,6 +14,14 @@ from pathlib import Path
 
 class MipoError(Exception):
     """One-line, user-actionable error: names the file, field or flag and what would fix it."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM, raised once the work so far is saved; the command exits with 128 + the signal's number."""
+
+    def __init__(self, signum: int = signal.SIGINT):
+        super().__init__(signum)
+        self.signum = signum
 
 
 def cache_dir() -> Path:
@@ -127,15 +136,17 @@ def jsonl_records(path: Path, text: str) -> list[tuple[int, object]]:
 
 def run_command(main) -> None:
     """A command line's main(): a MipoError ends it with its one line on stderr and exit status 2, Ctrl-C with one
-    line and status 130 (128 + SIGINT, as a shell reports it); no traceback."""
+    line and status 130 (128 + SIGINT, as a shell reports it), SIGTERM during DPO with 143; no traceback."""
     try:
         main()
     except MipoError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:  # Ctrl-C: every file is written atomically or line by line, so nothing is half done
-        print("interrupted; run the same command to resume", file=sys.stderr)
-        sys.exit(130)
+    except KeyboardInterrupt as e:  # every file is written atomically or line by line, so nothing is half done
+        signum = getattr(e, "signum", signal.SIGINT)
+        print(f"{'terminated' if signum == signal.SIGTERM else 'interrupted'}; run the same command to resume",
+              file=sys.stderr)
+        sys.exit(128 + signum)
 
 
 def read_jsonl(path: Path) -> list[dict]:

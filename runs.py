@@ -6,6 +6,7 @@ import json
 import os
 import random
 import signal
+import sys
 from datetime import timedelta
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import torch.distributed as dist
 import mipo
 import shard
 from config import OptimConfig, PairsConfig
-from files import MipoError, atomic_file, check_out, write_atomically
+from files import Interrupted, MipoError, atomic_file, check_out, write_atomically
 from model_loader import check_model
 from sampler import set_glibc_malloc
 from tasks import get_task, load_examples
@@ -30,7 +31,7 @@ EVAL_SUBDIR = "eval"  # RUN/eval/TASK.jsonl, TASK.summary.json, compare-TASK.md/
 OTHER_MODELS_DIR = Path("runs/eval")  # results of a bundled model or a plain model directory: runs/eval/NAME
 
 # Settings that may change between a run and its resumption: they change how the work is done, not the result.
-MAY_CHANGE = {"hardware.device", "hardware.gradient_checkpointing", "hardware.save_every"}
+MAY_CHANGE = {"hardware.device", "hardware.gradient_checkpointing", "hardware.save_every", "hardware.save_minutes"}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -143,10 +144,34 @@ def return_freed_memory_to_the_os():
 
 def crash_hook(crash_at: str | None, stage: str, count: int):
     # Test hook (--_crash-at STAGE:K): SIGKILL this process after the K-th unit of work of a stage, which is
-    # what a power cut or the OOM killer does; STAGE:K:INT sends SIGINT instead, which is what Ctrl-C does. The
-    # resume tests rerun the command and compare final weights.
+    # what a power cut or the OOM killer does; STAGE:K:INT sends SIGINT instead, which is what Ctrl-C does, and
+    # STAGE:K:TERM SIGTERM, what a scheduler sends to preempt a job. The resume tests rerun the command and
+    # compare final weights.
     if crash_at and crash_at.split(":")[:2] == [stage, str(count)]:
-        os.kill(os.getpid(), signal.SIGINT if crash_at.endswith(":INT") else signal.SIGKILL)
+        how = crash_at.split(":")[2] if crash_at.count(":") == 2 else "KILL"
+        os.kill(os.getpid(), {"INT": signal.SIGINT, "TERM": signal.SIGTERM, "KILL": signal.SIGKILL}[how])
+
+
+class StopRequest:
+    """During DPO, Ctrl-C (SIGINT) and SIGTERM do not cut the step in flight: they set `signum`, and the loop writes
+    a checkpoint after that step and stops (files.Interrupted). A second signal interrupts at once; the last
+    checkpoint stays, as every file is written atomically."""
+
+    def __enter__(self):
+        self.signum = None
+        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def handle(self, signum, frame):
+        if self.signum is not None:
+            raise Interrupted(signum)
+        self.signum = signum
+        print(f"\n{signal.Signals(signum).name}: stopping after this step with a checkpoint (again to stop at once)",
+              file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
 
 
 # ---------------------------------------------------------------------------------------------------------------

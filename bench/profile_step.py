@@ -148,7 +148,7 @@ def main():
         s = statistics.median(r["parts"][part] for r in results)
         print(f"{part:<30}{s:>8.2f}{s / step_s:>8.0%}")
     print(f"{'step':<30}{step_s:>8.2f}")
-    print(f"{'checkpoint write (every --save-every steps)':<30} {checkpoint_s:.2f} s, {checkpoint_gb:.2f} GB")
+    print(f"{'checkpoint write (every --save-minutes)':<30} {checkpoint_s:.2f} s, {checkpoint_gb:.2f} GB")
     tokens = statistics.median(r["n_tokens"] for r in results)
     padding = statistics.median(1 - r["n_tokens"] / r["padded"] for r in results)
     step_flops = statistics.median(flops(model, r["n_tokens"], r["head_positions"], args.gradient_checkpointing)

@@ -154,6 +154,7 @@ CASES = {
     "top-p > 1": ("train.py", train("--top-p", "1.5"), {}, "0 < --top-p <= 1"),
     "max-new-tokens 0": ("train.py", train("--max-new-tokens", "0"), {}, "--max-new-tokens >= 1"),
     "beta 0": ("train.py", train("--beta", "0"), {}, "--beta 0.0: must be > 0"),
+    "save-minutes -1": ("train.py", train("--save-minutes", "-1"), {}, "--save-minutes -1.0: must be at least 0"),
     "an option the loss does not take": ("train.py", train("--loss", "ipo", "--label-smoothing", "0.1"), {},
                                          "--loss ipo: label_smoothing has no meaning for loss 'ipo'"),
     # WORLD_SIZE is what torchrun sets; config reads it before any process group starts, so one process suffices.

@@ -408,8 +408,9 @@ def test_killed_run_resumes_to_identical_weights(assets, uninterrupted, tmp_path
     assert not (out / "final").exists() and not list(out.rglob("*.tmp"))  # no half-written file
     if crash_at == "train:3":
         kept = file_identity(out, ["config.json", "pairs.jsonl", "reference.jsonl"])
-        # Steps 1 and 2, the ones the checkpoint holds, are the only ones that read the base weights: a run that
-        # started over would train from these changed weights, and could not end with the uninterrupted weights.
+        # The steps the checkpoint holds (1 and 2 from --save-every 2; 1 to 3 after Ctrl-C, which lets step 3 end
+        # and saves it) are the only ones that read the base weights: a run that started over would train from
+        # these changed weights, and could not end with the uninterrupted weights.
         perturb_weights(model)
     elif crash_at == "reference:1":  # after the first micro-batch of the reference pass, which stays in its partial file
         kept = file_identity(out, ["config.json", "pairs.jsonl"])
@@ -424,8 +425,9 @@ def test_killed_run_resumes_to_identical_weights(assets, uninterrupted, tmp_path
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert file_identity(out, kept) == kept
     if crash_at == "train:3":
-        assert f"resuming from {out / 'checkpoint.pt'}: 2 optimizer step(s) done, training continues at step 3" \
-            in resumed.stdout
+        done = 3 if signal == "INT" else 2
+        assert f"resuming from {out / 'checkpoint.pt'}: {done} optimizer step(s) done, training continues at step " \
+               f"{done + 1}" in resumed.stdout
     elif crash_at == "reference:1":
         reference = {r["id"]: r for r in map(json.loads, (out / "reference.jsonl").read_text().splitlines())}
         assert all(reference[r["id"]].get("kept") for r in scored)
@@ -435,6 +437,31 @@ def test_killed_run_resumes_to_identical_weights(assets, uninterrupted, tmp_path
         assert "pairs: 6/8 prompts sampled (batch 1/2)" in resumed.stderr  # only the last 2 batches sampled
     a, b = final_weights(out), final_weights(uninterrupted)
     assert all(torch.equal(a[k], b[k]) for k in a)  # bitwise
+    assert [m["step"] for m in metrics(out)] == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("how", ["clock", "TERM"])
+def test_checkpoints_by_the_clock_and_on_sigterm(assets, uninterrupted, tmp_path, how):
+    """Without --save-every a checkpoint is written by the clock (--save-minutes) and on a stop signal. A kill in
+    step 3 with a checkpoint due after every step resumes from step 2's; SIGTERM in step 1, with the 10-minute
+    clock far off, lets the step end, saves it and exits with status 143. Both end with the uninterrupted
+    weights, bit for bit."""
+    out = tmp_path / how
+    args = args_for(assets, out, "--epochs", "2", "--micro-batch-size", "2",
+                    *(["--save-minutes", "1e-6"] if how == "clock" else []))
+    killed = run_cli([*args, "--_crash-at", "train:3" if how == "clock" else "train:1:TERM"])
+    if how == "clock":
+        assert killed.returncode == -9, killed.stderr[-2000:]
+    else:
+        assert killed.returncode == 143, killed.stderr[-2000:]
+        assert killed.stderr.strip().splitlines()[-1] == "terminated; run the same command to resume"
+        assert "Traceback" not in killed.stderr
+    done = 2 if how == "clock" else 1
+    resumed = run_cli(args)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"resuming from {out / 'checkpoint.pt'}: {done} optimizer step(s) done" in resumed.stdout
+    a, b = final_weights(out), final_weights(uninterrupted)
+    assert all(torch.equal(a[k], b[k]) for k in a)
     assert [m["step"] for m in metrics(out)] == [1, 2, 3, 4]
 
 
