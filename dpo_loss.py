@@ -93,6 +93,12 @@ def sequence_logps(logits, input_ids, completion_mask, chunk_tokens=256):
     return logp_sum, n_tokens
 
 
+def token_logps(logits, targets, chunk_tokens=256):
+    """log pi(target) at each of N positions: logits (N, V), targets (N,) -> (N,) float32, chunk_tokens positions
+    at a time, so the float32 copy is (chunk_tokens, V), never (N, V)."""
+    return torch.cat([TokenLogps.apply(chunk, ids) for chunk, ids in zip(logits.split(chunk_tokens), targets.split(chunk_tokens))])
+
+
 class TokenLogps(torch.autograd.Function):
     """log softmax(z)_y = z_y - logsumexp(z) per position, in float32 (a bf16 sum of 151,936 exponentials keeps ~3
     digits): (B, C, V) logits and (B, C) target ids -> (B, C). It keeps no float32 copy for backward, which

@@ -296,8 +296,9 @@ class CausalLM(nn.Module):
         The sampler passes: positions (B, T) per row (left padding shifts them), a boolean mask
         (B, 1, T, S) of which key slots each query may see, a KV cache (one (k, v) pair of
         (B, K, S_max, D) tensors per layer) with cache_pos (T,) the slots to write, and
-        logits_index (an int or a slice) to apply the output projection only to the positions that
-        are needed: -1 when sampling, slice(first, None) when scoring completions.
+        logits_index to apply the output projection only to the positions that are needed: an int or a
+        slice of positions (-1 when sampling), or a pair of (N,) index tensors (rows, positions), which
+        gives (N, V) logits (train.py: the positions that score a response token).
         """
         B, T = input_ids.shape
         if positions is None:
@@ -317,7 +318,9 @@ class CausalLM(nn.Module):
             else:
                 x = layer(x, cos, sin, mask, layer_cache, cache_pos)
         x = self.model.norm(x)
-        if logits_index is not None:
+        if isinstance(logits_index, tuple):
+            x = x[logits_index]  # (N, C)
+        elif logits_index is not None:
             x = x[:, logits_index]
         return self.lm_head(x)  # (B, T, V)
 

@@ -364,8 +364,8 @@ def memory_plan(cfg: ModelConfig, world_size: int = 1, strategy: str = "fsdp", g
         plan["activations"] = L * residual_bytes * C * tokens + per_layer
     else:
         plan["activations"] = L * per_layer
-    # Logits: kept for backward in the compute dtype, and their gradient as large; dpo_loss.sequence_logps adds a
-    # float32 chunk (and its exponentials) of logits_chunk_tokens positions, recomputed in backward.
+    # Logits: kept for backward in the compute dtype, and their gradient as large; dpo_loss.token_logps adds a
+    # float32 chunk (and its exponentials) of logits_chunk_tokens positions, in forward and again in backward.
     logit_positions = micro_batch_pairs * (2 * response_tokens + 1)
     plan["logits"] = 2 * param_bytes * logit_positions * V + 2 * 4 * min(logits_chunk_tokens, logit_positions) * V
     plan["total"] = sum(plan.values())

@@ -43,7 +43,7 @@ import runs
 import sampler
 import shard
 from config import HardwareConfig, LossConfig, OptimConfig, PairsConfig
-from dpo_loss import preference_loss, preference_metrics, sequence_logps
+from dpo_loss import preference_loss, preference_metrics, token_logps
 from files import Interrupted, MipoError, read_jsonl, run_command, write_atomically
 from model_loader import load_model, save_model
 from runs import barrier, crash_hook
@@ -163,24 +163,29 @@ def collate(records: list[dict], with_negative_prompt: bool, device) -> dict:
     input_ids = torch.zeros(R, T, dtype=torch.long)  # (R, T); any id pads: no real token attends to a pad
     positions = torch.zeros(R, T, dtype=torch.long)  # (R, T) RoPE positions
     branch = torch.zeros(R, T, dtype=torch.long)  # (R, T) 0: x[:-1] and pads, 1: x[-1] + y+, 2: x[-1] copy + y-
-    chosen_mask = torch.zeros(R, T, dtype=torch.bool)  # (R, T) True on y+ tokens
-    rejected_mask = torch.zeros(R, T, dtype=torch.bool)  # (R, T) True on y- tokens
     for i, (prompt, r) in enumerate(zip(prompts, records)):
         P, C, N = len(prompt), len(r["chosen_ids"]), len(r["rejected_ids"])
         input_ids[i, :P + C + 1 + N] = torch.tensor(prompt + r["chosen_ids"] + prompt[-1:] + r["rejected_ids"])
         positions[i, :P + C] = torch.arange(P + C)
         positions[i, P + C:P + C + 1 + N] = torch.arange(P - 1, P + N)
         branch[i, P - 1:P + C], branch[i, P + C:P + C + 1 + N] = 1, 2
-        chosen_mask[i, P:P + C] = True
-        rejected_mask[i, P + C + 1:P + C + 1 + N] = True
+    # The positions whose logits score a response token (position t scores token t + 1): y+ from x's last token
+    # on, y- from the copy of x[-1] on. Only these go through the output projection (152k x 896 for Qwen: a
+    # quarter of its FLOPs per token) and the log-softmax, not the prompts and not the padding.
+    rows, cols, segment = [], [], []  # (N,) each: row, position, and 2 * row + (0 for y+, 1 for y-)
+    for i, (prompt, r) in enumerate(zip(prompts, records)):
+        P, C, N = len(prompt), len(r["chosen_ids"]), len(r["rejected_ids"])
+        for side, span in enumerate((range(P - 1, P + C - 1), range(P + C, P + C + N))):
+            rows += [i] * len(span)
+            cols += span
+            segment += [2 * i + side] * len(span)
+    rows, cols = torch.tensor(rows), torch.tensor(cols)
     causal = torch.ones(T, T, dtype=torch.bool).tril()  # (T, T)
     attention_mask = causal & ~((branch[:, :, None] == 2) & (branch[:, None, :] == 1))  # (R, T queries, T keys)
     return {
         "input_ids": input_ids.to(device), "positions": positions.to(device), "mask": attention_mask[:, None].to(device),
-        "chosen_mask": chosen_mask.to(device), "rejected_mask": rejected_mask.to(device),
-        # The logits at position t score token t+1, so none are needed before the shortest prompt's last token:
-        # the output projection (a quarter of a small model's FLOPs at Qwen's 152k vocabulary) skips the prompts.
-        "first": min(len(p) for p in prompts) - 1,
+        "scored": (rows.to(device), cols.to(device)), "targets": input_ids[rows, cols + 1].to(device),
+        "segment": torch.tensor(segment, device=device),
         "n_tokens": sum(len(p) + len(r["chosen_ids"]) + 1 + len(r["rejected_ids"]) for p, r in zip(prompts, records)),
     }
 
@@ -192,14 +197,13 @@ def autocast(cfg: HardwareConfig):
 
 def forward_logps(model, batch: dict, hw: HardwareConfig):
     """Summed log pi(y+ | prompt) and log pi(y- | prompt) of every row: two (R,) float32 tensors."""
-    first = batch["first"]
     with autocast(hw):
-        logits = model(batch["input_ids"], batch["positions"], batch["mask"], logits_index=slice(first, None))  # (R, T - first, V)
-    # Outside autocast on purpose: sequence_logps takes the log-softmax in float32.
-    input_ids = batch["input_ids"][:, first:]
-    chosen_logps, _ = sequence_logps(logits, input_ids, batch["chosen_mask"][:, first:])
-    rejected_logps, _ = sequence_logps(logits, input_ids, batch["rejected_mask"][:, first:])
-    return chosen_logps, rejected_logps
+        logits = model(batch["input_ids"], batch["positions"], batch["mask"], logits_index=batch["scored"])  # (N, V)
+    # Outside autocast on purpose: token_logps takes the log-softmax in float32.
+    logps = token_logps(logits, batch["targets"])  # (N,) log pi of each response token
+    R = batch["input_ids"].shape[0]
+    sums = torch.zeros(2 * R, dtype=logps.dtype, device=logps.device).index_add(0, batch["segment"], logps)  # (2R,)
+    return sums[0::2], sums[1::2]
 
 
 @torch.no_grad()

@@ -77,7 +77,7 @@ def profile_step(model, optimizer, batch, micro_batch_size, loss_cfg, hw, marks)
         R, T = tensors["input_ids"].shape
         n_tokens += tensors["n_tokens"]
         padded += R * T
-        head_positions += R * (T - tensors["first"])
+        head_positions += len(tensors["targets"])  # the positions that score a response token
     t = time.perf_counter()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     optimizer.step()

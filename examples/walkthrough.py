@@ -155,7 +155,7 @@ def main(argv=None):
           f"({ref['ref_chosen_logps'] / ref['chosen_length']:.3f} per token)")
     print(f"log pi_ref(y-|x) = {ref['ref_rejected_logps']:9.3f} nats over {ref['rejected_length']} tokens "
           f"({ref['ref_rejected_logps'] / ref['rejected_length']:.3f} per token)")
-    print("(sums over the response tokens incl. the end-of-turn token when the sample stopped: dpo_loss.py:sequence_logps)")
+    print("(sums over the response tokens incl. the end-of-turn token when the sample stopped: train.py:forward_logps)")
     t_extra = time.time()
     base, tokenizer = load_model(args.model, "cpu", torch.float32)
     mipo.use_recorded_date(tokenizer, pairs, out / "pairs.jsonl")  # the prompts as train.py rendered them

@@ -230,6 +230,40 @@ def test_dpo_step_loss_and_gradients_equal_plain_autograd(baseline, monkeypatch,
     assert grads.keys() == plain_grads.keys() and all(torch.equal(grads[k], plain_grads[k]) for k in grads)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_projecting_only_scored_positions_keeps_the_loss_and_gradients(baseline, dtype):
+    """forward_logps sends only the positions that score a response token through the output projection. The
+    whole (R, T, V) logits with dpo_loss.sequence_logps over each response's mask, as train.py did before, give
+    the same log-probs, loss and gradients up to float rounding (a sum in another order; in bf16 also matrix
+    products of other shapes)."""
+    records = [json.loads(line) for line in (baseline / "reference.jsonl").read_text().splitlines()][:4]
+    hw, loss_cfg = config.HardwareConfig(dtype=dtype), config.LossConfig()
+
+    def step(scored_only: bool):
+        model = make_tiny_model("qwen2", tie_word_embeddings=True, vocab_size=300).train()
+        batch = train.collate(records, False, "cpu")
+        if scored_only:
+            chosen, rejected = train.forward_logps(model, batch, hw)
+        else:
+            with train.autocast(hw):
+                logits = model(batch["input_ids"], batch["positions"], batch["mask"])  # (R, T, V)
+            masks = torch.zeros(2, *batch["input_ids"].shape, dtype=torch.bool)  # y+ and y- tokens of each row
+            for i, r in enumerate(records):
+                P, C, N = len(r["prompt_ids"]), len(r["chosen_ids"]), len(r["rejected_ids"])
+                masks[0, i, P:P + C], masks[1, i, P + C + 1:P + C + 1 + N] = True, True
+            chosen, rejected = (dpo_loss.sequence_logps(logits, batch["input_ids"], mask)[0] for mask in masks)
+        losses, _ = train.dpo_terms(chosen, rejected, records, loss_cfg)
+        losses.mean().backward()
+        return torch.stack([chosen, rejected]).detach(), losses.detach(), {k: p.grad for k, p in model.named_parameters()}
+
+    (logps, losses, grads), (old_logps, old_losses, old_grads) = step(True), step(False)
+    rtol = 1e-6 if dtype == "float32" else 1e-3
+    torch.testing.assert_close(logps, old_logps, rtol=rtol, atol=0)
+    torch.testing.assert_close(losses, old_losses, rtol=10 * rtol, atol=0)  # a function of log-prob differences
+    for k in grads:  # each gradient as a whole: its largest difference against its largest entry
+        assert (grads[k] - old_grads[k]).abs().max() <= 10 * rtol * old_grads[k].abs().max(), k
+
+
 def test_gradient_accumulation_gives_the_same_update(assets, baseline, tmp_path):
     out = tmp_path / "micro1"
     train.main(args_for(assets, out, "--epochs", "2", "--save-every", "2", "--micro-batch-size", "1"))
@@ -700,7 +734,7 @@ def test_infonce_needs_the_negative_prompt(assets, baseline, tmp_path):
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(assets, tmp_path):
     out = tmp_path / "nan"
     args = args_for(assets, out, "--epochs", "2", "--save-every", "2")
-    assert run_cli([*args, "--_crash-at", "train:2"]).returncode == -9
+    assert run_cli([*args, "--_crash-at", "train:3"]).returncode == -9
     checkpoint = (out / "checkpoint.pt").read_bytes()
     # Corrupt what the next steps read: a NaN reference log-prob makes every later loss NaN.
     records = [json.loads(line) for line in (out / "reference.jsonl").read_text().splitlines()]
