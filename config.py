@@ -134,14 +134,17 @@ def cpu_has_fast_bf16(cpuinfo_path=Path("/proc/cpuinfo")) -> bool:
     return faster
 
 
-def matmul_seconds(dtype, n=1024, repeats=5) -> float:
+def matmul_seconds(dtype, n=1024, repeats=5, device="cpu") -> float:
     """The best of a few n^3 matrix products in dtype (the first, which loads the kernel, not counted)."""
-    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    a, b = torch.randn(n, n, device=device).to(dtype), torch.randn(n, n, device=device).to(dtype)
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
     a @ b
     best = float("inf")
     for _ in range(repeats):
+        sync()
         t = time.perf_counter()
         a @ b
+        sync()
         best = min(best, time.perf_counter() - t)
     return best
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from config import matmul_seconds  # noqa: E402
 from model_loader import ModelConfig, Tokenizer, load_model, read_json, resolve_model_dir  # noqa: E402
 from sampler import generate, keep_freed_memory_for_reuse, sample  # noqa: E402
 
@@ -110,7 +111,7 @@ def breakdown(model, run, prompts, completions, top_p, total):
     """Where our time goes: prefill (a run with one new token), the decode steps (the rest of the run over
     the longest completion's steps: forward, sampling and bookkeeping), and the sampling arithmetic alone on
     the full batch's first logits. A decode step reads every weight once, so weights bytes / memory bandwidth
-    is its floor."""
+    is one floor; at batch B its products' arithmetic, 2 x (the linear layers' weights) x B FLOPs, is another."""
     device = model.lm_head.weight.device
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     run(1)  # warm-up (with --compile, the graphs for this shape)
@@ -140,7 +141,13 @@ def breakdown(model, run, prompts, completions, top_p, total):
     sync()
     bandwidth = 5 * big.numel() * 4 / (time.perf_counter() - start)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    # The matmul floor of a step at the full batch: the decoder's and the output projection's weight matrices
+    # (the embedding is a lookup), 2 FLOPs per weight and row, at the peak of a 2048^3 product in this dtype.
+    linear = sum(p.numel() for name, p in model.named_parameters() if p.dim() == 2 and "embed_tokens" not in name)
+    linear += model.lm_head.weight.numel() if model.config.tie_word_embeddings else 0
+    peak = 2 * 2048**3 / matmul_seconds(model.lm_head.weight.dtype, n=2048, repeats=10, device=device)
     return dict(prefill_s=prefill, decode_ms_per_step=(total - prefill) / max(steps, 1) * 1e3,
+                matmul_peak_gflops=peak / 1e9, matmul_floor_ms=2 * linear * len(prompts) / peak * 1e3,
                 sampling_ms_per_step=sampling_per_step * 1e3, weights_mb=weight_bytes / 2**20,
                 read_bandwidth_gbs=bandwidth / 1e9, bandwidth_floor_ms=weight_bytes / bandwidth * 1e3)
 
@@ -193,6 +200,9 @@ def main():
                   f"(weights {ours['weights_mb']:.0f} MB at {ours['read_bandwidth_gbs']:.1f} GB/s: floor "
                   f"{ours['bandwidth_floor_ms']:.1f} ms), of which sampling {ours['sampling_ms_per_step']:.1f} ms",
                   flush=True)
+            print(f"{'':17s}ours: matmul floor of a step at batch {args.batch} {ours['matmul_floor_ms']:.1f} ms "
+                  f"({ours['matmul_peak_gflops']:.0f} GFLOP/s, 2048^3 {dtype}): the average step is "
+                  f"{ours['decode_ms_per_step'] / ours['matmul_floor_ms']:.1f}x it (rows leave as they stop)", flush=True)
     memory = "peak GPU MB" if args.device != "cpu" else "peak RSS MB"
     print(f"\n| model | dtype | transformers tok/s | ours tok/s | speed-up | {memory} (hf / ours) |")
     print("| --- | --- | ---: | ---: | ---: | ---: |")

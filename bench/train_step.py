@@ -41,7 +41,7 @@ def run_ours(args, pairs) -> dict:
     loss = config.LossConfig(loss="sigmoid", beta=0.1)
     opt = config.OptimConfig(lr=args.lr, batch_size=args.batch_size, micro_batch_size=args.batch_size)
     hw = config.HardwareConfig(device="cpu", dtype=args.dtype, gradient_checkpointing=args.gradient_checkpointing,
-                              save_every=10**9)
+                              save_minutes=0)  # no checkpoint
     with tempfile.TemporaryDirectory() as out:
         t = time.time()
         records = train.reference_logps(model, tokenizer, pairs, loss, opt, hw, Path(out), 0, 1)
