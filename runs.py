@@ -159,7 +159,9 @@ class StopRequest:
 
     def __enter__(self):
         self.signum = None
-        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        # A signal ignored by whoever started the process (nohup, a shell's background job) stays ignored.
+        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)
+                         if signal.getsignal(s) is not signal.SIG_IGN}
         return self
 
     def handle(self, signum, frame):

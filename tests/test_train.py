@@ -7,6 +7,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -83,8 +84,10 @@ def args_for(assets, out, *extra, n=8, model=None):
 def run_cli(args, launcher=(sys.executable,), env=None):
     if "torch.distributed.run" in launcher:  # torchrun reads --n as an abbreviation of its own flags without the --
         args = ["--", *args]
+    # Ctrl-C as in a terminal: a shell starts background jobs with SIGINT ignored, and Python keeps that.
     return subprocess.run([*launcher, str(REPO / "train.py"), *args], capture_output=True, text=True, cwd=REPO,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, timeout=600)
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, timeout=600,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def metrics(out: Path) -> list[dict]:
@@ -449,9 +452,9 @@ def uninterrupted(assets):
     return out
 
 
-@pytest.mark.parametrize("signal", ["KILL", "INT"])
+@pytest.mark.parametrize("kind", ["KILL", "INT"])
 @pytest.mark.parametrize("crash_at", ["pairs:2", "reference:1", "train:3"])
-def test_killed_run_resumes_to_identical_weights(assets, uninterrupted, tmp_path, crash_at, signal):
+def test_killed_run_resumes_to_identical_weights(assets, uninterrupted, tmp_path, crash_at, kind):
     """SIGKILL (a power cut, the OOM killer) or SIGINT (Ctrl-C) in each stage, then the same command: the weights of
     an uninterrupted run, bit for bit. Ctrl-C ends with one line and status 130, no traceback. And it resumed,
     which every fixed seed would hide from the weights alone: the files of the finished stages are untouched, the
@@ -459,8 +462,8 @@ def test_killed_run_resumes_to_identical_weights(assets, uninterrupted, tmp_path
     model = copy_model(assets, tmp_path / "model")  # this run's own copy of the base model, changed below
     out = tmp_path / "resumed"
     args = args_for(assets, out, *RESUME_ARGS, model=model)
-    killed = run_cli([*args, "--_crash-at", crash_at + (":INT" if signal == "INT" else "")])
-    if signal == "KILL":
+    killed = run_cli([*args, "--_crash-at", crash_at + (":INT" if kind == "INT" else "")])
+    if kind == "KILL":
         assert killed.returncode == -9, killed.stderr[-2000:]  # nothing was cleaned up
     else:
         assert killed.returncode == 130, killed.stderr[-2000:]
@@ -486,7 +489,7 @@ def test_killed_run_resumes_to_identical_weights(assets, uninterrupted, tmp_path
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert file_identity(out, kept) == kept
     if crash_at == "train:3":
-        done = 3 if signal == "INT" else 2
+        done = 3 if kind == "INT" else 2
         assert f"resuming from {out / 'checkpoint.pt'}: {done} optimizer step(s) done, training continues at step " \
                f"{done + 1}" in resumed.stdout
     elif crash_at == "reference:1":
