@@ -342,7 +342,7 @@ def checkpoints(hw: HardwareConfig) -> str:
     """When stage 3 writes its checkpoint, for the plan line."""
     when = [f"every {hw.save_minutes:g} min"] if hw.save_minutes else []
     when += [f"every {hw.save_every} steps"] if hw.save_every else []
-    return f"checkpoint {' and '.join(when) + ', ' if when else ''}on Ctrl-C or SIGTERM"
+    return f"checkpoint {', '.join(when) + ' and ' if when else ''}on Ctrl-C or SIGTERM"
 
 
 def print_plan(pairs_cfg: PairsConfig, loss_cfg: LossConfig, opt_cfg: OptimConfig, hw: HardwareConfig, out: Path, world: int):
