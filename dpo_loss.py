@@ -101,21 +101,21 @@ def token_logps(logits, targets, chunk_tokens=256):
 
 class TokenLogps(torch.autograd.Function):
     """log softmax(z)_y = z_y - logsumexp(z) per position, in float32 (a bf16 sum of 151,936 exponentials keeps ~3
-    digits): (B, C, V) logits and (B, C) target ids -> (B, C). It keeps no float32 copy for backward, which
+    digits): (..., V) logits and (...) target ids -> (...). It keeps no float32 copy for backward, which
     computes the gradient in one pass over V, g * (onehot(y) - softmax(z)), with the very float32 operations
     autograd would run (bit-identical to it), in less than half autograd's time on a CPU: the backward of a
-    checkpointed log_softmax + gather runs about ten passes over the (B, C, V) float32 values."""
+    checkpointed log_softmax + gather runs about ten passes over the float32 values."""
 
     @staticmethod
     def forward(ctx, logits, targets):
-        logits32 = logits.float()  # (B, C, V)
-        lse = torch.logsumexp(logits32, dim=-1)  # (B, C)
-        picked = logits32.gather(dim=-1, index=targets.unsqueeze(-1)).squeeze(-1)  # (B, C)
+        logits32 = logits.float()  # (..., V)
+        lse = torch.logsumexp(logits32, dim=-1)  # (...)
+        picked = logits32.gather(dim=-1, index=targets.unsqueeze(-1)).squeeze(-1)  # (...)
         ctx.save_for_backward(logits, targets, lse)
         return picked - lse
 
     @staticmethod
-    def backward(ctx, grad):  # grad (B, C)
+    def backward(ctx, grad):  # grad (...)
         logits, targets, lse = ctx.saved_tensors
         # torch.sub promotes bf16 logits to float32 on the fly; out of place, as float32 logits are the saved ones
         grad_logits = torch.sub(logits, lse.unsqueeze(-1)).exp_().mul_(-grad.unsqueeze(-1))  # -g * softmax(z)

@@ -322,7 +322,7 @@ class CausalLM(nn.Module):
             x = x[logits_index]  # (N, C)
         elif logits_index is not None:
             x = x[:, logits_index]
-        return self.lm_head(x)  # (B, T, V)
+        return self.lm_head(x)  # (B, T, V); (N, V) for an index pair
 
     def new_kv_cache(self, batch_size: int, max_len: int, dtype=None, device=None):
         cfg, p = self.config, self.lm_head.weight

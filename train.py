@@ -163,18 +163,16 @@ def collate(records: list[dict], with_negative_prompt: bool, device) -> dict:
     input_ids = torch.zeros(R, T, dtype=torch.long)  # (R, T); any id pads: no real token attends to a pad
     positions = torch.zeros(R, T, dtype=torch.long)  # (R, T) RoPE positions
     branch = torch.zeros(R, T, dtype=torch.long)  # (R, T) 0: x[:-1] and pads, 1: x[-1] + y+, 2: x[-1] copy + y-
-    for i, (prompt, r) in enumerate(zip(prompts, records)):
-        P, C, N = len(prompt), len(r["chosen_ids"]), len(r["rejected_ids"])
-        input_ids[i, :P + C + 1 + N] = torch.tensor(prompt + r["chosen_ids"] + prompt[-1:] + r["rejected_ids"])
-        positions[i, :P + C] = torch.arange(P + C)
-        positions[i, P + C:P + C + 1 + N] = torch.arange(P - 1, P + N)
-        branch[i, P - 1:P + C], branch[i, P + C:P + C + 1 + N] = 1, 2
     # The positions whose logits score a response token (position t scores token t + 1): y+ from x's last token
     # on, y- from the copy of x[-1] on. Only these go through the output projection (152k x 896 for Qwen: a
     # quarter of its FLOPs per token) and the log-softmax, not the prompts and not the padding.
     rows, cols, segment = [], [], []  # (N,) each: row, position, and 2 * row + (0 for y+, 1 for y-)
     for i, (prompt, r) in enumerate(zip(prompts, records)):
         P, C, N = len(prompt), len(r["chosen_ids"]), len(r["rejected_ids"])
+        input_ids[i, :P + C + 1 + N] = torch.tensor(prompt + r["chosen_ids"] + prompt[-1:] + r["rejected_ids"])
+        positions[i, :P + C] = torch.arange(P + C)
+        positions[i, P + C:P + C + 1 + N] = torch.arange(P - 1, P + N)
+        branch[i, P - 1:P + C], branch[i, P + C:P + C + 1 + N] = 1, 2
         for side, span in enumerate((range(P - 1, P + C - 1), range(P + C, P + C + N))):
             rows += [i] * len(span)
             cols += span
