@@ -149,6 +149,11 @@ def matmul_seconds(dtype, n=1024, repeats=5, device="cpu") -> float:
     return best
 
 
+def matmul_peak(dtype, n=2048, device="cpu") -> float:
+    """FLOP/s of the best of ten n^3 products: the peak the benchmarks measure their floors against."""
+    return 2 * n**3 / matmul_seconds(dtype, n=n, repeats=10, device=device)
+
+
 def compute_dtype(flag: str | None, device) -> str:
     """--dtype auto (or left out): bfloat16 where the hardware multiplies it faster than float32 (a GPU with bf16,
     a CPU where cpu_has_fast_bf16 measured it), else float32."""

@@ -19,9 +19,9 @@ class MipoError(Exception):
 class Interrupted(KeyboardInterrupt):
     """Ctrl-C or SIGTERM, raised once the work so far is saved; the command exits with 128 + the signal's number."""
 
-    def __init__(self, signum: int = signal.SIGINT):
-        super().__init__(signum)
-        self.signum = signum
+    def __init__(self, signum: int | None = None):  # None: SIGINT
+        self.signum = signum or signal.SIGINT
+        super().__init__(self.signum)
 
 
 def cache_dir() -> Path:

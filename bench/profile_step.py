@@ -34,11 +34,6 @@ import train  # noqa: E402
 from model_loader import load_model  # noqa: E402
 
 
-def matmul_peak(dtype, n=2048) -> float:
-    """FLOP/s of an n x n x n matrix product: the best of several (config.matmul_seconds, as --dtype auto measures)."""
-    return 2 * n**3 / config.matmul_seconds(dtype, n=n, repeats=10)
-
-
 class Marks:
     """Wall-clock marks set from inside the model's forward and backward (a CPU runs both synchronously)."""
 
@@ -108,7 +103,7 @@ def main():
     args.micro_batch_size = args.micro_batch_size or args.batch_size
 
     dtype = config.compute_dtype(args.dtype, "cpu")
-    peaks = {name: matmul_peak(d) for name, d in (("float32", torch.float32), ("bfloat16", torch.bfloat16))}
+    peaks = {name: config.matmul_peak(d) for name, d in (("float32", torch.float32), ("bfloat16", torch.bfloat16))}
     model, tokenizer = load_model(args.model, "cpu", torch.float32)
     pairs = mipo.read_pairs(args.pairs)
     records = [{**train.tokenize_pair(tokenizer, p, False, model.config.max_position_embeddings),

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from config import matmul_seconds  # noqa: E402
+from config import matmul_peak  # noqa: E402
 from model_loader import ModelConfig, Tokenizer, load_model, read_json, resolve_model_dir  # noqa: E402
 from sampler import generate, keep_freed_memory_for_reuse, sample  # noqa: E402
 
@@ -145,7 +145,7 @@ def breakdown(model, run, prompts, completions, top_p, total):
     # (the embedding is a lookup), 2 FLOPs per weight and row, at the peak of a 2048^3 product in this dtype.
     linear = sum(p.numel() for name, p in model.named_parameters() if p.dim() == 2 and "embed_tokens" not in name)
     linear += model.lm_head.weight.numel() if model.config.tie_word_embeddings else 0
-    peak = 2 * 2048**3 / matmul_seconds(model.lm_head.weight.dtype, n=2048, repeats=10, device=device)
+    peak = matmul_peak(model.lm_head.weight.dtype, device=device)
     return dict(prefill_s=prefill, decode_ms_per_step=(total - prefill) / max(steps, 1) * 1e3,
                 matmul_peak_gflops=peak / 1e9, matmul_floor_ms=2 * linear * len(prompts) / peak * 1e3,
                 sampling_ms_per_step=sampling_per_step * 1e3, weights_mb=weight_bytes / 2**20,
