@@ -154,8 +154,8 @@ def keep_freed_memory_for_reuse():
     at the top, and serves blocks above a moving threshold by fresh mappings, so those tensors fault their
     pages in again at every step. Serving blocks up to 64 MiB from the heap and keeping up to 512 MiB of it
     free halves the sampling arithmetic's time on this CPU (qwen, batch 32: 3.3 -> 1.3 s of a 20 s run) and
-    leaves the peak memory lower than the default does. train.py undoes it when DPO starts. Elsewhere than
-    glibc it does nothing."""
+    leaves the peak memory lower than the default does. DPO sets its own (runs.keep_activations_in_the_heap).
+    Elsewhere than glibc it does nothing."""
     set_glibc_malloc(mmap_threshold=64 << 20, trim_threshold=512 << 20)
 
 

@@ -16,11 +16,14 @@ the floor is floor / measured step. Padding share: padded positions / all positi
 The reference log-probs are set to 0: the loss values differ from a real run, the computation does not.
 """
 import argparse
+import os
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # before torch loads, as train.py does
 
 import torch
 
@@ -76,7 +79,7 @@ def profile_step(model, optimizer, batch, micro_batch_size, loss_cfg, hw, marks)
     t = time.perf_counter()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    train.zero_gradients(model, optimizer)
     parts["optimizer"] = time.perf_counter() - t
     return {"parts": parts, "n_tokens": n_tokens, "padded": padded, "head_positions": head_positions}
 
@@ -113,10 +116,12 @@ def main():
         sys.exit(f"--pairs {args.pairs}: {len(records)} pairs, {needed} needed for {args.steps} + 1 steps")
     hw = config.HardwareConfig(device="cpu", dtype=dtype, gradient_checkpointing=args.gradient_checkpointing)
     loss_cfg = config.LossConfig(loss="sigmoid", beta=0.1)
-    runs.return_freed_memory_to_the_os()  # as train.train does
+    runs.keep_activations_in_the_heap()  # as train.train does
     model.train()
     model.gradient_checkpointing = args.gradient_checkpointing
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-7, betas=(0.9, 0.95), weight_decay=0.0, fused=True)
+    train.sparse_embedding_gradient(model, hw, 1)  # as train.train does
+    train.zero_gradients(model, optimizer)
     marks = Marks(model)
     order = train.epoch_order(len(records), 0, 0)
     results = []

@@ -21,6 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # as train.py sets it; every system's process inherits it
+
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 SYSTEMS = ("ours", "trl-precomputed", "trl-live-ref")
@@ -114,7 +116,7 @@ def main():
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="bfloat16", help="compute dtype (default bfloat16)")
     parser.add_argument("--gradient-checkpointing", action="store_true", help="on for both systems (TRL's own default is on)")
     parser.add_argument("--trl-malloc-like-ours", action="store_true", help="give TRL's processes the glibc setting "
-                        "train.py makes (MALLOC_MMAP_THRESHOLD_=1 MiB), to separate it from the rest of the memory gap")
+                        "train.py makes (heap up to 64 MiB blocks, trimmed past 8 MiB free), to separate it from the rest")
     parser.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma-separated subset of {', '.join(SYSTEMS)}")
     parser.add_argument("--system", default=None, help=argparse.SUPPRESS)  # internal: run one system in this process
     args = parser.parse_args()
@@ -127,8 +129,8 @@ def main():
                "--batch-size", str(args.batch_size), "--lr", str(args.lr), "--dtype", args.dtype]
         cmd += ["--gradient-checkpointing"] if args.gradient_checkpointing else []
         env = {**os.environ, "TQDM_DISABLE": "1"}
-        if args.trl_malloc_like_ours and system != "ours":  # glibc reads it at start: runs.return_freed_memory_to_the_os
-            env["MALLOC_MMAP_THRESHOLD_"] = str(1 << 20)
+        if args.trl_malloc_like_ours and system != "ours":  # glibc reads them at start: runs.keep_activations_in_the_heap
+            env.update(MALLOC_MMAP_THRESHOLD_=str(64 << 20), MALLOC_TRIM_THRESHOLD_=str(8 << 20))
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env)
         line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
         if proc.returncode != 0 or line is None:

@@ -215,7 +215,8 @@ def autograd_token_logps(logits, targets):
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_dpo_step_loss_and_gradients_equal_plain_autograd(baseline, monkeypatch, dtype):
     """The DPO step's loss and every parameter's gradient, with dpo_loss.TokenLogps's hand-written backward and
-    with autograd's, on a model whose output projection is tied to its embedding (as Qwen's): equal to the bit."""
+    with autograd's, on a model whose output projection is tied to its embedding (as the bundled llama's): equal to
+    the bit."""
     records = [json.loads(line) for line in (baseline / "reference.jsonl").read_text().splitlines()][:4]
     hw, loss_cfg = config.HardwareConfig(dtype=dtype), config.LossConfig()
 
@@ -231,6 +232,40 @@ def test_dpo_step_loss_and_gradients_equal_plain_autograd(baseline, monkeypatch,
     plain_losses, plain_grads = step()
     assert torch.equal(losses, plain_losses)
     assert grads.keys() == plain_grads.keys() and all(torch.equal(grads[k], plain_grads[k]) for k in grads)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_sparse_embedding_gradient_gives_the_dense_gradients_and_update(baseline, dtype):
+    """train.sparse_embedding_gradient on an untied model (as the bundled qwen): two micro-batches accumulated, an
+    AdamW update, zero_gradients, one more backward. Every gradient and weight equals the dense default's up to
+    float rounding (a token that occurs twice sums its two rows in another order); a missed or doubled row fails."""
+    records = [json.loads(line) for line in (baseline / "reference.jsonl").read_text().splitlines()][:4]
+    hw, loss_cfg = config.HardwareConfig(dtype=dtype), config.LossConfig()
+
+    def run(sparse: bool):
+        model = make_tiny_model("qwen2", vocab_size=300).train()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+        train.sparse_embedding_gradient(model, hw, world=1 if sparse else 2)
+        assert model.model.embed_tokens.sparse == sparse
+        train.zero_gradients(model, optimizer)
+        grads = []
+        for micro in ([records[:2], records[2:]], [records]):  # step 1 accumulates two micro-batches
+            for batch in micro:
+                chosen, rejected = train.forward_logps(model, train.collate(batch, False, "cpu"), hw)
+                train.dpo_terms(chosen, rejected, batch, loss_cfg)[0].sum().backward()
+            grads.append({k: p.grad.clone() for k, p in model.named_parameters()})
+            assert not model.model.embed_tokens.weight.grad.is_sparse
+            optimizer.step()
+            train.zero_gradients(model, optimizer)
+        return grads, model.state_dict()
+
+    (grads, weights), (dense_grads, dense_weights) = run(True), run(False)
+    for step, dense_step, rtol in zip(grads, dense_grads, (1e-6, 1e-5)):  # step 2: after updates a rounding apart
+        assert step.keys() == dense_step.keys()
+        for k in step:  # each gradient as a whole: its largest difference against its largest entry
+            assert (step[k] - dense_step[k]).abs().max() <= rtol * dense_step[k].abs().max(), k
+    for k in weights:
+        torch.testing.assert_close(weights[k], dense_weights[k], rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
