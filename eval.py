@@ -18,10 +18,6 @@ what is missing and pairs items by id for a bootstrap interval of every differen
     python eval.py --model qwen --task persona --n 50
     python eval.py --compare qwen runs/persona-qwen runs/persona-qwen-ipo
 """
-import os
-
-os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # before torch loads: large tensors on huge pages (train.py)
-
 import gc
 import json
 import re

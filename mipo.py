@@ -20,12 +20,9 @@ file is TRL's conversational preference format.
 
     python mipo.py --model qwen --task persona --n 32
 """
-import os
-
-os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # before torch loads: large tensors on huge pages (train.py)
-
 import fcntl
 import json
+import os
 import random
 import re
 import sys

@@ -23,15 +23,6 @@ command, run again after a kill, resumes where the last run stopped:
 Shape legend: B pairs in a micro-batch, R rows in its forward (B: one row holds a prompt and both responses;
 2B for infonce and sami, which also score both responses under x'), T padded tokens, V vocabulary.
 """
-import os
-
-# PyTorch's CPU allocator puts every tensor of 2 MiB or more on transparent huge pages when this is set before
-# torch loads (read once, at its first allocation). A fresh 545 MB gradient then costs 260 page faults instead
-# of 133,000, and a cast of Qwen's 136M-weight output projection to bf16 takes 22 instead of 98 ms on the 2-core
-# EPYC of README "Performance", where the DPO step's output projection + log-softmax went from 1.9 to 0.5 s.
-# Linux only; elsewhere, or with THP off in the kernel, nothing changes. Set THP_MEM_ALLOC_ENABLE=0 to opt out.
-os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
-
 import contextlib
 import json
 import math
@@ -339,7 +330,7 @@ def train(model, records: list[dict], loss: LossConfig, opt: OptimConfig, hw: Ha
 
 def sparse_embedding_gradient(model, hw: HardwareConfig, world: int):
     """An untied input embedding's gradient is zero outside the batch's few hundred token rows, but nn.Embedding's
-    backward builds it dense: a fresh (V, C) buffer zeroed at every step (545 MB for Qwen2.5-0.5B: 0.9 s of a 5 s
+    backward builds it dense: a fresh (V, C) buffer zeroed at every step (545 MB for the bundled qwen: 0.9 s of a 5 s
     step on 2 cores). In one process it comes out sparse instead, and autograd adds it in place into a dense
     gradient kept across steps (zero_gradients), in 2 ms: the same numbers up to float rounding (a token that
     occurs twice in a batch has its two rows summed in another order). A tied embedding (also the

@@ -16,14 +16,11 @@ the floor is floor / measured step. Padding share: padded positions / all positi
 The reference log-probs are set to 0: the loss values differ from a real run, the computation does not.
 """
 import argparse
-import os
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
-
-os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # before torch loads, as train.py does
 
 import torch
 

@@ -18,8 +18,6 @@ import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # before torch loads, as train.py does
-
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))

@@ -21,8 +21,6 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # as train.py sets it; every system's process inherits it
-
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 SYSTEMS = ("ours", "trl-precomputed", "trl-live-ref")
