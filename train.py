@@ -330,11 +330,11 @@ def train(model, records: list[dict], loss: LossConfig, opt: OptimConfig, hw: Ha
 
 def sparse_embedding_gradient(model, hw: HardwareConfig, world: int):
     """An untied input embedding's gradient is zero outside the batch's few hundred token rows, but nn.Embedding's
-    backward builds it dense: a fresh (V, C) buffer zeroed at every step (545 MB for the bundled qwen: 0.9 s of a 5 s
-    step on 2 cores). In one process it comes out sparse instead, and autograd adds it in place into a dense
-    gradient kept across steps (zero_gradients), in 2 ms: the same numbers up to float rounding (a token that
-    occurs twice in a batch has its two rows summed in another order). A tied embedding (also the
-    output projection, whose gradient is dense), DDP and FSDP keep the dense default."""
+    backward builds it dense: a fresh (V, C) buffer zeroed at every step (545 MB for the bundled qwen: 0.9 s a step
+    on 2 cores). In one process it comes out sparse instead, and autograd adds it in place into a dense gradient
+    kept across steps (zero_gradients), in 2 ms: the same numbers up to float rounding (a token that occurs twice
+    in a batch has its two rows summed in another order). A tied embedding (also the output projection, whose
+    gradient is dense), DDP and FSDP keep the dense default."""
     model.model.embed_tokens.sparse = world == 1 and not hw.shard and not model.config.tie_word_embeddings
 
 
@@ -342,7 +342,7 @@ def zero_gradients(model, optimizer):
     """Every gradient to None, except the dense one a sparse embedding gradient is added into: zeroed in place
     (created before the first step), so AdamW always sees a dense gradient."""
     embedding = model.model.embed_tokens
-    kept = embedding.weight.grad
+    kept = embedding.weight.grad if embedding.sparse else None
     optimizer.zero_grad(set_to_none=True)
     if embedding.sparse:
         embedding.weight.grad = kept.zero_() if kept is not None else torch.zeros_like(embedding.weight)
