@@ -10,6 +10,7 @@ one token per step is decoded for the live rows; rows that stop leave the batch.
 
 Shape legend: B rows in the batch, P padded prompt length, S key/value slots, V vocab.
 """
+import contextlib
 import ctypes
 from dataclasses import dataclass
 
@@ -53,7 +54,8 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0
     generator = torch.Generator(device=device).manual_seed(seed)
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))  # longest first: least padding
     results = [None] * len(prompts)
-    with tqdm(total=len(prompts), unit="prompt", desc="sampling", disable=not progress, leave=False) as bar:
+    packed = contextlib.nullcontext() if compile else model.prepacked_weights()  # CPU: weights in oneDNN's layout
+    with packed, tqdm(total=len(prompts), unit="prompt", desc="sampling", disable=not progress, leave=False) as bar:
         for start in range(0, len(order), batch_size):
             rows = order[start:start + batch_size]
             out = generate_batch(model, [prompts[i] for i in rows], max_new_tokens, temperature, top_p, top_k,

@@ -116,6 +116,30 @@ def test_float32_linear_runs_on_onednn_forward_and_backward():
         assert layer(x).dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prepacked_weights_give_the_same_logits_and_are_dropped_after(dtype, tmp_path):
+    """The sampler's oneDNN-layout weights: the same products as the plain weights (bf16 to the last bit; float32
+    within rounding, oneDNN may sum a row with its bias in another order), for 1, 5 and 33 rows."""
+    from model_loader import ONEDNN_FLOAT32
+
+    if not ONEDNN_FLOAT32 or dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        pytest.skip("no oneDNN kernel for this dtype on this machine")
+    write_hf_model(CONFIGS["qwen2_bias_ratio7"], tmp_path)
+    model, _ = load_model_dir_without_tokenizer(tmp_path, dtype=dtype)
+    for rows in (1, 5, 33):
+        ids = torch.randint(0, TINY["vocab_size"], (rows, 9), generator=torch.Generator().manual_seed(rows))
+        with torch.no_grad():
+            plain = model(ids)
+            with model.prepacked_weights():
+                assert model.lm_head.packed is not None
+                packed = model(ids)
+        assert model.lm_head.packed is None
+        if dtype == torch.bfloat16:
+            assert torch.equal(packed, plain)
+        else:
+            assert (packed - plain).abs().max().item() <= 1e-5 * plain.abs().max().item()
+
+
 def causal_mask(T, S):
     return torch.ones(T, S, dtype=torch.bool).tril(S - T)[None, None]
 
