@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 import config
 import sampler
-from dpo_loss import sequence_logps
+from dpo_loss import token_logps
 from files import MipoError, jsonl_records, run_command, utf8, write_atomically
 from model_loader import load_model
 from model_sources import local_model
@@ -358,27 +358,28 @@ def encode_turn(tokenizer, messages: list[dict], response: str, stopped: bool) -
 @torch.no_grad()
 def response_logps(model, rows: list[tuple[list[int], list[int]]], batch_size: int = 8, progress: bool = False) -> torch.Tensor:
     """Summed log p(response | prompt) of each (prompt ids, response ids) row, float32, shape (N,).
-    Shapes: B rows in a batch, T tokens, V vocabulary."""
+    Rows are scored longest first, so a batch pads little, and only the positions that score a response token
+    go through the output projection and the log-softmax (a prompt's own positions never need the 152k-row
+    projection). Shapes: B rows in a batch, T tokens, R response tokens of the batch, V vocabulary."""
     device = model.lm_head.weight.device
     out = torch.zeros(len(rows))  # an empty response (no token at all) has log-prob 0 under any prompt
-    scored = [i for i, (_, r) in enumerate(rows) if r]
+    scored = sorted((i for i, (_, r) in enumerate(rows) if r), key=lambda i: -len(rows[i][0]) - len(rows[i][1]))
     for start in tqdm(range(0, len(scored), batch_size), desc="log-probs", unit="batch", disable=not progress, leave=False):
         batch = scored[start:start + batch_size]
-        T = max(len(rows[i][0]) + len(rows[i][1]) for i in batch)
+        T = len(rows[batch[0]][0]) + len(rows[batch[0]][1])  # the longest row comes first
         # Right padding: real tokens never attend to the pads after them, so a plain causal forward is exact.
         input_ids = torch.zeros(len(batch), T, dtype=torch.long)  # (B, T)
-        completion_mask = torch.zeros(len(batch), T, dtype=torch.bool)  # (B, T) True on response tokens
+        row_of, position = [], []  # (R,) each: the logits at (row, position t) score the token at t + 1
         for b, i in enumerate(batch):
             p, r = rows[i]
             input_ids[b, :len(p) + len(r)] = torch.tensor(p + r)
-            completion_mask[b, len(p):len(p) + len(r)] = True
-        # Logits only from the last prompt token of the shortest prompt on: (B, T - s, V) instead of
-        # (B, T, V), which for an 8-shot GSM8K prompt and Qwen's 151,936-token vocabulary is gigabytes.
-        s = min(len(rows[i][0]) for i in batch) - 1
-        input_ids, completion_mask = input_ids.to(device), completion_mask.to(device)
-        logits = model(input_ids, logits_index=slice(s, None))  # (B, T - s, V): position s + t scores token s + t + 1
-        logp_sum, _ = sequence_logps(logits, input_ids[:, s:], completion_mask[:, s:])
-        out[batch] = logp_sum.float().cpu()
+            row_of += [b] * len(r)
+            position += range(len(p) - 1, len(p) + len(r) - 1)
+        input_ids = input_ids.to(device)
+        row_of, position = torch.tensor(row_of, device=device), torch.tensor(position, device=device)
+        logits = model(input_ids, logits_index=(row_of, position))  # (R, V)
+        token_logp = token_logps(logits, input_ids[row_of, position + 1])  # (R,) float32
+        out[batch] = torch.zeros(len(batch), device=device).index_add_(0, row_of, token_logp).cpu()
     return out
 
 
