@@ -154,7 +154,7 @@ class Linear(nn.Linear):
     GFLOP/s, a decode step's 32-row products 3x). Inference and training take the same kernel, so the frozen
     reference's log-probs equal the policy's at step 0 to the last bit. Under bfloat16 autocast and under
     torch.compile it is F.linear (PyTorch sends bf16 to oneDNN itself). MIPO_ONEDNN=0 turns it off.
-    While the sampler runs, `packed` holds the weight in oneDNN's own blocked layout (prepacked_weights)."""
+    While the sampler runs, `packed` holds the weight in oneDNN's own blocked layout (CausalLM.prepacked_weights)."""
 
     packed = None
 
@@ -169,14 +169,12 @@ class Linear(nn.Linear):
 
 
 ONEDNN_FLOAT32 = torch.backends.mkldnn.is_available() and os.environ.get("MIPO_ONEDNN", "1") != "0"
+PACKED_ROWS = 32  # the rows oneDNN picks the blocked layout for (a decode step's batch); any number of rows works
 
 
 def onednn_linear(x, weight, bias=None):
     """x (..., n) @ weight (m, n)^T + bias -> (..., m), any strides."""
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
-
-
-PACKED_ROWS = 32  # the rows oneDNN picks the blocked layout for (a decode step's batch); any number of rows works
 
 
 class OneDNNLinear(torch.autograd.Function):
@@ -338,12 +336,13 @@ class CausalLM(nn.Module):
         """Within it, every Linear of a CPU model multiplies by a copy of its weight reordered once into oneDNN's
         blocked layout, instead of oneDNN reordering the plain weight at every call: the same products (bf16 to the
         last bit, float32 within rounding), 30-45% faster for a decode step's 32 rows on the 2-core EPYC of README
-        "Performance" (bf16 and float32), for one more copy of the linear weights in memory. For inference (the sampler): a weight changed inside it is
-        not seen. Does nothing on a GPU, for float32 with MIPO_ONEDNN=0, or for bf16 where oneDNN has no bf16 kernel."""
+        "Performance", for one more copy of the linear weights in memory. For inference (the sampler): a weight
+        changed inside it is not seen. Does nothing on a GPU, for float32 with MIPO_ONEDNN=0, or for bf16 where
+        oneDNN has no bf16 kernel."""
         weight = self.lm_head.weight
-        usable = weight.device.type == "cpu" and torch.backends.mkldnn.is_available() and (
-            ONEDNN_FLOAT32 if weight.dtype == torch.float32 else
-            weight.dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        usable = weight.device.type == "cpu" and (
+            ONEDNN_FLOAT32 if weight.dtype == torch.float32 else weight.dtype == torch.bfloat16
+            and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
         linears = [m for m in self.modules() if isinstance(m, Linear)] if usable else []
         for m in linears:
             m.packed = torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(), PACKED_ROWS)
