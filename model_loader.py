@@ -437,9 +437,29 @@ def check_model(name_or_path, revision=None) -> ModelConfig:
     return cfg
 
 
+# transformers' GenerationConfig defaults for the two sampling settings a model's generation_config.json may set.
+TRANSFORMERS_SAMPLING_DEFAULTS = {"top_k": 50, "repetition_penalty": 1.0}
+
+
+def generation_defaults(model_dir) -> dict:
+    """The sampling settings transformers' generate takes from a model directory's generation_config.json when the
+    call leaves them out, as the paper's generate(do_sample=True, temperature=T, top_p=P) does: {"top_k",
+    "repetition_penalty"}, transformers' defaults where the file or a key is missing (or null). temperature, top_p
+    and do_sample are not read: the paper's calls pass them."""
+    path = Path(model_dir) / "generation_config.json"
+    config = read_json(path) if path.exists() else {}
+    given = {key: config.get(key) for key in TRANSFORMERS_SAMPLING_DEFAULTS if config.get(key) is not None}
+    try:
+        defaults = {**TRANSFORMERS_SAMPLING_DEFAULTS, **given}
+        return {"top_k": int(defaults["top_k"]), "repetition_penalty": float(defaults["repetition_penalty"])}
+    except (TypeError, ValueError):
+        raise MipoError(f"{path}: top_k must be an integer and repetition_penalty a number; got {given}")
+
+
 def load_model(name_or_path, device="cpu", dtype=torch.float32, revision=None):
     """A bundled model name (`qwen`, `llama`, `smollm2`), a local HF directory or a hub name (`owner/name`, at
-    revision) -> (model, tokenizer)."""
+    revision) -> (model, tokenizer). model.generation_defaults holds the directory's sampling defaults
+    (generation_defaults), which config.resolve_sampling fills unset sampling settings from."""
     model_dir = resolve_model_dir(name_or_path, revision)
     cfg = ModelConfig.from_dict(read_json(model_dir / "config.json"), str(model_dir / "config.json"))
     tokenizer = Tokenizer(model_dir, cfg)
@@ -451,11 +471,13 @@ def load_model(name_or_path, device="cpu", dtype=torch.float32, revision=None):
     model.inv_freq = rope_inv_freq(cfg).to(device)  # buffers on the meta device hold no values
     load_weights(model, model_dir, device, dtype)
     model.name_or_path = str(name_or_path)
+    model.generation_defaults = generation_defaults(model_dir)
     return model.eval(), tokenizer
 
 
 def save_model(model: CausalLM, tokenizer: "Tokenizer", out_dir) -> Path:
-    """Write a Hugging Face directory (config, float32 safetensors, tokenizer files) atomically."""
+    """Write a Hugging Face directory (config, float32 safetensors, tokenizer files) atomically. The tokenizer's files
+    include generation_config.json: a trained model samples with its base model's defaults."""
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     if tmp.exists():

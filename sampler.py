@@ -8,6 +8,10 @@ token is position 0) and a key mask that hides the pad slots. The prefix all pro
 prompt, a few-shot preamble) is prefilled once and copied to every row, the rest in groups of rows; then
 one token per step is decoded for the live rows; rows that stop leave the batch.
 
+Each step turns the logits into a token the way transformers' generate does: the repetition penalty on the raw
+logits, then temperature, top-k and top-p (or greedy argmax). The settings default as transformers' do when a call
+leaves them out: from the model's generation_config.json (Sampling, config.resolve_sampling).
+
 Shape legend: B rows in the batch, P padded prompt length, S key/value slots, V vocab.
 """
 import contextlib
@@ -21,8 +25,17 @@ from tqdm import tqdm
 class Sampling:  # the settings of a sampling run, one per task and hardware (tasks.py) or from the flags
     temperature: float
     top_p: float = 1.0
-    top_k: int = 0  # 0: off
+    top_k: int | None = None  # None: the model's generation_config.json (transformers' 50 where it sets none); 0: off
     max_new_tokens: int = 512
+    repetition_penalty: float | None = None  # None: the model's generation_config.json (1.0 where it sets none)
+
+
+def generate_kwargs(sampling: Sampling) -> dict:
+    """A Sampling whose model defaults are filled in (config.resolve_sampling) -> generate's keyword arguments."""
+    if sampling.top_k is None or sampling.repetition_penalty is None:
+        raise ValueError(f"{sampling}: top_k and repetition_penalty come from the model; resolve them first")
+    return {"max_new_tokens": sampling.max_new_tokens, "temperature": sampling.temperature, "top_p": sampling.top_p,
+            "top_k": sampling.top_k, "repetition_penalty": sampling.repetition_penalty}
 
 
 DEFAULT_BATCH_SIZE = 32
@@ -31,10 +44,13 @@ PREFILL_ROWS = 8  # rows per prefill forward: big enough for efficient matmuls, 
 
 @torch.no_grad()
 def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0, stop_token_ids=(), seed=0,
-             batch_size=None, return_logprobs=False, progress=True, static=False, compile=False):
-    """prompts: list of token-id lists. temperature=0 is greedy. Returns, in the input order, each
-    completion's tokens (the stop token included when one was emitted), or with return_logprobs
-    (tokens, logprobs) pairs, logprobs being the model's log p(token) at temperature 1, unfiltered.
+             batch_size=None, return_logprobs=False, progress=True, static=False, compile=False,
+             repetition_penalty=1.0):
+    """prompts: list of token-id lists. temperature=0 is greedy. repetition_penalty (1.0: off) is transformers':
+    see apply_repetition_penalty. Returns, in the input order, each completion's tokens (the stop token included
+    when one was emitted), or with return_logprobs (tokens, logprobs) pairs, logprobs being the model's
+    log p(token) at temperature 1 of its unmodified logits: before the repetition penalty, temperature and filters,
+    so that they are the log-probs the rest of the method scores responses with.
 
     static=True keeps every shape fixed during decoding (attention over the whole preallocated cache,
     finished rows kept in the batch), which is what torch.compile(mode="reduce-overhead") / CUDA graphs
@@ -42,9 +58,10 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0
     static) runs the decode step through torch.compile, with CUDA graphs on a GPU (mode="reduce-overhead");
     the first batch of each shape pays the compilation.
     """
-    if temperature < 0 or not 0 < top_p <= 1 or top_k < 0 or max_new_tokens < 1:
-        raise ValueError(f"need temperature >= 0, 0 < top_p <= 1, top_k >= 0, max_new_tokens >= 1; got "
-                         f"{temperature}, {top_p}, {top_k}, {max_new_tokens}")
+    if temperature < 0 or not 0 < top_p <= 1 or top_k < 0 or max_new_tokens < 1 or not repetition_penalty > 0:
+        raise ValueError(f"need temperature >= 0, 0 < top_p <= 1, top_k >= 0, max_new_tokens >= 1, "
+                         f"repetition_penalty > 0; got {temperature}, {top_p}, {top_k}, {max_new_tokens}, "
+                         f"{repetition_penalty}")
     if any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
     batch_size = batch_size or DEFAULT_BATCH_SIZE
@@ -59,7 +76,8 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0
         for start in range(0, len(order), batch_size):
             rows = order[start:start + batch_size]
             out = generate_batch(model, [prompts[i] for i in rows], max_new_tokens, temperature, top_p, top_k,
-                                 stop_token_ids, generator, static or compile, return_logprobs, compile)
+                                 stop_token_ids, generator, static or compile, return_logprobs, compile,
+                                 repetition_penalty)
             for i, completion in zip(rows, out):
                 results[i] = completion if return_logprobs else completion[0]
             bar.update(len(rows))
@@ -67,13 +85,19 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0
 
 
 def generate_batch(model, prompts, max_new_tokens, temperature, top_p, top_k, stop_token_ids, generator, static,
-                   return_logprobs, compile=False):
+                   return_logprobs, compile=False, repetition_penalty=1.0):
     device = model.lm_head.weight.device
     B, P = len(prompts), max(len(p) for p in prompts)
     S_max = P + max_new_tokens
     lengths = torch.tensor([len(p) for p in prompts], device=device)
     n_pad = P - lengths  # (B,)
     input_ids = torch.tensor([[0] * (P - len(p)) + list(p) for p in prompts], device=device)  # (B, P) left-padded
+    # Every token of each row so far, prompt and completion, for the repetition penalty: slot P + step gets the
+    # token sampled at that step. Pad slots and the slots of later steps hold the row's first token, which the row
+    # holds anyway, and a repeated id is penalized once: they change nothing. (transformers penalizes the pad id of
+    # a left-padded batch too; a row alone, or an unpadded batch, gets what it gets here.)
+    seen = torch.tensor([[p[0]] * (P - len(p)) + list(p) + [p[0]] * max_new_tokens for p in prompts],
+                        device=device)  # (B, S_max)
     positions = (torch.arange(P, device=device) - n_pad[:, None]).clamp(min=0)  # (B, P)
     slot_is_real = torch.arange(S_max, device=device)[None] >= n_pad[:, None]  # (B, S_max) key slot holds a token
     causal = torch.ones(P, P, dtype=torch.bool, device=device).tril()
@@ -118,8 +142,11 @@ def generate_batch(model, prompts, max_new_tokens, temperature, top_p, top_k, st
     done = torch.zeros(B, dtype=torch.bool, device=device)
     for step in range(max_new_tokens):
         logits = logits.float()  # (B, V) sampling and log-probs in float32 whatever the model dtype
-        next_token = sample(logits, temperature, top_p, top_k, generator)  # (B,)
-        if return_logprobs:  # log p(token) at temperature 1, unfiltered
+        scores = logits if repetition_penalty == 1.0 else apply_repetition_penalty(logits, seen[:, :P + step],
+                                                                                   repetition_penalty)
+        next_token = sample(scores, temperature, top_p, top_k, generator)  # (B,)
+        seen[:, P + step] = next_token
+        if return_logprobs:  # log p(token) at temperature 1 of the model's own logits, unpenalized and unfiltered
             token_logprob = logits.gather(-1, next_token[:, None])[:, 0] - logits.logsumexp(dim=-1)
         else:
             token_logprob = torch.zeros_like(logits[:, 0])
@@ -137,7 +164,7 @@ def generate_batch(model, prompts, max_new_tokens, temperature, top_p, top_k, st
             # its own first rows: no second cache is allocated.
             keep = (~done).nonzero()[:, 0]
             kv_cache = [(k[:len(keep)].copy_(k[keep]), v[:len(keep)].copy_(v[keep])) for k, v in kv_cache]
-            live, next_token, next_position = live[keep], next_token[keep], next_position[keep]
+            live, next_token, next_position, seen = live[keep], next_token[keep], next_position[keep], seen[keep]
             slot_is_real, done = slot_is_real[keep], done[keep]
         slot = P + step
         width = S_max if static else slot + 1  # static: attend over the whole cache; unwritten slots masked
@@ -191,21 +218,40 @@ def compiled_forward(model):
     return model.compiled_forward
 
 
+def apply_repetition_penalty(logits, seen, penalty):
+    """transformers' RepetitionPenaltyLogitsProcessor (Keskar et al. 2019, CTRL): every token id in a row of seen
+    (B, N), the row's prompt and what it has generated, may repeat, has its logit divided by the penalty where it is
+    positive and multiplied by it where it is negative, so that a penalty above 1 makes it less likely either way.
+    Gathers and scatters only the N seen ids of each row, not the whole (B, V) vocabulary; a repeated id gets the
+    same value from each of its copies. Returns new logits (B, V); the model's own stay as they were, for the
+    log-probs."""
+    score = logits.gather(1, seen)  # (B, N)
+    score = torch.where(score < 0, score * penalty, score / penalty)
+    return logits.scatter(1, seen, score)
+
+
 def sample(logits, temperature, top_p, top_k, generator):
     """logits (B, V) float32 -> token ids (B,). temperature 0 is greedy."""
     if temperature == 0:
         return logits.argmax(dim=-1)
-    if temperature != 1.0:
-        logits = logits / temperature
-    token_ids = None
-    if top_k > 0 or top_p < 1.0:
-        logits, token_ids = top_k_top_p(logits, top_k, top_p)  # (B, K) candidates, filtered ones at -inf
+    logits, token_ids = warp(logits, temperature, top_p, top_k)
     # Inverse-CDF sampling: one uniform number per row. Searching for the first cumulative mass that
     # exceeds it can never land on a filtered (zero-probability) token.
     cdf = torch.softmax(logits, dim=-1).cumsum(dim=-1)  # (B, V or K)
     u = torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device) * cdf[:, -1:]
     choice = torch.searchsorted(cdf, u, right=True).clamp(max=cdf.shape[-1] - 1)  # (B, 1)
     return choice[:, 0] if token_ids is None else token_ids.gather(-1, choice)[:, 0]
+
+
+def warp(logits, temperature, top_p, top_k):
+    """transformers' warpers in its order: temperature, then top-k and top-p. logits (B, V) -> the logits a token is
+    drawn from by softmax, and None; or, with a filter, the candidates' logits (B, K) with filtered ones at -inf, and
+    their token ids (B, K) (top_k_top_p)."""
+    if temperature != 1.0:
+        logits = logits / temperature
+    if top_k > 0 or top_p < 1.0:
+        return top_k_top_p(logits, top_k, top_p)
+    return logits, None
 
 
 NUCLEUS_BIN_WIDTH = 0.25  # nats: the histogram that bounds the nucleus size without sorting the vocabulary

@@ -21,7 +21,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import gguf_convert
 from gguf_convert import BUNDLED, BundledGGUF, bundled_gguf, bundled_model_dir, convert_gguf
 from files import MipoError
-from model_loader import load_model
+from model_loader import generation_defaults, load_model
+from sampler import generate
 
 SHAPES = {  # what the project documents for each bundled model
     "qwen": dict(model_type="qwen2", num_hidden_layers=24, hidden_size=896, num_attention_heads=14, num_key_value_heads=2,
@@ -216,6 +217,42 @@ def test_model_loader_tokenizer_equals_transformers(name, tokenizer_trio):
     assert tokenizer.decode(tokenizer.encode("Hello, 世界 😀")) == "Hello, 世界 😀"
 
 
+# ---- sampling as the paper's generate(do_sample=True, temperature=T, top_p=P) samples -------------------------
+
+UPSTREAM_SAMPLING = {"qwen": {"top_k": 20, "repetition_penalty": 1.1}, "llama": {}}  # gguf_convert.BUNDLED's sources
+
+
+def test_generation_config_carries_the_upstream_sampling_defaults(name, model_pair):
+    """generation_config.json holds the upstream model's top_k and repetition_penalty, which transformers' generate
+    takes when a call leaves them out, and model_loader reads them; SmolLM2's file sets neither: transformers' 50, 1."""
+    ours, _ = model_pair
+    file = json.loads((bundled_model_dir(name) / "generation_config.json").read_text())
+    assert {key: file[key] for key in ("top_k", "repetition_penalty") if key in file} == UPSTREAM_SAMPLING[name]
+    assert ours.generation_config.top_k == file.get("top_k")  # transformers reads the same file
+    expected = {"top_k": 50, "repetition_penalty": 1.0, **UPSTREAM_SAMPLING[name]}
+    assert generation_defaults(bundled_model_dir(name)) == expected
+    assert load_model(name)[0].generation_defaults == generation_defaults(bundled_model_dir(name))
+
+
+def test_greedy_with_repetition_penalty_equals_transformers_generate(name, model_pair):
+    """The penalty over prompt and completion, token for token as transformers' generate(do_sample=False,
+    repetition_penalty=1.3), on chat prompts, one row at a time (transformers would also penalize a batch's pad id)."""
+    ours, _ = model_pair
+    model, tokenizer = load_model(name)
+    questions = ["Name three colours, then name them again.", "Count from one to ten in words.", "Say hello twice."]
+    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": q}]) for q in questions]
+    got = generate(model, prompts, 24, temperature=0, repetition_penalty=1.3, stop_token_ids=tokenizer.stop_token_ids,
+                   progress=False)
+    plain = generate(model, prompts, 24, temperature=0, stop_token_ids=tokenizer.stop_token_ids, progress=False)
+    assert got != plain  # the penalty changes the greedy tokens
+    for prompt, tokens in zip(prompts, got):
+        ids = torch.tensor([prompt])
+        with torch.no_grad():
+            out = ours.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=24, do_sample=False,
+                                repetition_penalty=1.3)
+        assert tokens == out[0, len(prompt):].tolist()
+
+
 # ---- the conversion itself, on tiny GGUF files written here ------------------------------------------
 
 def tiny_vocab():
@@ -392,7 +429,8 @@ def test_a_changed_converter_converts_again(tmp_path, monkeypatch):
     put_in_fake_package(cache, part, content)
     conversions = []
     convert = gguf_convert.convert_gguf
-    monkeypatch.setattr(gguf_convert, "convert_gguf", lambda path, out: conversions.append(out) or convert(path, out))
+    monkeypatch.setattr(gguf_convert, "convert_gguf",
+                        lambda path, out, *generation: conversions.append(out) or convert(path, out, *generation))
 
     first = bundled_model_dir("tiny")
     assert bundled_model_dir("tiny") == first and conversions == [first]  # cached

@@ -11,7 +11,7 @@ import torch
 
 import model_sources
 from files import MipoError
-from model_loader import ModelConfig, load_model
+from model_loader import ModelConfig, load_model, save_model
 
 transformers = pytest.importorskip("transformers")
 ROOT = Path(__file__).resolve().parent.parent
@@ -285,3 +285,27 @@ def test_unreachable_hub_is_one_line_naming_the_local_directory_way(tmp_path, mo
     with pytest.raises(MipoError, match=r"not a local directory; to download it from the Hugging Face hub, pip install "
                                         r"huggingface_hub, or download it .* and pass --model DIR$"):
         load_model("Qwen/Qwen2.5-1.5B-Instruct")
+
+
+def test_generation_defaults_are_the_files_or_transformers(tmp_path):
+    """top_k and repetition_penalty as transformers' generate takes them when a call leaves them out: from the
+    directory's generation_config.json, transformers' 50 and 1.0 where the file or a key is missing or null."""
+    from model_loader import generation_defaults
+
+    assert generation_defaults(tmp_path) == {"top_k": 50, "repetition_penalty": 1.0}  # no file
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": 2, "top_k": 20, "do_sample": True,
+                                                                 "repetition_penalty": 1.05, "temperature": 0.7}))
+    assert generation_defaults(tmp_path) == {"top_k": 20, "repetition_penalty": 1.05}  # temperature / top_p not read
+    (tmp_path / "generation_config.json").write_text(json.dumps({"top_k": None, "repetition_penalty": 1.1}))
+    assert generation_defaults(tmp_path) == {"top_k": 50, "repetition_penalty": 1.1}
+    (tmp_path / "generation_config.json").write_text(json.dumps({"top_k": "many"}))
+    with pytest.raises(MipoError, match="generation_config.json: top_k must be an integer"):
+        generation_defaults(tmp_path)
+    write_hf_model(CONFIGS["llama_tied"], tmp_path)
+    write_tiny_tokenizer(tmp_path)  # a generation_config.json of stop tokens only
+    assert load_model(tmp_path)[0].generation_defaults == {"top_k": 50, "repetition_penalty": 1.0}
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [209, 210], "top_k": 20}))
+    assert load_model(tmp_path)[0].generation_defaults == {"top_k": 20, "repetition_penalty": 1.0}
+    model, tokenizer = load_model(tmp_path)
+    save_model(model, tokenizer, tmp_path / "trained")  # a trained model samples with its base model's defaults
+    assert generation_defaults(tmp_path / "trained") == {"top_k": 20, "repetition_penalty": 1.0}

@@ -11,11 +11,15 @@ from sampler import generate, sample, top_k_top_p
 PROMPTS = [[5, 9, 3], [7], [11, 2, 8, 4, 6, 1, 30], [3, 3], [60, 61, 62, 63, 64]]
 
 
-def greedy_full_recompute(model, prompt, max_new_tokens, stop_ids=()):
-    """The slow reference: no cache, no batch, the whole sequence re-run every step."""
+def greedy_full_recompute(model, prompt, max_new_tokens, stop_ids=(), repetition_penalty=1.0):
+    """The slow reference: no cache, no batch, the whole sequence re-run every step; the penalty written out on
+    every distinct token the sequence holds."""
     ids = list(prompt)
     for _ in range(max_new_tokens):
-        tok = int(model(torch.tensor([ids]))[0, -1].argmax())
+        logits = model(torch.tensor([ids]))[0, -1]
+        for t in set(ids):
+            logits[t] = logits[t] / repetition_penalty if logits[t] > 0 else logits[t] * repetition_penalty
+        tok = int(logits.argmax())
         ids.append(tok)
         if tok in stop_ids:
             break
@@ -82,8 +86,25 @@ def test_stop_ids_end_each_row_and_are_included(tiny_model):
     assert got[0][-1] == stop and len(got[0]) == 4
 
 
-def test_max_new_tokens_and_logprobs(tiny_model):
-    out = generate(tiny_model, PROMPTS, 6, temperature=1.0, seed=3, return_logprobs=True, progress=False)
+@pytest.mark.parametrize("static", [False, True])
+def test_greedy_repetition_penalty_covers_prompt_and_completion_in_a_ragged_batch(static):
+    """Rows of different lengths, some stopping early and leaving the batch: each row is penalized on its own
+    tokens only. The penalty is large enough to change the tiny model's greedy tokens."""
+    model = make_tiny_model("qwen2")
+    with torch.no_grad():
+        free = [greedy_full_recompute(model, p, 12) for p in PROMPTS]
+        expected = [greedy_full_recompute(model, p, 12, (free[0][2],), repetition_penalty=3.0) for p in PROMPTS]
+    assert expected != [r[:len(e)] for r, e in zip(free, expected)]
+    got = generate(model, PROMPTS, 12, temperature=0, stop_token_ids=[free[0][2]], repetition_penalty=3.0,
+                   batch_size=5, progress=False, static=static)
+    assert got == expected
+
+
+@pytest.mark.parametrize("repetition_penalty", [1.0, 1.3])
+def test_max_new_tokens_and_logprobs(tiny_model, repetition_penalty):
+    """The log-probs are the model's own at temperature 1, whatever the penalty did to the choice."""
+    out = generate(tiny_model, PROMPTS, 6, temperature=1.0, seed=3, return_logprobs=True, progress=False,
+                   repetition_penalty=repetition_penalty)
     for prompt, (tokens, logprobs) in zip(PROMPTS, out):
         assert len(tokens) == len(logprobs) == 6
         with torch.no_grad():  # the log-prob of each sampled token under a full forward, temperature 1
@@ -189,8 +210,49 @@ def test_first_token_distribution_matches_softmax_over_temperature():
     assert chi2 < 29.588  # the 99.9% quantile of chi-square with 10 degrees of freedom
 
 
+def test_repetition_penalty_on_a_hand_made_row():
+    """transformers' rule: a seen token's logit is divided by the penalty when positive, multiplied when negative
+    (zero stays zero); a token seen twice is penalized once; unseen tokens keep theirs; the input is left alone."""
+    logits = torch.tensor([[3.0, -1.0, 1.75, -3.0, 4.5, 0.0]])
+    seen = torch.tensor([[0, 1, 4, 1, 5]])  # prompt tokens 0 and 1, then 4 generated, 1 again, and 5 (logit 0)
+    penalized = sampler.apply_repetition_penalty(logits, seen, 3.0)
+    assert penalized.tolist() == [[1.0, -3.0, 1.75, -3.0, 1.5, 0.0]]
+    assert logits.tolist() == [[3.0, -1.0, 1.75, -3.0, 4.5, 0.0]]
+    assert int(sample(logits, 0, 1.0, 0, None)) == 4 and int(sample(penalized, 0, 1.0, 0, None)) == 2  # greedy moves
+
+
+@pytest.mark.parametrize("penalty, temperature, top_k, top_p", [(1.3, 0.7, 20, 0.9), (1.1, 1.0, 20, 1.0),
+                                                                 (1.05, 0.1, 50, 0.8), (1.0, 1.5, 0, 0.95),
+                                                                 (0.8, 1.0, 5, 1.0), (1.3, 1.0, 0, 1.0)])
+def test_penalty_and_filters_equal_transformers_processors(penalty, temperature, top_k, top_p):
+    """What generate draws from: the penalty on the raw logits, then warp (temperature, top-k, top-p), equals
+    transformers' processors in the order its generate applies them: the same surviving tokens with the same
+    renormalized probabilities, on random rows with ids seen once or more."""
+    from transformers import (LogitsProcessorList, RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
+                              TopKLogitsWarper, TopPLogitsWarper)
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 2000, generator=g) * 3
+    seen = torch.randint(0, 2000, (6, 40), generator=g)  # prompt and completion so far, with repeats
+    processors = LogitsProcessorList([RepetitionPenaltyLogitsProcessor(penalty), TemperatureLogitsWarper(temperature)]
+                                     + ([TopKLogitsWarper(top_k)] if top_k else [])
+                                     + ([TopPLogitsWarper(top_p)] if top_p < 1 else []))
+    expected = torch.log_softmax(processors(seen, logits.clone()), dim=-1)
+
+    values, ids = sampler.warp(sampler.apply_repetition_penalty(logits, seen, penalty), temperature, top_p, top_k)
+    scores = values if ids is None else torch.full_like(logits, float("-inf")).scatter(1, ids, values)
+    got = torch.log_softmax(scores, dim=-1)  # log-probs: the unlikely tokens count as much as the likely ones
+    assert torch.equal(got.isfinite(), expected.isfinite())
+    assert torch.allclose(got, expected, atol=1e-5)  # -inf where filtered, on both sides
+    assert top_k == 0 or int(got.isfinite().sum(-1).max()) <= top_k
+
+
 def test_bad_arguments(tiny_model):
     with pytest.raises(ValueError, match="top_p"):
         generate(tiny_model, PROMPTS, 4, top_p=0.0)
     with pytest.raises(ValueError, match="at least one token"):
         generate(tiny_model, [[]], 4)
+    with pytest.raises(ValueError, match="repetition_penalty > 0"):
+        generate(tiny_model, PROMPTS, 4, repetition_penalty=0.0)
+    with pytest.raises(ValueError, match="resolve them first"):  # a Sampling still waiting for the model's defaults
+        sampler.generate_kwargs(sampler.Sampling(0.7))
