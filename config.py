@@ -18,7 +18,7 @@ import torch
 import shard
 from dpo_loss import F_DIVERGENCES, LOSS_TYPES, check_options
 from files import MipoError, cache_dir, check_out, read_json, write_atomically
-from model_loader import ModelConfig
+from model_loader import TRANSFORMERS_SAMPLING_DEFAULTS, ModelConfig, generation_defaults
 from model_sources import local_model, resolve_model_dir
 from sampler import Sampling
 from tasks import NEGATIVES, TASKS, Task, default_sampling, get_task
@@ -26,6 +26,12 @@ from tasks import NEGATIVES, TASKS, Task, default_sampling, get_task
 DTYPES = ("auto", "float32", "bfloat16")
 AUTO_DTYPE = "auto: bfloat16 on a GPU, and on a CPU where bf16 matrix products were measured faster, else float32"
 EVAL_N_DEFAULT = {"cpu": 50, "gpu": 200}  # held-out items eval.py takes; 200 is the whole persona / gsm8k held-out set
+# A judge reply without an integer: skipped, as the paper does (the mean is over the preferences that gave a score; an
+# item with none has no score and never wins), or counted as 1, the lowest score.
+JUDGE_UNPARSED = ("skip", "one")
+# GSM8K, an answer without a number after '####': the same model asked to extract it, as the paper does (model), or
+# this project's rules (tasks.extract_number: \boxed{}, "the answer is", the last number).
+ANSWER_FALLBACKS = ("model", "rules")
 DEFAULT_JUDGE = "qwen"  # the largest bundled model; on a GPU pass a larger local checkpoint
 
 
@@ -50,6 +56,11 @@ class PairsConfig:  # stage 1: which prompts, which negatives, how responses are
     drop_truncated: bool = False  # train only on pairs whose two responses both ended before max_new_tokens
 
 
+# The contrastive baselines' default temperature: the official trainer (an OpenRLHF fork, openrlhf/models/loss.py)
+# divides InfoNCE's log-probs by 100, hard-coded; its SAMI loss has no temperature.
+LOSS_TEMPERATURE = {"infonce": 100.0, "sami": 1.0}
+
+
 @dataclass
 class LossConfig:  # stage 3: the preference loss, dpo_loss.preference_loss(loss, ..., beta, **options)
     loss: str = "sigmoid"  # MIPO is plain sigmoid DPO; everything else is an ablation
@@ -62,7 +73,11 @@ class LossConfig:  # stage 3: the preference loss, dpo_loss.preference_loss(loss
     discopop_tau: float = 0.05
     simpo_gamma: float = 0.5
     bco_delta: float | None = None
-    temperature: float = 1.0  # infonce / sami
+    temperature: float | None = None  # infonce / sami; None: LOSS_TEMPERATURE's value for the loss
+
+    def __post_init__(self):
+        if self.temperature is None:
+            self.temperature = LOSS_TEMPERATURE.get(self.loss, 1.0)
 
     def options(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("loss", "beta")}
@@ -99,7 +114,8 @@ PRESETS = {
     # base model from about 12 to 19-30 nats (16 prompts, by CPU and dtype); 1e-5 overshoots (chosen log-probs down
     # by 45 nats, the held-out preference score down). Sampling: the task's CPU settings.
     "cpu": dict(n=64, n_eval=16, lr=2e-6, batch_size=4, micro_batch_size=4, sampling="cpu"),
-    # The paper: every training prompt, 512 new tokens, lr 5e-7, global batch 4, beta 0.1, one epoch.
+    # The paper: every training prompt, each task's own sampling (tasks.py), lr 5e-7, global batch 4, beta 0.1,
+    # one epoch.
     "paper": dict(n=None, n_eval=200, lr=5e-7, batch_size=4, micro_batch_size=4, sampling="paper"),
 }
 
@@ -174,16 +190,39 @@ def add_sampling_flags(parser: argparse.ArgumentParser, title: str):
     g.add_argument("--max-new-tokens", type=int, default=None, help="new tokens per response")
     g.add_argument("--temperature", type=float, default=None, help="sampling temperature (0: greedy)")
     g.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass")
-    g.add_argument("--top-k", type=int, default=None, help="top-k filter (0: off)")
+    g.add_argument("--top-k", type=int, default=None, help="top-k filter (0: off; default: the model's "
+                   "generation_config.json, as transformers' generate, and transformers' 50 where it sets none)")
+    g.add_argument("--repetition-penalty", type=float, default=None, help="penalize the logits of the tokens a "
+                   "response or its prompt holds already (1: off; default: the model's generation_config.json, 1 "
+                   "where it sets none)")
     return g
 
 
 def sampling_from_flags(args, base: Sampling) -> Sampling:
-    given = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k}
-    sampling = replace(base, **{k: v for k, v in given.items() if v is not None})
-    if sampling.temperature < 0 or not 0 < sampling.top_p <= 1 or sampling.top_k < 0 or sampling.max_new_tokens < 1:
-        raise MipoError(f"sampling {asdict(sampling)}: need --temperature >= 0, 0 < --top-p <= 1, --top-k >= 0, --max-new-tokens >= 1")
-    return sampling
+    """base with the sampling flags that were given; top_k and repetition_penalty left None stay the model's
+    (resolve_sampling)."""
+    given = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
+             "top_k": args.top_k, "repetition_penalty": args.repetition_penalty}
+    s = replace(base, **{k: v for k, v in given.items() if v is not None})
+    if s.temperature < 0 or not 0 < s.top_p <= 1 or (s.top_k is not None and s.top_k < 0) or s.max_new_tokens < 1 \
+            or (s.repetition_penalty is not None and not s.repetition_penalty > 0):
+        raise MipoError(f"sampling {asdict(s)}: need --temperature >= 0, 0 < --top-p <= 1, --top-k >= 0, "
+                        "--max-new-tokens >= 1, --repetition-penalty > 0")
+    return s
+
+
+def resolve_sampling(sampling: Sampling, model) -> Sampling:
+    """sampling with the settings left to the model (None) taken from the model that samples, as transformers'
+    generate takes them from its generation_config.json (model_loader.generation_defaults): model is a loaded model
+    (load_model keeps its directory's defaults; a model built in memory has transformers' own) or what --model
+    names. -> a Sampling whose every value is in force, what the plan prints and the pairs record."""
+    if sampling.top_k is not None and sampling.repetition_penalty is not None:
+        return sampling
+    if isinstance(model, (str, Path)):
+        defaults = generation_defaults(resolve_model_dir(model))
+    else:
+        defaults = getattr(model, "generation_defaults", TRANSFORMERS_SAMPLING_DEFAULTS)
+    return replace(sampling, **{k: v for k, v in defaults.items() if getattr(sampling, k) is None})
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -203,7 +242,7 @@ def train_parser() -> argparse.ArgumentParser:
     g.add_argument("--model", default="qwen", help="bundled model (qwen, llama, smollm2), a Hugging Face directory, or a "
                    "hub name such as Qwen/Qwen2.5-1.5B-Instruct, downloaded once with huggingface_hub (default qwen)")
     g.add_argument("--revision", default=None, help="with a hub name: the commit (or branch, tag) to download (default main)")
-    g.add_argument("--preset", choices=PRESETS, default=None, help="cpu: a ~5 minute run on 2 CPU cores; paper: the "
+    g.add_argument("--preset", choices=PRESETS, default=None, help="cpu: a short run on 2 CPU cores; paper: the "
                    "paper's settings (default: cpu on a CPU, paper on a GPU)")
     g = parser.add_argument_group("data / pairs (stage 1)")
     g.add_argument("--task", default="persona", help=f"one of {', '.join(TASKS)} (default persona)")
@@ -231,7 +270,9 @@ def train_parser() -> argparse.ArgumentParser:
     g.add_argument("--discopop-tau", type=float, default=0.05, help="DiscoPOP temperature")
     g.add_argument("--simpo-gamma", type=float, default=0.5, help="SimPO target margin")
     g.add_argument("--bco-delta", type=float, default=None, help="BCO reward shift (default: the batch mean)")
-    g.add_argument("--loss-temperature", type=float, default=1.0, help="infonce / sami: log-probs are divided by it")
+    g.add_argument("--loss-temperature", type=float, default=None,
+                   help="infonce / sami: log-probs are divided by it (default: infonce 100 as the official "
+                        "trainer, sami 1)")
     g = parser.add_argument_group("optimization (stage 3)")
     g.add_argument("--lr", type=float, default=None, help="peak learning rate (preset: cpu 2e-6, paper 5e-7)")
     g.add_argument("--warmup-ratio", type=float, default=0.03, help="fraction of steps with linear warmup (default 0.03)")
@@ -266,13 +307,13 @@ def resolve_config(args):
     task = get_task(args.task)
     check_ranges(args)
     sampling = sampling_from_flags(args, task.cpu if preset["sampling"] == "cpu" else task.paper)
+    loss = loss_config(args)  # checked before local_model, which downloads a hub name
     pairs = PairsConfig(model=local_model(args.model, args.revision), task=args.task, data=args.data,
                         eval_data=args.eval_data, negative=args.negative or task.negative,
                         n=preset["n"] if args.n is None else (args.n or None),
                         n_eval=preset["n_eval"] if args.n_eval is None else args.n_eval, pairs_file=args.pairs,
                         sampling=sampling, sample_batch_size=args.sample_batch_size, seed=args.seed,
                         drop_truncated=args.drop_truncated)
-    loss = loss_config(args)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     batch_size = args.batch_size or preset["batch_size"]
     # By default each process runs its whole share of the global batch in one forward, up to the preset's micro-batch.
@@ -312,7 +353,8 @@ def loss_config(args) -> LossConfig:
     loss = LossConfig(loss=args.loss, beta=args.beta, label_smoothing=args.label_smoothing, reference_free=args.reference_free,
                       rpo_alpha=args.rpo_alpha, f_divergence_type=args.f_divergence_type,
                       f_alpha_divergence_coef=args.f_alpha_divergence_coef, discopop_tau=args.discopop_tau,
-                      simpo_gamma=args.simpo_gamma, bco_delta=args.bco_delta, temperature=args.loss_temperature)
+                      simpo_gamma=args.simpo_gamma, bco_delta=args.bco_delta,
+                      temperature=args.loss_temperature)
     try:
         check_options(loss.loss, loss.beta, loss.options())
     except ValueError as e:
@@ -351,7 +393,7 @@ def checkpoints(hw: HardwareConfig) -> str:
 
 
 def print_plan(pairs_cfg: PairsConfig, loss_cfg: LossConfig, opt_cfg: OptimConfig, hw: HardwareConfig, out: Path, world: int):
-    s = pairs_cfg.sampling
+    s = resolve_sampling(pairs_cfg.sampling, pairs_cfg.model)  # every setting in force, the model's defaults included
     source = pairs_cfg.pairs_file or f"{pairs_cfg.n or 'all'} {pairs_cfg.task} prompts"
     known_n = pairs_cfg.n and not pairs_cfg.pairs_file  # a given pairs file may hold fewer pairs than --n
     steps = f"{pairs_cfg.n // opt_cfg.batch_size * opt_cfg.epochs} steps" if known_n else f"{opt_cfg.epochs} epoch(s)"
@@ -359,8 +401,9 @@ def print_plan(pairs_cfg: PairsConfig, loss_cfg: LossConfig, opt_cfg: OptimConfi
     cut = "dropped (--drop-truncated)" if pairs_cfg.drop_truncated else "kept, as the paper"
     print(f"MIPO run in {out}: {world} process(es) on {hw.device}, {hw.dtype} compute, float32 weights and AdamW\n"
           f"  1 pairs      {source} (+{pairs_cfg.n_eval} held out), --negative {pairs_cfg.negative}; {pairs_cfg.model} "
-          f"samples at T={s.temperature}, top-p {s.top_p}, up to {s.max_new_tokens} new tokens; pairs with a response "
-          f"cut at that limit: {cut}\n"
+          f"samples at T={s.temperature}, top-p {s.top_p}, top-k {s.top_k or 'off'}, repetition penalty "
+          f"{s.repetition_penalty:g}, up to {s.max_new_tokens} new tokens; pairs with a response cut at that limit: "
+          f"{cut}\n"
           f"  2 reference  one no-grad pass of the base model over every pair, stored; no reference model after it\n"
           f"  3 DPO        --loss {loss_cfg.loss}, beta {loss_cfg.beta}: {steps} of {opt_cfg.batch_size} pairs (micro-batch "
           f"{opt_cfg.micro_batch_size}), AdamW lr {opt_cfg.lr:g} cosine to {opt_cfg.min_lr_ratio:g}x, {checkpoints(hw)}\n"
@@ -434,6 +477,15 @@ def eval_parser() -> argparse.ArgumentParser:
     what.add_argument("--out", default=None, help="where results go (default: RUN/eval for a run, runs/eval/NAME otherwise); with --compare: where the table and chart go (default: each run's eval dir)")
     judging = parser.add_argument_group("judge and meters")
     judging.add_argument("--judge", default=DEFAULT_JUDGE, help=f"judge model for personalization: bundled name or model directory, or 'none' (default {DEFAULT_JUDGE})")
+    judging.add_argument("--judge-unparsed", choices=JUDGE_UNPARSED, default="skip",
+                         help="a judge reply without an integer: skip it, as the paper does (default), or count it "
+                              "as 1")
+    judging.add_argument("--judge-reference", default=None, metavar="FILE",
+                         help="JSONL of {id, answer}: the fixed reference answer per held-out item that every model's "
+                              "answer is judged against, as the paper's win rate (default: the base model's answers)")
+    judging.add_argument("--answer-fallback", choices=ANSWER_FALLBACKS, default="model",
+                         help="gsm8k, an answer without a number after '####': the same model asked to extract it, as "
+                              "the paper does (model, default), or this project's rules (rules)")
     judging.add_argument("--no-mi", action="store_true", help="skip the pointwise-MI meters (two extra forward passes per item "
                          "and model, and as many under the base model)")
     judging.add_argument("--mi-reference", default=None, help="the base model that scores every model's responses for the "

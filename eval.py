@@ -2,16 +2,21 @@
 It never trains or changes a model and does not reuse the training pairs: every response it scores is sampled here.
 
 The paper (Nam, Li, Jaques, arXiv 2603.19294) reports gains over the base instruct model: 3-40% on
-personalization, 1-18% on math and multiple choice. This file measures the same things the same way:
-  persona    rate of satisfied stated preferences (rule checks from mipo.py), the paper's judge protocol
-             (a judge model scores each response 1-5 per stated preference; a response wins when its
-             score is at least the reference's), and whether the NQ answer appears (a degeneracy guard);
+personalization, 1-18% on math and multiple choice. Its own evaluation scripts define how each is measured, and
+this file follows them (docs/protocol.md lists every remaining difference):
+  persona    the paper's judge: a judge model scores each response once per stated preference (its system prompt
+             and user message verbatim, T 0.1, top-p 0.9), the score is the reply's first integer, and a response
+             wins when its score is at least that of one fixed reference answer per item (--judge-reference, else
+             the base model's answer); beside it, the rule checks of the stated preferences (tasks.py) and whether
+             the NQ answer appears (a degeneracy guard);
   movielens  mean absolute error and exact-rating accuracy, next to the user's own mean rating;
-  gsm8k      exact match of the answer after '####' (mipo.extract_number, with its fallbacks);
-  arc, mmlu  accuracy of the letter after 'The answer is' (mipo.extract_letter);
+  gsm8k      the number after the first '####' (tasks.paper_gsm8k_answer); where there is none, the same model is
+             asked to extract it, as the paper does (--answer-fallback);
+  arc, mmlu  the first standalone A-D after the first "the answer is" (tasks.paper_letter);
   every task the pointwise MI meter: log p(y|x) - log p(y|x') of the model's own response y under the BASE
              model, x' the task's negative prompt (the MIPO paper): what one epoch of DPO on MIPO pairs claims to
-             raise (pmi); the same scored by the model itself (pmi_self), the length and the share cut short.
+             raise (pmi), the same per token of y (pmi_per_token: the sum grows with the length), the same scored
+             by the model itself (pmi_self), the length and the share cut short.
 Each model's per-item results are cached next to it (RUN/eval/TASK.jsonl), so `--compare` evaluates only
 what is missing and pairs items by id for a bootstrap interval of every difference.
 
@@ -19,6 +24,7 @@ what is missing and pairs items by id for a bootstrap interval of every differen
     python eval.py --compare qwen runs/persona-qwen runs/persona-qwen-ipo
 """
 import gc
+import hashlib
 import json
 import re
 import sys
@@ -32,38 +38,31 @@ import config
 import mipo
 import report
 import sampler
-from files import MipoError, read_json, run_command, write_atomically
+from files import MipoError, jsonl_records, read_json, run_command, utf8, write_atomically
 from gguf_convert import BUNDLED, BUNDLED_ALIASES
 from model_loader import check_model, load_model, weight_files
 from model_sources import is_hub_name, resolve_model_dir
 from report import short_names
 from runs import EVAL_SUBDIR, OTHER_MODELS_DIR, RUN_CONFIG, RUN_FINAL, RUN_METRICS
 from sampler import Sampling
-from tasks import DATA_SEED, PREFERENCE_BY_ID, Example, Task, default_sampling, get_task, load_examples, mentions_answer, nearest_rating, prompt_messages
+from tasks import (DATA_SEED, GSM8K_EXTRACT_PROMPT, PREFERENCE_BY_ID, Example, Task, eval_sampling, extract_number,
+                   first_number, get_task, load_examples, mentions_answer, nearest_rating, prompt_messages,
+                   score_gsm8k_answer)
 
-JUDGE_MAX_NEW_TOKENS = 48  # "Score: N" and a sentence; the judge decodes greedily
 MI_SEED = DATA_SEED  # fixes x' of the MI meter, so every model is measured against the same other prompts
 
-# The judge prompt. The paper's exact wording was not available to us (its appendix could not be read
-# here); this follows its protocol: one stated preference at a time, a 1-5 score, the user's question and
-# the response shown verbatim, and an answer format a parser can read.
-JUDGE_PROMPT = """You are judging how well an AI assistant's response follows one preference that its user stated.
-
-The user's question:
-{question}
-
-The user's stated preference:
-{preference}
-
-The assistant's response:
-<response>
-{response}
-</response>
-
-On a scale of 1 to 5, how well does the response follow this preference? 1 = ignores or contradicts it, \
-2 = mostly ignores it, 3 = partly follows it, 4 = mostly follows it, 5 = follows it fully. Judge only this \
-preference, not whether the answer is correct. Reply with "Score: N" on the first line, then one sentence \
-explaining why."""
+# The paper's judge (its prism.py; ca.py and mb.py use the same), verbatim: a system turn, and a user turn with the
+# user's own prompt (without the template and the requirements), the evaluated answer and ONE stated preference.
+JUDGE_SYSTEM = ("You are a helpful assistant, that evaluates another assistant's response based on how well the "
+                "response is personalized to this user based on their stated preference. Give a score between 1 and 5, "
+                "1 if the response is general, and 5 if the response sufficiently addresses the user's preference. "
+                "Only respond with a number between 1 and 5 and do not provide an explanation.")
+JUDGE_USER = "User: {prompt}\n\nAssistant: {response}\n\nUser's preference: {preference}"
+# The paper's judge and its GSM8K answer extraction (the model asked for the number when '####' gives none) both decode
+# at T 0.1, top-p 0.9, 1024 new tokens, top-k and repetition penalty from the model's generation config. Only the
+# reply's first integer or number is read, so on a CPU the budget is cut to 32 tokens.
+READER_SAMPLING = {"paper": Sampling(0.1, top_p=0.9, max_new_tokens=1024),
+                   "cpu": Sampling(0.1, top_p=0.9, max_new_tokens=32)}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -102,16 +101,19 @@ def judge_preferences(task: Task, ex: Example) -> list[str]:
 
 
 def parse_judge_score(reply: str) -> int | None:
-    """The integer 1-5 after 'Score:' (or 'Rating:'), else the first standalone integer 1-5 in the reply.
-    A number out of range after 'Score:', or no number 1-5 at all, is None: counted, never guessed."""
-    keyed = re.search(r"\b(?:score|rating)\b\s*(?:is|of)?\s*[:=]?\s*\**\s*(-?\d+(?:\.\d+)?)", reply, re.I)
-    if keyed:
-        value = float(keyed.group(1))
-        return int(value) if value.is_integer() and 1 <= value <= 5 else None
-    for number in re.findall(r"(?<![\w.-])(\d+(?:\.\d+)?)(?![\w]|\.\d)", reply):
-        if number in ("1", "2", "3", "4", "5"):
-            return int(number)
-    return None
+    """The paper's reading of a judge reply: its first integer, whatever it is; None when it has none."""
+    found = re.search(r"\d+", reply)
+    return int(found.group()) if found else None
+
+
+def judge_metrics(item: dict, unparsed: str) -> None:
+    """judge_score: the mean of an item's scores over its stated preferences, a reply without an integer skipped
+    (unparsed "skip", the paper's rule: an item with no score at all has none and never wins) or counted as 1
+    ("one"); judge_unparsed: the share of its replies without one."""
+    scores = item["judge"]["scores"]
+    counted = [s for s in scores if s is not None] if unparsed == "skip" else [1 if s is None else s for s in scores]
+    item["metrics"]["judge_score"] = sum(counted) / len(counted) if counted else None
+    item["metrics"]["judge_unparsed"] = sum(s is None for s in scores) / len(scores) if scores else None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -129,9 +131,9 @@ def check_fits(model, prompts: list[list[int]], max_new_tokens: int, what: str) 
 
 def generate_texts(model, tokenizer, prompts, sampling: Sampling, seed: int, batch_size: int, progress: bool):
     """(text, stopped) per prompt; the stop token is cut from the text, as in the pairs file."""
-    completions = sampler.generate(model, prompts, sampling.max_new_tokens, temperature=sampling.temperature,
-                                   top_p=sampling.top_p, top_k=sampling.top_k, stop_token_ids=tokenizer.stop_token_ids,
-                                   seed=seed, batch_size=batch_size, progress=progress)
+    completions = sampler.generate(model, prompts, **sampler.generate_kwargs(config.resolve_sampling(sampling, model)),
+                                   stop_token_ids=tokenizer.stop_token_ids, seed=seed, batch_size=batch_size,
+                                   progress=progress)
     return [mipo.response_text(tokenizer, tokens) for tokens in completions]
 
 
@@ -148,15 +150,21 @@ def can_meter(task: Task, examples: list) -> bool:
 
 
 def evaluate(model, tokenizer, task: Task, examples: list[Example], sampling: Sampling, seed: int,
-             batch_size: int = 16, mi: bool = True, progress: bool = True) -> list[dict]:
+             batch_size: int = 16, mi: bool = True, progress: bool = True,
+             answer_fallback: str = "model") -> list[dict]:
     """One record per item: {id, response, stopped, metrics}. With mi, the model's own pointwise MI of its response
-    (pmi_self) and the response's length in tokens; the base model's (pmi) is meter_all's."""
+    (pmi_self) and the response's length in tokens; the base model's (pmi) is meter_all's. answer_fallback: how a
+    GSM8K answer without a number after '####' is read (ANSWER_FALLBACKS)."""
     prompts = [tokenizer.apply_chat_template(prompt_messages(task, ex)) for ex in examples]
     check_fits(model, prompts, sampling.max_new_tokens, f"{task.name} prompts")
     items = []
     for ex, (response, stopped) in zip(examples, generate_texts(model, tokenizer, prompts, sampling, seed, batch_size, progress)):
         items.append({"id": ex.id, "response": response, "stopped": stopped,
                       "metrics": {**score_item(task, ex, response), "truncated": float(not stopped)}})
+    if task.name == "gsm8k":
+        where = "cpu" if model.lm_head.weight.device.type == "cpu" else "paper"
+        read_missing_answers(model, tokenizer, examples, items, answer_fallback, READER_SAMPLING[where], seed,
+                             batch_size, progress)
     if mi and can_meter(task, examples):
         values, lengths = mipo.pointwise_mi(model, tokenizer, meter_rows(task, examples, items), batch_size, progress=True)
         for item, value, length in zip(items, values, lengths):
@@ -164,30 +172,46 @@ def evaluate(model, tokenizer, task: Task, examples: list[Example], sampling: Sa
     return items
 
 
-def judge(judge_model, judge_tokenizer, judge_name: str, task: Task, examples: list[Example], items: list[dict],
-          batch_size: int = 16, progress: bool = True) -> None:
-    """The paper's personalization protocol: the judge scores each response 1-5 for each stated preference.
-    Fills item["judge"] (scores, None where a reply held none; raw replies) and the metric judge_score (their mean,
-    an unreadable reply counted as 1)."""
+def judge(judge_model, judge_tokenizer, task: Task, examples: list[Example], items: list[dict], sampling: Sampling,
+          seed: int, batch_size: int = 16, progress: bool = True) -> None:
+    """The paper's personalization protocol: the judge scores each response once per stated preference, seeing the
+    user's own prompt (ex.question: no template, no requirements), the response and that one preference. Fills
+    item["judge"]: the scores (None where a reply held no integer) and the raw replies."""
     requests = [(k, preference) for k, ex in enumerate(examples) for preference in judge_preferences(task, ex)]
-    prompts = [judge_tokenizer.apply_chat_template([{"role": "user", "content": JUDGE_PROMPT.format(
-        question=examples[k].question, preference=preference, response=items[k]["response"])}]) for k, preference in requests]
+    prompts = [judge_tokenizer.apply_chat_template([
+        {"role": "system", "content": JUDGE_SYSTEM},
+        {"role": "user", "content": JUDGE_USER.format(prompt=examples[k].question, response=items[k]["response"],
+                                                      preference=preference)}]) for k, preference in requests]
+    for item in items:
+        item["judge"] = {"scores": [], "replies": []}
     if not prompts:
         return
-    check_fits(judge_model, prompts, JUDGE_MAX_NEW_TOKENS, f"judge {judge_name}")
-    replies = generate_texts(judge_model, judge_tokenizer, prompts, Sampling(0.0, 1.0, 0, JUDGE_MAX_NEW_TOKENS), 0,
-                             batch_size, progress)
-    for item in items:
-        item["judge"] = {"model": judge_name, "scores": [], "replies": []}
-    for (k, _), (reply, _) in zip(requests, replies):
+    check_fits(judge_model, prompts, sampling.max_new_tokens, "the judge")
+    for (k, _), (reply, _) in zip(requests, generate_texts(judge_model, judge_tokenizer, prompts, sampling, seed,
+                                                            batch_size, progress)):
         items[k]["judge"]["scores"].append(parse_judge_score(reply))
         items[k]["judge"]["replies"].append(reply)
-    for item in items:
-        # A reply with no readable score counts as the lowest score, 1 (a loss against the reference), not as a
-        # missing item: a judge that fails on the hard responses must not make them vanish from the comparison.
-        scores = [1 if s is None else s for s in item["judge"]["scores"]]
-        item["metrics"]["judge_score"] = sum(scores) / len(scores) if scores else None
-        item["metrics"]["judge_unparsed"] = sum(s is None for s in item["judge"]["scores"]) / len(scores) if scores else None
+
+
+def read_missing_answers(model, tokenizer, examples: list[Example], items: list[dict], how: str, sampling: Sampling,
+                         seed: int, batch_size: int, progress: bool) -> None:
+    """GSM8K: where the paper's reader found no number after '####', the answer read the paper's way (how "model": the
+    same model asked to extract it, the first number of its reply) or by this project's rules ("rules")."""
+    missing = [k for k, item in enumerate(items) if not item["metrics"]["parsed"]]
+    if not missing:
+        return
+    if how == "rules":
+        replies = [None] * len(missing)
+        answers = [extract_number(items[k]["response"]) for k in missing]
+    else:
+        prompts = [tokenizer.apply_chat_template([{"role": "user", "content": GSM8K_EXTRACT_PROMPT.format(
+            response=items[k]["response"])}]) for k in missing]
+        check_fits(model, prompts, sampling.max_new_tokens, "gsm8k answer extraction")
+        replies = [text for text, _ in generate_texts(model, tokenizer, prompts, sampling, seed, batch_size, progress)]
+        answers = [first_number(reply) for reply in replies]
+    for k, reply, answer in zip(missing, replies, answers):
+        items[k]["fallback"] = {"how": how, "reply": reply, "answer": answer}
+        items[k]["metrics"]["correct"] = score_gsm8k_answer(examples[k], answer)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -263,7 +287,8 @@ def load_results(eval_dir: Path, task: Task, settings: dict, ids: list[str]) -> 
 
 def results_for(spec: dict, task: Task, examples, args, settings: dict) -> list[dict]:
     """Cached results of one model, or a fresh evaluation saved to its eval dir."""
-    settings = {**settings, "model_files": fingerprint(spec["model"])}
+    in_force = config.resolve_sampling(Sampling(**settings["sampling"]), spec["model"])  # the model's top-k and penalty
+    settings = {**settings, "sampling": asdict(in_force), "model_files": fingerprint(spec["model"])}
     ids = [ex.id for ex in examples]
     items = None if args.force else load_results(spec["eval_dir"], task, settings, ids)
     if items is not None:
@@ -273,7 +298,7 @@ def results_for(spec: dict, task: Task, examples, args, settings: dict) -> list[
     print(f"{spec['name']}: evaluating {len(examples)} {task.name} items, {settings['sampling']}", file=sys.stderr)
     start = time.time()
     items = evaluate(model, tokenizer, task, examples, Sampling(**settings["sampling"]), args.seed, args.batch_size,
-                     not args.no_mi, progress=True)
+                     not args.no_mi, progress=True, answer_fallback=args.answer_fallback)
     del model
     gc.collect()
     save_results(spec["eval_dir"], task, items, {"model": spec["name"], "model_dir": spec["model"], "task": task.name,
@@ -282,25 +307,81 @@ def results_for(spec: dict, task: Task, examples, args, settings: dict) -> list[
     return items
 
 
+def judge_settings(args) -> dict:
+    """What a judged item was judged with: results judged otherwise are judged again."""
+    protocol = hashlib.sha256((JUDGE_SYSTEM + JUDGE_USER).encode()).hexdigest()[:12]
+    where = "cpu" if torch.device(args.device).type == "cpu" else "paper"
+    sampling = config.resolve_sampling(READER_SAMPLING[where], locate(args.judge)["model"])
+    return {"model": args.judge, "prompt": protocol, "sampling": asdict(sampling), "seed": args.seed}
+
+
 def judge_all(models: list[tuple[dict, list[dict]]], task: Task, examples, args) -> None:
-    """Judge every model's responses that this judge has not scored yet (one judge load for all)."""
+    """Judge every model's responses that were not judged with these settings yet (one judge load for all), and
+    set each item's judge metrics by --judge-unparsed."""
     if args.judge == "none" or not any(judge_preferences(task, ex) for ex in examples):
         return
-    todo = [(spec, items) for spec, items in models if any(item.get("judge", {}).get("model") != args.judge for item in items)]
-    if not todo:
-        return
-    judge_model, judge_tokenizer = load_model(resolve(args.judge)["model"], args.device, args.torch_dtype)
-    for spec, items in todo:
-        print(f"{spec['name']}: judging {len(items)} responses with {args.judge}", file=sys.stderr)
-        judge(judge_model, judge_tokenizer, args.judge, task, examples, items, args.batch_size)
-        summary_path = spec["eval_dir"] / f"{task.name}.summary.json"
-        summary = json.loads(summary_path.read_text())
+    settings = judge_settings(args)
+    todo = [(spec, items) for spec, items in models
+            if any(item.get("judge", {}).get("settings") != settings for item in items)]
+    if todo:
+        judge_model, judge_tokenizer = load_model(resolve(args.judge)["model"], args.device, args.torch_dtype)
+        for spec, items in todo:
+            print(f"{spec['name']}: judging {len(items)} responses with {args.judge}", file=sys.stderr)
+            judge(judge_model, judge_tokenizer, task, examples, items, Sampling(**settings["sampling"]), args.seed,
+                  args.batch_size)
+            for item in items:
+                item["judge"]["settings"] = settings
+        del judge_model
+        gc.collect()
+    for spec, items in models:
+        for item in items:
+            judge_metrics(item, args.judge_unparsed)
         scores = [s for item in items for s in item["judge"]["scores"]]
-        summary.update(metrics=report.summarize(items), judge={"model": args.judge, "scored": len(scores),
-                                                        "unparsed": sum(s is None for s in scores)})
-        save_results(spec["eval_dir"], task, items, summary)
-    del judge_model
-    gc.collect()
+        unparsed = sum(s is None for s in scores)
+        update_summary(spec, task, items, judge={**settings, "scored": len(scores), "unparsed": unparsed,
+                                                 "unparsed_rule": args.judge_unparsed})
+
+
+def update_summary(spec: dict, task: Task, items: list[dict], **fields) -> None:
+    """Save the items and their summary, with the metrics summarized anew and the given fields replaced."""
+    summary_path = spec["eval_dir"] / f"{task.name}.summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    summary.update(metrics=report.summarize(items), **fields)
+    save_results(spec["eval_dir"], task, items, summary)
+
+
+def read_reference_answers(path: Path) -> dict[str, str]:
+    """--judge-reference: one JSON object a line, {"id": item id, "answer": the reference answer}."""
+    if not path.is_file():
+        raise MipoError(f"{path}: file not found (--judge-reference)")
+    answers = {}
+    for lineno, row in jsonl_records(path, utf8(path, path.read_bytes())):
+        if not (isinstance(row, dict) and isinstance(row.get("id"), (str, int)) and isinstance(row.get("answer"), str)):
+            raise MipoError(f"{path}:{lineno}: needs fields 'id' (the held-out item's id) and 'answer' (a string)")
+        answers[str(row["id"])] = row["answer"]
+    return answers
+
+
+def judge_reference(args, task: Task, examples: list[Example]) -> tuple[dict, list[dict]] | None:
+    """The fixed reference answer per item that every model's answer is judged against (the paper: the dataset's
+    human-chosen response): --judge-reference's answers, as one more "model" to judge, cached by the file's content.
+    None without the flag: the base model's answers are the reference."""
+    if args.judge_reference is None:
+        return None
+    path = Path(args.judge_reference)
+    answers = read_reference_answers(path)
+    missing = [ex.id for ex in examples if ex.id not in answers]
+    if missing:
+        raise MipoError(f"{path}: no reference answer for held-out item {missing[0]!r}"
+                        + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    spec = {"name": f"reference ({path.name})", "model": None, "run": None,
+            "eval_dir": OTHER_MODELS_DIR / "judge-reference" / f"{path.stem}-{digest}"}
+    items = load_results(spec["eval_dir"], task, {"file": digest}, [ex.id for ex in examples])
+    if items is None:
+        items = [{"id": ex.id, "response": answers[ex.id], "metrics": {}} for ex in examples]
+        save_results(spec["eval_dir"], task, items, {"model": spec["name"], "settings": {"file": digest}})
+    return spec, items
 
 
 def meter_all(models: list[tuple[dict, list[dict]]], task: Task, examples, args) -> None:
@@ -316,9 +397,11 @@ def meter_all(models: list[tuple[dict, list[dict]]], task: Task, examples, args)
     model, tokenizer = load_model(args.mi_reference["model"], args.device, args.torch_dtype)
     for spec, items in todo:
         print(f"{spec['name']}: pointwise MI of {len(items)} responses under {args.mi_reference['name']}", file=sys.stderr)
-        values, _ = mipo.pointwise_mi(model, tokenizer, meter_rows(task, examples, items), args.batch_size, progress=True)
-        for item, value in zip(items, values):
+        values, lengths = mipo.pointwise_mi(model, tokenizer, meter_rows(task, examples, items), args.batch_size,
+                                            progress=True)
+        for item, value, length in zip(items, values, lengths):
             item["metrics"]["pmi"], item["mi_reference"] = value, reference
+            item["metrics"]["pmi_per_token"] = value / length if length else None
         summary_path = spec["eval_dir"] / f"{task.name}.summary.json"
         summary = json.loads(summary_path.read_text())
         summary.update(metrics=report.summarize(items), mi_reference=reference)
@@ -346,31 +429,45 @@ def mi_reference(args, specs: list[dict]) -> dict:
 def main(argv=None) -> None:
     args = config.eval_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
+    check_flags(args)  # before anything is downloaded, converted or fetched
     specs = models_to_evaluate(args)
     task, examples, settings = held_out_items(args, specs)
     if args.model is not None and args.out:
         specs[0]["eval_dir"] = Path(args.out)
-    if args.judge != "none" and any(judge_preferences(task, ex) for ex in examples):
+    judged = args.judge != "none" and any(judge_preferences(task, ex) for ex in examples)
+    if judged:
         resolve(args.judge)  # a judge that does not exist fails now, not after the sampling
+    reference = judge_reference(args, task, examples) if judged else None
     args.mi_reference = None if args.no_mi else mi_reference(args, specs)
 
     models = [(spec, results_for(spec, task, examples, args, settings)) for spec in specs]
     meter_all(models, task, examples, args)
-    judge_all(models, task, examples, args)
+    judge_all(models + ([reference] if reference else []), task, examples, args)
+    reference_scores = None if reference is None else report.judge_scores(reference[1])
     if args.model is not None:
-        print_one(models[0], task, short_names(specs))
+        print_one(models[0], task, short_names(specs), args, reference_scores)
     else:
-        write_comparison(models, task, examples, args, settings)
+        write_comparison(models, task, examples, args, settings, reference_scores)
 
 
-def models_to_evaluate(args) -> list[dict]:
-    """--model or --compare, every name resolved (a run, a model directory, a bundled or hub name) before any work."""
+def check_flags(args) -> None:
+    """Every flag and name that can be checked without a download: one line and nothing fetched when one is bad."""
     if (args.model is None) == (args.compare is None):
         raise MipoError("pass --model MODEL to evaluate one model, or --compare BASE RUN [RUN ...]")
     if args.compare is not None and len(args.compare) < 2:
         raise MipoError(f"--compare {' '.join(args.compare)}: needs a base and at least one run")
-    if args.batch_size < 1:
-        raise MipoError(f"--batch-size {args.batch_size}: must be at least 1")
+    if args.task is not None:
+        get_task(args.task)
+    for flag, value in (("--batch-size", args.batch_size), ("--n", args.n)):
+        if value is not None and value < 1:
+            raise MipoError(f"{flag} {value}: must be at least 1")
+    config.sampling_from_flags(args, Sampling(1.0))  # the sampling flags given are in range
+    if args.judge_reference is not None:
+        read_reference_answers(Path(args.judge_reference))
+
+
+def models_to_evaluate(args) -> list[dict]:
+    """--model or --compare, every name resolved (a run, a model directory, a bundled or hub name) before any work."""
     wanted = args.compare or [args.model]
     if args.revision is not None and not any(is_hub_name(name) for name in wanted):
         raise MipoError(f"--revision {args.revision}: pins a Hugging Face hub model (owner/name), and none of "
@@ -395,35 +492,43 @@ def held_out_items(args, specs: list[dict]) -> tuple[Task, list[Example], dict]:
     eval_data = args.eval_data or (run_settings.get("eval_data") if same_task and not args.data else None)
     n = args.n or config.EVAL_N_DEFAULT["cpu" if torch.device(args.device).type == "cpu" else "gpu"]
     examples = load_examples(task, "eval", n, data, eval_data)
-    sampling = config.sampling_from_flags(args, default_sampling(task, args.device))
+    sampling = config.sampling_from_flags(args, eval_sampling(task, args.device))
     args.torch_dtype = config.torch_dtype(args.dtype, args.device)  # as train.py: bf16 where the hardware multiplies it
     settings = {"task": task.name, "data": str(data) if data else None, "eval_data": str(eval_data) if eval_data else None,
                 "n": len(examples), "sampling": asdict(sampling),
                 "seed": args.seed, "mi": not args.no_mi, "dtype": str(args.torch_dtype).removeprefix("torch.")}
+    if task.name == "gsm8k":
+        settings["answer_fallback"] = args.answer_fallback
     return task, examples, settings
 
 
-def print_one(model: tuple[dict, list[dict]], task: Task, names: list[str]) -> None:
-    """One model: its summary, and its training curves when it is a run."""
+def print_one(model: tuple[dict, list[dict]], task: Task, names: list[str], args, reference: dict | None) -> None:
+    """One model: its summary (with its judge win rate against --judge-reference's answers when given), and its
+    training curves when it is a run."""
     spec, items = model
     print(f"{spec['name']} on {task.name}: {len(items)} items -> {spec['eval_dir']}")
     for key, c in report.summarize(items).items():
         print(f"  {key:<22} {report.interval(c)}")
-    if report.judge_note([model], names):
-        print(f"  {report.judge_note([model], names)}")
+    if reference is not None:
+        print(f"  {'judge_win':<22} {report.interval(report.cell(report.judge_wins(items, reference)))}")
+    note = report.judge_note([model], names, args.judge_unparsed, reference is not None)
+    if note:
+        print(f"  {note}")
     if spec["run"] is not None and report.plot_training_curves(spec["run"], spec["eval_dir"] / "curves.png"):
         print(f"  curves: {spec['eval_dir'] / 'curves.png'}")
 
 
-def write_comparison(models: list[tuple[dict, list[dict]]], task: Task, examples, args, settings: dict) -> None:
-    """--compare: the table on stdout, and as Markdown with a chart in each run's eval dir (or --out)."""
+def write_comparison(models: list[tuple[dict, list[dict]]], task: Task, examples, args, settings: dict,
+                     reference: dict | None) -> None:
+    """--compare: the table on stdout, and as Markdown with a chart in each run's eval dir (or --out). reference: the
+    judge scores of --judge-reference's answers by item id (None: the base model's answers are the reference)."""
     specs = [spec for spec, _ in models]
     names = short_names(specs)
-    rows = report.compare_rows(models[0][1], [items for _, items in models[1:]])
+    rows = report.compare_rows(models[0][1], [items for _, items in models[1:]], reference)
     print(f"{task.name}: {len(examples)} held-out items; diff = run - base on the same items, "
           f"{report.CONFIDENCE:.0%} paired bootstrap interval; * excludes 0")
     print(report.format_table(rows, names, markdown=False))
-    note = report.judge_note(models, names)
+    note = report.judge_note(models, names, args.judge_unparsed, reference is not None)
     if note:
         print(note)
     out_dirs = [Path(args.out)] if args.out else [spec["eval_dir"] for spec in specs[1:]]

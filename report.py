@@ -26,9 +26,9 @@ CONFIDENCE = 0.95
 METRICS = [
     ("preferences_met", "persona: share of the user's stated preferences the response follows (rule checks)"),
     ("all_met", "persona: every stated preference followed"),
-    ("judge_score", "judge score 1-5, mean over the stated preferences (the paper's judge prompt)"),
-    ("judge_win", "judge win rate against the base model's response: score >= base's (the paper's protocol)"),
-    ("judge_unparsed", "share of judge replies with no readable score 1-5, each counted as a score of 1"),
+    ("judge_score", "judge score 1-5, mean over the stated preferences (the paper's judge and prompt)"),
+    ("judge_win", "judge win rate: the item's score >= the reference answer's score, ties win (the paper's rule)"),
+    ("judge_unparsed", "share of judge replies without an integer (skipped as the paper does, or 1: --judge-unparsed)"),
     ("answer_found", "persona: the NQ answer string appears in the response (guard against degenerate answers)"),
     ("correct", "gsm8k: exact match of the answer after '####'; arc, mmlu: accuracy of the letter after 'The answer is'"),
     ("exact", "movielens: predicted rating equals the real rating"),
@@ -38,6 +38,8 @@ METRICS = [
     ("parsed", "an answer could be read from the response"),
     ("pmi", "pointwise MI under the BASE model, log p_base(y|x) - log p_base(y|x'), y the model's own response, nats: "
             "what MIPO claims to raise"),
+    ("pmi_per_token", "pmi over the response's length in tokens, per item, then averaged: the summed MI grows with "
+                      "the length of the answer, this does not"),
     ("pmi_self", "the same difference scored by the model itself (also rises when a model only grows more confident)"),
     ("length", "response length in tokens (the end-of-turn token included when the response stopped)"),
     ("truncated", "share of responses cut at --max-new-tokens (a degenerate loop always is)"),
@@ -79,6 +81,9 @@ def print_summary(summary: dict, loss_cfg: LossConfig):
         print(f"held-out pointwise MI under the base model, log p_base(y|x) - log p_base(y|x') with y each model's own "
               f"sample from x, over {before['pairs']} prompts: {before['pmi']:.3f} -> {after['pmi']:.3f} nats "
               f"(scored by the trained model itself: {after['pmi_self']:.3f})")
+        if "pmi_per_token" in before and "pmi_per_token" in after:
+            print(f"the same per token of each response: {before['pmi_per_token']:.3f} -> "
+                  f"{after['pmi_per_token']:.3f} nats")
         print(f"held-out responses: {before['length']:.1f} -> {after['length']:.1f} tokens, cut at the limit "
               f"{before['truncated']:.0%} -> {after['truncated']:.0%}")
         for metric, value in before["task"].items():
@@ -147,22 +152,42 @@ def machine(device: str) -> str:
     return f"{where}, {platform.system()} {platform.machine()}, torch {torch.__version__}"
 
 
-def compare_rows(base_items: list[dict], runs: list[list[dict]]) -> list[dict]:
+def judge_scores(items: list[dict]) -> dict:
+    """{item id: judge score or None}."""
+    return {item["id"]: item["metrics"].get("judge_score") for item in items}
+
+
+def judge_wins(items: list[dict], reference: dict) -> list[float]:
+    """The paper's win rule, per item: the model's judge score >= the reference answer's (ties win); an item
+    without a score on either side loses, as a NaN compares false."""
+    return [float(item["metrics"].get("judge_score") is not None and reference.get(item["id"]) is not None
+                  and item["metrics"]["judge_score"] >= reference[item["id"]]) for item in items]
+
+
+def compare_rows(base_items: list[dict], runs: list[list[dict]], reference: dict | None = None) -> list[dict]:
     """Per metric: the base's mean and interval, and per run its mean and interval, plus the paired
-    difference run - base and its interval (over the items both have). judge_win compares judge scores."""
+    difference run - base and its interval (over the items both have). judge_win: each model's answer against
+    one fixed reference answer per item, the reference's judge scores by id, or the base's answers when None
+    (the base's own rate is then 1 by construction, shown as "ref", and no difference is taken)."""
     rows = []
     for key in METRIC_KEYS:
         source = "judge_score" if key == "judge_win" else key
         if not any(source in item["metrics"] for items in [base_items, *runs] for item in items):
             continue  # a row even when every value is None (e.g. no judge score parsed): "-" says so
-        base_values = list(metric_values(base_items, source).values())
-        row = {"metric": key, "base": None if key == "judge_win" else cell(base_values), "runs": []}
+        if key == "judge_win":
+            wins = {item["id"]: win for item, win in zip(base_items, judge_wins(base_items, reference or {}))}
+            row = {"metric": key, "base": None if reference is None else cell(list(wins.values())), "runs": []}
+            for run_items in runs:
+                run_wins = judge_wins(run_items, reference or judge_scores(base_items))
+                diff = None if reference is None else cell([w - wins[item["id"]] for item, w in zip(run_items, run_wins)
+                                                            if item["id"] in wins])
+                row["runs"].append({"value": cell(run_wins), "diff": diff})
+            rows.append(row)
+            continue
+        row = {"metric": key, "base": cell(list(metric_values(base_items, key).values())), "runs": []}
         for run_items in runs:
-            base, run = paired(base_items, run_items, source)
-            if key == "judge_win":  # MIPO's protocol: a win when the score is at least the reference's
-                row["runs"].append({"value": cell(run >= base), "diff": None})
-            else:
-                row["runs"].append({"value": cell(list(metric_values(run_items, key).values())), "diff": cell(run - base)})
+            base, run = paired(base_items, run_items, key)
+            row["runs"].append({"value": cell(list(metric_values(run_items, key).values())), "diff": cell(run - base)})
         rows.append(row)
     return rows
 
@@ -174,14 +199,23 @@ def cell(values) -> dict | None:
     return {"mean": float(values.mean()), "ci": bootstrap_ci(values), "n": len(values)}
 
 
-def judge_note(models: list[tuple[dict, list[dict]]], names: list[str]) -> str:
-    """How many judge replies held no score 1-5, per model: each counts as a score of 1 in judge_score."""
+JUDGE_UNPARSED_NOTE = {"skip": "skipped, as the paper does", "one": "each counted as a score of 1"}
+
+
+def judge_note(models: list[tuple[dict, list[dict]]], names: list[str], unparsed: str = "skip",
+               reference: bool = False) -> str:
+    """How many judge replies held no integer, per model, what they counted as, and what the win rate is against."""
     counts = []
     for name, (_, items) in zip(names, models):
         scores = [s for item in items for s in item.get("judge", {}).get("scores", [])]
         if scores:
             counts.append(f"{name} {sum(s is None for s in scores)}/{len(scores)}")
-    return f"judge replies without a score 1-5 (each counted as 1): {', '.join(counts)}" if counts else ""
+    if not counts:
+        return ""
+    against = ("--judge-reference's answers" if reference else
+               f"the base model's answers ({names[0]}: ref; pass --judge-reference for a fixed reference answer)")
+    return (f"judge replies without an integer ({JUDGE_UNPARSED_NOTE[unparsed]}): {', '.join(counts)}; "
+            f"judge_win is against {against}")
 
 
 def format_table(rows: list[dict], names: list[str], markdown: bool) -> str:
@@ -190,9 +224,10 @@ def format_table(rows: list[dict], names: list[str], markdown: bool) -> str:
         header += [name, f"diff [{CONFIDENCE:.0%} CI]"]
     lines = [header]
     for row in rows:
-        line = [row["metric"], "ref" if row["metric"] == "judge_win" else number(row["base"])]
+        base_is_reference = row["metric"] == "judge_win" and row["base"] is None
+        line = [row["metric"], "ref" if base_is_reference else number(row["base"])]
         for run in row["runs"]:
-            if row["metric"] == "judge_win":
+            if base_is_reference:  # no difference against a rate of 1 by construction: the rate and its interval
                 line += [interval(run["value"]), ""]
             else:
                 line += [number(run["value"]), interval(run["diff"], signed=True)]
@@ -301,8 +336,10 @@ def plot_training_curves(run: Path, out_png: Path) -> bool:
         return False
     pmi_keys = sorted({k for r in records for k in r if "pmi" in k})
     meter = read_json(run / RUN_SUMMARY) if (run / RUN_SUMMARY).is_file() else {}  # the meter before and after
-    before_after = [(step, meter[key]["pmi"]) for step, key in ((0, "base_eval"), (records[-1].get("step", len(records)), "trained_eval"))
-                    if isinstance(meter.get(key), dict) and isinstance(meter[key].get("pmi"), (int, float))]
+    ends = ((0, "base_eval"), (records[-1].get("step", len(records)), "trained_eval"))
+    before_after = {metric: [(step, meter[key][metric]) for step, key in ends
+                             if isinstance(meter.get(key), dict) and isinstance(meter[key].get(metric), (int, float))]
+                    for metric in ("pmi", "pmi_per_token")}
     panels = [("loss", ["loss"]), ("reward accuracy", ["rewards/accuracies"]), ("reward margin", ["rewards/margins"]),
               ("rewards", ["rewards/chosen", "rewards/rejected"]), ("log-probs (summed)", ["logps/chosen", "logps/rejected"]),
               ("MI meter (nats)", pmi_keys)]
@@ -312,8 +349,13 @@ def plot_training_curves(run: Path, out_png: Path) -> bool:
             points = [(r.get("step", k), r[key]) for k, r in enumerate(records) if isinstance(r.get(key), (int, float))]
             if points:
                 ax.plot(*zip(*points), label=key, marker="." if len(points) < 30 else None)
-        if title.startswith("MI meter") and not keys and before_after:
-            ax.plot(*zip(*before_after), marker="o", label=f"held-out pmi under the base model, before -> after ({RUN_SUMMARY})")
+        if title.startswith("MI meter") and not keys and before_after["pmi"]:
+            ax.plot(*zip(*before_after["pmi"]), marker="o", label="held-out pmi under the base model, before -> after")
+            if before_after["pmi_per_token"]:  # nats per token: its own axis, on the right
+                right = ax.twinx()
+                right.plot(*zip(*before_after["pmi_per_token"]), marker="s", color="C1", label="the same per token")
+                right.set_ylabel("nats per token", fontsize=8)
+                right.legend(fontsize=7, loc="lower right")
         if ax.lines:
             ax.legend(fontsize=7)
         else:

@@ -62,7 +62,8 @@ def make_pairs(cfg: PairsConfig, hw: HardwareConfig, out: Path, rank: int, world
     """-> (training pairs, held-out pairs, the base model's held-out meter or None)."""
     task = get_task(cfg.task)
     pairs_path, eval_path, base_eval_path = out / "pairs.jsonl", out / "eval_pairs.jsonl", out / "base_eval.json"
-    settings = mipo.sampling_settings(cfg.sampling, cfg.seed, cfg.model)
+    # The settings the pairs are recorded with: what the flags left to the model (top-k, the penalty) taken from it.
+    settings = mipo.sampling_settings(config.resolve_sampling(cfg.sampling, cfg.model), cfg.seed, cfg.model)
     if cfg.pairs_file:
         train_examples, pairs = None, runs.read_pairs_file(Path(cfg.pairs_file), cfg)
     else:
@@ -509,10 +510,10 @@ def meter_rows(eval_pairs: list[dict]) -> list[tuple]:
 
 def with_own_samples(model, tokenizer, eval_pairs, cfg: PairsConfig) -> list[dict]:
     """The held-out pairs with the chosen response resampled from the (trained) model, same settings and seed."""
-    s = cfg.sampling
+    sampling = config.resolve_sampling(cfg.sampling, cfg.model)  # the base model's defaults, as its samples had
     prompts = [tokenizer.apply_chat_template(p["prompt"]) for p in eval_pairs]
-    completions = sampler.generate(model, prompts, s.max_new_tokens, temperature=s.temperature, top_p=s.top_p,
-                                   top_k=s.top_k, stop_token_ids=tokenizer.stop_token_ids, seed=cfg.seed,
+    completions = sampler.generate(model, prompts, **sampler.generate_kwargs(sampling),
+                                   stop_token_ids=tokenizer.stop_token_ids, seed=cfg.seed,
                                    batch_size=2 * cfg.sample_batch_size, progress=False)
     resampled = []
     for pair, tokens in zip(eval_pairs, completions):

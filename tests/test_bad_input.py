@@ -201,3 +201,34 @@ def test_bad_input_is_one_line_status_2_and_writes_nothing(inputs, tmp_path, cas
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
     assert listing(tmp) == before
     assert listing(model.parent) == inputs_before
+
+
+# A bad flag costs nothing: each command checks its flags and names before it downloads a model, converts a bundled
+# one or fetches a data package. The cache starts empty (MIPO_CACHE points at a folder that does not exist) and must
+# still not exist when the command has refused.
+FREE_REFUSALS = {
+    "eval.py unknown task": ("eval.py", ["--model", "llama", "--task", "nosuch"], "--task nosuch: unknown task"),
+    "eval.py --n 0": ("eval.py", ["--model", "llama", "--task", "persona", "--n", "0"], "--n 0: must be at least 1"),
+    "eval.py bad sampling": ("eval.py", ["--model", "llama", "--task", "persona", "--top-p", "0"], "0 < --top-p <= 1"),
+    "eval.py missing reference": ("eval.py", ["--model", "llama", "--task", "persona", "--judge-reference", "ref.jsonl"],
+                                  "ref.jsonl: file not found (--judge-reference)"),
+    "train.py unknown task": ("train.py", ["--model", "llama", "--task", "nosuch"], "--task nosuch: unknown task"),
+    "train.py bad loss option": ("train.py", ["--model", "llama", "--loss", "ipo", "--label-smoothing", "0.1"],
+                                 "label_smoothing has no meaning for loss 'ipo'"),
+    "mipo.py unknown task": ("mipo.py", ["--model", "llama", "--task", "nosuch"], "--task nosuch: unknown task"),
+    "mipo.py --n 0": ("mipo.py", ["--model", "llama", "--task", "persona", "--n", "0"], "--n 0: must be at least 1"),
+}
+
+
+@pytest.mark.parametrize("case", FREE_REFUSALS)
+def test_a_bad_flag_is_refused_before_anything_is_fetched(tmp_path, case):
+    script, argv, message = FREE_REFUSALS[case]
+    cache = tmp_path / "cache"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MIPO_CACHE": str(cache), "HF_HOME": str(tmp_path / "hf"),
+           "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, str(REPO / script), *argv], capture_output=True, text=True, cwd=tmp_path,
+                            env=env, timeout=120)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
+    assert not cache.exists() and not (tmp_path / "hf").exists() and not (tmp_path / "runs").exists()

@@ -100,6 +100,18 @@ def test_infonce_closed_form():
     assert contrastive("infonce", temperature=2.0)[0].item() == pytest.approx(0.3630030327627398, rel=1e-12)
 
 
+def test_infonce_defaults_to_the_official_temperature_of_100_and_sami_to_1():
+    import config
+    settings = lambda *flags: config.loss_config(config.train_parser().parse_args(list(flags)))
+    assert settings("--loss", "infonce").temperature == 100.0  # openrlhf/models/loss.py of the official trainer
+    assert settings("--loss", "sami").temperature == 1.0
+    assert settings("--loss", "infonce", "--loss-temperature", "2").temperature == 2.0
+    assert config.LossConfig(loss="infonce").temperature == 100.0
+    # at T = 100 every difference shrinks 100-fold: (softplus(-0.01) + softplus(-0.025)) / 2
+    expected = (math.log1p(math.exp(-0.01)) + math.log1p(math.exp(-0.025))) / 2
+    assert contrastive("infonce", temperature=100.0)[0].item() == pytest.approx(expected, rel=1e-12)
+
+
 def test_sami_closed_form():
     # rows: x picks y+ (-1) over y- (-4): softplus(-3); x' picks y- (-1.5) over y+ (-2): softplus(-0.5).
     # columns as in infonce. SAMI = (row mean + column mean) / 2.

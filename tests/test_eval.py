@@ -19,6 +19,7 @@ import runs
 import sampler
 import tasks
 from conftest import make_tiny_model
+from files import MipoError
 from model_loader import Tokenizer, load_model, save_model
 from tasks import TASKS, Example
 
@@ -83,16 +84,16 @@ def item(ex_id, **metrics):
 
 def test_gsm8k_exact_match_with_the_papers_extraction_and_its_fallback():
     ex = Example("g", "How many?", "", "1,250")
-    responses = {"5 + 3 = 8.\n#### 1250": 1.0,                # the '####' answer, commas ignored
-                 "So the answer is 1,250 apples.": 1.0,        # fallback: 'the answer is'
-                 "First 12, then 1250": 1.0,                   # fallback: the last number
-                 "#### 1249\nQuestion: next #### 1250": 0.0,   # the invented next exemplar does not count
+    responses = {"5 + 3 = 8.\n#### 1250": 1.0,                # the '####' answer, the gold's separator ignored
+                 "So the answer is 1,250 apples.": 0.0,        # no '####': not parsed, left to the fallback
+                 "First 12, then 1250": 0.0,                   # likewise
+                 "#### 1249\nQuestion: next #### 1250": 0.0,   # the first '####' counts
                  "I do not know.": 0.0}
     items = [item(f"r{k}", **evaluation.score_item(TASKS["gsm8k"], ex, r)) for k, r in enumerate(responses)]
     assert [it["metrics"]["correct"] for it in items] == list(responses.values())
-    assert [it["metrics"]["parsed"] for it in items] == [1.0, 1.0, 1.0, 1.0, 0.0]
+    assert [it["metrics"]["parsed"] for it in items] == [1.0, 0.0, 0.0, 1.0, 0.0]
     summary = report.summarize(items)
-    assert summary["correct"]["mean"] == pytest.approx(3 / 5) and summary["correct"]["n"] == 5
+    assert summary["correct"]["mean"] == pytest.approx(1 / 5) and summary["correct"]["n"] == 5
 
 
 @pytest.mark.parametrize("task", ["arc", "mmlu"])
@@ -100,7 +101,7 @@ def test_multiple_choice_accuracy_is_the_letter_after_the_answer_is(task):
     ex = Example("q", "Which?", "", "B", {"choices": ["x", "y", "z"]})
     responses = ["It is y. The answer is: B", "The answer is (B).", "The answer is A, no wait, the answer is C", "B"]
     scores = [evaluation.score_item(TASKS[task], ex, r)["correct"] for r in responses]
-    assert scores == [1.0, 1.0, 0.0, 1.0]
+    assert scores == [1.0, 1.0, 0.0, 0.0]  # the first 'the answer is' counts; a lone letter is not read
 
 
 def test_persona_preferences_met_and_the_answer_guard():
@@ -182,65 +183,138 @@ def test_compare_rows_on_hand_made_results():
 
 # ------------------------------------------------------------------ the judge
 
-@pytest.mark.parametrize("reply, score", [
+# The paper's judge prompt (prism.py of the official scripts), restated here letter for letter.
+PAPER_JUDGE_SYSTEM = ("You are a helpful assistant, that evaluates another assistant's response based on how well the "
+                      "response is personalized to this user based on their stated preference. Give a score between 1 "
+                      "and 5, 1 if the response is general, and 5 if the response sufficiently addresses the user's "
+                      "preference. Only respond with a number between 1 and 5 and do not provide an explanation.")
+
+
+def test_the_judge_prompt_is_the_papers_verbatim():
+    assert evaluation.JUDGE_SYSTEM == PAPER_JUDGE_SYSTEM
+    assert evaluation.JUDGE_USER.format(prompt="P", response="R", preference="F") == "User: P\n\nAssistant: R\n\nUser's preference: F"
+    reader = evaluation.READER_SAMPLING["paper"]
+    assert (reader.temperature, reader.top_p, reader.max_new_tokens) == (0.1, 0.9, 1024)
+
+
+@pytest.mark.parametrize("reply, score", [  # the paper's reading: int(re.search(r'\d+', reply).group())
+    ("4", 4),
     ("Score: 4\nThe response is a bulleted list.", 4),
-    ("**Score:** 3 - partly follows it", 3),
-    ("Score:\n\n5", 5),
-    ("Rating: 2/5", 2),
-    ("I would give this response a 4 out of 5.", 4),
-    ("The response has 12 sentences and 3 bullet points.", 3),   # several numbers: the first one in 1-5
-    ("It has 2 bullets and 4 lines. Score: 5", 5),              # 'Score:' wins over earlier numbers
-    ("Score: 7", None),                                          # out of range after 'Score:': never clipped
-    ("Score: 0", None),
-    ("Score: 3.5", None),
-    ("10/10, excellent", None),
-    ("-3 points for style, 3rd attempt", None),
-    ("The response follows the preference well.", None),        # no number
+    ("It has 2 bullets and 4 lines. Score: 5", 2),  # the first integer, wherever it stands
+    ("Score: 3.5", 3),
+    ("10/10, excellent", 10),                       # never clipped to 1-5
+    ("-3 points", 3),
+    ("The response follows the preference well.", None),
     ("", None),
 ])
-def test_parse_judge_score_on_messy_replies(reply, score):
+def test_parse_judge_score_reads_the_first_integer_as_the_paper(reply, score):
     assert evaluation.parse_judge_score(reply) == score
 
 
 class ByteTokenizer:
-    """Chat messages as UTF-8 bytes; id 256 ends a turn."""
+    """Chat messages as UTF-8 bytes (roles as "<role>" markers); id 256 ends a turn."""
     stop_token_ids = [256]
 
     def apply_chat_template(self, messages, add_generation_prompt=True):
-        return list("".join(m["content"] for m in messages).encode())
+        return list("".join(f"<{m['role']}>{m['content']}" for m in messages).encode())
 
     def decode(self, ids, skip_special_tokens=True):
         return bytes(i for i in ids if i < 256).decode()
 
 
-def test_judge_scores_each_stated_preference_and_a_win_is_at_least_the_reference(monkeypatch):
-    replies = {"short": "Score: 4", "bold": "I'd say 2 out of 5", "formal": "No idea.", "question": "Score: 5"}
+def judge_fake(monkeypatch, replies):
+    """sampler.generate answering each judge prompt by the stated preference it holds; records the calls."""
+    calls = []
 
-    def fake_generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0, stop_token_ids=(), seed=0,
-                      batch_size=None, return_logprobs=False, progress=True, static=False):
-        assert temperature == 0  # the judge decodes greedily
-        texts = [bytes(p).decode() for p in prompts]
-        rule = [next(r for r in replies if tasks.PREFERENCE_BY_ID[r][2] in t) for t in texts]
+    def fake_generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, stop_token_ids=(), seed=0,
+                      batch_size=None, progress=True, **options):
+        calls.append({"prompts": [bytes(p).decode() for p in prompts], "temperature": temperature, "top_p": top_p,
+                      "max_new_tokens": max_new_tokens, "seed": seed})
+        rule = [next(r for r in replies if tasks.PREFERENCE_BY_ID[r][2] in t) for t in calls[-1]["prompts"]]
         return [list(replies[r].encode()) + [256] for r in rule]
 
     monkeypatch.setattr(sampler, "generate", fake_generate)
-    task = TASKS["persona"]
-    examples = [Example("x", "Q1?", "", "", {"rules": ["short", "bold"], "answers": ["a"]}),
-                Example("y", "Q2?", "", "", {"rules": ["formal"], "answers": ["b"]}),
-                Example("z", "Q3?", "", "", {"rules": ["question", "short"], "answers": ["c"]})]
-    items = [item(ex.id) for ex in examples]
-    judge_model = SimpleNamespace(config=SimpleNamespace(max_position_embeddings=100_000))
-    evaluation.judge(judge_model, ByteTokenizer(), "fake", task, examples, items, progress=False)
-    assert [it["judge"]["scores"] for it in items] == [[4, 2], [None], [5, 4]]
-    assert [it["metrics"]["judge_score"] for it in items] == [3.0, 1.0, 4.5]  # a reply without a score counts as 1
-    assert [it["metrics"]["judge_unparsed"] for it in items] == [0.0, 1.0, 0.0]
-    assert items[0]["judge"]["replies"] == ["Score: 4", "I'd say 2 out of 5"]
+    return calls
 
-    run = [item("x", judge_score=3.0), item("y", judge_score=1.0), item("z", judge_score=4.0)]
-    rows = {row["metric"]: row for row in report.compare_rows(items, [run])}
-    win = rows["judge_win"]["runs"][0]["value"]  # x: 3 >= 3 wins (a tie wins), y: 1 >= 1 (both unparsed) wins, z: 4 < 4.5
-    assert (win["mean"], win["n"], rows["judge_win"]["base"]) == (pytest.approx(2 / 3), 3, None)
-    assert report.judge_note([({}, items)], ["base"]) == "judge replies without a score 1-5 (each counted as 1): base 1/5"
+
+def test_the_judge_sees_the_users_own_prompt_one_preference_and_skips_replies_without_an_integer(monkeypatch):
+    calls = judge_fake(monkeypatch, {"short": "4", "bold": "2 out of 5", "formal": "No idea.", "question": "5"})
+    task = TASKS["persona"]
+    examples = [Example("x", "Q1?", "ctx", "", {"rules": ["short", "bold"], "answers": ["a"]}),
+                Example("y", "Q2?", "ctx", "", {"rules": ["formal"], "answers": ["b"]}),
+                Example("z", "Q3?", "ctx", "", {"rules": ["question", "short"], "answers": ["c"]})]
+    items = [{**item(ex.id), "response": f"answer {ex.id}"} for ex in examples]
+    judge_model = SimpleNamespace(config=SimpleNamespace(max_position_embeddings=100_000),
+                                  lm_head=SimpleNamespace(weight=torch.zeros(1)))
+    evaluation.judge(judge_model, ByteTokenizer(), task, examples, items, evaluation.READER_SAMPLING["paper"], seed=7)
+    (call,) = calls
+    assert (call["temperature"], call["top_p"], call["max_new_tokens"], call["seed"]) == (0.1, 0.9, 1024, 7)
+    short = tasks.PREFERENCE_BY_ID["short"][2]
+    assert call["prompts"][0] == (f"<system>{PAPER_JUDGE_SYSTEM}<user>User: Q1?\n\nAssistant: answer x\n\n"
+                                  f"User's preference: {short}")  # no template, no requirements, one preference
+    assert [it["judge"]["scores"] for it in items] == [[4, 2], [None], [5, 4]]
+    for it in items:
+        evaluation.judge_metrics(it, "skip")
+    assert [it["metrics"]["judge_score"] for it in items] == [3.0, None, 4.5]  # skipped: y has no score at all
+    assert [it["metrics"]["judge_unparsed"] for it in items] == [0.0, 1.0, 0.0]
+    for it in items:
+        evaluation.judge_metrics(it, "one")  # the flag value that counts such a reply as 1
+    assert [it["metrics"]["judge_score"] for it in items] == [3.0, 1.0, 4.5]
+
+
+def test_win_rate_against_one_fixed_reference_answer_per_item_ties_win_and_no_score_loses():
+    base = [item("x", judge_score=3.0), item("y", judge_score=None), item("z", judge_score=4.5), item("w", judge_score=2.0)]
+    run = [item("x", judge_score=3.0), item("y", judge_score=5.0), item("z", judge_score=4.0), item("w", judge_score=None)]
+    # The base model's answers as the reference: x 3 >= 3 wins (a tie), y loses (the reference has no score: NaN),
+    # z 4 < 4.5 loses, w loses (no score). The base's own rate is 1 by construction: "ref", no difference.
+    row = {r["metric"]: r for r in report.compare_rows(base, [run])}["judge_win"]
+    assert (row["base"], row["runs"][0]["value"]["mean"], row["runs"][0]["diff"]) == (None, 0.25, None)
+    assert report.format_table([row], ["base", "run"], markdown=False).splitlines()[1].split()[:2] == ["judge_win", "ref"]
+    # A fixed reference (--judge-reference): both models are measured against the same answers, and differ.
+    reference = {"x": 3.5, "y": 4.0, "z": 4.0, "w": 1.0}
+    row = {r["metric"]: r for r in report.compare_rows(base, [run], reference)}["judge_win"]
+    assert row["base"]["mean"] == 0.5 and row["runs"][0]["value"]["mean"] == 0.5  # base: z, w; run: y, z
+    assert row["runs"][0]["diff"]["mean"] == 0.0 and row["runs"][0]["diff"]["n"] == 4
+
+
+def test_judge_reference_file_is_checked_before_anything_runs(tmp_path):
+    good, bad = tmp_path / "ref.jsonl", tmp_path / "bad.jsonl"
+    good.write_text('{"id": "x", "answer": "A human answer."}\n{"id": 7, "answer": "Another."}\n')
+    assert evaluation.read_reference_answers(good) == {"x": "A human answer.", "7": "Another."}
+    bad.write_text('{"id": "x", "answer": "A human answer."}\n{"id": "y"}\n')
+    with pytest.raises(MipoError, match=r"bad.jsonl:2: needs fields 'id' .* and 'answer'"):
+        evaluation.read_reference_answers(bad)
+    with pytest.raises(MipoError, match="file not found"):
+        evaluation.read_reference_answers(tmp_path / "none.jsonl")
+
+
+def test_gsm8k_answer_without_hashes_is_extracted_by_the_same_model_as_the_paper_or_by_rules(monkeypatch):
+    prompts_seen = []
+
+    def fake_generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, stop_token_ids=(), seed=0, **options):
+        prompts_seen.extend(bytes(p).decode() for p in prompts)
+        return [list(b"The number is 18, I think.") + [256] for _ in prompts]
+
+    monkeypatch.setattr(sampler, "generate", fake_generate)
+    examples = [Example("a", "Q?", "", "18"), Example("b", "Q?", "", "18"), Example("c", "Q?", "", "18")]
+    responses = ["So 9 + 9 = 18.\n#### 18", "She has 3 eggs, then 18 in all.", "Eggs: 7 left, answer 17"]
+    model = SimpleNamespace(config=SimpleNamespace(max_position_embeddings=100_000))
+
+    def scored(how):
+        items = [{**item(ex.id, **evaluation.score_item(TASKS["gsm8k"], ex, r)), "response": r}
+                 for ex, r in zip(examples, responses)]
+        evaluation.read_missing_answers(model, ByteTokenizer(), examples, items, how, evaluation.READER_SAMPLING["cpu"],
+                                        seed=0, batch_size=4, progress=False)
+        return items
+
+    items = scored("model")  # the paper: the model is asked, and the first number of its reply is the answer
+    assert prompts_seen == ["<user>Extract the numeric answer from this reasoning, and do not include anythig else in "
+                            f"your response other than the number. {r}" for r in responses[1:]]
+    assert [it["metrics"]["parsed"] for it in items] == [1.0, 0.0, 0.0]  # '####' read by the paper's reader
+    assert [it["metrics"]["correct"] for it in items] == [1.0, 1.0, 1.0]  # the fake model always extracts 18
+    assert "fallback" not in items[0] and items[1]["fallback"]["answer"] == "18"
+    items = scored("rules")  # this project's rules: the last number of the text
+    assert len(prompts_seen) == 2 and [it["metrics"]["correct"] for it in items] == [1.0, 1.0, 0.0]
 
 
 # ------------------------------------------------------------------ the MI meter
@@ -294,9 +368,9 @@ def test_compare_two_synthetic_runs_end_to_end(tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     table = out.splitlines()[1:]
     assert table[0].split() == ["metric", "base", "run_a", "diff", "[95%", "CI]", "run_b", "diff", "[95%", "CI]"]
-    assert [line.split()[0] for line in table[1:10]] == ["judge_score", "judge_win", "judge_unparsed", "correct", "parsed",
-                                                         "pmi", "pmi_self", "length", "truncated"]
-    assert table[10] == "judge replies without a score 1-5 (each counted as 1): base 8/8, run_a 8/8, run_b 8/8"  # a random judge
+    assert [line.split()[0] for line in table[1:11]] == ["judge_score", "judge_win", "judge_unparsed", "correct", "parsed",
+                                                         "pmi", "pmi_per_token", "pmi_self", "length", "truncated"]
+    assert table[11].startswith("judge replies without an integer (skipped, as the paper does): base ")
 
     for run in (run_a, run_b):
         items = [json.loads(line) for line in (run / "eval" / "jsonl.jsonl").read_text().splitlines()]
@@ -338,7 +412,8 @@ def test_compare_reads_a_real_train_py_run(tmp_path, monkeypatch, capsys):
     evaluation.main(["--compare", str(base), str(run), "--n", "4", "--max-new-tokens", "6", "--judge", "none"])
     table = capsys.readouterr().out.splitlines()[1:]
     assert table[0].split()[:3] == ["metric", "base", "tiny-jsonl-random-sigmoid"]  # task and data: from the run
-    assert [line.split()[0] for line in table[1:]] == ["correct", "parsed", "pmi", "pmi_self", "length", "truncated"]
+    assert [line.split()[0] for line in table[1:]] == ["correct", "parsed", "pmi", "pmi_per_token", "pmi_self", "length",
+                                                     "truncated"]
     for name in ("jsonl.jsonl", "jsonl.summary.json", "compare-jsonl.md", "compare-jsonl.png", "curves.png"):
         assert (run / "eval" / name).stat().st_size > 0, name
     # The table's numbers are the per-item files' means: recomputed here from them, independently of eval.py.

@@ -264,8 +264,8 @@ def test_sparse_embedding_gradient_gives_the_dense_gradients_and_update(baseline
         assert step.keys() == dense_step.keys()
         for k in step:  # each gradient as a whole: its largest difference against its largest entry
             assert (step[k] - dense_step[k]).abs().max() <= rtol * dense_step[k].abs().max(), k
-    for k in weights:
-        torch.testing.assert_close(weights[k], dense_weights[k], rtol=1e-6, atol=1e-7)
+    for k in weights:  # AdamW divides by sqrt(v) + eps: on a near-zero gradient a rounding moves the step by ~1e-7
+        torch.testing.assert_close(weights[k], dense_weights[k], rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -364,8 +364,10 @@ def step0_loss_by_hand(loss: str, batch: list[dict], under_x_prime) -> float:
             values.append(-chosen / r["chosen_length"])
         else:
             chosen_x_prime, rejected_x_prime = under_x_prime(r)
-            # InfoNCE: for y+ tell x from x', for y- tell x' from x (a softmax over the two prompts)
-            columns = (softplus(chosen_x_prime - chosen) + softplus(rejected - rejected_x_prime)) / 2
+            # InfoNCE: for y+ tell x from x', for y- tell x' from x (a softmax over the two prompts); log-probs over
+            # the temperature, 100 by default for infonce as in the official trainer, 1 for sami
+            t = 100.0 if loss == "infonce" else 1.0
+            columns = (softplus((chosen_x_prime - chosen) / t) + softplus((rejected - rejected_x_prime) / t)) / 2
             # SAMI adds the rows: under x tell y+ from y-, under x' tell y- from y+
             rows = (softplus(rejected - chosen) + softplus(chosen_x_prime - rejected_x_prime)) / 2
             values.append(columns if loss == "infonce" else (rows + columns) / 2)
