@@ -391,6 +391,36 @@ def test_compare_two_synthetic_runs_end_to_end(tmp_path, monkeypatch, capsys):
     assert capsys.readouterr().out == out
 
 
+def test_judge_reference_answers_are_judged_once_and_every_model_is_measured_against_them(tmp_path, monkeypatch,
+                                                                                          capsys):
+    monkeypatch.chdir(tmp_path)
+    data = write_user_file(tmp_path / "users.jsonl")
+    base, run = write_tiny_model_dir(tmp_path / "base"), write_run(tmp_path / "run_a", data, seed=1)
+    reference = tmp_path / "ref.jsonl"
+    reference.write_text("".join(json.dumps({"id": f"u{i}", "answer": f"w{i} answer"}) + "\n" for i in (4, 9, 14, 19)))
+    argv = ["--compare", str(base), str(run), "--n", "4", "--max-new-tokens", "6", "--judge", str(base),
+            "--batch-size", "4", "--judge-reference", str(reference)]
+    evaluation.main(argv)
+    out = capsys.readouterr().out
+    win = next(line for line in out.splitlines() if line.startswith("judge_win")).split()
+    assert win[1] != "ref" and "judge_win is against --judge-reference's answers" in out  # the base has a rate too
+    (cached,) = (tmp_path / "runs" / "eval" / "judge-reference").iterdir()
+    judged = [json.loads(line) for line in (cached / "jsonl.jsonl").read_text().splitlines()]
+    assert [it["response"] for it in judged] == [f"w{i} answer" for i in (4, 9, 14, 19)]
+    assert all(len(it["judge"]["scores"]) == 2 for it in judged)
+    base_file = next((tmp_path / "runs" / "eval").glob("*/jsonl.jsonl"))  # the base's results (the run's are in it)
+    base_items = [json.loads(line) for line in base_file.read_text().splitlines()]
+    expected = report.judge_wins(base_items, report.judge_scores(judged))
+    assert float(win[1]) == pytest.approx(sum(expected) / 4, abs=5e-4)
+    # A rerun judges nothing again, the reference included.
+    monkeypatch.setattr("model_loader.load_model", lambda *a, **k: pytest.fail("loaded a model despite the cache"))
+    evaluation.main(argv)
+    assert capsys.readouterr().out == out
+    reference.write_text('{"id": "u4", "answer": "only one"}\n')
+    with pytest.raises(MipoError, match="ref.jsonl: no reference answer for held-out item 'u9' \\(and 2 more\\)"):
+        evaluation.main(argv)
+
+
 def test_compare_reads_a_real_train_py_run(tmp_path, monkeypatch, capsys):
     import train
 
