@@ -524,6 +524,8 @@ def write_comparison(models: list[tuple[dict, list[dict]]], task: Task, examples
     judge scores of --judge-reference's answers by item id (None: the base model's answers are the reference)."""
     specs = [spec for spec, _ in models]
     names = short_names(specs)
+    in_force = config.resolve_sampling(Sampling(**settings["sampling"]), specs[0]["model"])  # as the base sampled
+    settings = {**settings, "sampling": asdict(in_force)}
     rows = report.compare_rows(models[0][1], [items for _, items in models[1:]], reference)
     print(f"{task.name}: {len(examples)} held-out items; diff = run - base on the same items, "
           f"{report.CONFIDENCE:.0%} paired bootstrap interval; * excludes 0")

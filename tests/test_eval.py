@@ -380,6 +380,7 @@ def test_compare_two_synthetic_runs_end_to_end(tmp_path, monkeypatch, capsys):
         assert summary["settings"]["n"] == 4 and summary["judge"]["scored"] == 8
         markdown = (run / "eval" / "compare-jsonl.md").read_text()
         assert markdown.startswith("# jsonl: ") and "| metric | " in markdown and "`judge_win`" in markdown
+        assert "'top_k': 50" in markdown and "'repetition_penalty': 1.0" in markdown  # the settings in force
         for png in ("compare-jsonl.png", "curves.png"):
             assert (run / "eval" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
             assert (run / "eval" / png).stat().st_size > 10_000
