@@ -175,14 +175,7 @@ def compare_rows(base_items: list[dict], runs: list[list[dict]], reference: dict
         if not any(source in item["metrics"] for items in [base_items, *runs] for item in items):
             continue  # a row even when every value is None (e.g. no judge score parsed): "-" says so
         if key == "judge_win":
-            wins = {item["id"]: win for item, win in zip(base_items, judge_wins(base_items, reference or {}))}
-            row = {"metric": key, "base": None if reference is None else cell(list(wins.values())), "runs": []}
-            for run_items in runs:
-                run_wins = judge_wins(run_items, reference or judge_scores(base_items))
-                diff = None if reference is None else cell([w - wins[item["id"]] for item, w in zip(run_items, run_wins)
-                                                            if item["id"] in wins])
-                row["runs"].append({"value": cell(run_wins), "diff": diff})
-            rows.append(row)
+            rows.append(judge_win_row(base_items, runs, reference))
             continue
         row = {"metric": key, "base": cell(list(metric_values(base_items, key).values())), "runs": []}
         for run_items in runs:
@@ -190,6 +183,21 @@ def compare_rows(base_items: list[dict], runs: list[list[dict]], reference: dict
             row["runs"].append({"value": cell(list(metric_values(run_items, key).values())), "diff": cell(run - base)})
         rows.append(row)
     return rows
+
+
+def judge_win_row(base_items: list[dict], runs: list[list[dict]], reference: dict | None) -> dict:
+    """judge_win against the fixed reference's scores; with none, against the base's answers (base shown as "ref")."""
+    if reference is None:
+        base_scores = judge_scores(base_items)
+        return {"metric": "judge_win", "base": None,
+                "runs": [{"value": cell(judge_wins(run_items, base_scores)), "diff": None} for run_items in runs]}
+    base_wins = dict(zip([item["id"] for item in base_items], judge_wins(base_items, reference)))
+    row = {"metric": "judge_win", "base": cell(list(base_wins.values())), "runs": []}
+    for run_items in runs:
+        run_wins = judge_wins(run_items, reference)
+        diff = [win - base_wins[item["id"]] for item, win in zip(run_items, run_wins) if item["id"] in base_wins]
+        row["runs"].append({"value": cell(run_wins), "diff": cell(diff)})
+    return row
 
 
 def cell(values) -> dict | None:
