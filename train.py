@@ -24,6 +24,7 @@ Shape legend: B pairs in a micro-batch, R rows in its forward (B: one row holds 
 2B for infonce and sami, which also score both responses under x'), T padded tokens, V vocabulary.
 """
 import contextlib
+import gc
 import json
 import math
 import shutil
@@ -560,6 +561,9 @@ def main(argv=None):
     if not (out / "final").exists():
         reference_and_dpo(pairs, pairs_cfg, loss_cfg, opt_cfg, hw, out, rank, world, timings, args._crash_at)  # stages 2-3
     if world > 1:
+        # The sharded model's hooks form reference cycles that keep gloo's work objects alive; collected now, not while
+        # the interpreter shuts down, where their C++ threads can abort the process after a run that succeeded.
+        gc.collect()
         dist.destroy_process_group()
     if rank == 0:
         report.print_summary(run_summary(out, pair_stats, base_eval, eval_pairs, pairs_cfg, hw, timings), loss_cfg)  # stage 4
