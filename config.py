@@ -17,11 +17,11 @@ import torch
 
 import shard
 from dpo_loss import F_DIVERGENCES, LOSS_TYPES, check_options
-from files import MipoError, cache_dir, check_out, read_json, write_atomically
-from model_loader import TRANSFORMERS_SAMPLING_DEFAULTS, ModelConfig, generation_defaults
+from files import MipoError, cache_dir, check_out, jsonl_records, read_json, utf8, write_atomically
+from model_loader import TRANSFORMERS_SAMPLING_DEFAULTS, ModelConfig, Tokenizer, generation_defaults
 from model_sources import local_model, resolve_model_dir
 from sampler import Sampling
-from tasks import NEGATIVES, TASKS, Task, default_sampling, get_task
+from tasks import NEGATIVES, TASKS, Task, default_sampling, get_task, load_examples, prompt_messages
 
 DTYPES = ("auto", "float32", "bfloat16")
 AUTO_DTYPE = "auto: bfloat16 on a GPU, and on a CPU where bf16 matrix products were measured faster, else float32"
@@ -326,7 +326,7 @@ def resolve_config(args):
     if preset is PRESETS["paper"] and torch.device(device).type == "cuda" and args.micro_batch_size is None \
             and args.gradient_checkpointing is None:
         gpu_bytes = torch.cuda.get_device_properties(int(os.environ.get("LOCAL_RANK", "0"))).total_memory
-        opt, hw = fit_to_gpu(pairs.model, sampling.max_new_tokens, opt, hw, world, gpu_bytes)
+        opt, hw = fit_to_gpu(pairs.model, longest_prompt(pairs), sampling.max_new_tokens, opt, hw, world, gpu_bytes)
     check_batch_split(opt, world, args.shard)
     if loss.loss in BATCH_COUPLED_LOSSES and opt.micro_batch_size != opt.batch_size and int(os.environ.get("RANK", "0")) == 0:
         print(f"note: --loss {loss.loss} compares the pairs of one forward with each other; with micro-batches "
@@ -373,16 +373,33 @@ def check_batch_split(opt: OptimConfig, world: int, sharded: bool):
                         f"x {world} process(es)")
 
 
-def fit_to_gpu(model: str, response_tokens: int, opt: OptimConfig, hw: HardwareConfig, world: int, gpu_bytes: float):
+def fit_to_gpu(model: str, prompt_tokens: int, response_tokens: int, opt: OptimConfig, hw: HardwareConfig, world: int,
+               gpu_bytes: float):
     """--preset paper on a GPU with --micro-batch-size and --gradient-checkpointing left out: the largest micro-batch
     (fewest accumulation steps) whose memory plan fits, first without gradient checkpointing, which is faster
     (shard.choose_layout, from config.json). The global batch stays --batch-size. -> (opt, hw) updated."""
     cfg = ModelConfig.from_dict(read_json(resolve_model_dir(model) / "config.json"))
     strategy = "fsdp" if hw.shard else ("ddp" if world > 1 else "single")
-    layout = shard.choose_layout(cfg, world, strategy, gpu_bytes, opt.batch_size, response_tokens=response_tokens,
-                                 param_bytes=2 if hw.dtype == "bfloat16" else 4)
+    layout = shard.choose_layout(cfg, world, strategy, gpu_bytes, opt.batch_size, prompt_tokens=prompt_tokens,
+                                 response_tokens=response_tokens, param_bytes=2 if hw.dtype == "bfloat16" else 4)
     return (replace(opt, micro_batch_size=layout["micro_batch_pairs"]),
             replace(hw, gradient_checkpointing=layout["gradient_checkpointing"]))
+
+
+def longest_prompt(pairs: PairsConfig) -> int:
+    """The memory plan's prompt length: the longest training prompt in the model's chat template (a micro-batch is
+    padded to its longest row; GSM8K's 8-shot prompt alone is about 900 tokens)."""
+    model_dir = resolve_model_dir(pairs.model)
+    tokenizer = Tokenizer(model_dir, ModelConfig.from_dict(read_json(model_dir / "config.json")))
+    if pairs.pairs_file:
+        path = Path(pairs.pairs_file)
+        records = jsonl_records(path, utf8(path, path.read_bytes()))
+        prompts = [r["prompt"] for _, r in records if isinstance(r, dict) and isinstance(r.get("prompt"), list)]
+    else:
+        task = get_task(pairs.task)
+        examples = load_examples(task, "train", pairs.n, pairs.data, pairs.eval_data)
+        prompts = [prompt_messages(task, ex) for ex in examples]
+    return max((len(tokenizer.apply_chat_template(p)) for p in prompts), default=0)
 
 
 def checkpoints(hw: HardwareConfig) -> str:
@@ -412,7 +429,8 @@ def print_plan(pairs_cfg: PairsConfig, loss_cfg: LossConfig, opt_cfg: OptimConfi
     cfg = ModelConfig.from_dict(read_json(resolve_model_dir(pairs_cfg.model) / "config.json"))
     strategy = "fsdp" if hw.shard else ("ddp" if world > 1 else "single")
     plan = shard.memory_plan(cfg, world, strategy, hw.gradient_checkpointing, opt_cfg.micro_batch_size,
-                             response_tokens=s.max_new_tokens, param_bytes=2 if hw.dtype == "bfloat16" else 4)
+                             prompt_tokens=longest_prompt(pairs_cfg), response_tokens=s.max_new_tokens,
+                             param_bytes=2 if hw.dtype == "bfloat16" else 4)
     gpu_bytes = torch.cuda.get_device_properties(0).total_memory if torch.device(hw.device).type == "cuda" else None
     print(shard.format_memory_plan(plan, gpu_bytes), flush=True)
 

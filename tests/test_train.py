@@ -799,6 +799,17 @@ def test_presets_and_flags_resolve_in_one_place():
     assert str(out) == "runs/qwen-persona-incomplete-sigmoid"
 
 
+def test_memory_plan_counts_the_longest_training_prompt(assets, baseline, tmp_path, capsys):
+    """The printed plan sizes a row as the longest prompt the run trains on (as the reference pass stored it) plus
+    both responses, from the task's prompts and from a --pairs file alike; not a fixed 512-token prompt."""
+    stored = map(json.loads, (baseline / "reference.jsonl").read_text().splitlines())
+    longest = max(len(r["prompt_ids"]) for r in stored)
+    for extra in ((), ("--pairs", str(baseline / "pairs.jsonl"))):
+        args = config.train_parser().parse_args(args_for(assets, tmp_path, *extra))
+        config.print_plan(*config.resolve_config(args), 1)
+        assert f"pair(s) of {longest + 2 * 6 + 1} tokens" in capsys.readouterr().out
+
+
 def test_paper_preset_fits_the_micro_batch_and_checkpointing_to_the_gpu(tmp_path):
     """--preset paper on a GPU (flags left out): config.fit_to_gpu picks what shard.choose_layout picks, keeps the
     global batch, and only turns gradient checkpointing on where the model needs it."""
@@ -807,7 +818,7 @@ def test_paper_preset_fits_the_micro_batch_and_checkpointing_to_the_gpu(tmp_path
         model_dir.mkdir(exist_ok=True)
         (model_dir / "config.json").write_text(json.dumps(shard.PAPER_MODELS[name]))
         opt, hw = config.OptimConfig(micro_batch_size=4), config.HardwareConfig(dtype="bfloat16", shard=sharded)
-        return config.fit_to_gpu(str(model_dir), 512, opt, hw, world, gpu_gib * 2**30)
+        return config.fit_to_gpu(str(model_dir), 512, 512, opt, hw, world, gpu_gib * 2**30)
 
     opt, hw = fit("qwen2.5-0.5b", 80)
     assert (opt.batch_size, opt.micro_batch_size, hw.gradient_checkpointing) == (4, 4, False)
