@@ -381,6 +381,7 @@ def test_compare_two_synthetic_runs_end_to_end(tmp_path, monkeypatch, capsys):
         markdown = (run / "eval" / "compare-jsonl.md").read_text()
         assert markdown.startswith("# jsonl: ") and "| metric | " in markdown and "`judge_win`" in markdown
         assert "'top_k': 50" in markdown and "'repetition_penalty': 1.0" in markdown  # the settings in force
+        assert f", seed 0, judge {base};" in markdown
         for png in ("compare-jsonl.png", "curves.png"):
             assert (run / "eval" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
             assert (run / "eval" / png).stat().st_size > 10_000
@@ -447,6 +448,7 @@ def test_compare_reads_a_real_train_py_run(tmp_path, monkeypatch, capsys):
                                                      "truncated"]
     for name in ("jsonl.jsonl", "jsonl.summary.json", "compare-jsonl.md", "compare-jsonl.png", "curves.png"):
         assert (run / "eval" / name).stat().st_size > 0, name
+    assert ", seed 0; CPU" in (run / "eval" / "compare-jsonl.md").read_text()  # no judge named where none was asked
     # The table's numbers are the per-item files' means: recomputed here from them, independently of eval.py.
     per_item = {who: [json.loads(line) for line in (where / "jsonl.jsonl").read_text().splitlines()]
                 for who, where in (("base", evaluation.resolve(str(base))["eval_dir"]), ("run", run / "eval"))}
