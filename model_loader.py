@@ -335,8 +335,8 @@ class CausalLM(nn.Module):
     def prepacked_weights(self):
         """Within it, every Linear of a CPU model multiplies by a copy of its weight reordered once into oneDNN's
         blocked layout, instead of oneDNN reordering the plain weight at every call: the same products (bf16 to the
-        last bit, float32 within rounding), 30-45% faster for a decode step's 32 rows on the 2-core EPYC of README
-        "Performance", for one more copy of the linear weights in memory. For inference (the sampler): a weight
+        last bit, float32 within rounding), 30-45% faster for a decode step's 32 rows on the 2-core EPYC of
+        docs/performance.md, for one more copy of the linear weights in memory. For inference (the sampler): a weight
         changed inside it is not seen. Does nothing on a GPU, for float32 with MIPO_ONEDNN=0, or for bf16 where
         oneDNN has no bf16 kernel."""
         weight = self.lm_head.weight
