@@ -130,8 +130,8 @@ BATCH_COUPLED_LOSSES = ("aot", "aot_unpaired", "bco_pair")
 
 def cpu_has_fast_bf16(cpuinfo_path=Path("/proc/cpuinfo")) -> bool:
     """Whether bf16 matrix products beat float32 ones on this CPU. Native bf16 instructions (AVX-512 BF16, AMX) are
-    needed but not enough: a Xeon with AVX-512 BF16 and no AMX ran a 2048^3 product at 160 GFLOP/s in bf16 and 300 in
-    float32, where an AMD EPYC with the same flag ran bf16 faster. So it is measured, once per CPU model, thread count
+    needed but not enough: some CPUs with AVX-512 BF16 and no AMX run bf16 products at half float32's speed, others
+    with the same flag run them faster (docs/performance.md). So it is measured, once per CPU model, thread count
     and torch version, and the answer kept in the cache: every later run on the machine picks the same dtype."""
     try:
         cpuinfo = cpuinfo_path.read_text()

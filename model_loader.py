@@ -149,9 +149,8 @@ def apply_rope(x, cos, sin):
 
 class Linear(nn.Linear):
     """nn.Linear, except that float32 on a CPU runs on oneDNN (PyTorch's own mkldnn kernel) instead of MKL's
-    sgemm: the same float32 arithmetic, but MKL takes a generic code path on AMD CPUs. On the 2-core EPYC this
-    project is measured on, oneDNN multiplies float32 matrices 2-4x faster (a 2048^3 product at 460 vs 200
-    GFLOP/s, a decode step's 32-row products 3x). Inference and training take the same kernel, so the frozen
+    sgemm: the same float32 arithmetic, but MKL takes a generic code path on AMD CPUs, where oneDNN is several times
+    faster (docs/performance.md). Inference and training take the same kernel, so the frozen
     reference's log-probs equal the policy's at step 0 to the last bit. Under bfloat16 autocast and under
     torch.compile it is F.linear (PyTorch sends bf16 to oneDNN itself). MIPO_ONEDNN=0 turns it off.
     While the sampler runs, `packed` holds the weight in oneDNN's own blocked layout (CausalLM.prepacked_weights)."""
@@ -335,8 +334,8 @@ class CausalLM(nn.Module):
     def prepacked_weights(self):
         """Within it, every Linear of a CPU model multiplies by a copy of its weight reordered once into oneDNN's
         blocked layout, instead of oneDNN reordering the plain weight at every call: the same products (bf16 to the
-        last bit, float32 within rounding), 30-45% faster for a decode step's 32 rows on the 2-core EPYC of
-        docs/performance.md, for one more copy of the linear weights in memory. For inference (the sampler): a weight
+        last bit, float32 within rounding) without a reorder per call (docs/performance.md), for one more copy of the
+        linear weights in memory. For inference (the sampler): a weight
         changed inside it is not seen. Does nothing on a GPU, for float32 with MIPO_ONEDNN=0, or for bf16 where
         oneDNN has no bf16 kernel."""
         weight = self.lm_head.weight

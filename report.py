@@ -269,7 +269,8 @@ def markdown_report(rows: list[dict], names: list[str], models, task: Task, args
         "Models: " + "; ".join(f"{name} = `{spec['model']}`" for name, (spec, _) in zip(names, models)), "",
         f"`python eval.py {' '.join(args.argv)}`", "",
         f"{settings['n']} held-out items, sampling {settings['sampling']}, seed {settings['seed']}"
-        f"{f', judge {args.judge}' if 'judge_score' in used else ''}; {machine(args.device)}. Differences are run - base on the same items; intervals are "
+        f"{f', judge {args.judge}' if 'judge_score' in used else ''}; {machine(args.device)}. "
+        "Differences are run - base on the same items; intervals are "
         f"{CONFIDENCE:.0%} percentile bootstrap intervals over items ({BOOTSTRAP_RESAMPLES} resamples, seed "
         f"{BOOTSTRAP_SEED}); * marks a difference whose interval excludes 0.", "",
         format_table(rows, names, markdown=True), "", *legend, ""])

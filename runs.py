@@ -132,13 +132,10 @@ def same_model(a: str, b: str) -> bool:
 
 def keep_activations_in_the_heap():
     """glibc serves a block above its mmap threshold (128 KiB, raised as such blocks are freed, up to 32 MiB) by a
-    fresh mapping, whose pages fault in again at each use: every activation buffer of a DPO step (1 to 60 MiB for the
-    bundled qwen at ~630 tokens) paid thousands of page faults per step. Blocks up to 64 MiB come from the heap
-    instead, which is trimmed only when more than 8 MiB are free at its top. With it and the sparse embedding gradient
-    (train.sparse_embedding_gradient) a bf16 DPO step went from 12.2 to 6.6 s on qwen and from 3.8 to 2.1 s on llama
-    on the 2-core EPYC of docs/performance.md; llama's peak in bench/train_step.py rose by about 0.3 GiB (the
-    setting it replaces, a fixed 1 MiB threshold, traded that speed for memory). Larger blocks still get mappings
-    of their own. Set when DPO starts, after sampling's own (sampler.keep_freed_memory_for_reuse). Elsewhere than
+    fresh mapping, whose pages fault in again at each use: every activation buffer of a DPO step (megabytes each)
+    paid thousands of page faults per step. Blocks up to 64 MiB come from the heap instead, which is trimmed only
+    when more than 8 MiB are free at its top: faster steps for a little more peak memory (docs/performance.md).
+    Larger blocks still get mappings of their own. Set when DPO starts, after sampling's own (sampler.keep_freed_memory_for_reuse). Elsewhere than
     glibc it does nothing."""
     set_glibc_malloc(mmap_threshold=64 << 20, trim_threshold=8 << 20)
 
