@@ -108,7 +108,7 @@ class HardwareConfig:
 
 
 PRESETS = {
-    # `python train.py --model qwen` on 2 CPU cores: 4 to 14 minutes end to end, by CPU (README: set-up). 64 pairs
+    # `python train.py --model qwen` on 2 CPU cores: minutes end to end (README: set-up). 64 pairs
     # at batch 4 are 16 optimizer steps; at the paper's lr of 5e-7 the policy would barely move in 16 steps, so this
     # preset trains 4x faster. Measured on Qwen2.5-0.5B, persona: lr 2e-6 raises the held-out pointwise MI under the
     # base model from about 12 to 19-30 nats (16 prompts, by CPU and dtype); 1e-5 overshoots (chosen log-probs down

@@ -3,8 +3,8 @@ preference pairs, they are scored once under the frozen base model, then one epo
 result is saved as a Hugging Face model. It orders the stages and holds no method of its own: the pairs are
 mipo.py's, the loss dpo_loss.py's; beyond the held-out MI meter it measures nothing (the paper's tables are eval.py's).
 
-    python train.py --model qwen                      # CPU preset: a small persona run, 4 to 14 minutes
-                                                       # on 2 CPU cores (README: set-up)
+    python train.py --model qwen                      # CPU preset: a small persona run, minutes on 2 CPU cores
+                                                       # (README: set-up)
     python train.py --model qwen --preset paper       # the paper's settings, for a GPU
     torchrun --nproc_per_node 2 train.py -- --model qwen --n 64   # DDP: gloo on CPU, nccl on GPU (the -- keeps
                                                                    # torchrun from reading --n as its --nnodes)
