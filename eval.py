@@ -34,16 +34,16 @@ from pathlib import Path
 
 import torch
 
-import config
+from plumbing import config
 import mipo
-import report
+from plumbing import report
 import sampler
-from files import MipoError, jsonl_records, read_json, run_command, utf8, write_atomically
-from gguf_convert import BUNDLED, BUNDLED_ALIASES
+from plumbing.files import MipoError, jsonl_records, read_json, run_command, utf8, write_atomically
+from plumbing.gguf_convert import BUNDLED, BUNDLED_ALIASES
 from model_loader import check_model, load_model, weight_files
-from model_sources import is_hub_name, resolve_model_dir
-from report import short_names
-from runs import EVAL_SUBDIR, OTHER_MODELS_DIR, RUN_CONFIG, RUN_FINAL, RUN_METRICS
+from plumbing.model_sources import is_hub_name, resolve_model_dir
+from plumbing.report import short_names
+from plumbing.runs import EVAL_SUBDIR, OTHER_MODELS_DIR, RUN_CONFIG, RUN_FINAL, RUN_METRICS
 from sampler import Sampling
 from tasks import (DATA_SEED, GSM8K_EXTRACT_PROMPT, PREFERENCE_BY_ID, Example, Task, eval_sampling, extract_number,
                    first_number, get_task, load_examples, mentions_answer, nearest_rating, prompt_messages,

@@ -34,12 +34,12 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-import config
+from plumbing import config
 import sampler
 from dpo_loss import token_logps
-from files import MipoError, jsonl_records, run_command, utf8, write_atomically
+from plumbing.files import MipoError, jsonl_records, run_command, utf8, write_atomically
 from model_loader import load_model
-from model_sources import local_model
+from plumbing.model_sources import local_model
 from sampler import Sampling
 from tasks import NEGATIVES, Example, Task, compare_responses, load_examples, prompt_messages
 

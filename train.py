@@ -36,17 +36,17 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-import config
+from plumbing import config
 import mipo
-import report
-import runs
+from plumbing import report
+from plumbing import runs
 import sampler
-import shard
-from config import HardwareConfig, LossConfig, OptimConfig, PairsConfig
+from plumbing import shard
+from plumbing.config import HardwareConfig, LossConfig, OptimConfig, PairsConfig
 from dpo_loss import preference_loss, preference_metrics, token_logps
-from files import Interrupted, MipoError, read_jsonl, run_command, write_atomically
+from plumbing.files import Interrupted, MipoError, read_jsonl, run_command, write_atomically
 from model_loader import load_model, save_model
-from runs import barrier, crash_hook
+from plumbing.runs import barrier, crash_hook
 from tasks import get_task, load_examples
 
 LN2 = math.log(2)

@@ -27,9 +27,9 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-import config  # noqa: E402
+from plumbing import config  # noqa: E402
 import mipo  # noqa: E402
-import runs  # noqa: E402
+from plumbing import runs  # noqa: E402
 import train  # noqa: E402
 from model_loader import load_model  # noqa: E402
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from config import matmul_peak  # noqa: E402
+from plumbing.config import matmul_peak  # noqa: E402
 from model_loader import ModelConfig, Tokenizer, load_model, read_json, resolve_model_dir  # noqa: E402
 from sampler import generate, keep_freed_memory_for_reuse, sample  # noqa: E402
 

@@ -33,7 +33,7 @@ def peak_rss_gib() -> float:
 def run_ours(args, pairs) -> dict:
     import torch
 
-    import config
+    from plumbing import config
     import train
     from model_loader import load_model
 

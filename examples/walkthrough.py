@@ -38,8 +38,8 @@ import sampler  # noqa: E402
 import tasks  # noqa: E402
 import train  # noqa: E402
 from dpo_loss import preference_loss  # noqa: E402
-from config import PairsConfig  # noqa: E402
-from files import MipoError, run_command  # noqa: E402
+from plumbing.config import PairsConfig  # noqa: E402
+from plumbing.files import MipoError, run_command  # noqa: E402
 from model_loader import load_model  # noqa: E402
 
 LN2 = math.log(2)

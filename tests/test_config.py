@@ -1,4 +1,4 @@
-"""config.py's hardware choice: --dtype auto takes bf16 on a CPU only where bf16 products were measured faster, and
+"""plumbing/config.py's hardware choice: --dtype auto takes bf16 on a CPU only where bf16 products were measured faster, and
 the measurement is kept, so every run on one machine picks the same dtype."""
 import json
 from types import SimpleNamespace
@@ -6,8 +6,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import config
-from files import MipoError
+from plumbing import config
+from plumbing.files import MipoError
 from sampler import Sampling
 
 CPUINFO = "processor\t: 0\nmodel name\t: Some CPU\nflags\t\t: fpu sse2 avx512f{}\n"

@@ -101,7 +101,7 @@ def test_infonce_closed_form():
 
 
 def test_infonce_defaults_to_the_official_temperature_of_100_and_sami_to_1():
-    import config
+    from plumbing import config
     settings = lambda *flags: config.loss_config(config.train_parser().parse_args(list(flags)))
     assert settings("--loss", "infonce").temperature == 100.0  # openrlhf/models/loss.py of the official trainer
     assert settings("--loss", "sami").temperature == 1.0

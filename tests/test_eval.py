@@ -14,12 +14,12 @@ import torch
 
 import eval as evaluation
 import mipo
-import report
-import runs
+from plumbing import report
+from plumbing import runs
 import sampler
 import tasks
 from conftest import make_tiny_model
-from files import MipoError
+from plumbing.files import MipoError
 from model_loader import Tokenizer, load_model, save_model
 from tasks import TASKS, Example
 

@@ -18,9 +18,9 @@ from safetensors import safe_open
 from tokenizers import Tokenizer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import gguf_convert
-from gguf_convert import BUNDLED, BundledGGUF, bundled_gguf, bundled_model_dir, convert_gguf
-from files import MipoError
+from plumbing import gguf_convert
+from plumbing.gguf_convert import BUNDLED, BundledGGUF, bundled_gguf, bundled_model_dir, convert_gguf
+from plumbing.files import MipoError
 from model_loader import generation_defaults, load_model
 from sampler import generate
 

@@ -1,25 +1,34 @@
-"""The layout README's file table describes: the imports between the top-level modules have no circle, the
-method files import none of their callers, the pure ones import nothing of the project, and every module says
-in its first line what it is."""
+"""The layout README's file table describes: the top level holds the method files and tasks.py, everything else
+sits in plumbing/; the imports between modules have no circle, the method files import none of their callers, the
+pure ones import nothing of the project, every module says in its first line what it is, and model_loader imports
+without the gguf package."""
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-MODULES = sorted(p.stem for p in ROOT.glob("*.py"))
 # The method files in the order data flows through them (README's diagram); dpo_loss, pure functions of tensors,
 # serves mipo (sequence log-probs for the meter) and train (the loss).
 METHOD = ("dpo_loss", "model_loader", "sampler", "mipo", "train", "eval")
+TOP_LEVEL = {*METHOD, "tasks"}
+MODULES = sorted([p.stem for p in ROOT.glob("*.py")] +
+                 [f"plumbing.{p.stem}" for p in (ROOT / "plumbing").glob("*.py") if p.stem != "__init__"])
+
+
+def source(module: str) -> Path:
+    return ROOT / (module.replace(".", "/") + ".py")
 
 
 def project_imports(module: str) -> set[str]:
-    """The top-level modules `module` imports, at module level or inside a function."""
-    tree = ast.parse((ROOT / f"{module}.py").read_text())
+    """The project modules `module` imports, at module level or inside a function."""
     names = set()
-    for node in ast.walk(tree):
+    for node in ast.walk(ast.parse(source(module).read_text())):
         if isinstance(node, ast.Import):
-            names |= {alias.name.split(".")[0] for alias in node.names}
+            names |= {alias.name for alias in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names.add(node.module.split(".")[0])
+            names.add(node.module)
+            names |= {f"{node.module}.{alias.name}" for alias in node.names}  # from plumbing import files
     return (names & set(MODULES)) - {module}
 
 
@@ -27,8 +36,13 @@ GRAPH = {module: project_imports(module) for module in MODULES}
 
 
 def test_the_checker_sees_imports():
-    assert "mipo" in GRAPH["train"] and "dpo_loss" in GRAPH["train"] and "files" in GRAPH["tasks"]
+    assert "mipo" in GRAPH["train"] and "dpo_loss" in GRAPH["train"] and "plumbing.files" in GRAPH["tasks"]
+    assert "plumbing.files" in GRAPH["plumbing.runs"]
     assert set(METHOD) <= set(MODULES)
+
+
+def test_the_top_level_is_the_method_and_tasks():
+    assert {p.stem for p in ROOT.glob("*.py")} == TOP_LEVEL
 
 
 def test_no_import_circle():
@@ -57,11 +71,18 @@ def test_data_flows_one_way_through_the_method_files():
 
 
 def test_the_pure_modules_import_nothing_of_the_project():
-    for module in ("dpo_loss", "sampler", "files"):
-        assert not GRAPH[module], f"{module}.py imports {sorted(GRAPH[module])}"
+    for module in ("dpo_loss", "sampler", "plumbing.files"):
+        assert not GRAPH[module], f"{module} imports {sorted(GRAPH[module])}"
 
 
 def test_every_module_says_what_it_is_in_its_first_line():
-    for module in MODULES:
-        doc = ast.get_docstring(ast.parse((ROOT / f"{module}.py").read_text()))
-        assert doc and len(doc.splitlines()[0]) > 20, f"{module}.py has no docstring that says what it is"
+    for module in MODULES + ["plumbing.__init__"]:
+        doc = ast.get_docstring(ast.parse(source(module).read_text()))
+        assert doc and len(doc.splitlines()[0]) > 20, f"{module} has no docstring that says what it is"
+
+
+def test_model_loader_imports_without_gguf():
+    # A local Hugging Face directory needs no gguf reader: only the bundled models (gguf files) do.
+    code = "import sys; sys.modules['gguf'] = None; import model_loader, sampler, mipo, train, eval"
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr

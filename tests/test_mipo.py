@@ -16,7 +16,7 @@ import mipo
 import sampler
 import tasks
 from conftest import make_tiny_model
-from files import MipoError
+from plumbing.files import MipoError
 from mipo import build_pairs, read_pairs
 from model_loader import Tokenizer
 from sampler import Sampling

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import model_sources
-from files import MipoError
+from plumbing import model_sources
+from plumbing.files import MipoError
 from model_loader import ModelConfig, load_model, save_model
 
 transformers = pytest.importorskip("transformers")

@@ -1,4 +1,4 @@
-"""shard.py: a DPO step of FSDP2 over two CPU processes (gloo) equals the same step in one process on the whole
+"""plumbing/shard.py: a DPO step of FSDP2 over two CPU processes (gloo) equals the same step in one process on the whole
 global batch; a sharded checkpoint resumes to the very weights of an uninterrupted run; bf16 mixed precision keeps
 float32 master weights and float32 RoPE tables; the memory model counts parameters exactly.
 
@@ -13,10 +13,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-import shard
+from plumbing import shard
 from conftest import RunsCodeWhenUnpickled, make_tiny_model
 from dpo_loss import preference_loss, sequence_logps
-from files import MipoError
+from plumbing.files import MipoError
 from model_loader import ModelConfig, rope_inv_freq
 
 WORLD = 2

@@ -9,7 +9,7 @@ import pytest
 
 import mipo
 import tasks
-from files import MipoError
+from plumbing.files import MipoError
 from tasks import TASKS, Example
 
 # ------------------------------------------------------------------ GSM8K: the paper's gsm.py

@@ -16,16 +16,16 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import config
+from plumbing import config
 import dpo_loss
 import mipo
 import model_loader
-import runs
-import shard
+from plumbing import runs
+from plumbing import shard
 import tasks
 import train
 from conftest import RunsCodeWhenUnpickled, make_tiny_model
-from files import MipoError
+from plumbing.files import MipoError
 from model_loader import Tokenizer, load_model, save_model
 
 REPO = Path(__file__).resolve().parent.parent
@@ -666,7 +666,7 @@ def test_two_process_ddp_equals_one_process(assets, baseline, tmp_path):
 
 
 def test_two_process_fsdp_equals_one_process_and_resumes(assets, baseline, tmp_path):
-    """train.py --shard (FSDP2 over 2 gloo processes, shard.py) gives the single-process weights and logs its
+    """train.py --shard (FSDP2 over 2 gloo processes, plumbing/shard.py) gives the single-process weights and logs its
     numbers, and a sharded run killed mid-training resumes from its distributed checkpoint (not from the start: the
     base weights are changed after the kill) to the same weights as an uninterrupted one."""
     launcher = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2")

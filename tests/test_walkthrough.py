@@ -20,7 +20,7 @@ DOC = ROOT / "docs" / "walkthrough.md"
 EXAMPLE = ROOT / "examples" / "walkthrough.py"
 CORE = ("model_loader", "sampler", "mipo", "dpo_loss", "train", "eval")
 
-CODE_REF = re.compile(r"\b([a-z_]+)\.py:([A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*)")  # mipo.py:build_pairs
+CODE_REF = re.compile(r"\b((?:plumbing/)?[a-z_]+)\.py:([A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*)")  # mipo.py:build_pairs
 TEST_REF = re.compile(r"`(tests/test_[a-z_]+\.py)::([A-Za-z_][A-Za-z0-9_]*)`")  # tests/test_x.py::test_y
 
 
@@ -28,7 +28,7 @@ def resolves(module: str, name: str) -> bool:
     """True when `module.py:name` names an attribute of that top-level module (dotted: a class attribute)."""
     if not (ROOT / f"{module}.py").is_file():
         return False
-    obj = importlib.import_module(module)
+    obj = importlib.import_module(module.replace("/", "."))
     for part in name.split("."):
         if not hasattr(obj, part):
             return False
@@ -83,7 +83,7 @@ def shown_commands(text: str) -> list[list[str]]:
 
 
 def test_every_command_in_the_walkthrough_parses_with_the_current_flags():
-    import config
+    from plumbing import config
 
     sys.path.insert(0, str(EXAMPLE.parent))
     import walkthrough

@@ -15,14 +15,14 @@ import torch
 import torch.distributed as dist
 
 import mipo
-import shard
-from config import OptimConfig, PairsConfig
-from files import Interrupted, MipoError, atomic_file, check_out, write_atomically
+from plumbing import shard
+from plumbing.config import OptimConfig, PairsConfig
+from plumbing.files import Interrupted, MipoError, atomic_file, check_out, write_atomically
 from model_loader import check_model
 from sampler import set_glibc_malloc
 from tasks import get_task, load_examples
 
-# The layout of a run directory: train.py writes it, eval.py and report.py read it.
+# The layout of a run directory: train.py writes it, eval.py and plumbing/report.py read it.
 RUN_FINAL = "final"  # the trained policy, a Hugging Face model directory
 RUN_METRICS = "metrics.jsonl"  # one JSON dict per optimizer step (loss, rewards/*, logps/*, ...)
 RUN_CONFIG = "config.json"  # the run's settings; eval reads pairs.task and pairs.data from it

@@ -15,9 +15,9 @@ library train.py calls for that, plus the memory model that says in advance whet
     memory_plan          bytes per rank for parameters, gradients, AdamW, activations and logits, from the config
     choose_layout        the micro-batch and checkpointing that fit a GPU, the global batch kept at 4
 
-    python shard.py --table                          the Markdown memory table of docs/scaling.md
-    python shard.py --commands                       the torchrun commands of the paper's five models on 1-8 GPUs
-    python shard.py --plan qwen2.5-7b --gpus 4       one memory plan, as train.py prints it before training
+    python -m plumbing.shard --table                          the Markdown memory table of docs/scaling.md
+    python -m plumbing.shard --commands                       the torchrun commands of the paper's five models on 1-8 GPUs
+    python -m plumbing.shard --plan qwen2.5-7b --gpus 4       one memory plan, as train.py prints it before training
 
 Launch: torchrun --nproc_per_node 4 train.py -- --model DIR --preset paper --shard (docs/scaling.md has the
 commands for the paper's five models on 1, 2, 4 and 8 GPUs, and on several nodes).
@@ -44,7 +44,7 @@ try:
 except ImportError:  # torch 2.5: the same FSDP2 under its first name (only 2.13 is tested here)
     from torch.distributed._composable.fsdp import MixedPrecisionPolicy, fully_shard
 
-from files import MipoError, run_command
+from plumbing.files import MipoError, run_command
 from model_loader import CausalLM, ModelConfig, rope_inv_freq
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from config import LossConfig, PairsConfig
-from files import MipoError, read_json
-from runs import RUN_METRICS, RUN_SUMMARY
+from plumbing.config import LossConfig, PairsConfig
+from plumbing.files import MipoError, read_json
+from plumbing.runs import RUN_METRICS, RUN_SUMMARY
 from tasks import Task
 
 LN2 = math.log(2)

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import torch
 
-import shard
+from plumbing import shard
 from dpo_loss import F_DIVERGENCES, LOSS_TYPES, check_options
-from files import MipoError, cache_dir, check_out, jsonl_records, read_json, utf8, write_atomically
+from plumbing.files import MipoError, cache_dir, check_out, jsonl_records, read_json, utf8, write_atomically
 from model_loader import TRANSFORMERS_SAMPLING_DEFAULTS, ModelConfig, Tokenizer, generation_defaults
-from model_sources import local_model, resolve_model_dir
+from plumbing.model_sources import local_model, resolve_model_dir
 from sampler import Sampling
 from tasks import NEGATIVES, TASKS, Task, default_sampling, get_task, load_examples, prompt_messages
 
@@ -102,7 +102,7 @@ class HardwareConfig:
     device: str = "cpu"
     dtype: str = "float32"  # compute dtype: bfloat16 = matmuls under autocast; weights and AdamW stay float32
     gradient_checkpointing: bool = False
-    shard: bool = False  # FSDP2 over the torchrun processes (shard.py)
+    shard: bool = False  # FSDP2 over the torchrun processes (plumbing/shard.py)
     save_minutes: float = 10.0  # minutes of DPO between checkpoints (0: not by time); Ctrl-C and SIGTERM write one too
     save_every: int | None = None  # optimizer steps between checkpoints, besides the clock (None: by the clock only)
 

@@ -20,13 +20,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import gguf
 import numpy as np
 import torch
 from safetensors.torch import save_file
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
-from files import MipoError, cache_dir, fetch_package
+from plumbing.files import MipoError, cache_dir, fetch_package
 
 
 @dataclass(frozen=True)
@@ -165,7 +164,7 @@ LAYER_TENSORS = {
 }
 TOP_TENSORS = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight", "output.weight": "lm_head.weight"}
 
-CONTROL, USER_DEFINED = gguf.TokenType.CONTROL, gguf.TokenType.USER_DEFINED  # tokenizer.ggml.token_type
+CONTROL, USER_DEFINED = 3, 4  # tokenizer.ggml.token_type: gguf.TokenType.CONTROL, .USER_DEFINED (the GGUF spec's)
 
 # tokenizer.ggml.pre -> (normalizer, pre-tokenizer) as in the model's own HF tokenizer.json. llama.cpp
 # (llama-vocab.cpp) uses the same split regexes. Not what transformers' GGUF loader builds: it drops
@@ -201,6 +200,8 @@ def convert_gguf(gguf_path: Path, out_dir: Path, generation: dict | None = None)
     Everything goes to a temporary directory next to out_dir first, renamed at the end, so an
     interrupted conversion leaves nothing half-written under the final name.
     """
+    import gguf  # here, not at the top: only the bundled models need the gguf package, a local directory does not
+
     try:
         reader = gguf.GGUFReader(gguf_path)
     except (ValueError, OSError) as e:
@@ -307,6 +308,8 @@ def _hf_tensor(tensor, arch: str, config: dict, path: Path) -> tuple[str, torch.
     # GGUF lists dimensions fastest-first ([in, out]); the dequantized numpy array is already (out, in),
     # the row-major layout of an HF Linear weight.
     # np.array copies: F32 tensors come back as read-only views of the file.
+    import gguf
+
     weight = np.array(gguf.quants.dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)
     expected = _expected_shape(hf_name, config)
     if weight.shape != expected:
