@@ -12,7 +12,8 @@ MIPO paper's own baselines are also here: `sft` on the positives, and `infonce` 
 response scored under both prompts (the `logps_matrix` option, below). docs/losses.md has the table.
 
 Conventions (all tensors (B,), one entry per preference pair):
-- log-probs are SUMS over completion tokens (sequence_logps); lengths count those tokens. `ipo`,
+- log-probs are SUMS over completion tokens (token_logps, summed per response by train.forward_logps);
+  lengths count those tokens. `ipo`,
   `sigmoid_norm` and `simpo` divide by the length themselves, so every loss takes the same inputs.
 - the log-ratio of a response is log pi(y|x) - log pi_ref(y|x); the reference term is dropped for the
   reference-free losses (`simpo`, `sft`, `infonce`, `sami`, or any loss with reference_free=True), whose
@@ -57,46 +58,11 @@ EXP_CAP = 80.0  # exp() argument cap in the f-divergences: e^80 is still finite 
 # Per-sequence log-probabilities
 
 
-def sequence_logps(logits, input_ids, completion_mask, chunk_tokens=256):
-    """Summed log pi(completion | prompt) per row, and the number of completion tokens.
-
-    logits (B, T, V) from the model on input_ids (B, T); completion_mask (B, T) marks the completion tokens
-    of input_ids (1/True), built from lengths by the caller. Returns (logp_sum (B,) float32, n_tokens (B,)).
-    """
-    B, T, V = logits.shape
-    if input_ids.shape != (B, T) or completion_mask.shape != (B, T):
-        raise ValueError(f"logits {tuple(logits.shape)} need input_ids and completion_mask of shape {(B, T)}; got "
-                         f"{tuple(input_ids.shape)} and {tuple(completion_mask.shape)}")
-    mask = completion_mask.bool()
-    if mask[:, 0].any():
-        raise ValueError("completion_mask marks position 0, which no logit predicts; every row needs a prompt token")
-    # Next-token prediction: the logits at position t score token t+1, so targets are the ids shifted left.
-    targets = input_ids[:, 1:]  # (B, T-1)
-    target_mask = mask[:, 1:]  # (B, T-1)
-    n_tokens = target_mask.sum(dim=-1)  # (B,)
-    if (n_tokens == 0).any():
-        rows = (n_tokens == 0).nonzero().flatten().tolist()
-        raise ValueError(f"rows {rows} have no completion token in completion_mask; their log-prob would be 0/0")
-    targets = targets.masked_fill(~target_mask, 0)  # any valid id (pads may be -100); masked out below
-    logp_sum = torch.zeros(B, dtype=torch.float32, device=logits.device)
-    # Chunk over positions so the float32 copy is (B, C, V), never (B, T, V): at Qwen's V = 151,936 the full
-    # copy of a (8, 1024) batch is 5 GB.
-    C = max(1, chunk_tokens // B)
-    for start in range(0, T - 1, C):
-        end = min(start + C, T - 1)  # the last position predicts nothing
-        chunk_mask = target_mask[:, start:end]  # (B, C)
-        if not chunk_mask.any():  # all prompt or padding: skip the logsumexp over V
-            continue
-        token_logps = TokenLogps.apply(logits[:, start:end], targets[:, start:end])  # (B, C)
-        # where, not multiply: a masked position may hold -inf (a banned pad id), and -inf * 0 is NaN
-        logp_sum = logp_sum + torch.where(chunk_mask, token_logps, 0.0).sum(dim=-1)
-    return logp_sum, n_tokens
-
-
 def token_logps(logits, targets, chunk_tokens=256):
     """log pi(target) at each of N positions: logits (N, V), targets (N,) -> (N,) float32, chunk_tokens positions
     at a time, so the float32 copy is (chunk_tokens, V), never (N, V)."""
-    return torch.cat([TokenLogps.apply(chunk, ids) for chunk, ids in zip(logits.split(chunk_tokens), targets.split(chunk_tokens))])
+    return torch.cat([TokenLogps.apply(chunk, ids)
+                      for chunk, ids in zip(logits.split(chunk_tokens), targets.split(chunk_tokens))])
 
 
 class TokenLogps(torch.autograd.Function):

@@ -34,20 +34,18 @@ from pathlib import Path
 
 import torch
 
-from plumbing import config
 import mipo
-from plumbing import report
-import sampler
-from plumbing.files import MipoError, jsonl_records, read_json, run_command, utf8, write_atomically
-from plumbing.gguf_convert import BUNDLED, BUNDLED_ALIASES
-from model_loader import check_model, load_model, weight_files
-from plumbing.model_sources import is_hub_name, resolve_model_dir
-from plumbing.report import short_names
-from plumbing.runs import EVAL_SUBDIR, OTHER_MODELS_DIR, RUN_CONFIG, RUN_FINAL, RUN_METRICS
+from model_loader import load_model
 from sampler import Sampling
 from tasks import (DATA_SEED, GSM8K_EXTRACT_PROMPT, PREFERENCE_BY_ID, Example, Task, eval_sampling, extract_number,
                    first_number, get_task, load_examples, mentions_answer, nearest_rating, prompt_messages,
                    score_gsm8k_answer)
+from plumbing import config, cpu_speedups, report
+from plumbing.files import OTHER_MODELS_DIR, MipoError, run_command
+from plumbing.model_sources import is_hub_name
+from plumbing.report import print_one, short_names, write_comparison
+from plumbing.results import (fingerprint, load_results, locate, read_reference_answers, resolve, run_data_settings,
+                              save_results, update_summary)
 
 MI_SEED = DATA_SEED  # fixes x' of the MI meter, so every model is measured against the same other prompts
 
@@ -129,20 +127,11 @@ def check_fits(model, prompts: list[list[int]], max_new_tokens: int, what: str) 
                         f"context window of {limit} tokens; lower --max-new-tokens")
 
 
-def generate_texts(model, tokenizer, prompts, sampling: Sampling, seed: int, batch_size: int, progress: bool):
-    """(text, stopped) per prompt; the stop token is cut from the text, as in the pairs file."""
-    completions = sampler.generate(model, prompts, **sampler.generate_kwargs(config.resolve_sampling(sampling, model)),
-                                   stop_token_ids=tokenizer.stop_token_ids, seed=seed, batch_size=batch_size,
-                                   progress=progress)
-    return [mipo.response_text(tokenizer, tokens) for tokens in completions]
-
-
 def meter_rows(task: Task, examples: list[Example], items: list[dict]) -> list[tuple]:
-    """(x, x', y, stopped) per item, y the model's own response and x' the task's own negative prompt
-    (mipo.plan_negatives), fixed by MI_SEED and the items alone, so that every model is metered against the same x'."""
-    negatives = mipo.plan_negatives(task, examples, task.negative, MI_SEED)
-    return [(prompt_messages(task, ex), prompt_messages(task, x_prime), item["response"], item["stopped"])
-            for ex, (x_prime, _, _), item in zip(examples, negatives, items)]
+    """mipo.meter_rows of the items' responses, x' fixed by MI_SEED and the items alone, so that every model is
+    metered against the same x'."""
+    responses = [(item["response"], item["stopped"]) for item in items]
+    return mipo.meter_rows(task, examples, responses, task.negative, MI_SEED)
 
 
 def can_meter(task: Task, examples: list) -> bool:
@@ -158,7 +147,9 @@ def evaluate(model, tokenizer, task: Task, examples: list[Example], sampling: Sa
     prompts = [tokenizer.apply_chat_template(prompt_messages(task, ex)) for ex in examples]
     check_fits(model, prompts, sampling.max_new_tokens, f"{task.name} prompts")
     items = []
-    for ex, (response, stopped) in zip(examples, generate_texts(model, tokenizer, prompts, sampling, seed, batch_size, progress)):
+    for ex, (response, stopped) in zip(
+        examples, mipo.sample_responses(model, tokenizer, prompts, sampling, seed, batch_size, progress)
+    ):
         items.append({"id": ex.id, "response": response, "stopped": stopped,
                       "metrics": {**score_item(task, ex, response), "truncated": float(not stopped)}})
     if task.name == "gsm8k":
@@ -166,7 +157,8 @@ def evaluate(model, tokenizer, task: Task, examples: list[Example], sampling: Sa
         read_missing_answers(model, tokenizer, examples, items, answer_fallback, READER_SAMPLING[where], seed,
                              batch_size, progress)
     if mi and can_meter(task, examples):
-        values, lengths = mipo.pointwise_mi(model, tokenizer, meter_rows(task, examples, items), batch_size, progress=True)
+        values, lengths = mipo.pointwise_mi(model, tokenizer, meter_rows(task, examples, items), batch_size,
+                                            progress=True)
         for item, value, length in zip(items, values, lengths):
             item["metrics"].update(pmi_self=value, length=float(length))
     return items
@@ -187,8 +179,8 @@ def judge(judge_model, judge_tokenizer, task: Task, examples: list[Example], ite
     if not prompts:
         return
     check_fits(judge_model, prompts, sampling.max_new_tokens, "the judge")
-    for (k, _), (reply, _) in zip(requests, generate_texts(judge_model, judge_tokenizer, prompts, sampling, seed,
-                                                            batch_size, progress)):
+    replies = mipo.sample_responses(judge_model, judge_tokenizer, prompts, sampling, seed, batch_size, progress)
+    for (k, _), (reply, _) in zip(requests, replies):
         items[k]["judge"]["scores"].append(parse_judge_score(reply))
         items[k]["judge"]["replies"].append(reply)
 
@@ -207,82 +199,12 @@ def read_missing_answers(model, tokenizer, examples: list[Example], items: list[
         prompts = [tokenizer.apply_chat_template([{"role": "user", "content": GSM8K_EXTRACT_PROMPT.format(
             response=items[k]["response"])}]) for k in missing]
         check_fits(model, prompts, sampling.max_new_tokens, "gsm8k answer extraction")
-        replies = [text for text, _ in generate_texts(model, tokenizer, prompts, sampling, seed, batch_size, progress)]
+        replies = [text for text, _ in mipo.sample_responses(model, tokenizer, prompts, sampling, seed, batch_size,
+                                                             progress)]
         answers = [first_number(reply) for reply in replies]
     for k, reply, answer in zip(missing, replies, answers):
         items[k]["fallback"] = {"how": how, "reply": reply, "answer": answer}
         items[k]["metrics"]["correct"] = score_gsm8k_answer(examples[k], answer)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Where results live: a run directory, a model directory or a bundled name -> the model and its eval dir.
-# ---------------------------------------------------------------------------------------------------
-
-
-def is_run_dir(path: Path) -> bool:
-    return (path / RUN_FINAL).is_dir() or (path / RUN_METRICS).is_file()
-
-
-def resolve(name_or_path: str, revision: str | None = None) -> dict:
-    """{name, model (what load_model takes), run (the run directory or None), eval_dir}. A hub name (owner/name) is
-    downloaded at revision and then treated as the local directory it is in. The model is checked (config.json,
-    tokenizer, tensor shapes) without loading it, so that a bad one fails before any evaluation is written."""
-    spec = locate(name_or_path, revision)
-    check_model(spec["model"])
-    return spec
-
-
-def locate(name_or_path: str, revision: str | None = None) -> dict:
-    path = resolve_model_dir(name_or_path, revision) if is_hub_name(name_or_path) else Path(name_or_path)
-    if path.name == RUN_FINAL and is_run_dir(path.parent):  # RUN/final: the run's own results
-        path = path.parent
-    if path.is_dir() and is_run_dir(path):
-        if not (path / RUN_FINAL / "config.json").is_file():
-            raise MipoError(f"{path}: run directory without a trained model ({RUN_FINAL}/config.json is missing); "
-                            "let train.py finish, or pass a model directory")
-        return {"name": str(name_or_path), "model": str(path / RUN_FINAL), "run": path, "eval_dir": path / EVAL_SUBDIR}
-    if str(name_or_path) in {*BUNDLED, *BUNDLED_ALIASES}:
-        return {"name": str(name_or_path), "model": str(name_or_path), "run": None, "eval_dir": OTHER_MODELS_DIR / str(name_or_path)}
-    if not path.exists():
-        raise MipoError(f"{path}: no such run directory or model (a train.py run directory, a Hugging Face model "
-                        f"directory, or a bundled name: {', '.join([*BUNDLED, *BUNDLED_ALIASES])})")
-    if not (path / "config.json").is_file():
-        raise MipoError(f"{path}: neither a train.py run directory (no {RUN_FINAL}/ or {RUN_METRICS}) "
-                        "nor a Hugging Face model directory (no config.json)")
-    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", str(path.resolve()).strip("/"))
-    return {"name": str(name_or_path), "model": str(path), "run": None, "eval_dir": OTHER_MODELS_DIR / slug}
-
-
-def run_data_settings(run: Path) -> dict:
-    """{model, task, data, eval_data} of a run: train.py keeps them in the "pairs" section of its config.json."""
-    settings = read_json(run / RUN_CONFIG) if (run / RUN_CONFIG).is_file() else {}
-    pairs = settings.get("pairs") if isinstance(settings.get("pairs"), dict) else settings
-    return {key: pairs.get(key) for key in ("model", "task", "data", "eval_data")}
-
-
-def fingerprint(model_arg: str) -> list:
-    """Name, size and modification time of each weight file: a retrained run never reuses stale results."""
-    return [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in weight_files(resolve_model_dir(model_arg))]
-
-
-def save_results(eval_dir: Path, task: Task, items: list[dict], summary: dict) -> None:
-    write_atomically(eval_dir / f"{task.name}.jsonl", "".join(json.dumps(item, ensure_ascii=False) + "\n" for item in items))
-    write_atomically(eval_dir / f"{task.name}.summary.json", json.dumps(summary, indent=2) + "\n")
-
-
-def load_results(eval_dir: Path, task: Task, settings: dict, ids: list[str]) -> list[dict] | None:
-    """The cached items when they were made with exactly these settings for exactly these items, else None."""
-    summary_path, items_path = eval_dir / f"{task.name}.summary.json", eval_dir / f"{task.name}.jsonl"
-    if not (summary_path.is_file() and items_path.is_file()):
-        return None
-    try:
-        summary = json.loads(summary_path.read_text())
-        items = [json.loads(line) for line in items_path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    except json.JSONDecodeError:
-        return None  # a damaged cache is evaluated again, not trusted
-    if summary.get("settings") != settings or [item.get("id") for item in items] != ids:
-        return None
-    return items
 
 
 def results_for(spec: dict, task: Task, examples, args, settings: dict) -> list[dict]:
@@ -295,6 +217,7 @@ def results_for(spec: dict, task: Task, examples, args, settings: dict) -> list[
         print(f"{spec['name']}: {task.name} results from {spec['eval_dir']}", file=sys.stderr)
         return items
     model, tokenizer = load_model(spec["model"], args.device, args.torch_dtype)
+    cpu_speedups.apply(model)
     print(f"{spec['name']}: evaluating {len(examples)} {task.name} items, {settings['sampling']}", file=sys.stderr)
     start = time.time()
     items = evaluate(model, tokenizer, task, examples, Sampling(**settings["sampling"]), args.seed, args.batch_size,
@@ -303,7 +226,8 @@ def results_for(spec: dict, task: Task, examples, args, settings: dict) -> list[
     gc.collect()
     save_results(spec["eval_dir"], task, items, {"model": spec["name"], "model_dir": spec["model"], "task": task.name,
                                                  "settings": settings, "seconds": round(time.time() - start, 1),
-                                                 "machine": report.machine(args.device), "metrics": report.summarize(items)})
+                                                 "machine": report.machine(args.device),
+                                                 "metrics": report.summarize(items)})
     return items
 
 
@@ -325,6 +249,7 @@ def judge_all(models: list[tuple[dict, list[dict]]], task: Task, examples, args)
             if any(item.get("judge", {}).get("settings") != settings for item in items)]
     if todo:
         judge_model, judge_tokenizer = load_model(resolve(args.judge)["model"], args.device, args.torch_dtype)
+        cpu_speedups.apply(judge_model)
         for spec, items in todo:
             print(f"{spec['name']}: judging {len(items)} responses with {args.judge}", file=sys.stderr)
             judge(judge_model, judge_tokenizer, task, examples, items, Sampling(**settings["sampling"]), args.seed,
@@ -340,26 +265,6 @@ def judge_all(models: list[tuple[dict, list[dict]]], task: Task, examples, args)
         unparsed = sum(s is None for s in scores)
         update_summary(spec, task, items, judge={**settings, "scored": len(scores), "unparsed": unparsed,
                                                  "unparsed_rule": args.judge_unparsed})
-
-
-def update_summary(spec: dict, task: Task, items: list[dict], **fields) -> None:
-    """Save the items and their summary, with the metrics summarized anew and the given fields replaced."""
-    summary_path = spec["eval_dir"] / f"{task.name}.summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
-    summary.update(metrics=report.summarize(items), **fields)
-    save_results(spec["eval_dir"], task, items, summary)
-
-
-def read_reference_answers(path: Path) -> dict[str, str]:
-    """--judge-reference: one JSON object a line, {"id": item id, "answer": the reference answer}."""
-    if not path.is_file():
-        raise MipoError(f"{path}: file not found (--judge-reference)")
-    answers = {}
-    for lineno, row in jsonl_records(path, utf8(path, path.read_bytes())):
-        if not (isinstance(row, dict) and isinstance(row.get("id"), (str, int)) and isinstance(row.get("answer"), str)):
-            raise MipoError(f"{path}:{lineno}: needs fields 'id' (the held-out item's id) and 'answer' (a string)")
-        answers[str(row["id"])] = row["answer"]
-    return answers
 
 
 def judge_reference(args, task: Task, examples: list[Example]) -> tuple[dict, list[dict]] | None:
@@ -395,8 +300,10 @@ def meter_all(models: list[tuple[dict, list[dict]]], task: Task, examples, args)
     if not todo:
         return
     model, tokenizer = load_model(args.mi_reference["model"], args.device, args.torch_dtype)
+    cpu_speedups.apply(model)
     for spec, items in todo:
-        print(f"{spec['name']}: pointwise MI of {len(items)} responses under {args.mi_reference['name']}", file=sys.stderr)
+        print(f"{spec['name']}: pointwise MI of {len(items)} responses under {args.mi_reference['name']}",
+              file=sys.stderr)
         values, lengths = mipo.pointwise_mi(model, tokenizer, meter_rows(task, examples, items), args.batch_size,
                                             progress=True)
         for item, value, length in zip(items, values, lengths):
@@ -482,7 +389,8 @@ def held_out_items(args, specs: list[dict]) -> tuple[Task, list[Example], dict]:
     trained_on = {s["name"]: run_data_settings(s["run"]).get("task") for s in specs if s["run"] is not None}
     if args.task is None and len(set(trained_on.values())) > 1:
         tasks = ", ".join(f"{name}: {task}" for name, task in trained_on.items())
-        raise MipoError(f"--compare: the runs were trained on different tasks ({tasks}); pass --task to evaluate them all on one")
+        raise MipoError(f"--compare: the runs were trained on different tasks ({tasks}); "
+                        "pass --task to evaluate them all on one")
     task_name = args.task or run_settings.get("task")
     if task_name is None:
         raise MipoError("--task is required: no run directory among the models says which task it was trained on")
@@ -494,54 +402,13 @@ def held_out_items(args, specs: list[dict]) -> tuple[Task, list[Example], dict]:
     examples = load_examples(task, "eval", n, data, eval_data)
     sampling = config.sampling_from_flags(args, eval_sampling(task, args.device))
     args.torch_dtype = config.torch_dtype(args.dtype, args.device)  # as train.py: bf16 where the hardware multiplies it
-    settings = {"task": task.name, "data": str(data) if data else None, "eval_data": str(eval_data) if eval_data else None,
+    settings = {"task": task.name, "data": str(data) if data else None,
+                "eval_data": str(eval_data) if eval_data else None,
                 "n": len(examples), "sampling": asdict(sampling),
                 "seed": args.seed, "mi": not args.no_mi, "dtype": str(args.torch_dtype).removeprefix("torch.")}
     if task.name == "gsm8k":
         settings["answer_fallback"] = args.answer_fallback
     return task, examples, settings
-
-
-def print_one(model: tuple[dict, list[dict]], task: Task, names: list[str], args, reference: dict | None) -> None:
-    """One model: its summary (with its judge win rate against --judge-reference's answers when given), and its
-    training curves when it is a run."""
-    spec, items = model
-    print(f"{spec['name']} on {task.name}: {len(items)} items -> {spec['eval_dir']}")
-    for key, c in report.summarize(items).items():
-        print(f"  {key:<22} {report.interval(c)}")
-    if reference is not None:
-        print(f"  {'judge_win':<22} {report.interval(report.cell(report.judge_wins(items, reference)))}")
-    note = report.judge_note([model], names, args.judge_unparsed, reference is not None)
-    if note:
-        print(f"  {note}")
-    if spec["run"] is not None and report.plot_training_curves(spec["run"], spec["eval_dir"] / "curves.png"):
-        print(f"  curves: {spec['eval_dir'] / 'curves.png'}")
-
-
-def write_comparison(models: list[tuple[dict, list[dict]]], task: Task, examples, args, settings: dict,
-                     reference: dict | None) -> None:
-    """--compare: the table on stdout, and as Markdown with a chart in each run's eval dir (or --out). reference: the
-    judge scores of --judge-reference's answers by item id (None: the base model's answers are the reference)."""
-    specs = [spec for spec, _ in models]
-    names = short_names(specs)
-    in_force = config.resolve_sampling(Sampling(**settings["sampling"]), specs[0]["model"])  # as the base sampled
-    settings = {**settings, "sampling": asdict(in_force)}
-    rows = report.compare_rows(models[0][1], [items for _, items in models[1:]], reference)
-    print(f"{task.name}: {len(examples)} held-out items; diff = run - base on the same items, "
-          f"{report.CONFIDENCE:.0%} paired bootstrap interval; * excludes 0")
-    print(report.format_table(rows, names, markdown=False))
-    note = report.judge_note(models, names, args.judge_unparsed, reference is not None)
-    if note:
-        print(note)
-    out_dirs = [Path(args.out)] if args.out else [spec["eval_dir"] for spec in specs[1:]]
-    for out_dir in out_dirs:
-        markdown = report.markdown_report(rows, names, models, task, args, settings, note)
-        write_atomically(out_dir / f"compare-{task.name}.md", markdown)
-        report.plot_comparison(rows, names, out_dir / f"compare-{task.name}.png")
-        print(f"table: {out_dir / f'compare-{task.name}.md'}", file=sys.stderr)
-    for spec in specs:
-        if spec["run"] is not None and report.plot_training_curves(spec["run"], spec["eval_dir"] / "curves.png"):
-            print(f"curves: {spec['eval_dir'] / 'curves.png'}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -20,9 +20,7 @@ file is TRL's conversational preference format.
 
     python mipo.py --model qwen --task persona --n 32
 """
-import fcntl
 import json
-import os
 import random
 import sys
 import time
@@ -34,14 +32,14 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from plumbing import config
 import sampler
 from dpo_loss import token_logps
-from plumbing.files import MipoError, jsonl_records, run_command, utf8, write_atomically
 from model_loader import load_model
-from plumbing.model_sources import local_model
 from sampler import Sampling
 from tasks import NEGATIVES, Example, Task, compare_responses, load_examples, prompt_messages
+from plumbing import config, cpu_speedups
+from plumbing.files import MipoError, append_jsonl, numbered_jsonl, run_command, write_atomically
+from plumbing.model_sources import local_model
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -76,7 +74,9 @@ def derangement(keys: list[str], rng: random.Random) -> list[int]:
     return donor
 
 
-def negative_example(task: Task, ex: Example, kind: str, donor: Example | None, rng: random.Random) -> tuple[Example, str]:
+def negative_example(
+    task: Task, ex: Example, kind: str, donor: Example | None, rng: random.Random
+) -> tuple[Example, str]:
     """x' for x, and where it came from (the donor's id, 'no context', or the dropped sentence)."""
     if kind == "random":
         return donor, donor.id  # another training prompt altogether; its positive becomes x's negative
@@ -90,7 +90,9 @@ def negative_example(task: Task, ex: Example, kind: str, donor: Example | None, 
         if task.drops_sentence:
             question, dropped = drop_one_sentence(ex.question, rng)
             return replace(ex, question=question), f"dropped sentence: {dropped}"
-        raise MipoError(f"--negative incomplete: {task.name} item {ex.id} has no user context to remove; use --negative random")
+        raise MipoError(
+            f"--negative incomplete: {task.name} item {ex.id} has no user context to remove; use --negative random"
+        )
     raise MipoError(f"--negative {kind}: must be one of {', '.join(NEGATIVES)}")
 
 
@@ -109,7 +111,9 @@ def drop_one_sentence(question: str, rng: random.Random) -> tuple[str, str]:
     return (".".join(remaining) + "." + parts[-1]).strip(), parts[k].strip()
 
 
-def plan_negatives(task: Task, examples: list[Example], negative: str, seed: int) -> list[tuple[Example, str, int | None]]:
+def plan_negatives(
+    task: Task, examples: list[Example], negative: str, seed: int
+) -> list[tuple[Example, str, int | None]]:
     """(x', its source, the donor's index or None) for every x, fixed by the seed before any sampling."""
     if len({ex.id for ex in examples}) != len(examples):
         raise MipoError(f"task {task.name}: example ids are not unique")
@@ -120,7 +124,9 @@ def plan_negatives(task: Task, examples: list[Example], negative: str, seed: int
         donors = derangement([ex.context or task.render(ex) for ex in examples], random.Random(seed))
     plan = []
     for ex, d in zip(examples, donors):
-        x_prime, source = negative_example(task, ex, negative, examples[d] if d is not None else None, random.Random(f"{seed}-{ex.id}"))
+        x_prime, source = negative_example(
+            task, ex, negative, examples[d] if d is not None else None, random.Random(f"{seed}-{ex.id}")
+        )
         plan.append((x_prime, source, d))
     return plan
 
@@ -135,24 +141,19 @@ def plan_negatives(task: Task, examples: list[Example], negative: str, seed: int
 # (PAIRS.samples.jsonl), one line per prompt and batch by batch, which is what an interrupted run resumes.
 # ---------------------------------------------------------------------------------------------------
 
-PAIR_FIELDS = ("id", "task", "prompt", "chosen", "rejected", "negative", "negative_source", "negative_prompt", "sampling")
+PAIR_FIELDS = (
+    "id", "task", "prompt", "chosen", "rejected", "negative", "negative_source", "negative_prompt", "sampling",
+)
+SAMPLE_FIELDS = ("id", "task", "negative", "sampling", "chosen", "chosen_stopped")
 
 
-def read_pairs(path, repair: bool = False) -> list[dict]:
-    """Every record of a pairs (or samples) file. A last line without its newline is what an interrupted write
-    leaves: with repair=True it is cut off the file (it is sampled again), else it is an error."""
+def read_pairs(path) -> list[dict]:
+    """Every record of a pairs (or samples) file, each with the fields this project writes."""
     path = Path(path)
     if not path.is_file():
         raise MipoError(f"{path}: pairs file not found")
-    data = path.read_bytes()
-    if data and not data.endswith(b"\n"):
-        if not repair:
-            raise MipoError(f"{path}: the last line is incomplete (an interrupted build); run `python mipo.py` with --out {path} to finish it")
-        data = data[:data.rfind(b"\n") + 1]
-        with open(path, "r+b") as f:
-            f.truncate(len(data))
     fields = SAMPLE_FIELDS if path.name.endswith(".samples.jsonl") or ".samples.rank" in path.name else PAIR_FIELDS
-    records = jsonl_records(path, utf8(path, data))
+    records = numbered_jsonl(path)
     for lineno, record in records:
         missing = [k for k in fields if not isinstance(record, dict) or k not in record]
         if missing:
@@ -160,12 +161,12 @@ def read_pairs(path, repair: bool = False) -> list[dict]:
     return [record for _, record in records]
 
 
-SAMPLE_FIELDS = ("id", "task", "negative", "sampling", "chosen", "chosen_stopped")
-
-
 def samples_path(pairs_path, shard: tuple[int, int] = (0, 1)) -> Path:
     pairs_path, (rank, world) = Path(pairs_path), shard
-    return pairs_path.with_name(f"{pairs_path.stem}.samples.jsonl" if world == 1 else f"{pairs_path.stem}.samples.rank{rank}-of-{world}.jsonl")
+    return pairs_path.with_name(
+        f"{pairs_path.stem}.samples.jsonl" if world == 1
+        else f"{pairs_path.stem}.samples.rank{rank}-of-{world}.jsonl"
+    )
 
 
 def response_text(tokenizer, tokens: list[int]) -> tuple[str, bool]:
@@ -183,64 +184,69 @@ def sampling_settings(sampling: Sampling, seed: int, model_name: str) -> dict:
 
 def same_run(record: dict, task: Task, negative: str, settings: dict) -> bool:
     """Whether a pairs or samples record was made by a run with these settings (the recorded date aside)."""
-    recorded = {k: v for k, v in record["sampling"].items() if k != "date"} if isinstance(record["sampling"], dict) else None
+    recorded = (
+        {k: v for k, v in record["sampling"].items() if k != "date"} if isinstance(record["sampling"], dict) else None
+    )
     return (record["task"], record["negative"], recorded) == (task.name, negative, settings)
 
 
 def sample_pairs(model, tokenizer, task: Task, examples: list[Example], path, negative: str, sampling: Sampling,
                  seed: int = 0, batch_size: int = 16, model_name: str = "", progress: bool = True,
-                 shard: tuple[int, int] = (0, 1), after_batch=None) -> None:
+                 shard: tuple[int, int] = (0, 1)) -> None:
     """Sample every response the pairs need into the samples file `path`, one line per prompt x: y+ ~ pi(.|x), and
     y- ~ pi(.|x') unless the negative is another prompt's positive (--negative random). Prompts go in batches of
     batch_size, each with its own seed, so an interrupted run, started again, writes what an uninterrupted run
     would have. shard=(rank, world): sample only every world-th batch, from the rank-th, so that world processes
-    together sample exactly what one process samples. after_batch(k) is called once k batches are on disk."""
-    path = Path(path)
+    together sample exactly what one process samples."""
     plan = plan_negatives(task, examples, negative, seed)
     sample_negatives = negative != "random"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a", encoding="utf-8") as out:
-        # One writer per file: a second run on the same --out would append the same samples again.
-        try:
-            fcntl.flock(out, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise MipoError(f"{path}: another run is writing this file; wait for it to end or pass another --out")
-        sampling = config.resolve_sampling(sampling, model)  # what the flags left to the model, from the model
-        settings = sampling_settings(sampling, seed, model_name)
-        done = resume_samples(path, tokenizer, task, negative, settings)
+    sampling = config.resolve_sampling(sampling, model)  # what the flags left to the model, from the model
+    settings = sampling_settings(sampling, seed, model_name)
+    with append_jsonl(path, "pairs") as (records, write):  # what an interrupted run sampled, and a writer after it
+        done = resume_samples(path, records, tokenizer, task, negative, settings)
         positives, negatives = encode_prompts(model, tokenizer, task, examples, plan, sampling.max_new_tokens)
         rank, world = shard
         todo = [start for start in range(rank * batch_size, len(examples), world * batch_size)
                 if any(ex.id not in done for ex in examples[start:start + batch_size])]
         for b, start in enumerate(todo):
             batch = range(start, min(start + batch_size, len(examples)))
-            # One generate call per batch, with the batch's own seed: the positives, then the negatives if sampled.
+            # One sampling call per batch, with the batch's own seed: the positives, then the negatives if sampled.
             prompts = [positives[i] for i in batch] + ([negatives[i] for i in batch] if sample_negatives else [])
-            completions = sampler.generate(model, prompts, **sampler.generate_kwargs(sampling),
-                                           stop_token_ids=tokenizer.stop_token_ids, seed=seed * 1_000_003 + start,
-                                           batch_size=len(prompts), progress=False)
+            responses = sample_responses(model, tokenizer, prompts, sampling, seed * 1_000_003 + start, len(prompts))
+            new = []
             for k, i in enumerate(batch):
                 if examples[i].id in done:
                     continue
                 record = {"id": examples[i].id, "task": task.name, "negative": negative, "sampling": settings}
-                record["chosen"], record["chosen_stopped"] = response_text(tokenizer, completions[k])
+                record["chosen"], record["chosen_stopped"] = responses[k]
                 if sample_negatives:
-                    record["rejected"], record["rejected_stopped"] = response_text(tokenizer, completions[len(batch) + k])
-                out.write(json.dumps(record, ensure_ascii=False) + "\n")  # one complete line per prompt
+                    record["rejected"], record["rejected_stopped"] = responses[len(batch) + k]
+                new.append(record)
                 done.add(examples[i].id)
-            out.flush()
-            os.fsync(out.fileno())  # a finished batch survives a crash
+            write(new)  # one complete line per prompt, on disk before the next batch
             if progress:
-                print(f"pairs: {len(done)}/{len(examples)} prompts sampled (batch {b + 1}/{len(todo)})", file=sys.stderr, flush=True)
-            if after_batch:
-                after_batch(b + 1)
+                print(f"pairs: {len(done)}/{len(examples)} prompts sampled (batch {b + 1}/{len(todo)})",
+                      file=sys.stderr, flush=True)
 
 
-def resume_samples(path: Path, tokenizer, task: Task, negative: str, settings: dict) -> set[str]:
-    """The ids already sampled into `path` by a run with these settings; a file of another run is refused. Sets the
-    date the chat template renders and records it in settings."""
-    records = read_pairs(path, repair=True)
-    for record in records:
+def sample_responses(model, tokenizer, prompts: list[list[int]], sampling: Sampling, seed: int, batch_size: int,
+                     progress: bool = False) -> list[tuple[str, bool]]:
+    """One response per prompt (token ids) as (text, stopped): every sampling call of the project goes through here,
+    with the settings in force (what the flags left to the model taken from it, config.resolve_sampling)."""
+    sampling = config.resolve_sampling(sampling, model)
+    completions = sampler.generate(model, prompts, **sampler.generate_kwargs(sampling),
+                                   stop_token_ids=tokenizer.stop_token_ids, seed=seed, batch_size=batch_size,
+                                   progress=progress)
+    return [response_text(tokenizer, tokens) for tokens in completions]
+
+
+def resume_samples(path: Path, records: list[dict], tokenizer, task: Task, negative: str, settings: dict) -> set[str]:
+    """The ids of `records`, already sampled into `path` by a run with these settings; a file of another run is
+    refused. Sets the date the chat template renders and records it in settings."""
+    for k, record in enumerate(records, 1):
+        missing = [f for f in SAMPLE_FIELDS if not isinstance(record, dict) or f not in record]
+        if missing:
+            raise MipoError(f"{path}: record {k}: field {missing[0]!r} is missing")
         if not same_run(record, task, negative, settings):
             raise MipoError(f"{path}: holds samples of another run ({record['task']}, --negative {record['negative']}, "
                             f"{record['sampling']}); pass another --out or delete the file")
@@ -251,30 +257,43 @@ def resume_samples(path: Path, tokenizer, task: Task, negative: str, settings: d
     return {record["id"] for record in records}
 
 
-def encode_prompts(model, tokenizer, task: Task, examples: list[Example], plan: list, max_new_tokens: int) -> tuple[list, list]:
-    """Both prompts of every pair as token ids, x and x'; a prompt too long for the model fails here, before any sampling."""
+def encode_prompts(
+    model, tokenizer, task: Task, examples: list[Example], plan: list, max_new_tokens: int
+) -> tuple[list, list]:
+    """Both prompts of every pair as token ids, x and x'; a prompt too long for the model fails here, before any
+    sampling."""
     positives = [tokenizer.apply_chat_template(prompt_messages(task, ex)) for ex in examples]
     negatives = [tokenizer.apply_chat_template(prompt_messages(task, x_prime)) for x_prime, _, _ in plan]
     limit = model.config.max_position_embeddings
     for ex, pos, neg, (_, source, _) in zip(examples, positives, negatives, plan):
         for ids, which in ((pos, "prompt"), (neg, f"negative prompt ({source})")):
             if len(ids) + max_new_tokens > limit:
-                raise MipoError(f"{task.name} item {ex.id}: {which} of {len(ids)} tokens + --max-new-tokens {max_new_tokens} "
-                                f"exceeds the model's context window of {limit} tokens; lower --max-new-tokens or shorten the prompt")
+                raise MipoError(
+                    f"{task.name} item {ex.id}: {which} of {len(ids)} tokens + --max-new-tokens {max_new_tokens} "
+                    f"exceeds the model's context window of {limit} tokens; "
+                    "lower --max-new-tokens or shorten the prompt"
+                )
     return positives, negatives
 
 
-def write_pairs(task: Task, examples: list[Example], sample_files: list, out_path, negative: str, seed: int) -> list[dict]:
+def write_pairs(
+    task: Task, examples: list[Example], sample_files: list, out_path, negative: str, seed: int
+) -> list[dict]:
     """The pairs, from the samples files, written to out_path at once: (prompt=x, chosen=y+, rejected=y-)."""
     samples = {record["id"]: record for path in sample_files for record in read_pairs(path)}
     missing = [ex.id for ex in examples if ex.id not in samples]
     if missing:
-        raise MipoError(f"{sample_files[0]}: no samples for {len(missing)} prompt(s), e.g. {missing[0]!r}; run the same command again to sample them")
+        raise MipoError(
+            f"{sample_files[0]}: no samples for {len(missing)} prompt(s), e.g. {missing[0]!r}; "
+            "run the same command again to sample them"
+        )
     pairs = []
     for ex, (x_prime, source, donor) in zip(examples, plan_negatives(task, examples, negative, seed)):
         positive = samples[ex.id]
         if donor is not None and negative == "random":  # the donor's own positive, reused as x's negative
-            rejected, rejected_stopped = samples[examples[donor].id]["chosen"], samples[examples[donor].id]["chosen_stopped"]
+            rejected, rejected_stopped = (
+                samples[examples[donor].id]["chosen"], samples[examples[donor].id]["chosen_stopped"]
+            )
         else:
             rejected, rejected_stopped = positive["rejected"], positive["rejected_stopped"]
         pairs.append({
@@ -294,7 +313,7 @@ def write_pairs(task: Task, examples: list[Example], sample_files: list, out_pat
 
 
 def build_pairs(model, tokenizer, task: Task, examples: list[Example], out_path, negative: str, sampling: Sampling,
-                seed: int = 0, batch_size: int = 16, model_name: str = "", progress: bool = True, after_batch=None) -> list[dict]:
+                seed: int = 0, batch_size: int = 16, model_name: str = "", progress: bool = True) -> list[dict]:
     """Sample one positive (from x) and one negative (from x') per example and write the pairs to out_path.
     Resumable (sample_pairs); a complete pairs file of the same run is returned as it is. Returns every pair."""
     sampling = config.resolve_sampling(sampling, model)
@@ -302,8 +321,7 @@ def build_pairs(model, tokenizer, task: Task, examples: list[Example], out_path,
     if pairs is not None:
         return pairs
     path = samples_path(out_path)
-    sample_pairs(model, tokenizer, task, examples, path, negative, sampling, seed, batch_size, model_name, progress,
-                 after_batch=after_batch)
+    sample_pairs(model, tokenizer, task, examples, path, negative, sampling, seed, batch_size, model_name, progress)
     return write_pairs(task, examples, [path], out_path, negative, seed)
 
 
@@ -313,9 +331,14 @@ def read_complete_pairs(path, task: Task, examples: list[Example], negative: str
     if not Path(path).exists():
         return None
     pairs = read_pairs(path)
-    if [p["id"] for p in pairs] != [ex.id for ex in examples] or not all(same_run(p, task, negative, settings) for p in pairs):
-        raise MipoError(f"{path}: holds the pairs of another run (other prompts, task, --negative or sampling settings); "
-                        "pass another --out or delete the file")
+    if (
+        [p["id"] for p in pairs] != [ex.id for ex in examples]
+        or not all(same_run(p, task, negative, settings) for p in pairs)
+    ):
+        raise MipoError(
+            f"{path}: holds the pairs of another run (other prompts, task, --negative or sampling settings); "
+            "pass another --out or delete the file"
+        )
     return pairs
 
 
@@ -323,7 +346,9 @@ def use_recorded_date(tokenizer, records: list[dict], path) -> None:
     """Render chat templates with the date recorded with the records (sample_pairs), if any."""
     dates = {r["sampling"].get("date") for r in records if isinstance(r.get("sampling"), dict)}
     if len(dates) > 1:
-        raise MipoError(f"{path}: its records were rendered on different dates {sorted(map(str, dates))}; delete the file")
+        raise MipoError(
+            f"{path}: its records were rendered on different dates {sorted(map(str, dates))}; delete the file"
+        )
     if dates and None not in dates:
         tokenizer.date = date.fromisoformat(dates.pop())
 
@@ -332,10 +357,13 @@ def pair_stats(pairs: list[dict]) -> dict:
     """The share of responses cut at --max-new-tokens, per side: a pair with one cut side and one stopped side
     teaches 'stop' (the end-of-turn token) as much as it teaches the prompt."""
     n = max(1, len(pairs))
-    return {"pairs": len(pairs),
-            "chosen_truncated": sum(not p.get("chosen_stopped", True) for p in pairs) / n,
-            "rejected_truncated": sum(not p.get("rejected_stopped", True) for p in pairs) / n,
-            "either_truncated": sum(not (p.get("chosen_stopped", True) and p.get("rejected_stopped", True)) for p in pairs) / n}
+    return {
+        "pairs": len(pairs),
+        "chosen_truncated": sum(not p.get("chosen_stopped", True) for p in pairs) / n,
+        "rejected_truncated": sum(not p.get("rejected_stopped", True) for p in pairs) / n,
+        "either_truncated": sum(not (p.get("chosen_stopped", True) and p.get("rejected_stopped", True))
+                                for p in pairs) / n,
+    }
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -351,9 +379,14 @@ def encode_turn(tokenizer, messages: list[dict], response: str, stopped: bool) -
     conversation so the response tokens are those the chat format puts there. The response keeps its
     end-of-turn token when the sample stopped and has none when it was cut at max_new_tokens."""
     prompt_ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-    full = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": response}], add_generation_prompt=False)
+    full = tokenizer.apply_chat_template(
+        messages + [{"role": "assistant", "content": response}], add_generation_prompt=False
+    )
     if full[:len(prompt_ids)] != prompt_ids:
-        raise MipoError("chat template: the rendered conversation does not start with the rendered prompt; this template is not supported")
+        raise MipoError(
+            "chat template: the rendered conversation does not start with the rendered prompt; "
+            "this template is not supported"
+        )
     response_ids = full[len(prompt_ids):]
     stop_ids = set(tokenizer.stop_token_ids)
     end = next((k for k, t in enumerate(response_ids) if t in stop_ids), len(response_ids))
@@ -361,7 +394,9 @@ def encode_turn(tokenizer, messages: list[dict], response: str, stopped: bool) -
 
 
 @torch.no_grad()
-def response_logps(model, rows: list[tuple[list[int], list[int]]], batch_size: int = 8, progress: bool = False) -> torch.Tensor:
+def response_logps(
+    model, rows: list[tuple[list[int], list[int]]], batch_size: int = 8, progress: bool = False
+) -> torch.Tensor:
     """Summed log p(response | prompt) of each (prompt ids, response ids) row, float32, shape (N,).
     Rows are scored longest first, so a batch pads little, and only the positions that score a response token
     go through the output projection and the log-softmax (a prompt's own positions never need the 152k-row
@@ -369,7 +404,9 @@ def response_logps(model, rows: list[tuple[list[int], list[int]]], batch_size: i
     device = model.lm_head.weight.device
     out = torch.zeros(len(rows))  # an empty response (no token at all) has log-prob 0 under any prompt
     scored = sorted((i for i, (_, r) in enumerate(rows) if r), key=lambda i: -len(rows[i][0]) - len(rows[i][1]))
-    for start in tqdm(range(0, len(scored), batch_size), desc="log-probs", unit="batch", disable=not progress, leave=False):
+    for start in tqdm(
+        range(0, len(scored), batch_size), desc="log-probs", unit="batch", disable=not progress, leave=False
+    ):
         batch = scored[start:start + batch_size]
         T = len(rows[batch[0]][0]) + len(rows[batch[0]][1])  # the longest row comes first
         # Right padding: real tokens never attend to the pads after them, so a plain causal forward is exact.
@@ -415,6 +452,16 @@ def mi_meter(model, tokenizer, responses: list[tuple[list[dict], list[dict], str
             "length": sum(lengths) / n, "truncated": sum(not r[3] for r in responses) / n, "pairs": n}
 
 
+def meter_rows(task: Task, examples: list[Example], responses: list[tuple[str, bool]], negative: str,
+               seed: int) -> list[tuple]:
+    """(x, x', y, stopped) per example for pointwise_mi and mi_meter: y its response (text, stopped) and x' the
+    negative prompt plan_negatives draws for (negative, seed), the x' of the example's pair when the pairs were
+    built with the same negative and seed."""
+    plan = plan_negatives(task, examples, negative, seed)
+    return [(prompt_messages(task, ex), prompt_messages(task, x_prime), text, stopped)
+            for ex, (x_prime, _, _), (text, stopped) in zip(examples, plan, responses)]
+
+
 # ---------------------------------------------------------------------------------------------------
 # Command line: python mipo.py --model qwen --task persona --n 32   (flags: config.pairs_parser)
 # ---------------------------------------------------------------------------------------------------
@@ -427,13 +474,17 @@ def main(argv=None) -> None:
 
     args.model = local_model(args.model, args.revision)  # a hub name: downloaded now, then a local directory
     model, tokenizer = load_model(args.model, args.device, config.torch_dtype(args.dtype, args.device))
+    cpu_speedups.apply(model)
     sampling = config.resolve_sampling(sampling, model)  # the flags and the task leave top-k and the penalty to it
     print(f"{task.name}: {len(examples)} prompts, --negative {negative}, {asdict(sampling)} -> {out}", file=sys.stderr)
     t0 = time.time()
-    pairs = build_pairs(model, tokenizer, task, examples, out, negative, sampling, args.seed, args.batch_size, args.model)
+    pairs = build_pairs(
+        model, tokenizer, task, examples, out, negative, sampling, args.seed, args.batch_size, args.model
+    )
     stats = pair_stats(pairs)
     print(f"{len(pairs)} pairs in {out} ({time.time() - t0:.0f} s); cut at --max-new-tokens {sampling.max_new_tokens}: "
-          f"chosen {stats['chosen_truncated']:.0%}, rejected {stats['rejected_truncated']:.0%}, either {stats['either_truncated']:.0%}")
+          f"chosen {stats['chosen_truncated']:.0%}, rejected {stats['rejected_truncated']:.0%}, "
+          f"either {stats['either_truncated']:.0%}")
     for metric, (chosen, rejected) in compare_responses(task, examples, pairs).items():
         print(f"  {metric:<22} chosen {chosen:.3f}   rejected {rejected:.3f}")
 

@@ -3,10 +3,8 @@ Face directory (config.json, safetensors, tokenizer.json and its chat template),
 the sampler writes. None of the method lives here: no DPO, no pairs, no sampling strategy. Which directory
 --model names (a bundled model, a hub name, a local directory) is plumbing/model_sources.py's.
 """
-import contextlib
 import json
 import math
-import os
 import shutil
 import sys
 from datetime import datetime
@@ -55,7 +53,8 @@ class ModelConfig:
     def from_dict(cls, raw: dict, source: str = "config.json") -> "ModelConfig":
         model_type = raw.get("model_type")
         if model_type not in ARCHITECTURES:
-            raise MipoError(f"{source}: model_type {model_type!r} is not supported (supported: {', '.join(ARCHITECTURES)})")
+            raise MipoError(f"{source}: model_type {model_type!r} is not supported "
+                            f"(supported: {', '.join(ARCHITECTURES)})")
         try:
             heads = raw["num_attention_heads"]
             # transformers >= 5 writes RoPE settings as rope_parameters = {"rope_type", "rope_theta", ...};
@@ -89,7 +88,8 @@ class ModelConfig:
         except TypeError as e:
             raise MipoError(f"{source}: a field has the wrong type ({e})")
         if cfg.rope_scaling and cfg.rope_scaling["rope_type"] not in ("llama3", "linear"):
-            raise MipoError(f"{source}: rope type {cfg.rope_scaling['rope_type']!r} is not supported (supported: default, linear, llama3)")
+            raise MipoError(f"{source}: rope type {cfg.rope_scaling['rope_type']!r} is not supported "
+                            "(supported: default, linear, llama3)")
         if cfg.num_attention_heads % cfg.num_key_value_heads:
             raise MipoError(f"{source}: num_attention_heads must be a multiple of num_key_value_heads")
         return cfg
@@ -147,54 +147,6 @@ def apply_rope(x, cos, sin):
     return (x.float() * cos + rotated.float() * sin).to(x.dtype)
 
 
-class Linear(nn.Linear):
-    """nn.Linear, except that float32 on a CPU runs on oneDNN (PyTorch's own mkldnn kernel) instead of MKL's
-    sgemm: the same float32 arithmetic, but MKL takes a generic code path on AMD CPUs, where oneDNN is several times
-    faster (docs/performance.md). Inference and training take the same kernel, so the frozen
-    reference's log-probs equal the policy's at step 0 to the last bit. Under bfloat16 autocast and under
-    torch.compile it is F.linear (PyTorch sends bf16 to oneDNN itself). MIPO_ONEDNN=0 turns it off.
-    While the sampler runs, `packed` holds the weight in oneDNN's own blocked layout (CausalLM.prepacked_weights)."""
-
-    packed = None
-
-    def forward(self, x):
-        if self.packed is not None and x.dtype == self.packed.dtype and not torch.compiler.is_compiling():
-            return onednn_linear(x, self.packed, self.bias)
-        if (ONEDNN_FLOAT32 and x.dtype == torch.float32 and x.device.type == "cpu"
-                and not torch.is_autocast_enabled("cpu")
-                and not torch.compiler.is_compiling()):  # Inductor lowers only its own prepacked form of the op
-            return OneDNNLinear.apply(x, self.weight, self.bias)
-        return F.linear(x, self.weight, self.bias)
-
-
-ONEDNN_FLOAT32 = torch.backends.mkldnn.is_available() and os.environ.get("MIPO_ONEDNN", "1") != "0"
-PACKED_ROWS = 32  # the rows oneDNN picks the blocked layout for (a decode step's batch); any number of rows works
-
-
-def onednn_linear(x, weight, bias=None):
-    """x (..., n) @ weight (m, n)^T + bias -> (..., m), any strides."""
-    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
-
-
-class OneDNNLinear(torch.autograd.Function):
-    """y = x W^T + b with the backward's two products on oneDNN as well: dx = dy W, dW = dy^T x."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias):
-        ctx.save_for_backward(x, weight)
-        ctx.has_bias = bias is not None
-        return onednn_linear(x, weight, bias)
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, weight = ctx.saved_tensors
-        grad_2d = grad.reshape(-1, grad.shape[-1])  # (N, out)
-        grad_x = onednn_linear(grad, weight.t()) if ctx.needs_input_grad[0] else None
-        grad_w = onednn_linear(grad_2d.t(), x.reshape(-1, x.shape[-1]).t()) if ctx.needs_input_grad[1] else None
-        grad_b = grad_2d.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return grad_x, grad_w, grad_b
-
-
 def decode_attention(q, k, v, mask):
     """Attention of one query per row (a decode step): q (B, H, 1, D), k and v (B, K, S, D), mask
     broadcastable to (B, 1, 1, S). Computed as transformers' eager attention does (scores in the model
@@ -213,10 +165,10 @@ class Attention(nn.Module):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         C, D = cfg.hidden_size, cfg.head_dim
-        self.q_proj = Linear(C, self.n_heads * D, bias=cfg.attention_bias)
-        self.k_proj = Linear(C, self.n_kv_heads * D, bias=cfg.attention_bias)
-        self.v_proj = Linear(C, self.n_kv_heads * D, bias=cfg.attention_bias)
-        self.o_proj = Linear(self.n_heads * D, C, bias=False)
+        self.q_proj = nn.Linear(C, self.n_heads * D, bias=cfg.attention_bias)
+        self.k_proj = nn.Linear(C, self.n_kv_heads * D, bias=cfg.attention_bias)
+        self.v_proj = nn.Linear(C, self.n_kv_heads * D, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(self.n_heads * D, C, bias=False)
         if cfg.qk_norm:
             self.q_norm = RMSNorm(D, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(D, cfg.rms_norm_eps)
@@ -251,9 +203,9 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
@@ -288,7 +240,7 @@ class CausalLM(nn.Module):
         super().__init__()
         self.config = cfg
         self.model = Backbone(cfg)
-        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
@@ -329,27 +281,6 @@ class CausalLM(nn.Module):
         elif logits_index is not None:
             x = x[:, logits_index]
         return self.lm_head(x)  # (B, T, V); (N, V) for an index pair
-
-    @contextlib.contextmanager
-    def prepacked_weights(self):
-        """Within it, every Linear of a CPU model multiplies by a copy of its weight reordered once into oneDNN's
-        blocked layout, instead of oneDNN reordering the plain weight at every call: the same products (bf16 to the
-        last bit, float32 within rounding) without a reorder per call (docs/performance.md), for one more copy of the
-        linear weights in memory. For inference (the sampler): a weight
-        changed inside it is not seen. Does nothing on a GPU, for float32 with MIPO_ONEDNN=0, or for bf16 where
-        oneDNN has no bf16 kernel."""
-        weight = self.lm_head.weight
-        usable = weight.device.type == "cpu" and (
-            ONEDNN_FLOAT32 if weight.dtype == torch.float32 else weight.dtype == torch.bfloat16
-            and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-        linears = [m for m in self.modules() if isinstance(m, Linear)] if usable else []
-        for m in linears:
-            m.packed = torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(), PACKED_ROWS)
-        try:
-            yield
-        finally:
-            for m in linears:
-                m.packed = None
 
     def new_kv_cache(self, batch_size: int, max_len: int, dtype=None, device=None):
         cfg, p = self.config, self.lm_head.weight
@@ -396,14 +327,16 @@ def check_weights(model_dir: Path, cfg: ModelConfig) -> dict[str, Path]:
                         raise MipoError(f"{path}: unexpected tensor {key!r} for a {cfg.model_type} model")
                     shape = tuple(f.get_slice(key).get_shape())
                     if shape != expected[key]:
-                        raise MipoError(f"{path}: tensor {key!r} has shape {shape}, config.json implies {expected[key]}")
+                        raise MipoError(f"{path}: tensor {key!r} has shape {shape}, "
+                                        f"config.json implies {expected[key]}")
                     found[key] = path
         except MipoError:
             raise
         except FileNotFoundError:
             raise MipoError(f"{path}: file not found (listed in model.safetensors.index.json)")
         except Exception as e:  # safetensors raises its own error types for truncated or corrupt files
-            raise MipoError(f"{path}: cannot read safetensors file ({str(e).splitlines()[0]}); re-download or re-convert it")
+            raise MipoError(f"{path}: cannot read safetensors file ({str(e).splitlines()[0]}); "
+                            "re-download or re-convert it")
     missing = sorted(set(expected) - set(found))
     if missing:
         raise MipoError(f"{model_dir}: checkpoint lacks {len(missing)} tensor(s), e.g. {missing[0]!r}")
@@ -420,7 +353,8 @@ def load_weights(model: CausalLM, model_dir: Path, device, dtype) -> None:
             with safe_open(path, framework="pt", device="cpu") as f:
                 tensor = f.get_tensor(key)
         except Exception as e:
-            raise MipoError(f"{path}: cannot read tensor {key!r} ({str(e).splitlines()[0]}); re-download or re-convert it")
+            raise MipoError(f"{path}: cannot read tensor {key!r} ({str(e).splitlines()[0]}); "
+                            "re-download or re-convert it")
         with torch.no_grad():
             params[key].copy_(tensor.to(dtype))
         del tensor
@@ -509,7 +443,8 @@ def save_model(model: CausalLM, tokenizer: "Tokenizer", out_dir) -> Path:
 class Tokenizer:
     """The interface every stage uses: encode, decode, apply_chat_template, stop_token_ids, pad_token_id."""
 
-    FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "special_tokens_map.json", "chat_template.jinja")
+    FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "special_tokens_map.json",
+             "chat_template.jinja")
 
     def __init__(self, model_dir: Path, cfg: ModelConfig):
         self.model_dir = Path(model_dir)
@@ -591,8 +526,11 @@ def compile_chat_template(source: str):
         def raise_exception(message):
             raise MipoError(f"chat template: {message}")
 
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
-        env.filters["tojson"] = lambda x, indent=None, ensure_ascii=False: json.dumps(x, indent=indent, ensure_ascii=ensure_ascii)
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                            extensions=["jinja2.ext.loopcontrols"])
+        env.filters["tojson"] = lambda x, indent=None, ensure_ascii=False: json.dumps(
+            x, indent=indent, ensure_ascii=ensure_ascii
+        )
         env.globals["raise_exception"] = raise_exception
         _templates[source] = env.from_string(source)
     return _templates[source]
@@ -601,7 +539,9 @@ def compile_chat_template(source: str):
 def main():
     import argparse
 
-    parser = argparse.ArgumentParser(description="Fetch/convert a model once, print its shape, optionally answer a question greedily.")
+    parser = argparse.ArgumentParser(
+        description="Fetch/convert a model once, print its shape, optionally answer a question greedily."
+    )
     parser.add_argument("model", help="bundled name (qwen, llama, smollm2) or a local Hugging Face directory")
     parser.add_argument("question", nargs="?", help="a user message to answer with greedy decoding")
     parser.add_argument("--max-new-tokens", type=int, default=128, help="length limit of the answer")
@@ -609,18 +549,23 @@ def main():
     args = parser.parse_args()
     try:
         model, tokenizer = load_model(args.model, dtype=getattr(torch, args.dtype))
+        from plumbing import cpu_speedups  # the command's own speed-ups, as train.py's
+
+        cpu_speedups.apply(model)
     except MipoError as e:
         print(f"error: {e}", file=sys.stderr)  # one line, no traceback
         sys.exit(2)
     cfg = model.config
     n_params = sum(p.numel() for p in model.parameters())
     print(f"{args.model}: {cfg.model_type}, {n_params / 1e6:.0f}M parameters, {cfg.num_hidden_layers} layers, "
-          f"{cfg.num_attention_heads}/{cfg.num_key_value_heads} heads, vocab {cfg.vocab_size}, from {resolve_model_dir(args.model)}")
+          f"{cfg.num_attention_heads}/{cfg.num_key_value_heads} heads, vocab {cfg.vocab_size}, "
+          f"from {resolve_model_dir(args.model)}")
     if args.question:
         from sampler import generate  # the CLI's one use of the next stage
 
         prompt = tokenizer.apply_chat_template([{"role": "user", "content": args.question}])
-        [answer] = generate(model, [prompt], args.max_new_tokens, temperature=0, stop_token_ids=tokenizer.stop_token_ids, progress=False)
+        [answer] = generate(model, [prompt], args.max_new_tokens, temperature=0,
+                            stop_token_ids=tokenizer.stop_token_ids, progress=False)
         print(tokenizer.decode(answer))
 
 

@@ -14,8 +14,6 @@ leaves them out: from the model's generation_config.json (Sampling, config.resol
 
 Shape legend: B rows in the batch, P padded prompt length, S key/value slots, V vocab.
 """
-import contextlib
-import ctypes
 from dataclasses import dataclass
 
 import torch
@@ -42,7 +40,7 @@ DEFAULT_BATCH_SIZE = 32
 PREFILL_ROWS = 8  # rows per prefill forward: big enough for efficient matmuls, small enough to waste little padding
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0, stop_token_ids=(), seed=0,
              batch_size=None, return_logprobs=False, progress=True, static=False, compile=False,
              repetition_penalty=1.0):
@@ -66,13 +64,10 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0
         raise ValueError("every prompt needs at least one token")
     batch_size = batch_size or DEFAULT_BATCH_SIZE
     device = model.lm_head.weight.device
-    if device.type == "cpu":
-        keep_freed_memory_for_reuse()
     generator = torch.Generator(device=device).manual_seed(seed)
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))  # longest first: least padding
     results = [None] * len(prompts)
-    packed = contextlib.nullcontext() if compile else model.prepacked_weights()  # CPU: weights in oneDNN's layout
-    with packed, tqdm(total=len(prompts), unit="prompt", desc="sampling", disable=not progress, leave=False) as bar:
+    with tqdm(total=len(prompts), unit="prompt", desc="sampling", disable=not progress, leave=False) as bar:
         for start in range(0, len(order), batch_size):
             rows = order[start:start + batch_size]
             out = generate_batch(model, [prompts[i] for i in rows], max_new_tokens, temperature, top_p, top_k,
@@ -177,28 +172,6 @@ def generate_batch(model, prompts, max_new_tokens, temperature, top_p, top_k, st
     return list(zip(tokens, logprobs))
 
 
-def keep_freed_memory_for_reuse():
-    """Every decode step allocates and frees the same large tensors (the (B, V) logits and the sampling
-    arithmetic over them). By default glibc hands heap memory back to the OS as soon as 128 KiB of it are free
-    at the top, and serves blocks above a moving threshold by fresh mappings, so those tensors fault their
-    pages in again at every step. Serving blocks up to 64 MiB from the heap and keeping up to 512 MiB of it
-    free halves the sampling arithmetic's time on this CPU (qwen, batch 32: 3.3 -> 1.3 s of a 20 s run) and
-    leaves the peak memory lower than the default does. DPO sets its own (runs.keep_activations_in_the_heap).
-    Elsewhere than glibc it does nothing."""
-    set_glibc_malloc(mmap_threshold=64 << 20, trim_threshold=512 << 20)
-
-
-def set_glibc_malloc(mmap_threshold, trim_threshold):
-    """Blocks above mmap_threshold bytes get mappings of their own (returned to the OS when freed); the heap
-    is trimmed once more than trim_threshold bytes are free at its top. Fixed values end glibc's own tuning."""
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):  # not glibc
-        return
-    mallopt(-3, mmap_threshold)  # M_MMAP_THRESHOLD
-    mallopt(-1, trim_threshold)  # M_TRIM_THRESHOLD
-
-
 def shared_prefix_length(prompts):
     """How many leading tokens all prompts share, leaving every prompt at least one token of its own."""
     shortest = min(prompts, key=len)
@@ -254,20 +227,10 @@ def warp(logits, temperature, top_p, top_k):
     return logits, None
 
 
-NUCLEUS_BIN_WIDTH = 0.25  # nats: the histogram that bounds the nucleus size without sorting the vocabulary
-
-
 def top_k_top_p(logits, top_k, top_p):
     """Top-k, then nucleus (Holtzman et al. 2020: the smallest set of most likely tokens whose mass
     reaches top_p; the top token always survives), in transformers' order. Returns the candidates'
-    logits (B, K), sorted descending with filtered ones at -inf, and their token ids (B, K).
-
-    Without top-k, sorting all V logits per row per step would cost more than the forward on a CPU
-    (transformers does that), so only the K most likely tokens are sorted, K being an upper bound on
-    the largest row's nucleus (nucleus_size_bound). The whole vocabulary is sorted only when float
-    rounding leaves those K short of top_p, so the result is exact either way. On a GPU the full sort
-    is cheap and avoids a host sync, so it is always used.
-    """
+    logits (B, K), sorted descending with filtered ones at -inf, and their token ids (B, K)."""
     V = logits.shape[-1]
     if top_k > 0:
         values, token_ids = torch.topk(logits, min(top_k, V), dim=-1)  # (B, K) sorted descending
@@ -276,31 +239,8 @@ def top_k_top_p(logits, top_k, top_p):
             values = values.masked_fill(probs.cumsum(dim=-1) - probs >= top_p, float("-inf"))
         return values, token_ids
     row_max = logits.max(dim=-1, keepdim=True).values  # (B, 1)
-    gap = row_max - logits  # (B, V) nats below the row's most likely token
-    unnormalized = torch.exp(-gap)  # (B, V) p * total
-    total = unnormalized.sum(dim=-1, keepdim=True)  # (B, 1)
-    k = V if logits.is_cuda else nucleus_size_bound(gap, unnormalized, total, top_p)
-    values, token_ids = torch.topk(logits, k, dim=-1)  # (B, K) sorted descending
+    total = torch.exp(-(row_max - logits)).sum(dim=-1, keepdim=True)  # (B, 1) the softmax's denominator
+    values, token_ids = torch.sort(logits, dim=-1, descending=True)  # (B, V)
     probs = torch.exp(values - row_max) / total
-    if k < V and bool((probs.sum(dim=-1) < top_p).any()):
-        values, token_ids = torch.sort(logits, dim=-1, descending=True)  # rounding: use all V
-        probs = torch.exp(values - row_max) / total
     mass_before = probs.cumsum(dim=-1) - probs  # mass of the strictly more likely tokens
     return values.masked_fill(mass_before >= top_p, float("-inf")), token_ids
-
-
-def nucleus_size_bound(gap, unnormalized, total, top_p):
-    """An upper bound on the nucleus size of every row, in a few linear passes over (B, V): gap are the
-    nats below the row's most likely token, unnormalized / total the probabilities.
-
-    Histogram each row's tokens by gap in bins of NUCLEUS_BIN_WIDTH nats. The tokens in bins 0..b, b
-    being the first bin where the cumulative mass reaches top_p, are the most likely tokens of the row
-    and hold at least top_p of its mass, so they contain the nucleus; one more bin is counted as a
-    margin for float rounding.
-    """
-    n_bins = 128
-    bins = (gap * (1 / NUCLEUS_BIN_WIDTH)).clamp_(max=n_bins - 1).long()  # (B, V) the last bin takes the tail (and -inf)
-    mass = gap.new_zeros(gap.shape[0], n_bins).scatter_add_(1, bins, unnormalized)  # (B, n_bins)
-    first = (mass.cumsum(dim=-1) < top_p * total).sum(dim=-1, keepdim=True)  # (B, 1) the bin reaching top_p
-    upto = (first + 1).clamp(max=n_bins - 1)
-    return int((bins <= upto).sum(dim=-1).max())

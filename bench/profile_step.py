@@ -3,7 +3,7 @@ machine, measured in the same run.
 
     python bench/profile_step.py --model qwen --pairs runs/qwen-persona-incomplete-sigmoid/pairs.jsonl
 
-The step is train.py's own (collate -> forward_logps -> dpo_terms -> backward -> clip -> fused AdamW), timed in
+The step is train.py's own (collate -> forward_logps -> preference_loss -> backward -> clip -> fused AdamW), timed in
 parts: the decoder body forward, the output projection + float32 log-softmax forward (from the first position
 that predicts a response token on), their two backwards (split where the gradient reaches the output
 projection's input), the optimizer, and a checkpoint write of weights + AdamW (runs.save_checkpoint).
@@ -27,11 +27,12 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from plumbing import config  # noqa: E402
+import dpo_loss  # noqa: E402
 import mipo  # noqa: E402
-from plumbing import runs  # noqa: E402
 import train  # noqa: E402
 from model_loader import load_model  # noqa: E402
+from plumbing import config, cpu_speedups  # noqa: E402
+from plumbing import runs  # noqa: E402
 
 
 class Marks:
@@ -58,7 +59,8 @@ def profile_step(model, optimizer, batch, micro_batch_size, loss_cfg, hw, marks)
         t1 = time.perf_counter()
         chosen, rejected = train.forward_logps(model, tensors, hw)
         t2 = time.perf_counter()
-        losses, _ = train.dpo_terms(chosen, rejected, micro, loss_cfg)
+        losses, _, _ = dpo_loss.preference_loss(loss_cfg.loss, beta=loss_cfg.beta,
+                                                **train.loss_inputs(chosen, rejected, micro, loss_cfg.options()))
         objective = losses.sum() / len(batch)
         t3 = time.perf_counter()
         objective.backward()
@@ -76,7 +78,7 @@ def profile_step(model, optimizer, batch, micro_batch_size, loss_cfg, hw, marks)
     t = time.perf_counter()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     optimizer.step()
-    train.zero_gradients(model, optimizer)
+    optimizer.zero_grad(set_to_none=True)
     parts["optimizer"] = time.perf_counter() - t
     return {"parts": parts, "n_tokens": n_tokens, "padded": padded, "head_positions": head_positions}
 
@@ -96,8 +98,8 @@ def main():
     parser.add_argument("--steps", type=int, default=4, help="steps to time after one warm-up step (default 4)")
     parser.add_argument("--batch-size", type=int, default=4, help="global batch (default 4, the CPU preset)")
     parser.add_argument("--micro-batch-size", type=int, default=None, help="default: the global batch")
-    parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto", help="compute dtype (default: "
-                        "train.py's choice for this machine)")
+    parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+                        help="compute dtype (default: train.py's choice for this machine)")
     parser.add_argument("--gradient-checkpointing", action="store_true")
     args = parser.parse_args()
     args.micro_batch_size = args.micro_batch_size or args.batch_size
@@ -113,12 +115,11 @@ def main():
         sys.exit(f"--pairs {args.pairs}: {len(records)} pairs, {needed} needed for {args.steps} + 1 steps")
     hw = config.HardwareConfig(device="cpu", dtype=dtype, gradient_checkpointing=args.gradient_checkpointing)
     loss_cfg = config.LossConfig(loss="sigmoid", beta=0.1)
-    runs.keep_activations_in_the_heap()  # as train.train does
     model.train()
     model.gradient_checkpointing = args.gradient_checkpointing
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-7, betas=(0.9, 0.95), weight_decay=0.0, fused=True)
-    train.sparse_embedding_gradient(model, hw, 1)  # as train.train does
-    train.zero_gradients(model, optimizer)
+    cpu_speedups.apply(model)  # as train.py does after loading
+    cpu_speedups.for_dpo(model, 1, False)  # and before DPO
     marks = Marks(model)
     order = train.epoch_order(len(records), 0, 0)
     results = []
@@ -136,10 +137,11 @@ def main():
         checkpoint_gb = (Path(tmp) / "checkpoint.pt").stat().st_size / 1e9
 
     step_s = statistics.median(r["step"] for r in results)
-    print(f"\nDPO step, {args.model}, global batch {args.batch_size} (micro-batch {args.micro_batch_size}), {dtype} compute, "
-          f"gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}, {torch.get_num_threads()} threads, "
-          f"median of {len(results)} steps")
-    print(f"matmul peak (2048^3): float32 {peaks['float32'] / 1e9:.0f} GFLOP/s, bfloat16 {peaks['bfloat16'] / 1e9:.0f} GFLOP/s")
+    print(f"\nDPO step, {args.model}, global batch {args.batch_size} (micro-batch {args.micro_batch_size}), "
+          f"{dtype} compute, gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}, "
+          f"{torch.get_num_threads()} threads, median of {len(results)} steps")
+    print(f"matmul peak (2048^3): float32 {peaks['float32'] / 1e9:.0f} GFLOP/s, "
+          f"bfloat16 {peaks['bfloat16'] / 1e9:.0f} GFLOP/s")
     print(f"{'part':<30}{'s':>8}{'share':>8}")
     for part in results[0]["parts"]:
         s = statistics.median(r["parts"][part] for r in results)
@@ -153,7 +155,8 @@ def main():
     floor = step_flops / peaks[dtype]
     print(f"real tokens per step {tokens:.0f}, padding share {padding:.0%}; {step_flops / 1e12:.2f} TFLOP per step")
     print(f"floor at the {dtype} peak: {floor:.2f} s; measured {step_s:.2f} s: {floor / step_s:.0%} of the floor "
-          f"(at the float32 peak: {step_flops / peaks['float32'] / step_s:.0%}, achieved {step_flops / step_s / 1e9:.0f} GFLOP/s)")
+          f"(at the float32 peak: {step_flops / peaks['float32'] / step_s:.0%}, "
+          f"achieved {step_flops / step_s / 1e9:.0f} GFLOP/s)")
 
 
 if __name__ == "__main__":

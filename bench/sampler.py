@@ -21,9 +21,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from plumbing.config import matmul_peak  # noqa: E402
 from model_loader import ModelConfig, Tokenizer, load_model, read_json, resolve_model_dir  # noqa: E402
-from sampler import generate, keep_freed_memory_for_reuse, sample  # noqa: E402
+from sampler import generate, sample  # noqa: E402
+from plumbing import cpu_speedups  # noqa: E402
+from plumbing.config import matmul_peak  # noqa: E402
 
 QUESTIONS = [
     "What is the capital of Australia?",
@@ -41,7 +42,8 @@ QUESTIONS = [
     "Describe the water cycle.",
     "Write a short, polite email declining a meeting invitation for Friday afternoon.",
     "What are the pros and cons of remote work for a small software team that is spread across three time zones?",
-    "A train leaves at 3pm travelling 60 km/h; another leaves the same station at 4pm at 90 km/h. When does the second catch up?",
+    ("A train leaves at 3pm travelling 60 km/h; another leaves the same station at 4pm at 90 km/h. When does the "
+     "second catch up?"),
 ]
 CONTEXT = ("I am a high-school teacher preparing material for students who struggle with reading, so please use plain "
            "words, short sentences and a friendly tone, and avoid jargon unless you explain it. ")
@@ -62,7 +64,7 @@ def run_one(engine, model_name, dtype_name, batch, new_tokens, top_p, seed, devi
         import transformers
 
         if hf_malloc_like_ours:
-            keep_freed_memory_for_reuse()
+            cpu_speedups.keep_freed_memory_for_reuse()
 
         hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
         width = max(len(p) for p in prompts)
@@ -82,6 +84,7 @@ def run_one(engine, model_name, dtype_name, batch, new_tokens, top_p, seed, devi
             return completions
     else:
         model, _ = load_model(model_name, device=device, dtype=dtype)
+        cpu_speedups.apply(model)  # as mipo.py, train.py and eval.py do
 
         def run(n_new):
             return generate(model, prompts, n_new, temperature=1.0, top_p=top_p, stop_token_ids=stops, seed=seed,
@@ -98,7 +101,8 @@ def run_one(engine, model_name, dtype_name, batch, new_tokens, top_p, seed, devi
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     # Peak memory: the process's resident set on a CPU (weights included), allocated GPU memory on a GPU.
-    peak_mb = torch.cuda.max_memory_allocated() / 2**20 if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak_mb = (torch.cuda.max_memory_allocated() / 2**20 if cuda
+               else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     result = dict(engine=engine, model=model_name, dtype=dtype_name, device=device, seconds=seconds,
                   tokens=sum(len(c) for c in completions), peak_mb=peak_mb,
                   mean_len=sum(len(c) for c in completions) / len(completions))
@@ -164,7 +168,7 @@ def main():
     p.add_argument("--compile", action="store_true", help="ours: the decode step through torch.compile "
                    "(static shapes; CUDA graphs on a GPU)")
     p.add_argument("--hf-malloc-like-ours", action="store_true", help="give transformers the glibc settings our "
-                   "sampler uses (sampler.keep_freed_memory_for_reuse)")
+                   "sampler gets (cpu_speedups.keep_freed_memory_for_reuse)")
     p.add_argument("--out", default=None, help="also write the results as JSON here")
     p.add_argument("--_one", nargs=3, metavar=("ENGINE", "MODEL", "DTYPE"), help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -202,7 +206,8 @@ def main():
                   flush=True)
             print(f"{'':17s}ours: matmul floor of a step at batch {args.batch} {ours['matmul_floor_ms']:.1f} ms "
                   f"({ours['matmul_peak_gflops']:.0f} GFLOP/s, 2048^3 {dtype}): the average step is "
-                  f"{ours['decode_ms_per_step'] / ours['matmul_floor_ms']:.1f}x it (rows leave as they stop)", flush=True)
+                  f"{ours['decode_ms_per_step'] / ours['matmul_floor_ms']:.1f}x it (rows leave as they stop)",
+                  flush=True)
     memory = "peak GPU MB" if args.device != "cpu" else "peak RSS MB"
     print(f"\n| model | dtype | transformers tok/s | ours tok/s | speed-up | {memory} (hf / ours) |")
     print("| --- | --- | ---: | ---: | ---: | ---: |")

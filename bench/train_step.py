@@ -64,7 +64,8 @@ def run_trl(args, pairs, live_reference: bool) -> dict:
     model_dir = resolve_model_dir(args.model)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    dataset = Dataset.from_list([{"prompt": p["prompt"], "chosen": p["chosen"], "rejected": p["rejected"]} for p in pairs])
+    dataset = Dataset.from_list([{"prompt": p["prompt"], "chosen": p["chosen"], "rejected": p["rejected"]}
+                                 for p in pairs])
     step_s = []
 
     class StepTimer(TrainerCallback):
@@ -106,15 +107,20 @@ def run_one(args):
 
 def main():
     parser = argparse.ArgumentParser(description="DPO step: ours vs TRL's DPOTrainer, pairs/s and peak memory.")
-    parser.add_argument("--model", default="llama", help="bundled model name or HF directory (default llama: SmolLM2-135M)")
+    parser.add_argument("--model", default="llama",
+                        help="bundled model name or HF directory (default llama: SmolLM2-135M)")
     parser.add_argument("--pairs", required=True, help="pairs file (mipo.py / train.py stage 1), sampled by --model")
-    parser.add_argument("--n", type=int, default=32, help="pairs to train on: n / batch-size optimizer steps (default 32)")
+    parser.add_argument("--n", type=int, default=32,
+                        help="pairs to train on: n / batch-size optimizer steps (default 32)")
     parser.add_argument("--batch-size", type=int, default=4, help="global batch, one micro-batch (default 4)")
     parser.add_argument("--lr", type=float, default=1e-5, help="learning rate (default 1e-5)")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="bfloat16", help="compute dtype (default bfloat16)")
-    parser.add_argument("--gradient-checkpointing", action="store_true", help="on for both systems (TRL's own default is on)")
-    parser.add_argument("--trl-malloc-like-ours", action="store_true", help="give TRL's processes the glibc setting "
-                        "train.py makes (heap up to 64 MiB blocks, trimmed past 8 MiB free), to separate it from the rest")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="bfloat16",
+                        help="compute dtype (default bfloat16)")
+    parser.add_argument("--gradient-checkpointing", action="store_true",
+                        help="on for both systems (TRL's own default is on)")
+    parser.add_argument("--trl-malloc-like-ours", action="store_true",
+                        help="give TRL's processes the glibc setting train.py makes (heap up to 64 MiB blocks, "
+                             "trimmed past 8 MiB free), to separate it from the rest")
     parser.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma-separated subset of {', '.join(SYSTEMS)}")
     parser.add_argument("--system", default=None, help=argparse.SUPPRESS)  # internal: run one system in this process
     args = parser.parse_args()
@@ -123,11 +129,12 @@ def main():
 
     results = {}
     for system in args.systems.split(","):
-        cmd = [sys.executable, __file__, "--system", system, "--model", args.model, "--pairs", args.pairs, "--n", str(args.n),
-               "--batch-size", str(args.batch_size), "--lr", str(args.lr), "--dtype", args.dtype]
+        cmd = [sys.executable, __file__, "--system", system, "--model", args.model, "--pairs", args.pairs,
+               "--n", str(args.n), "--batch-size", str(args.batch_size), "--lr", str(args.lr), "--dtype", args.dtype]
         cmd += ["--gradient-checkpointing"] if args.gradient_checkpointing else []
         env = {**os.environ, "TQDM_DISABLE": "1"}
-        if args.trl_malloc_like_ours and system != "ours":  # glibc reads them at start: runs.keep_activations_in_the_heap
+        # glibc reads them at start: cpu_speedups.keep_activations_in_the_heap
+        if args.trl_malloc_like_ours and system != "ours":
             env.update(MALLOC_MMAP_THRESHOLD_=str(64 << 20), MALLOC_TRIM_THRESHOLD_=str(8 << 20))
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env)
         line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
@@ -136,17 +143,20 @@ def main():
         results[system] = json.loads(line[len("RESULT "):])
         print(f"{system}: done", file=sys.stderr, flush=True)
 
-    print(f"\nDPO, {args.model}, {results[next(iter(results))]['pairs']} pairs, global batch {args.batch_size}, {args.dtype} "
-          f"autocast, gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}, {os.cpu_count()} CPU cores")
+    print(f"\nDPO, {args.model}, {results[next(iter(results))]['pairs']} pairs, global batch {args.batch_size}, "
+          f"{args.dtype} autocast, gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}, "
+          f"{os.cpu_count()} CPU cores")
     print(f"{'system':<17}{'train pairs/s':>14}{'step s':>9}{'ref/setup s':>13}{'peak RSS GiB':>14}{'last loss':>11}")
     for system, r in results.items():
         step = statistics.median(r["step_s"])
         r["pairs_per_s"] = args.batch_size / step
-        print(f"{system:<17}{r['pairs_per_s']:>14.3f}{step:>9.2f}{r['reference_s']:>13.1f}{r['peak_rss_gib']:>14.2f}{r['final_loss']:>11.4f}")
+        print(f"{system:<17}{r['pairs_per_s']:>14.3f}{step:>9.2f}{r['reference_s']:>13.1f}"
+              f"{r['peak_rss_gib']:>14.2f}{r['final_loss']:>11.4f}")
     if "ours" in results:
         for system in results:
             if system != "ours":
-                print(f"ours / {system}: throughput x{results['ours']['pairs_per_s'] / results[system]['pairs_per_s']:.2f}, "
+                print(f"ours / {system}: throughput "
+                      f"x{results['ours']['pairs_per_s'] / results[system]['pairs_per_s']:.2f}, "
                       f"peak memory x{results['ours']['peak_rss_gib'] / results[system]['peak_rss_gib']:.2f}")
 
 

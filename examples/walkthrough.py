@@ -1,4 +1,4 @@
-"""MIPO end to end in about a minute on a CPU, narrated stage by stage: the companion of docs/walkthrough.md.
+"""MIPO end to end on a CPU, narrated stage by stage: the companion of docs/walkthrough.md.
 
 It runs the real pipeline, `python train.py` on the bundled SmolLM2-135M-Instruct (`--model llama`) with tiny
 settings (8 persona prompts, 32 new tokens, 4 DPO steps of 2 pairs), then reads the run directory train.py wrote
@@ -11,7 +11,7 @@ and prints what the paper talks about, in the order the paper does it:
            trained model's answers (what MIPO claims to raise), and the trained model's own score of its answers
 
 Nothing here re-implements the method: every number comes from train.py's files or from calling the project's
-own functions (mipo.response_logps, mipo.mi_meter, dpo_loss.preference_loss, train.with_own_samples).
+own functions (mipo.response_logps, mipo.mi_meter, dpo_loss.preference_loss, train.own_responses).
 
     python examples/walkthrough.py                      # a fresh temporary run directory, kept afterwards
     python examples/walkthrough.py --out runs/walk      # run it again with the same --out: every stage is reused
@@ -38,26 +38,29 @@ import sampler  # noqa: E402
 import tasks  # noqa: E402
 import train  # noqa: E402
 from dpo_loss import preference_loss  # noqa: E402
-from plumbing.config import PairsConfig  # noqa: E402
-from plumbing.files import MipoError, run_command  # noqa: E402
 from model_loader import load_model  # noqa: E402
+from plumbing.config import PairsConfig  # noqa: E402
+from plumbing.files import MipoError, read_jsonl, run_command  # noqa: E402
 
 LN2 = math.log(2)
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="Run MIPO end to end on a tiny budget and print each stage.")
-    parser.add_argument("--model", default="llama", help="bundled model or HF directory (default llama: SmolLM2-135M-Instruct)")
-    parser.add_argument("--task", default="persona", help="task (default persona: stated preferences + a real question)")
-    parser.add_argument("--negative", choices=tasks.NEGATIVES, default=None, help="kind of negative (default: the task's)")
+    parser.add_argument("--model", default="llama",
+                        help="bundled model or HF directory (default llama: SmolLM2-135M-Instruct)")
+    parser.add_argument("--task", default="persona",
+                        help="task (default persona: stated preferences + a real question)")
+    parser.add_argument("--negative", choices=tasks.NEGATIVES, default=None,
+                        help="kind of negative (default: the task's)")
     parser.add_argument("--n", type=int, default=8, help="training prompts, hence pairs (default 8)")
     parser.add_argument("--n-eval", type=int, default=4, help="held-out prompts for the MI meter (default 4)")
     parser.add_argument("--max-new-tokens", type=int, default=32, help="new tokens per response (default 32)")
     parser.add_argument("--batch-size", type=int, default=2, help="pairs per DPO step (default 2: --n 8 gives 4 steps)")
-    parser.add_argument("--lr", type=float, default=1e-5, help="peak learning rate (default 1e-5: 20x the paper's 5e-7, so that "
-                        "4 steps visibly move a 135M model; 1e-4 overshoots)")
-    parser.add_argument("--warmup-ratio", type=float, default=0.03, help="the paper's warmup (default 0.03: ceil(3%%) of the "
-                        "steps, so the first step runs at lr 0)")
+    parser.add_argument("--lr", type=float, default=1e-5, help="peak learning rate (default 1e-5: 20x the paper's "
+                        "5e-7, so that 4 steps visibly move a 135M model; 1e-4 overshoots)")
+    parser.add_argument("--warmup-ratio", type=float, default=0.03, help="the paper's warmup (default 0.03: "
+                        "ceil(3%%) of the steps, so the first step runs at lr 0)")
     parser.add_argument("--loss", default="sigmoid", help="preference loss (default sigmoid: DPO, as MIPO)")
     parser.add_argument("--beta", type=float, default=0.1, help="DPO's beta (default 0.1, the paper's)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the sampling and the data order")
@@ -82,7 +85,8 @@ def run_train(args, out: Path) -> list[str]:
     """train.py as a user runs it; its own output goes to OUT/train.log. Returns the command line."""
     argv = ["--model", args.model, "--task", args.task, "--n", str(args.n), "--n-eval", str(args.n_eval),
             "--max-new-tokens", str(args.max_new_tokens), "--batch-size", str(args.batch_size),
-            "--micro-batch-size", str(args.batch_size), "--lr", f"{args.lr:g}", "--warmup-ratio", f"{args.warmup_ratio:g}", "--loss", args.loss,
+            "--micro-batch-size", str(args.batch_size), "--lr", f"{args.lr:g}",
+            "--warmup-ratio", f"{args.warmup_ratio:g}", "--loss", args.loss,
             "--beta", f"{args.beta:g}", "--seed", str(args.seed), "--save-every", "1000",
             # float32: the cross-checks below compare numbers computed by two code paths to ~1e-5 nats
             "--dtype", "float32", "--device", "cpu", "--out", str(out)]
@@ -90,15 +94,13 @@ def run_train(args, out: Path) -> list[str]:
         argv += ["--negative", args.negative]
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "train.log", "a") as log:
-        result = subprocess.run([sys.executable, str(ROOT / "train.py"), *argv], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        result = subprocess.run([sys.executable, str(ROOT / "train.py"), *argv], cwd=ROOT, stdout=log,
+                                stderr=subprocess.STDOUT)
     if result.returncode != 0:
         tail = (out / "train.log").read_text().strip().splitlines()[-5:]
-        raise MipoError(f"train.py failed (exit {result.returncode}); the end of {out / 'train.log'}:\n  " + "\n  ".join(tail))
+        raise MipoError(f"train.py failed (exit {result.returncode}); the end of {out / 'train.log'}:\n  "
+                        + "\n  ".join(tail))
     return ["python", "train.py", *argv]
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def two_by_two(model, tokenizer, pair: dict) -> torch.Tensor:
@@ -114,8 +116,8 @@ def main(argv=None):
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="mipo-walkthrough-"))
     t_start = time.time()
 
-    heading(f"MIPO walkthrough: {args.model}, task {args.task}, {args.n} pairs, {args.n // args.batch_size} DPO steps of "
-            f"{args.batch_size} pairs, run directory {out}")
+    heading(f"MIPO walkthrough: {args.model}, task {args.task}, {args.n} pairs, "
+            f"{args.n // args.batch_size} DPO steps of {args.batch_size} pairs, run directory {out}")
     command = run_train(args, out)
     t_train = time.time() - t_start
     print("ran:  " + " ".join(command))
@@ -137,20 +139,26 @@ def main(argv=None):
     where = {"incomplete": "x' = x without the user's stated preferences (mipo.py:negative_example); y- ~ pi_ref(.|x')",
              "random": "x' = the prompt of another training item, chosen by mipo.py:derangement; y- is the response "
                        "already sampled for it (its own y+): one sampling pass",
-             "random-resample": "x' = another training item's prompt (with a user context: the same request under that "
-                                "item's context), chosen by mipo.py:derangement; y- ~ pi_ref(.|x') sampled afresh"}[kind]
+             "random-resample": "x' = another training item's prompt (with a user context: the same request under "
+                                "that item's context), chosen by mipo.py:derangement; y- ~ pi_ref(.|x') sampled "
+                                "afresh"}[kind]
     print(f"pair {args.pair} ({pair['id']}), --negative {kind}: {where}; negative_source = {pair['negative_source']!r}")
-    show("x, the prompt (the user turn; the chat template adds the model's default system prompt):", pair["prompt"][0]["content"])
+    show("x, the prompt (the user turn; the chat template adds the model's default system prompt):",
+         pair["prompt"][0]["content"])
     show("x', the prompt the negative was sampled from:", pair["negative_prompt"][0]["content"])
-    stopped = {k: "ended with end-of-turn" if pair[f"{k}_stopped"] else f"cut at {args.max_new_tokens} tokens" for k in ("chosen", "rejected")}
+    stopped = {k: "ended with end-of-turn" if pair[f"{k}_stopped"] else f"cut at {args.max_new_tokens} tokens"
+               for k in ("chosen", "rejected")}
     show(f"chosen y+ ~ pi_ref(.|x)  [{stopped['chosen']}]:", pair["chosen"][0]["content"])
-    show(f"rejected y- ~ pi_ref(.|x')  [{stopped['rejected']}], stored under the ORIGINAL prompt x:", pair["rejected"][0]["content"])
+    show(f"rejected y- ~ pi_ref(.|x')  [{stopped['rejected']}], stored under the ORIGINAL prompt x:",
+         pair["rejected"][0]["content"])
     stats = summary["pairs"]
-    print(f"responses cut at {args.max_new_tokens} tokens over all {stats['pairs']} pairs: chosen {stats['chosen_truncated']:.0%}, "
-          f"rejected {stats['rejected_truncated']:.0%} (a pair with one side cut also teaches when to stop: --drop-truncated)")
+    print(f"responses cut at {args.max_new_tokens} tokens over all {stats['pairs']} pairs: "
+          f"chosen {stats['chosen_truncated']:.0%}, rejected {stats['rejected_truncated']:.0%} "
+          "(a pair with one side cut also teaches when to stop: --drop-truncated)")
 
     # ------------------------------------------------------------------------------------------- stage 2
-    heading(f"stage 2  frozen reference log-probs   train.py:reference_logps   {timings.get('reference', 0):.0f} s   -> reference.jsonl")
+    heading(f"stage 2  frozen reference log-probs   train.py:reference_logps   {timings.get('reference', 0):.0f} s   "
+            "-> reference.jsonl")
     print(f"log pi_ref(y+|x) = {ref['ref_chosen_logps']:9.3f} nats over {ref['chosen_length']} tokens "
           f"({ref['ref_chosen_logps'] / ref['chosen_length']:.3f} per token)")
     print(f"log pi_ref(y-|x) = {ref['ref_rejected_logps']:9.3f} nats over {ref['rejected_length']} tokens "
@@ -160,11 +168,14 @@ def main(argv=None):
     base, tokenizer = load_model(args.model, "cpu", torch.float32)
     mipo.use_recorded_date(tokenizer, pairs, out / "pairs.jsonl")  # the prompts as train.py rendered them
     before = two_by_two(base, tokenizer, pair)
-    print("\nthe same pair scored again, each response as its own sequence (mipo.py:response_logps), under x and under x':")
+    print("\nthe same pair scored again, each response as its own sequence (mipo.py:response_logps), "
+          "under x and under x':")
     print(f"{'':>14}{'y+':>12}{'y-':>12}")
     print(f"{'under x':>14}{before[0, 0]:12.3f}{before[0, 1]:12.3f}   <- the two numbers DPO uses (reference.jsonl)")
-    print(f"{'under x_prime':>14}{before[1, 0]:12.3f}{before[1, 1]:12.3f}   <- only the meter and --loss infonce/sami use these")
-    agreement = max(abs(before[0, 0].item() - ref["ref_chosen_logps"]), abs(before[0, 1].item() - ref["ref_rejected_logps"]))
+    print(f"{'under x_prime':>14}{before[1, 0]:12.3f}{before[1, 1]:12.3f}   "
+          "<- only the meter and --loss infonce/sami use these")
+    agreement = max(abs(before[0, 0].item() - ref["ref_chosen_logps"]),
+                    abs(before[0, 1].item() - ref["ref_rejected_logps"]))
     print(f"cross-check: train.py's packed forward and mipo.py:response_logps agree to {agreement:.1e} nats")
     print(f"pointwise MI of this pair under the base model, log pi_ref(y|x) - log pi_ref(y|x'):  "
           f"y+ {before[0, 0] - before[1, 0]:+.3f} nats,  y- {before[0, 1] - before[1, 1]:+.3f} nats")
@@ -180,12 +191,12 @@ def main(argv=None):
           f"(implicit reward beta * log pi/pi_ref)")
     print(f"  loss = {first['loss']:.4f}   ln 2 = {LN2:.4f}   (-log sigmoid(0): a coin flip between y+ and y-)")
     print(f"  rewards/accuracies = {first['rewards/accuracies']:.2f}   (strict chosen > rejected: ties count as wrong)")
-    print("\nstep by step (a step's loss and rewards are measured BEFORE its update, on pairs not yet trained on; the paper's "
-          "warmup starts at lr 0, so with any warmup the first update moves nothing):")
+    print("\nstep by step (a step's loss and rewards are measured BEFORE its update, on pairs not yet trained on; "
+          "the paper's warmup starts at lr 0, so with any warmup the first update moves nothing):")
     print(f"{'step':>6}{'lr':>10}{'loss':>9}{'reward acc':>12}{'margin':>10}{'chosen r':>11}{'rejected r':>12}")
     for m in history:
-        print(f"{m['step']:>6}{m['lr']:>10.2e}{m['loss']:>9.4f}{m['rewards/accuracies']:>12.2f}{m['rewards/margins']:>10.4f}"
-              f"{m['rewards/chosen']:>11.4f}{m['rewards/rejected']:>12.4f}")
+        print(f"{m['step']:>6}{m['lr']:>10.2e}{m['loss']:>9.4f}{m['rewards/accuracies']:>12.2f}"
+              f"{m['rewards/margins']:>10.4f}{m['rewards/chosen']:>11.4f}{m['rewards/rejected']:>12.4f}")
     last = history[-1]
     print(f"after {len(history)} steps: loss {first['loss']:.4f} -> {last['loss']:.4f}, reward accuracy "
           f"{first['rewards/accuracies']:.2f} -> {last['rewards/accuracies']:.2f}")
@@ -220,12 +231,14 @@ def main(argv=None):
         pairs_cfg = PairsConfig(**{**config["pairs"], "sampling": sampler.Sampling(**config["pairs"]["sampling"])})
         held_out = mipo.read_pairs(out / "eval_pairs.jsonl")
         mipo.use_recorded_date(tokenizer, held_out, out / "eval_pairs.jsonl")
-        own = train.with_own_samples(trained, tokenizer, held_out, pairs_cfg)
-        under_base = mipo.mi_meter(base, tokenizer, train.meter_rows(own))["pmi"]
-        print(f"  cross-check: the trained model's samples drawn again and scored under the BASE model here: {under_base:.3f} nats")
+        own = train.own_responses(trained, tokenizer, held_out, pairs_cfg)
+        rows = [(p["prompt"], p["negative_prompt"], text, stopped) for p, (text, stopped) in zip(held_out, own)]
+        under_base = mipo.mi_meter(base, tokenizer, rows)["pmi"]
+        print(f"  cross-check: the trained model's samples drawn again and scored under the BASE model here: "
+              f"{under_base:.3f} nats")
         show("held-out prompt 0:", held_out[0]["prompt"][0]["content"])
         show("  the base model's answer (eval_pairs.jsonl):", held_out[0]["chosen"][0]["content"])
-        show("  the trained model's answer (sampled with the same seed):", own[0]["chosen"][0]["content"])
+        show("  the trained model's answer (sampled with the same seed):", own[0][0])
     t_extra = time.time() - t_extra
 
     heading("time")

@@ -1,4 +1,4 @@
 """The machinery around the method: settings and command lines (config), files and errors (files), processes,
-run directories and checkpoints (runs), FSDP2 (shard), tables and plots (report), where --model comes from
-(model_sources, gguf_convert) and the CPU speed-ups the commands switch on (cpu_speedups). A reader of the method
-can skip this folder."""
+run directories and checkpoints (runs), FSDP2 (shard), where eval.py's results are cached (results), tables and
+plots (report), where --model comes from (model_sources, gguf_convert) and the CPU speed-ups the commands switch on
+(cpu_speedups). A reader of the method can skip this folder."""

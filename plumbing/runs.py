@@ -1,34 +1,33 @@
 """A training run's machinery, which a reader of the method can skip: the checks made before anything is written,
-the processes under torchrun, the run directory's settings, checkpoints (tensors only, no pickle) and
-random-generator states, glibc's memory settings, and the crash hook the resume tests use.
+the processes under torchrun and how a batch is split among them (Run), the run directory's settings, the steps'
+checkpoint cadence and signals (Steps), the resumable reference pass's file, and checkpoints (tensors only, no
+pickle) with the random-generator states.
 """
+import contextlib
+import gc
 import json
 import os
 import random
 import signal
 import sys
+import time
+from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
 
 import mipo
-from plumbing import shard
-from plumbing.config import OptimConfig, PairsConfig
-from plumbing.files import Interrupted, MipoError, atomic_file, check_out, write_atomically
 from model_loader import check_model
-from sampler import set_glibc_malloc
 from tasks import get_task, load_examples
-
-# The layout of a run directory: train.py writes it, eval.py and plumbing/report.py read it.
-RUN_FINAL = "final"  # the trained policy, a Hugging Face model directory
-RUN_METRICS = "metrics.jsonl"  # one JSON dict per optimizer step (loss, rewards/*, logps/*, ...)
-RUN_CONFIG = "config.json"  # the run's settings; eval reads pairs.task and pairs.data from it
-RUN_SUMMARY = "summary.json"  # base_eval / trained_eval: train.py's held-out MI meter before and after
-EVAL_SUBDIR = "eval"  # RUN/eval/TASK.jsonl, TASK.summary.json, compare-TASK.md/.png, curves.png
-OTHER_MODELS_DIR = Path("runs/eval")  # results of a bundled model or a plain model directory: runs/eval/NAME
+from plumbing import config, files, report, shard
+from plumbing.config import HardwareConfig, LossConfig, OptimConfig, PairsConfig
+from plumbing.files import (RUN_CONFIG, RUN_METRICS, Interrupted, MipoError, append_jsonl, atomic_file, check_out,
+                            crash_hook, read_jsonl, write_atomically)
 
 # Settings that may change between a run and its resumption: they change how the work is done, not the result.
 MAY_CHANGE = {"hardware.device", "hardware.gradient_checkpointing", "hardware.save_every", "hardware.save_minutes"}
@@ -60,6 +59,119 @@ def barrier(world: int):
 
 def rank_zero() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
+
+
+@dataclass
+class Run:
+    """One training run: its settings, its directory, and its place among the processes. Every decision that depends
+    on how many processes there are is made here, so that train.py reads the same for one process as for eight."""
+    pairs: PairsConfig
+    loss: LossConfig
+    optim: OptimConfig
+    hw: HardwareConfig
+    out: Path
+    rank: int = 0
+    world: int = 1
+    timings: dict = field(default_factory=dict)  # seconds per stage, for summary.json
+
+    def barrier(self):
+        barrier(self.world)
+
+    @contextlib.contextmanager
+    def timed(self, stage: str):
+        start = time.time()
+        yield
+        self.timings[stage] = time.time() - start
+
+    def wrap(self, model):
+        """The model that training runs forward and backward: DDP's wrapper over several unsharded processes (it
+        all-reduces the gradients), the model itself otherwise (FSDP2 shards it in place, shard.shard_model)."""
+        return torch.nn.parallel.DistributedDataParallel(model) if self.world > 1 and not self.hw.shard else model
+
+    def share(self, batch: list) -> tuple[list, torch.Tensor]:
+        """This process's pairs of a global batch and each one's weight in its summed loss: the weights make the
+        processes' gradients add up to the mean over the global batch, however the batch is split."""
+        if self.hw.shard:  # padded to equal shares, the padding at weight 0 (shard.shard_batch)
+            mine, weights = shard.shard_batch(batch, self.rank, self.world)
+            return mine, torch.tensor(weights)
+        per_rank = len(batch) // self.world  # DDP averages the processes' equal shares
+        mine = batch[self.rank * per_rank:(self.rank + 1) * per_rank]
+        return mine, torch.full((len(mine),), 1 / len(mine))
+
+    def micro_batches(self, policy, batch: list):
+        """(micro-batch, weights) of this process's share, in order. Under DDP the gradients are all-reduced in the
+        last micro-batch's backward only (no_sync before it); FSDP reduce-scatters every one."""
+        mine, weights = self.share(batch)
+        m = self.optim.micro_batch_size
+        for start in range(0, len(mine), m):
+            last = start + m >= len(mine)
+            with policy.no_sync() if isinstance(policy, DDP) and not last else contextlib.nullcontext():
+                yield mine[start:start + m], weights[start:start + m]
+
+    def reference_batches(self, records: list, order: list[int]) -> list[tuple[list, list[float]]]:
+        """The micro-batches of the reference pass on this process, (pairs, weights): those of the first epoch of
+        training, on the rank that trains on them, so that step 0 runs the very computation that produced its
+        reference numbers, and the step-0 check is exact even in bf16 (a row's rounding depends on the padded shape
+        of its batch). Fixed batches also make the pass resumable. Weight 0 marks shard.shard_batch's padding."""
+        m, G = self.optim.micro_batch_size, self.optim.batch_size
+        if not self.hw.shard:
+            per_rank = G // self.world
+            batches = [[records[i] for i in order[k:k + m]] for k in range(0, len(order), m)]
+            return [(b, [1.0] * len(b)) for k, b in enumerate(batches) if (k * m % G) // per_rank == self.rank]
+        mine = []  # under FSDP every rank runs the same forwards
+        for k in range(0, len(order), G):
+            share, weights = shard.shard_batch([records[i] for i in order[k:k + G]], self.rank, self.world)
+            mine += [(share[j:j + m], weights[j:j + m]) for j in range(0, len(share), m)]
+        return mine
+
+    def clip_grad_norm(self, policy, max_norm: float) -> float:
+        if self.hw.shard:
+            return shard.clip_grad_norm(policy, max_norm)
+        return torch.nn.utils.clip_grad_norm_(policy.parameters(), max_norm).item()
+
+    def gather(self, rows: torch.Tensor) -> torch.Tensor:
+        """(n, k) rows of every process, concatenated in rank order, on every process."""
+        if self.world == 1:
+            return rows
+        rows = rows.to(self.hw.device)  # nccl gathers GPU tensors only
+        parts = [torch.empty_like(rows) for _ in range(self.world)]
+        dist.all_gather(parts, rows)
+        return torch.cat(parts).cpu()
+
+    def any(self, flags: list[bool]) -> list[bool]:
+        """Each flag, true when it is true on any process: processes decide to checkpoint and to stop together."""
+        if self.world == 1:
+            return flags
+        flags = torch.tensor(flags, dtype=torch.int32, device=self.hw.device)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        return [bool(f) for f in flags.tolist()]
+
+    def every(self, flag: bool) -> bool:
+        """True when flag is true on every process; under FSDP the processes must skip the same forwards."""
+        return shard.every_rank(flag, self.hw.device) if self.hw.shard else flag
+
+    def finish(self):
+        if self.world > 1:
+            # The sharded model's hooks form reference cycles that keep gloo's work objects alive; collected now,
+            # not while the interpreter shuts down, where their C++ threads can abort a run that succeeded.
+            gc.collect()
+            dist.destroy_process_group()
+
+
+def start(args) -> Run:
+    """train.py's settings from its flags, checked before anything is written; the processes joined, the plan
+    printed and the run directory made (or found, to resume)."""
+    files.CRASH_AT = args._crash_at
+    pairs_cfg, loss_cfg, opt_cfg, hw, out = config.resolve_config(args)
+    rank, world, hw.device = init_distributed(hw.device)
+    settings = {"pairs": asdict(pairs_cfg), "loss": asdict(loss_cfg), "optim": asdict(opt_cfg), "hardware": asdict(hw)}
+    check_inputs(pairs_cfg, opt_cfg, out, settings)  # every rank, before anything is written: all refuse alike
+    if rank == 0:
+        config.print_plan(pairs_cfg, loss_cfg, opt_cfg, hw, out, world)
+        start_run_dir(out, settings)
+    barrier(world)
+    torch.manual_seed(opt_cfg.seed)
+    return Run(pairs_cfg, loss_cfg, opt_cfg, hw, out, rank, world)
 
 
 def check_inputs(pairs: PairsConfig, opt: OptimConfig, out: Path, settings: dict):
@@ -97,8 +209,9 @@ def check_run_dir(out: Path, settings: dict):
                 continue
             before = old.get(section, {}).get(key, "(not set)") if isinstance(old, dict) else "(not set)"
             if json.loads(json.dumps(value)) != before:
-                raise MipoError(f"{path}: this run directory holds a run with {section}.{key} = {before!r}, this command "
-                                f"asks for {value!r}; pass another --out, or the same settings to resume it")
+                raise MipoError(f"{path}: this run directory holds a run with {section}.{key} = {before!r}, "
+                                f"this command asks for {value!r}; "
+                                "pass another --out, or the same settings to resume it")
 
 
 def start_run_dir(out: Path, settings: dict):
@@ -115,7 +228,8 @@ def read_pairs_file(path: Path, cfg: PairsConfig) -> list[dict]:
     for pair in pairs:
         sampled_by = str(pair["sampling"].get("model", "")) if isinstance(pair["sampling"], dict) else ""
         if not same_model(sampled_by, cfg.model):
-            raise MipoError(f"{path}: pair {pair['id']!r} was sampled by model {sampled_by!r}, not --model {cfg.model}; "
+            raise MipoError(f"{path}: pair {pair['id']!r} was sampled by model {sampled_by!r}, "
+                            f"not --model {cfg.model}; "
                             "sample pairs with this model (leave out --pairs) or pass the model that sampled them")
         if pair["task"] != cfg.task:
             raise MipoError(f"{path}: pair {pair['id']!r} is from task {pair['task']!r}, not --task {cfg.task}")
@@ -128,26 +242,6 @@ def same_model(a: str, b: str) -> bool:
     if a == b:
         return True
     return Path(a).exists() and Path(b).exists() and Path(a).resolve() == Path(b).resolve()
-
-
-def keep_activations_in_the_heap():
-    """glibc serves a block above its mmap threshold (128 KiB, raised as such blocks are freed, up to 32 MiB) by a
-    fresh mapping, whose pages fault in again at each use: every activation buffer of a DPO step (megabytes each)
-    paid thousands of page faults per step. Blocks up to 64 MiB come from the heap instead, which is trimmed only
-    when more than 8 MiB are free at its top: faster steps for a little more peak memory (docs/performance.md).
-    Larger blocks still get mappings of their own. Set when DPO starts, after sampling's own (sampler.keep_freed_memory_for_reuse). Elsewhere than
-    glibc it does nothing."""
-    set_glibc_malloc(mmap_threshold=64 << 20, trim_threshold=8 << 20)
-
-
-def crash_hook(crash_at: str | None, stage: str, count: int):
-    # Test hook (--_crash-at STAGE:K): SIGKILL this process after the K-th unit of work of a stage, which is
-    # what a power cut or the OOM killer does; STAGE:K:INT sends SIGINT instead, which is what Ctrl-C does, and
-    # STAGE:K:TERM SIGTERM, what a scheduler sends to preempt a job. The resume tests rerun the command and
-    # compare final weights.
-    if crash_at and crash_at.split(":")[:2] == [stage, str(count)]:
-        how = crash_at.split(":")[2] if crash_at.count(":") == 2 else "KILL"
-        os.kill(os.getpid(), {"INT": signal.SIGINT, "TERM": signal.SIGTERM, "KILL": signal.SIGKILL}[how])
 
 
 class StopRequest:
@@ -172,6 +266,114 @@ class StopRequest:
     def __exit__(self, *exc):
         for s, handler in self.previous.items():
             signal.signal(s, handler)
+
+
+def build_pairs(run: Run, model, tokenizer, task, examples: list, path: Path) -> list[dict]:
+    """mipo.build_pairs under torchrun: each process samples every world-th batch of prompts into its own samples
+    file, with the batch's own seed, then rank 0 writes the pairs from all of them: the very pairs one process
+    samples."""
+    cfg = run.pairs
+    if run.world == 1:
+        return mipo.build_pairs(model, tokenizer, task, examples, path, cfg.negative, cfg.sampling, cfg.seed,
+                                cfg.sample_batch_size, cfg.model)
+    sample_files = [mipo.samples_path(path, (r, run.world)) for r in range(run.world)]
+    if not path.exists():
+        mipo.sample_pairs(model, tokenizer, task, examples, sample_files[run.rank], cfg.negative, cfg.sampling,
+                          cfg.seed, cfg.sample_batch_size, cfg.model, progress=run.rank == 0,
+                          shard=(run.rank, run.world))
+    run.barrier()
+    if run.rank == 0 and not path.exists():
+        mipo.write_pairs(task, examples, sample_files, path, cfg.negative, cfg.seed)
+    run.barrier()
+    return mipo.read_pairs(path)
+
+
+def resumable_pass(run: Run, path: Path, records: list[dict], batches: list[tuple[list, list[float]]], score,
+                   desc: str) -> list[dict]:
+    """score(batch) -> the batch's records with their new fields, for every batch of run.reference_batches, written
+    into `path` with one line per record in `records`' order. Each process appends what it scores to a partial file
+    of its own, batch by batch (a killed pass resumes after its last whole batch); rank 0 merges them."""
+    if path.exists():
+        return read_jsonl(path)
+    partial = path.with_name(f"{path.stem}.rank{run.rank}-of-{run.world}.partial.jsonl")
+    with append_jsonl(partial, "reference") as (kept, write):
+        done = {r["id"]: r for r in kept}
+        for batch, weights in tqdm(batches, desc=desc, unit="batch", disable=run.rank != 0):
+            if run.every(all(r["id"] in done for r, w in zip(batch, weights) if w > 0)):
+                continue
+            scored = [r for r, w in zip(score(batch), weights) if w > 0]  # weight 0: a padding copy
+            done.update((r["id"], r) for r in scored)
+            write(scored)
+    run.barrier()
+    if run.rank == 0:  # the processes' files merged, in the records' order, into one file written atomically
+        for r in range(1, run.world):
+            other = path.with_name(f"{path.stem}.rank{r}-of-{run.world}.partial.jsonl")
+            done.update((x["id"], x) for x in read_jsonl(other))
+        write_atomically(path, "".join(json.dumps(done[r["id"]]) + "\n" for r in records))
+        for r in range(run.world):
+            path.with_name(f"{path.stem}.rank{r}-of-{run.world}.partial.jsonl").unlink(missing_ok=True)
+    run.barrier()
+    return read_jsonl(path)
+
+
+class Steps:
+    """The optimizer steps of a run, from its last checkpoint on:
+
+        with runs.Steps(run, model, optimizer, total_steps) as steps:
+            for step in steps:  # 0-based; a checkpoint after a step every --save-minutes and on Ctrl-C
+                ...
+                steps.log(metrics)  # metrics.jsonl, the progress bar, the step-0 check's line
+
+    Resuming restores the model, AdamW, the step and the RNG states, and drops the metrics of the steps done again.
+    An error raised in the loop leaves naming the last good checkpoint."""
+
+    def __init__(self, run: Run, model, optimizer, total_steps: int):
+        self.run, self.model, self.optimizer, self.total_steps = run, model, optimizer, total_steps
+        self.path = run.out / ("checkpoint" if run.hw.shard else "checkpoint.pt")  # --shard: per-rank shards
+        self.metrics_path = run.out / RUN_METRICS
+
+    def __enter__(self):
+        self.start = self.saved = load_checkpoint(self.path, self.model, self.optimizer, self.run.hw.shard)
+        if self.run.rank == 0:  # the metrics history of the run being resumed, without the steps that are done again
+            kept = [x for x in read_jsonl(self.metrics_path, missing_ok=True) if x["step"] <= self.start]
+            write_atomically(self.metrics_path, "".join(json.dumps(x) + "\n" for x in kept))
+        self.stop = StopRequest().__enter__()
+        self.bar = tqdm(total=self.total_steps, initial=self.start, desc="DPO", unit="step", disable=self.run.rank != 0)
+        return self
+
+    def __iter__(self):
+        hw, saved_at = self.run.hw, time.monotonic()
+        for step in range(self.start, self.total_steps):
+            yield step
+            crash_hook("train", step + 1)
+            # A checkpoint every --save-minutes, every --save-every steps if given, and after a Ctrl-C or SIGTERM;
+            # the final model ends the stage.
+            due = bool(hw.save_every and (step + 1) % hw.save_every == 0) or \
+                bool(hw.save_minutes and time.monotonic() - saved_at >= 60 * hw.save_minutes)
+            due, stopping = self.run.any([due, self.stop.signum is not None])
+            if stopping or (due and step + 1 < self.total_steps):
+                save_checkpoint(self.path, self.model, self.optimizer, step + 1, hw.shard, self.run.rank)
+                self.saved, saved_at = step + 1, time.monotonic()
+                self.run.barrier()
+            if stopping:
+                raise Interrupted(self.stop.signum)  # None here: another rank's signal stops this one too
+
+    def log(self, metrics: dict):
+        if self.run.rank != 0:
+            return
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['rewards/accuracies']:.2f}")
+        self.bar.update(1)
+        if "step0/ok" in metrics:
+            self.bar.write(report.step0_message(metrics, self.run.loss))
+
+    def __exit__(self, kind, error, traceback):
+        self.bar.close()
+        self.stop.__exit__(kind, error, traceback)
+        if isinstance(error, MipoError):
+            last_good = f"{self.path} (step {self.saved})" if self.saved else "none yet"
+            raise MipoError(f"{error}; last good checkpoint: {last_good}") from None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -232,7 +434,8 @@ def load_checkpoint(path: Path, model, optimizer, sharded: bool = False) -> int:
         try:  # weights_only: tensors, numbers and containers, never an arbitrary object
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:
-            raise MipoError(f"{path}: not a checkpoint this version of train.py wrote ({str(e).splitlines()[0][:200]}); "
+            raise MipoError(f"{path}: not a checkpoint this version of train.py wrote "
+                            f"({str(e).splitlines()[0][:200]}); "
                             "delete it to restart training from the stored pairs")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])

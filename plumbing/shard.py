@@ -15,9 +15,9 @@ library train.py calls for that, plus the memory model that says in advance whet
     memory_plan          bytes per rank for parameters, gradients, AdamW, activations and logits, from the config
     choose_layout        the micro-batch and checkpointing that fit a GPU, the global batch kept at 4
 
-    python -m plumbing.shard --table                          the Markdown memory table of docs/scaling.md
-    python -m plumbing.shard --commands                       the torchrun commands of the paper's five models on 1-8 GPUs
-    python -m plumbing.shard --plan qwen2.5-7b --gpus 4       one memory plan, as train.py prints it before training
+    python -m plumbing.shard --table                     the Markdown memory table of docs/scaling.md
+    python -m plumbing.shard --commands                  the torchrun commands of the paper's five models on 1-8 GPUs
+    python -m plumbing.shard --plan qwen2.5-7b --gpus 4  one memory plan, as train.py prints it before training
 
 Launch: torchrun --nproc_per_node 4 train.py -- --model DIR --preset paper --shard (docs/scaling.md has the
 commands for the paper's five models on 1, 2, 4 and 8 GPUs, and on several nodes).
@@ -44,8 +44,8 @@ try:
 except ImportError:  # torch 2.5: the same FSDP2 under its first name (only 2.13 is tested here)
     from torch.distributed._composable.fsdp import MixedPrecisionPolicy, fully_shard
 
-from plumbing.files import MipoError, run_command
 from model_loader import CausalLM, ModelConfig, rope_inv_freq
+from plumbing.files import MipoError, run_command
 
 # ---------------------------------------------------------------------------------------------------------------
 # The paper's models. Architecture numbers from each model's published config.json (Hugging Face hub copies);
@@ -54,7 +54,7 @@ from model_loader import CausalLM, ModelConfig, rope_inv_freq
 
 PAPER_MODELS = {
     # meta-llama/Llama-3.2-1B-Instruct config.json (e.g. github.com/kevinstephano/thunder_model_blocks,
-    # hf_llama/llama_config.py, commit 4e20de36 of the hub repo): 16 layers, 2048 hidden, 32/8 heads of 64.
+    # hf_llama/llama_config.py, copied from the hub repo): 16 layers, 2048 hidden, 32/8 heads of 64.
     "llama-3.2-1b": dict(model_type="llama", vocab_size=128256, hidden_size=2048, intermediate_size=8192,
                          num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8, head_dim=64,
                          tie_word_embeddings=True),
@@ -214,9 +214,11 @@ def load_sharded(path, model, optimizer) -> dict | None:
             return None
         path = old  # a save was killed between its two renames: the previous checkpoint is complete
     if not (path / ".metadata").exists() or not (path / "extra.json").exists():
-        raise MipoError(f"{path}: not a complete sharded checkpoint (no .metadata or extra.json); delete it to start over")
+        raise MipoError(f"{path}: not a complete sharded checkpoint (no .metadata or extra.json); delete it to "
+                        "start over")
     reader = TensorCheckpointReader(path)
-    reader.read_metadata()  # a foreign or damaged .metadata fails here, one MipoError on every rank, not inside dcp.load
+    # a foreign or damaged .metadata fails here, one MipoError on every rank, not inside dcp.load
+    reader.read_metadata()
     model_state, optimizer_state = get_state_dict(model, optimizer)  # the layout to fill, sharded like the model
     state = {"model": model_state, "optimizer": optimizer_state["state"]}
     dcp.load(state, storage_reader=reader)  # in place, each rank reading only its own shards
@@ -239,7 +241,8 @@ METADATA_CLASSES |= {("torch.distributed.checkpoint.metadata", name) for name in
 
 class MetadataUnpickler(pickle.Unpickler):
     def find_class(self, module, name):
-        if (module, name) in METADATA_CLASSES or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
+        if (module, name) in METADATA_CLASSES \
+                or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
             return super().find_class(module, name)
         raise pickle.UnpicklingError(f"{module}.{name} is not a checkpoint metadata class")
 
@@ -381,7 +384,8 @@ def sampling_plan(cfg: ModelConfig, sample_batch_size: int = 16, prompt_tokens: 
     is freed before training. Bytes: the weights and the preallocated KV cache (sampler.py: (B, K, S, D) per layer
     for keys and for values)."""
     slots = prompt_tokens + new_tokens
-    kv_cache = cfg.num_hidden_layers * 2 * sample_batch_size * cfg.num_key_value_heads * slots * cfg.head_dim * param_bytes
+    kv_cache = (cfg.num_hidden_layers * 2 * sample_batch_size * cfg.num_key_value_heads * slots * cfg.head_dim
+                * param_bytes)
     weights = param_bytes * count_parameters(cfg)["total"]
     return {"weights": weights, "kv_cache": kv_cache, "total": weights + kv_cache}
 
@@ -391,12 +395,13 @@ def format_memory_plan(plan: dict, gpu_bytes: float | None = None, sampling: dic
     m = plan["meta"]
     gib = lambda b: f"{b / 2**30:.1f} GiB"  # noqa: E731
     ckpt = "with" if m["gradient_checkpointing"] else "without"
-    lines = [f"memory plan per rank ({m['strategy']}, {m['world_size']} rank(s), {m['parameters'] / 1e9:.2f}B parameters, "
-             f"micro-batch {m['micro_batch_pairs']} pair(s) of {m['tokens_per_row']} tokens, {ckpt} gradient "
-             "checkpointing):",
+    lines = [f"memory plan per rank ({m['strategy']}, {m['world_size']} rank(s), {m['parameters'] / 1e9:.2f}B "
+             f"parameters, micro-batch {m['micro_batch_pairs']} pair(s) of {m['tokens_per_row']} tokens, {ckpt} "
+             "gradient checkpointing):",
              f"  parameters {gib(plan['parameters'])}, gradients {gib(plan['gradients'])}, AdamW states "
              f"{gib(plan['optimizer'])}, gathered/working weights {gib(plan['gathered'])}",
-             f"  activations {gib(plan['activations'])}, logits {gib(plan['logits'])}; total about {gib(plan['total'])}"]
+             f"  activations {gib(plan['activations'])}, logits {gib(plan['logits'])}; total about "
+             f"{gib(plan['total'])}"]
     if gpu_bytes:
         verdict = "fits" if plan["total"] <= gpu_bytes else "does NOT fit"
         lines[-1] += f": {verdict} in {gib(gpu_bytes)}"
@@ -440,7 +445,8 @@ def memory_table(models=("qwen2.5-0.5b", "qwen2.5-1.5b", "qwen2.5-3b", "qwen2.5-
         cfg = paper_config(name)
         cells = []
         for strategy, world in layouts:
-            off, on = (memory_plan(cfg, world, strategy, ckpt, **plan_options)["total"] / 2**30 for ckpt in (False, True))
+            off, on = (memory_plan(cfg, world, strategy, ckpt, **plan_options)["total"] / 2**30
+                       for ckpt in (False, True))
             cells.append(f"{off:.1f} / {on:.1f}")
         rows.append(f"| {HUB_NAMES[name]} | {count_parameters(cfg)['total'] / 1e9:.2f}B | " + " | ".join(cells) + " |")
     return "\n".join(rows)
@@ -477,19 +483,22 @@ def paper_commands(task: str = "persona", models_dir: str = "/models", gpu_gib: 
             flags = f"--model {model_dir} --preset paper --task {task}" + ("" if gpus == 1 else " --shard")
             flags += f" --micro-batch-size {layout['micro_batch_pairs']}"
             flags += " --gradient-checkpointing" if layout["gradient_checkpointing"] else ""
-            rows.append(f"| {HUB_NAMES[name]} | {gpus} | `{launcher} {flags}` | {layout['plan']['total'] / 2**30:.0f} GiB |")
+            rows.append(f"| {HUB_NAMES[name]} | {gpus} | `{launcher} {flags}` | "
+                        f"{layout['plan']['total'] / 2**30:.0f} GiB |")
     return "\n".join(rows)
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description="The memory model of sharded training (docs/scaling.md).")
     parser.add_argument("--table", action="store_true", help="print the Markdown memory table of docs/scaling.md")
-    parser.add_argument("--commands", action="store_true", help="print the paper's five models' commands on 1, 2, 4, 8 GPUs")
+    parser.add_argument("--commands", action="store_true",
+                        help="print the paper's five models' commands on 1, 2, 4, 8 GPUs")
     parser.add_argument("--plan", choices=PAPER_MODELS, default=None, help="print one model's memory plan")
     parser.add_argument("--gpus", type=int, default=1, help="--plan: ranks (default 1)")
     parser.add_argument("--strategy", choices=("single", "ddp", "fsdp"), default="fsdp",
                         help="--plan: how the model is spread (default fsdp)")
-    parser.add_argument("--gradient-checkpointing", action="store_true", help="--plan: recompute each layer in backward")
+    parser.add_argument("--gradient-checkpointing", action="store_true",
+                        help="--plan: recompute each layer in backward")
     parser.add_argument("--micro-batch-pairs", type=int, default=1, help="--plan: pairs per forward (default 1)")
     parser.add_argument("--gpu-gib", type=float, default=80.0,
                         help="--plan, --commands: GPU memory to check the plan against (default 80)")

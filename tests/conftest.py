@@ -34,3 +34,10 @@ class RunsCodeWhenUnpickled:
 @pytest.fixture
 def tiny_model():
     return make_tiny_model()
+
+
+def naive_sequence_logps(logits, input_ids, completion_mask):
+    """A reference for the summed log-probs: full float32 log-softmax over (B, T, V), gather, mask, sum -> (B,)."""
+    logps = torch.log_softmax(logits.float(), dim=-1)[:, :-1]  # (B, T-1, V): position t scores token t + 1
+    picked = logps.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)  # (B, T-1)
+    return (picked * completion_mask[:, 1:]).sum(-1)

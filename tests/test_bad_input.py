@@ -127,7 +127,8 @@ CASES = {
     "unknown bundled name": ("train.py", train(model=lambda *_: "qwne"), {}, "qwne: no such model directory"),
     "no config.json": ("train.py", train(model=empty_dir("empty")), {},
                        "empty: not a Hugging Face model directory (no config.json)"),
-    "unsupported model_type": ("train.py", train(model=model_with(set_model_type)), {}, "model_type 'gpt2' is not supported"),
+    "unsupported model_type": ("train.py", train(model=model_with(set_model_type)), {},
+                               "model_type 'gpt2' is not supported"),
     "tensor missing": ("train.py", train(model=model_with(lambda m: changed_tensor(m, "model.norm.weight"))), {},
                        "checkpoint lacks 1 tensor(s), e.g. 'model.norm.weight'"),
     "tensor of the wrong shape": ("train.py", train(model=model_with(shorten_norm)), {},
@@ -144,7 +145,8 @@ CASES = {
                            "data.jsonl:2: not valid JSON"),
     "data without prompt": ("train.py", train(data=data_file(b'{"question": "w1"}\n')), {},
                             "data.jsonl:1: field 'prompt' is missing"),
-    "pairs of another model": ("train.py", train(more=lambda tmp, *_: ["--pairs", str(other_model_pairs(tmp / "p.jsonl"))]),
+    "pairs of another model": ("train.py",
+                               train(more=lambda tmp, *_: ["--pairs", str(other_model_pairs(tmp / "p.jsonl"))]),
                                {}, "was sampled by model 'qwen', not --model"),
     "--out a file": ("train.py", train(more=a_file), {}, "/f is a file; pass a run directory"),
     "run directory of other settings": ("train.py", train(more=lambda *a: ["--out", str(other_run(*a))]), {},
@@ -162,18 +164,20 @@ CASES = {
                                           "--batch-size 4 must be a multiple of --micro-batch-size 2 x 3 process(es)"),
     "fewer pairs than a batch": ("train.py", train("--batch-size", "8", more=lambda *_: ["--n", "4"]), {},
                                  "4 training pairs are fewer than one batch of --batch-size 8"),
-    "mipo.py bad data": ("mipo.py", lambda tmp, model, _: ["--model", str(model), "--task", "jsonl", "--data",
-                                                           str(data_file(b'{"prompt": \n')(tmp, None)), "--out", str(tmp / "p.jsonl")],
-                         {}, "data.jsonl:1: not valid JSON"),
-    "mipo.py --out a directory": ("mipo.py", lambda tmp, model, data: ["--model", str(model), "--task", "jsonl", "--data",
-                                                                       str(data), "--out", str(tmp)], {},
-                                  "is a directory; pass the file to write"),
+    "mipo.py bad data": ("mipo.py", lambda tmp, model, _: [
+        "--model", str(model), "--task", "jsonl", "--data", str(data_file(b'{"prompt": \n')(tmp, None)),
+        "--out", str(tmp / "p.jsonl")], {}, "data.jsonl:1: not valid JSON"),
+    "mipo.py --out a directory": ("mipo.py", lambda tmp, model, data: [
+        "--model", str(model), "--task", "jsonl", "--data", str(data), "--out", str(tmp)], {},
+        "is a directory; pass the file to write"),
     "eval.py bad model": ("eval.py", lambda tmp, model, data: [
         "--model", str(model_with(lambda m: changed_tensor(m, "lm_head.weight"))(tmp, model)), "--task", "jsonl",
         "--data", str(data), "--judge", "none"], {}, "checkpoint lacks 1 tensor(s), e.g. 'lm_head.weight'"),
-    "eval.py --compare runs of two tasks": ("eval.py", two_tasks, {}, "--compare: the runs were trained on different tasks"),
+    "eval.py --compare runs of two tasks": ("eval.py", two_tasks, {},
+                                            "--compare: the runs were trained on different tasks"),
     "eval.py --compare a directory that is no run": ("eval.py", lambda tmp, model, _: [
-        "--compare", str(model), str(empty_dir("notes")(tmp)), "--judge", "none"], {}, "notes: neither a train.py run directory"),
+        "--compare", str(model), str(empty_dir("notes")(tmp)), "--judge", "none"], {},
+        "notes: neither a train.py run directory"),
 }
 
 
@@ -210,7 +214,8 @@ FREE_REFUSALS = {
     "eval.py unknown task": ("eval.py", ["--model", "llama", "--task", "nosuch"], "--task nosuch: unknown task"),
     "eval.py --n 0": ("eval.py", ["--model", "llama", "--task", "persona", "--n", "0"], "--n 0: must be at least 1"),
     "eval.py bad sampling": ("eval.py", ["--model", "llama", "--task", "persona", "--top-p", "0"], "0 < --top-p <= 1"),
-    "eval.py missing reference": ("eval.py", ["--model", "llama", "--task", "persona", "--judge-reference", "ref.jsonl"],
+    "eval.py missing reference": ("eval.py",
+                                  ["--model", "llama", "--task", "persona", "--judge-reference", "ref.jsonl"],
                                   "ref.jsonl: file not found (--judge-reference)"),
     "train.py unknown task": ("train.py", ["--model", "llama", "--task", "nosuch"], "--task nosuch: unknown task"),
     "train.py bad loss option": ("train.py", ["--model", "llama", "--loss", "ipo", "--label-smoothing", "0.1"],

@@ -1,14 +1,14 @@
-"""plumbing/config.py's hardware choice: --dtype auto takes bf16 on a CPU only where bf16 products were measured faster, and
-the measurement is kept, so every run on one machine picks the same dtype."""
+"""plumbing/config.py's hardware choice: --dtype auto takes bf16 on a CPU only where bf16 products were measured
+faster, and the measurement is kept, so every run on one machine picks the same dtype."""
 import json
 from types import SimpleNamespace
 
 import pytest
 import torch
 
+from sampler import Sampling
 from plumbing import config
 from plumbing.files import MipoError
-from sampler import Sampling
 
 CPUINFO = "processor\t: 0\nmodel name\t: Some CPU\nflags\t\t: fpu sse2 avx512f{}\n"
 

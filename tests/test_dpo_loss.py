@@ -1,12 +1,12 @@
 """dpo_loss is exact: every loss type equals its formula on hand-made tensors (expected values worked out by hand,
 the expression beside each number), the invariants between losses hold, gradients point where each loss says,
-and sequence_logps equals a naive log-softmax gather in float32 and bfloat16, padded or not."""
+and token_logps equals a naive log-softmax gather in float32 and bfloat16, chunked or not."""
 import math
 
 import pytest
 import torch
 
-from dpo_loss import LOSS_TYPES, OPTIONS, preference_loss, preference_metrics, sequence_logps
+from dpo_loss import LOSS_TYPES, OPTIONS, preference_loss, preference_metrics, token_logps
 
 LN2 = math.log(2)
 
@@ -191,7 +191,8 @@ def test_simpo_with_gamma_zero_is_reference_free_length_normalized_dpo():
     losses, chosen_rewards, rejected_rewards = preference_loss("simpo", **inputs, beta=2.0, simpo_gamma=0.0)
     rows = list(zip(*(inputs[k].tolist() for k in ("policy_chosen_logps", "policy_rejected_logps", "chosen_lengths",
                                                   "rejected_lengths"))))
-    assert losses.tolist() == pytest.approx([softplus(-2.0 * (c / c_n - r / r_n)) for c, r, c_n, r_n in rows], rel=1e-12)
+    assert losses.tolist() == pytest.approx([softplus(-2.0 * (c / c_n - r / r_n)) for c, r, c_n, r_n in rows],
+                                            rel=1e-12)
     assert chosen_rewards.tolist() == pytest.approx([2.0 * c / c_n for c, _, c_n, _ in rows], rel=1e-12)
     assert rejected_rewards.tolist() == pytest.approx([2.0 * r / r_n for _, r, _, r_n in rows], rel=1e-12)
 
@@ -378,72 +379,22 @@ def test_metrics_use_the_ecosystem_names_and_values():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# sequence_logps
-
-
-def naive_sequence_logps(logits, input_ids, completion_mask):
-    # The obvious version: full float32 log-softmax, gather, mask, sum.
-    logps = torch.log_softmax(logits.float(), dim=-1)[:, :-1]  # (B, T-1, V)
-    picked = logps.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)  # (B, T-1)
-    return (picked * completion_mask[:, 1:]).sum(-1)
-
-
-def random_batch(B=3, T=9, V=50, seed=0, dtype=torch.float32):
-    generator = torch.Generator().manual_seed(seed)
-    logits = (torch.randn(B, T, V, generator=generator) * 4).to(dtype)
-    input_ids = torch.randint(0, V, (B, T), generator=generator)
-    prompt_lengths, completion_lengths = torch.tensor([2, 4, 1]), torch.tensor([5, 3, 8])  # row 2 fills all T
-    positions = torch.arange(T)
-    # masks from lengths, never from pad ids (never inferred from a pad id); everything after prompt + completion is right padding
-    ends = prompt_lengths + completion_lengths
-    completion_mask = (positions >= prompt_lengths[:, None]) & (positions < ends[:, None])  # (B, T)
-    return logits, input_ids, completion_mask, completion_lengths
+# token_logps
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("chunk_tokens", [1, 4, 1024])
-def test_sequence_logps_equals_naive_gather(dtype, chunk_tokens):
-    logits, input_ids, completion_mask, completion_lengths = random_batch(dtype=dtype)
-    logp_sum, n_tokens = sequence_logps(logits, input_ids, completion_mask, chunk_tokens=chunk_tokens)
-    assert logp_sum.dtype == torch.float32
-    torch.testing.assert_close(logp_sum, naive_sequence_logps(logits, input_ids, completion_mask), rtol=1e-6, atol=1e-5)
-    assert n_tokens.tolist() == completion_lengths.tolist()
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_sequence_logps_gradient_equals_naive(dtype):
-    logits, input_ids, completion_mask, _ = random_batch(dtype=dtype)
-    ours = logits.clone().requires_grad_()
-    naive = logits.clone().requires_grad_()
-    weights = torch.tensor([1.0, -2.0, 0.5])
-    (sequence_logps(ours, input_ids, completion_mask, chunk_tokens=4)[0] * weights).sum().backward()
-    (naive_sequence_logps(naive, input_ids, completion_mask) * weights).sum().backward()
+def test_token_logps_and_its_gradient_equal_a_naive_gather(dtype, chunk_tokens):
+    generator = torch.Generator().manual_seed(0)
+    logits = (torch.randn(9, 50, generator=generator) * 4).to(dtype)  # (N, V)
+    targets = torch.randint(0, 50, (9,), generator=generator)
+    ours, naive = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    values = token_logps(ours, targets, chunk_tokens=chunk_tokens)
+    expected = torch.log_softmax(naive.float(), dim=-1).gather(-1, targets[:, None]).squeeze(-1)
+    assert values.dtype == torch.float32
+    torch.testing.assert_close(values, expected, rtol=1e-6, atol=1e-5)
+    weights = torch.linspace(-2, 1, 9)
+    (values * weights).sum().backward()
+    (expected * weights).sum().backward()
     assert ours.grad.dtype == dtype
     torch.testing.assert_close(ours.grad, naive.grad)
-
-
-def test_sequence_logps_unchanged_by_right_padding():
-    logits, input_ids, completion_mask, _ = random_batch()
-    pad = 5
-    padded_logits = torch.cat([logits, torch.randn(3, pad, logits.shape[-1]) * 4], dim=1)
-    padded_logits[:, -pad:, 0] = float("-inf")  # a banned pad id must not turn the masked positions into NaN
-    padded_ids = torch.cat([input_ids, torch.zeros(3, pad, dtype=input_ids.dtype)], dim=1)
-    padded_mask = torch.cat([completion_mask, torch.zeros(3, pad, dtype=torch.bool)], dim=1)
-    logp_sum, n_tokens = sequence_logps(logits, input_ids, completion_mask)
-    padded_sum, padded_n = sequence_logps(padded_logits, padded_ids, padded_mask, chunk_tokens=6)
-    torch.testing.assert_close(padded_sum, logp_sum)
-    assert padded_n.tolist() == n_tokens.tolist()
-
-
-def test_sequence_logps_rejects_rows_without_completion_and_masks_at_position_zero():
-    logits, input_ids, completion_mask, _ = random_batch()
-    empty = completion_mask.clone()
-    empty[1] = False
-    with pytest.raises(ValueError, match=r"rows \[1\] have no completion token"):
-        sequence_logps(logits, input_ids, empty)
-    first = completion_mask.clone()
-    first[0, 0] = True
-    with pytest.raises(ValueError, match="position 0"):
-        sequence_logps(logits, input_ids, first)
-    with pytest.raises(ValueError, match="need input_ids and completion_mask of shape"):
-        sequence_logps(logits, input_ids[:, 1:], completion_mask)

@@ -14,14 +14,13 @@ import torch
 
 import eval as evaluation
 import mipo
-from plumbing import report
-from plumbing import runs
 import sampler
 import tasks
+from plumbing import files, report, results
 from conftest import make_tiny_model
-from plumbing.files import MipoError
 from model_loader import Tokenizer, load_model, save_model
 from tasks import TASKS, Example
+from plumbing.files import MipoError
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -55,14 +54,14 @@ def write_tiny_model_dir(path: Path, seed: int = 0, soft: bool = False) -> Path:
 def write_run(path: Path, data: Path, seed: int) -> Path:
     """What train.py leaves: RUN/final (a model), RUN/metrics.jsonl (one dict per step), RUN/config.json (settings
     by section) and RUN/summary.json (the held-out MI meter before and after training)."""
-    write_tiny_model_dir(path / runs.RUN_FINAL, seed)
+    write_tiny_model_dir(path / files.RUN_FINAL, seed)
     steps = [{"step": s, "loss": 0.693 - 0.05 * s, "rewards/accuracies": 0.1 * s, "rewards/margins": 0.2 * s,
-              "rewards/chosen": 0.1 * s, "rewards/rejected": -0.1 * s, "logps/chosen": -40 + s, "logps/rejected": -50 - s,
-              "lr": 5e-7, "grad_norm": 1.0} for s in range(6)]
-    (path / runs.RUN_METRICS).write_text("".join(json.dumps(r) + "\n" for r in steps))
-    (path / runs.RUN_CONFIG).write_text(json.dumps({"pairs": {"model": "base", "task": "jsonl", "data": str(data)},
+              "rewards/chosen": 0.1 * s, "rewards/rejected": -0.1 * s,
+              "logps/chosen": -40 + s, "logps/rejected": -50 - s, "lr": 5e-7, "grad_norm": 1.0} for s in range(6)]
+    (path / files.RUN_METRICS).write_text("".join(json.dumps(r) + "\n" for r in steps))
+    (path / files.RUN_CONFIG).write_text(json.dumps({"pairs": {"model": "base", "task": "jsonl", "data": str(data)},
                                                          "loss": {"loss": "sigmoid", "beta": 0.1}}))
-    (path / runs.RUN_SUMMARY).write_text(json.dumps({"base_eval": {"pmi": 1.5, "pmi_self": 1.5, "pairs": 4},
+    (path / files.RUN_SUMMARY).write_text(json.dumps({"base_eval": {"pmi": 1.5, "pmi_self": 1.5, "pairs": 4},
                                                           "trained_eval": {"pmi": 2.5, "pmi_self": 3.0, "pairs": 4}}))
     return path
 
@@ -105,7 +104,8 @@ def test_multiple_choice_accuracy_is_the_letter_after_the_answer_is(task):
 
 
 def test_persona_preferences_met_and_the_answer_guard():
-    ex = Example("p", "What is the capital of France?", "- ...", "Paris", {"rules": ["short", "bold"], "answers": ["Paris"]})
+    ex = Example("p", "What is the capital of France?", "- ...", "Paris",
+                 {"rules": ["short", "bold"], "answers": ["Paris"]})
     both = evaluation.score_item(TASKS["persona"], ex, "The capital is **Paris**.")
     assert both == {"preferences_met": 1.0, "all_met": 1.0, "met_short": 1.0, "met_bold": 1.0, "answer_found": 1.0}
     degenerate = evaluation.score_item(TASKS["persona"], ex, "**Yes.**")  # follows both rules, answers nothing
@@ -173,7 +173,8 @@ def test_compare_rows_on_hand_made_results():
     assert rows["correct"]["base"]["mean"] == 0.5 and rows["correct"]["runs"][0]["value"]["mean"] == 1.0
     diff = rows["correct"]["runs"][0]["diff"]  # on b, c, d: +1, 0, +1
     assert diff["mean"] == pytest.approx(2 / 3) and diff["n"] == 3
-    assert rows["pmi"]["runs"][0]["diff"]["mean"] == pytest.approx(1.0) and rows["pmi"]["runs"][0]["diff"]["ci"] == (1.0, 1.0)
+    assert (rows["pmi"]["runs"][0]["diff"]["mean"] == pytest.approx(1.0)
+            and rows["pmi"]["runs"][0]["diff"]["ci"] == (1.0, 1.0))
     text = report.format_table(report.compare_rows(base, [run]), ["base", "run"], markdown=False)
     assert text.splitlines()[1].split()[:4] == ["correct", "0.500", "1.000", "+0.667"]
     markdown = report.format_table(report.compare_rows(base, [run]), ["base", "run"], markdown=True)
@@ -192,7 +193,8 @@ PAPER_JUDGE_SYSTEM = ("You are a helpful assistant, that evaluates another assis
 
 def test_the_judge_prompt_is_the_papers_verbatim():
     assert evaluation.JUDGE_SYSTEM == PAPER_JUDGE_SYSTEM
-    assert evaluation.JUDGE_USER.format(prompt="P", response="R", preference="F") == "User: P\n\nAssistant: R\n\nUser's preference: F"
+    assert (evaluation.JUDGE_USER.format(prompt="P", response="R", preference="F")
+            == "User: P\n\nAssistant: R\n\nUser's preference: F")
     reader = evaluation.READER_SAMPLING["paper"]
     assert (reader.temperature, reader.top_p, reader.max_new_tokens) == (0.1, 0.9, 1024)
 
@@ -263,13 +265,16 @@ def test_the_judge_sees_the_users_own_prompt_one_preference_and_skips_replies_wi
 
 
 def test_win_rate_against_one_fixed_reference_answer_per_item_ties_win_and_no_score_loses():
-    base = [item("x", judge_score=3.0), item("y", judge_score=None), item("z", judge_score=4.5), item("w", judge_score=2.0)]
-    run = [item("x", judge_score=3.0), item("y", judge_score=5.0), item("z", judge_score=4.0), item("w", judge_score=None)]
+    base = [item("x", judge_score=3.0), item("y", judge_score=None), item("z", judge_score=4.5),
+            item("w", judge_score=2.0)]
+    run = [item("x", judge_score=3.0), item("y", judge_score=5.0), item("z", judge_score=4.0),
+           item("w", judge_score=None)]
     # The base model's answers as the reference: x 3 >= 3 wins (a tie), y loses (the reference has no score: NaN),
     # z 4 < 4.5 loses, w loses (no score). The base's own rate is 1 by construction: "ref", no difference.
     row = {r["metric"]: r for r in report.compare_rows(base, [run])}["judge_win"]
     assert (row["base"], row["runs"][0]["value"]["mean"], row["runs"][0]["diff"]) == (None, 0.25, None)
-    assert report.format_table([row], ["base", "run"], markdown=False).splitlines()[1].split()[:2] == ["judge_win", "ref"]
+    assert (report.format_table([row], ["base", "run"], markdown=False).splitlines()[1].split()[:2]
+            == ["judge_win", "ref"])
     # A fixed reference (--judge-reference): both models are measured against the same answers, and differ.
     reference = {"x": 3.5, "y": 4.0, "z": 4.0, "w": 1.0}
     row = {r["metric"]: r for r in report.compare_rows(base, [run], reference)}["judge_win"]
@@ -280,12 +285,12 @@ def test_win_rate_against_one_fixed_reference_answer_per_item_ties_win_and_no_sc
 def test_judge_reference_file_is_checked_before_anything_runs(tmp_path):
     good, bad = tmp_path / "ref.jsonl", tmp_path / "bad.jsonl"
     good.write_text('{"id": "x", "answer": "A human answer."}\n{"id": 7, "answer": "Another."}\n')
-    assert evaluation.read_reference_answers(good) == {"x": "A human answer.", "7": "Another."}
+    assert results.read_reference_answers(good) == {"x": "A human answer.", "7": "Another."}
     bad.write_text('{"id": "x", "answer": "A human answer."}\n{"id": "y"}\n')
     with pytest.raises(MipoError, match=r"bad.jsonl:2: needs fields 'id' .* and 'answer'"):
-        evaluation.read_reference_answers(bad)
+        results.read_reference_answers(bad)
     with pytest.raises(MipoError, match="file not found"):
-        evaluation.read_reference_answers(tmp_path / "none.jsonl")
+        results.read_reference_answers(tmp_path / "none.jsonl")
 
 
 def test_gsm8k_answer_without_hashes_is_extracted_by_the_same_model_as_the_paper_or_by_rules(monkeypatch):
@@ -326,11 +331,11 @@ def test_pmi_is_scored_by_the_base_model_and_pmi_self_by_the_model_itself(tmp_pa
     base, _ = load_model(tmp_path / "base")
     task = TASKS["jsonl"]
     examples = tasks.load_examples(task, "eval", path=write_user_file(tmp_path / "users.jsonl"))
-    items = evaluation.evaluate(model, tokenizer, task, examples, sampler.Sampling(1.0, 1.0, 0, 6), seed=0, batch_size=3,
-                                progress=False)
+    items = evaluation.evaluate(model, tokenizer, task, examples, sampler.Sampling(1.0, 1.0, 0, 6), seed=0,
+                                batch_size=3, progress=False)
     assert [it["metrics"]["truncated"] for it in items] == [float(not it["stopped"]) for it in items]
     spec = {"name": "m", "eval_dir": tmp_path / "m-eval"}
-    evaluation.save_results(spec["eval_dir"], task, items, {})
+    results.save_results(spec["eval_dir"], task, items, {})
     args = SimpleNamespace(no_mi=False, mi_reference={"name": "base", "model": str(tmp_path / "base")}, device="cpu",
                            torch_dtype=torch.float32, batch_size=3)
     evaluation.meter_all([(spec, items)], task, examples, args)
@@ -341,12 +346,14 @@ def test_pmi_is_scored_by_the_base_model_and_pmi_self_by_the_model_itself(tmp_pa
         prompt, response = mipo.encode_turn(tokenizer, messages, it["response"], it["stopped"])
         with torch.no_grad():
             logits = scorer(torch.tensor([prompt + response]))[0, len(prompt) - 1:-1]
-        return torch.log_softmax(logits.float(), -1).gather(-1, torch.tensor(response)[:, None]).sum().item(), len(response)
+        return (torch.log_softmax(logits.float(), -1).gather(-1, torch.tensor(response)[:, None]).sum().item(),
+                len(response))
 
     for ex, negative, it in zip(examples, negatives, items):
         for key, scorer in (("pmi", base), ("pmi_self", model)):
-            (under_x, length), (under_x_prime, _) = (full_forward_logp(scorer, tasks.prompt_messages(task, ex), it),
-                                                     full_forward_logp(scorer, tasks.prompt_messages(task, negative), it))
+            (under_x, length), (under_x_prime, _) = (
+                full_forward_logp(scorer, tasks.prompt_messages(task, ex), it),
+                full_forward_logp(scorer, tasks.prompt_messages(task, negative), it))
             assert it["metrics"][key] == pytest.approx(under_x - under_x_prime, abs=1e-4), key
         assert it["metrics"]["length"] == length
     assert any(abs(it["metrics"]["pmi"] - it["metrics"]["pmi_self"]) > 1e-2 for it in items)  # two models, two meters
@@ -368,8 +375,9 @@ def test_compare_two_synthetic_runs_end_to_end(tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     table = out.splitlines()[1:]
     assert table[0].split() == ["metric", "base", "run_a", "diff", "[95%", "CI]", "run_b", "diff", "[95%", "CI]"]
-    assert [line.split()[0] for line in table[1:11]] == ["judge_score", "judge_win", "judge_unparsed", "correct", "parsed",
-                                                         "pmi", "pmi_per_token", "pmi_self", "length", "truncated"]
+    assert [line.split()[0] for line in table[1:11]] == ["judge_score", "judge_win", "judge_unparsed", "correct",
+                                                         "parsed", "pmi", "pmi_per_token", "pmi_self", "length",
+                                                         "truncated"]
     assert table[11].startswith("judge replies without an integer (skipped, as the paper does): base ")
 
     for run in (run_a, run_b):
@@ -444,14 +452,14 @@ def test_compare_reads_a_real_train_py_run(tmp_path, monkeypatch, capsys):
     evaluation.main(["--compare", str(base), str(run), "--n", "4", "--max-new-tokens", "6", "--judge", "none"])
     table = capsys.readouterr().out.splitlines()[1:]
     assert table[0].split()[:3] == ["metric", "base", "tiny-jsonl-random-sigmoid"]  # task and data: from the run
-    assert [line.split()[0] for line in table[1:]] == ["correct", "parsed", "pmi", "pmi_per_token", "pmi_self", "length",
-                                                     "truncated"]
+    assert [line.split()[0] for line in table[1:]] == ["correct", "parsed", "pmi", "pmi_per_token", "pmi_self",
+                                                     "length", "truncated"]
     for name in ("jsonl.jsonl", "jsonl.summary.json", "compare-jsonl.md", "compare-jsonl.png", "curves.png"):
         assert (run / "eval" / name).stat().st_size > 0, name
     assert ", seed 0; CPU" in (run / "eval" / "compare-jsonl.md").read_text()  # no judge named where none was asked
     # The table's numbers are the per-item files' means: recomputed here from them, independently of eval.py.
     per_item = {who: [json.loads(line) for line in (where / "jsonl.jsonl").read_text().splitlines()]
-                for who, where in (("base", evaluation.resolve(str(base))["eval_dir"]), ("run", run / "eval"))}
+                for who, where in (("base", results.resolve(str(base))["eval_dir"]), ("run", run / "eval"))}
     assert [it["id"] for it in per_item["base"]] == [it["id"] for it in per_item["run"]] == ["u4", "u9", "u14", "u19"]
     for line in table[1:]:
         metric, base_mean, run_mean, diff = line.split()[:4]
@@ -475,7 +483,8 @@ def test_single_model_evaluation_and_tables_without_matplotlib(tmp_path, monkeyp
     monkeypatch.setattr(report, "_warned_no_matplotlib", [])
     evaluation.main(["--compare", str(run / "final"), str(run), "--n", "3", "--max-new-tokens", "4", "--judge", "none",
                      "--no-mi", "--out", str(tmp_path / "report")])
-    assert (tmp_path / "report" / "compare-jsonl.md").is_file() and not (tmp_path / "report" / "compare-jsonl.png").exists()
+    assert ((tmp_path / "report" / "compare-jsonl.md").is_file()
+            and not (tmp_path / "report" / "compare-jsonl.png").exists())
     assert capsys.readouterr().err.count("plots skipped") == 1  # one line for the chart and the curves together
 
 
@@ -493,8 +502,9 @@ def test_bad_input_is_one_line_and_exit_status_2(tmp_path, argv, message):
     shutil.copytree(tmp_path / "base", tmp_path / "broken")  # a model directory without its weights
     (tmp_path / "broken" / "model.safetensors").unlink()
     (tmp_path / "empty_run").mkdir()
-    (tmp_path / "empty_run" / runs.RUN_METRICS).write_text("")
-    result = subprocess.run([sys.executable, str(ROOT / "eval.py"), *argv], capture_output=True, text=True, cwd=tmp_path)
+    (tmp_path / "empty_run" / files.RUN_METRICS).write_text("")
+    result = subprocess.run([sys.executable, str(ROOT / "eval.py"), *argv], capture_output=True, text=True,
+                            cwd=tmp_path)
     assert result.returncode == 2
     assert result.stderr.startswith(message) and result.stderr.count("\n") == 1, result.stderr
     assert not (tmp_path / "runs").exists()  # nothing written

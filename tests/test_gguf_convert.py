@@ -3,7 +3,7 @@ as it gets from the GGUF itself; the tokenizer gives the same ids; bad input fai
 handwritten decoder and tokenizer of model_loader on those directories equal transformers on the GGUF.
 
 The real packages are fetched into the default cache (MIPO_CACHE or ~/.cache/mipo) on the first run and
-converted once (about 35 s for qwen, 6 s for llama). Each model is loaded once per module.
+converted once (a one-time cost: the result stays in the cache). Each model is loaded once per module.
 """
 import hashlib
 import importlib.metadata
@@ -18,17 +18,17 @@ from safetensors import safe_open
 from tokenizers import Tokenizer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from plumbing import gguf_convert
-from plumbing.gguf_convert import BUNDLED, BundledGGUF, bundled_gguf, bundled_model_dir, convert_gguf
-from plumbing.files import MipoError
 from model_loader import generation_defaults, load_model
 from sampler import generate
+from plumbing import gguf_convert
+from plumbing.files import MipoError
+from plumbing.gguf_convert import BUNDLED, BundledGGUF, bundled_gguf, bundled_model_dir, convert_gguf
 
 SHAPES = {  # what the project documents for each bundled model
-    "qwen": dict(model_type="qwen2", num_hidden_layers=24, hidden_size=896, num_attention_heads=14, num_key_value_heads=2,
-                 vocab_size=151936, tie_word_embeddings=False, rms_norm_eps=1e-6),
-    "llama": dict(model_type="llama", num_hidden_layers=30, hidden_size=576, num_attention_heads=9, num_key_value_heads=3,
-                  vocab_size=49152, tie_word_embeddings=True, rms_norm_eps=1e-5),
+    "qwen": dict(model_type="qwen2", num_hidden_layers=24, hidden_size=896, num_attention_heads=14,
+                 num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=False, rms_norm_eps=1e-6),
+    "llama": dict(model_type="llama", num_hidden_layers=30, hidden_size=576, num_attention_heads=9,
+                  num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True, rms_norm_eps=1e-5),
 }
 PROMPTS = [
     "The capital of France is",
@@ -44,7 +44,8 @@ TEXTS = [
     "def foo(x):\n\tif x > 0:\n\t\treturn x ** 2\n    else:\n        return -x  # negate\n",
     "Numbers: 12345, 3.14159, 1,000,000, 2024-06-01, x=42, v0.19.0 and 007.",
     "Runs   of    spaces\n\n\nand\r\nnewlines \n \n  end  ",
-    "日本語のテキスト、中文测试：你好，世界！한국어 텍스트 Ελληνικά русский العربية",
+    ("日本語のテキスト、中文测试：你好，世界！"
+     "한국어 텍스트 Ελληνικά русский العربية"),
     "Emoji 😀👍🏽🇺🇸 ❤️ and accents: café naïve résumé Ångström",
     "<|im_start|>system\nYou are helpful.<|im_end|>\n<|im_start|>user\nHi!<|im_end|>\n<|im_start|>assistant\n",
     "inline<|endoftext|>special <|im_end|>tokens",
@@ -115,7 +116,8 @@ def test_weights_are_float32_under_hf_names(name):
     layers = SHAPES[name]["num_hidden_layers"]
     per_layer = 12 if name == "qwen" else 9  # + q/k/v bias
     assert len(keys) == layers * per_layer + 2 + (name == "qwen")
-    assert "model.layers.0.self_attn.q_proj.weight" in keys and f"model.layers.{layers - 1}.mlp.down_proj.weight" in keys
+    assert ("model.layers.0.self_attn.q_proj.weight" in keys
+            and f"model.layers.{layers - 1}.mlp.down_proj.weight" in keys)
     assert ("model.layers.0.self_attn.q_proj.bias" in keys) == (name == "qwen")
     assert ("lm_head.weight" in keys) == (not SHAPES[name]["tie_word_embeddings"])
 
@@ -267,7 +269,8 @@ def tiny_vocab():
 def llama_cpp_permute(weight: np.ndarray, n_heads: int) -> np.ndarray:
     # What llama.cpp's convert_hf_to_gguf does to Llama q/k rows (written out here from its convention:
     # within each head, rows 0..D/2-1 and D/2..D-1 are interleaved pairwise).
-    return weight.reshape(n_heads, 2, weight.shape[0] // n_heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+    return (weight.reshape(n_heads, 2, weight.shape[0] // n_heads // 2, *weight.shape[1:])
+            .swapaxes(1, 2).reshape(weight.shape))
 
 
 def write_tiny_gguf(path, hf_model, arch, add_bos=False):
@@ -375,7 +378,8 @@ def test_other_architecture_is_refused(tmp_path, monkeypatch):
     write_other_architecture(tmp_path / "gpt2.gguf")
     content = (tmp_path / "gpt2.gguf").read_bytes()
     part = ("tiny-gguf", "1.0", "tiny_gguf/model.gguf")
-    monkeypatch.setitem(BUNDLED, "tiny", BundledGGUF(parts=(part,), size=len(content), sha256=hashlib.sha256(content).hexdigest()))
+    monkeypatch.setitem(BUNDLED, "tiny", BundledGGUF(parts=(part,), size=len(content),
+                                                     sha256=hashlib.sha256(content).hexdigest()))
     cache = tmp_path / "cache"
     monkeypatch.setenv("MIPO_CACHE", str(cache))
     target = put_in_fake_package(cache, part, content)
@@ -406,11 +410,13 @@ def test_parts_are_joined_in_order_and_checked(tmp_path, monkeypatch):
     parts = [(f"tiny-part{k}", "1.0", f"tiny_part{k}/data/part{k:02d}.bin") for k in (1, 2)]
     files = [put_in_fake_package(cache, part, content) for part, content in zip(parts, [b"GGUF-first-", b"second"])]
     joined = b"GGUF-first-second"
-    monkeypatch.setitem(BUNDLED, "tiny", BundledGGUF(parts=tuple(parts), size=len(joined), sha256=hashlib.sha256(joined).hexdigest()))
+    monkeypatch.setitem(BUNDLED, "tiny", BundledGGUF(parts=tuple(parts), size=len(joined),
+                                                     sha256=hashlib.sha256(joined).hexdigest()))
     assert bundled_gguf("tiny").read_bytes() == joined
 
     swapped = b"secondGGUF-first-"  # same size, parts in the wrong order
-    monkeypatch.setitem(BUNDLED, "other", BundledGGUF(parts=tuple(parts[::-1]), size=len(swapped), sha256=hashlib.sha256(joined).hexdigest()))
+    monkeypatch.setitem(BUNDLED, "other", BundledGGUF(parts=tuple(parts[::-1]), size=len(swapped),
+                                                      sha256=hashlib.sha256(joined).hexdigest()))
     with pytest.raises(MipoError) as error:
         bundled_gguf("other")
     assert "\n" not in str(error.value) and all(str(f) in str(error.value) for f in files)
@@ -423,7 +429,8 @@ def test_a_changed_converter_converts_again(tmp_path, monkeypatch):
     write_tiny_gguf(tmp_path / "tiny.gguf", tiny_hf_model("llama"), "llama")
     content = (tmp_path / "tiny.gguf").read_bytes()
     part = ("tiny-gguf", "1.0", "tiny_gguf/model.gguf")
-    monkeypatch.setitem(BUNDLED, "tiny", BundledGGUF(parts=(part,), size=len(content), sha256=hashlib.sha256(content).hexdigest()))
+    monkeypatch.setitem(BUNDLED, "tiny", BundledGGUF(parts=(part,), size=len(content),
+                                                     sha256=hashlib.sha256(content).hexdigest()))
     cache = tmp_path / "cache"
     monkeypatch.setenv("MIPO_CACHE", str(cache))
     put_in_fake_package(cache, part, content)

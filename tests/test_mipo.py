@@ -16,11 +16,11 @@ import mipo
 import sampler
 import tasks
 from conftest import make_tiny_model
-from plumbing.files import MipoError
 from mipo import build_pairs, read_pairs
 from model_loader import Tokenizer
 from sampler import Sampling
 from tasks import TASKS, Example
+from plumbing.files import MipoError
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLING = Sampling(temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=8)
@@ -90,7 +90,8 @@ def test_derangement_has_no_fixed_point_and_no_equal_content():
             assert sorted(donor) == list(range(len(keys))) and all(keys[d] != keys[i] for i, d in enumerate(donor))
     with pytest.raises(MipoError, match="at least 2"):
         mipo.derangement(["a"], random.Random(0))
-    with pytest.raises(MipoError, match=r"3 of the 4 prompts are the same \('a'\), so they cannot all get a different prompt"):
+    with pytest.raises(MipoError, match=r"3 of the 4 prompts are the same \('a'\), so they cannot all get "
+                                        r"a different prompt"):
         mipo.derangement(["a", "b", "a", "a"], random.Random(0))
 
 
@@ -133,7 +134,8 @@ def test_random_resample_with_context_is_the_same_question_under_another_users_c
 
 def test_random_resample_without_context_is_another_prompt_sampled_again(echo, tmp_path):
     task, examples = TASKS["arc"], choice_like(7)
-    pairs = build_pairs(FAKE_MODEL, ByteTokenizer(), task, examples, tmp_path / "p.jsonl", "random-resample", SAMPLING, batch_size=3)
+    pairs = build_pairs(FAKE_MODEL, ByteTokenizer(), task, examples, tmp_path / "p.jsonl", "random-resample", SAMPLING,
+                        batch_size=3)
     by_id = {ex.id: ex for ex in examples}
     assert sorted(p["negative_source"] for p in pairs) == sorted(by_id)  # each prompt donates exactly once
     for pair, ex in zip(pairs, examples):
@@ -152,7 +154,8 @@ def test_incomplete_negative_is_the_papers_template_without_the_requirements(ech
         assert content(pair["prompt"]) == (  # the paper's PRISM prompt, verbatim
             f"Give me short 2-3 sentence answers to the following prompt: {ex.question} Please respect the following "
             f"requirements made by the user: {ex.context} Respond with short 2-3 sentences.")
-        without = f"Give me short 2-3 sentence answers to the following prompt: {ex.question} Respond with short 2-3 sentences."
+        without = (f"Give me short 2-3 sentence answers to the following prompt: {ex.question} "
+                   "Respond with short 2-3 sentences.")
         assert content(pair["negative_prompt"]) == task.render(replace(ex, context="")) == without
         assert content(pair["rejected"]).endswith(f"<user>{without}</user><assistant>")
 
@@ -167,14 +170,16 @@ def test_incomplete_math_prompt_drops_one_sentence_but_never_the_question(echo, 
         mipo.drop_one_sentence("If Ann has 3 apples, and Bob has 4, how many do they have?", random.Random(0))
     task = replace(TASKS["gsm8k"], render=lambda ex: ex.question)  # the 8-shot template is tested on real data below
     ex = Example("g0", question, "", "5")
-    pairs = build_pairs(FAKE_MODEL, ByteTokenizer(), task, [ex, replace(ex, id="g1")], tmp_path / "p.jsonl", "incomplete", SAMPLING)
+    pairs = build_pairs(FAKE_MODEL, ByteTokenizer(), task, [ex, replace(ex, id="g1")], tmp_path / "p.jsonl",
+                        "incomplete", SAMPLING)
     assert pairs[0]["negative_source"].startswith("dropped sentence: ")
     assert content(pairs[0]["negative_prompt"]) != question and content(pairs[0]["prompt"]) == question
 
 
 def test_incomplete_negative_needs_a_context_or_a_sentence_to_drop(echo, tmp_path):
     with pytest.raises(MipoError, match="no user context to remove; use --negative random"):
-        build_pairs(FAKE_MODEL, ByteTokenizer(), TASKS["arc"], choice_like(3), tmp_path / "p.jsonl", "incomplete", SAMPLING)
+        build_pairs(FAKE_MODEL, ByteTokenizer(), TASKS["arc"], choice_like(3), tmp_path / "p.jsonl", "incomplete",
+                    SAMPLING)
     assert not (tmp_path / "p.jsonl").exists()
 
 
@@ -208,8 +213,7 @@ def test_interrupted_build_resumes_without_duplicates_and_equals_an_uninterrupte
     assert len(read_pairs(samples)) == 6 and not out.exists()  # two batches sampled, no pairs file yet
     with open(samples, "a") as f:
         f.write('{"id": "u6", "task": "pers')  # the half line a kill during a write leaves
-    with pytest.raises(MipoError, match="incomplete"):
-        read_pairs(samples)
+    assert len(read_pairs(samples)) == 6  # the cut line is left out (files.read_jsonl), and cut off before appending
     echo.calls, echo.fail_on_call = [], None
     pairs = build_pairs(*args, out, "incomplete", SAMPLING, seed=5, batch_size=3)
     assert echo.calls == [6, 2]  # only the unfinished batches are sampled again
@@ -233,7 +237,8 @@ def test_a_rerun_on_another_day_renders_the_prompts_with_the_recorded_date(echo,
     pairs = build_pairs(args[0], next_day, *args[1:], out, "incomplete", SAMPLING, batch_size=3)
     assert next_day.date == date(2026, 1, 2)
     assert {p["sampling"]["date"] for p in pairs} == {"2026-01-02"}
-    assert all(content(p[k]).startswith("seed ") and "[2026-01-02]" in content(p[k]) for p in pairs for k in ("chosen", "rejected"))
+    assert all(content(p[k]).startswith("seed ") and "[2026-01-02]" in content(p[k])
+               for p in pairs for k in ("chosen", "rejected"))
     later = ByteTokenizer(date(2027, 5, 5))
     mipo.use_recorded_date(later, pairs, out)  # what train.py does before scoring the pairs
     assert later.date == date(2026, 1, 2)
@@ -255,7 +260,8 @@ def test_a_second_run_on_the_same_file_is_refused_while_the_first_writes(echo, t
         with pytest.raises(MipoError, match="another run is writing this file"):
             build_pairs(FAKE_MODEL, ByteTokenizer(), TASKS["persona"], persona_like(3), out, "random", SAMPLING)
     assert echo.calls == []
-    assert len(build_pairs(FAKE_MODEL, ByteTokenizer(), TASKS["persona"], persona_like(3), out, "random", SAMPLING)) == 3
+    assert len(build_pairs(FAKE_MODEL, ByteTokenizer(), TASKS["persona"], persona_like(3), out, "random",
+                           SAMPLING)) == 3
 
 
 # ------------------------------------------------------------------ the real sampler on a tiny random model
@@ -279,13 +285,16 @@ def tiny_tokenizer(tmp_path, vocab_size=97):
 def test_tiny_model_pairs_and_pointwise_mi_equal_a_full_forward(tmp_path):
     model, tokenizer = make_tiny_model("qwen2"), tiny_tokenizer(tmp_path)
     task = replace(TASKS["persona"], render=lambda ex: f"{ex.context} w{len(ex.question)} {ex.question}".strip())
-    examples = [Example(f"u{i}", " ".join(f"w{(i * 7 + k) % 90 + 1}" for k in range(3 + i)), f"w{i + 50} w{i + 60}") for i in range(5)]
+    examples = [Example(f"u{i}", " ".join(f"w{(i * 7 + k) % 90 + 1}" for k in range(3 + i)), f"w{i + 50} w{i + 60}")
+                for i in range(5)]
     out = tmp_path / "pairs.jsonl"
-    pairs = build_pairs(model, tokenizer, task, examples, out, "incomplete", Sampling(1.0, 1.0, 0, 12), seed=0, batch_size=2)
+    pairs = build_pairs(model, tokenizer, task, examples, out, "incomplete", Sampling(1.0, 1.0, 0, 12), seed=0,
+                        batch_size=2)
     assert [p["id"] for p in pairs] == [ex.id for ex in examples] and read_pairs(out) == pairs
     assert any(p["chosen"] != p["rejected"] for p in pairs)
 
-    responses = {k: [(p["prompt"], p["negative_prompt"], content(p[k]), p[f"{k}_stopped"]) for p in pairs] for k in ("chosen", "rejected")}
+    responses = {k: [(p["prompt"], p["negative_prompt"], content(p[k]), p[f"{k}_stopped"]) for p in pairs]
+                 for k in ("chosen", "rejected")}
     pmi, lengths = mipo.pointwise_mi(model, tokenizer, responses["chosen"], batch_size=3)
     pmi_rejected, _ = mipo.pointwise_mi(model, tokenizer, responses["rejected"], batch_size=2)
     meter = mipo.mi_meter(model, tokenizer, responses["chosen"], batch_size=4)
@@ -298,13 +307,16 @@ def test_tiny_model_pairs_and_pointwise_mi_equal_a_full_forward(tmp_path):
         return torch.log_softmax(logits.float(), -1).gather(-1, torch.tensor(response)[:, None]).sum().item()
 
     expected = [[full_forward_logp(p["prompt"], content(p[k]), p[f"{k}_stopped"])
-                 - full_forward_logp(p["negative_prompt"], content(p[k]), p[f"{k}_stopped"]) for k in ("chosen", "rejected")]
+                 - full_forward_logp(p["negative_prompt"], content(p[k]), p[f"{k}_stopped"])
+                 for k in ("chosen", "rejected")]
                 for p in pairs]
     assert pmi == pytest.approx([e[0] for e in expected], abs=1e-4)
     assert pmi_rejected == pytest.approx([e[1] for e in expected], abs=1e-4)
-    assert lengths == [len(mipo.encode_turn(tokenizer, p["prompt"], content(p["chosen"]), p["chosen_stopped"])[1]) for p in pairs]
+    assert lengths == [len(mipo.encode_turn(tokenizer, p["prompt"], content(p["chosen"]), p["chosen_stopped"])[1])
+                       for p in pairs]
     per_token = sum(e[0] / n for e, n in zip(expected, lengths)) / 5  # each response's MI over its own length
-    assert meter == pytest.approx({"pmi": sum(e[0] for e in expected) / 5, "pmi_per_token": per_token, "length": sum(lengths) / 5,
+    assert meter == pytest.approx({"pmi": sum(e[0] for e in expected) / 5, "pmi_per_token": per_token,
+                                   "length": sum(lengths) / 5,
                                    "truncated": sum(not p["chosen_stopped"] for p in pairs) / 5, "pairs": 5}, abs=1e-4)
 
 
@@ -312,8 +324,9 @@ def test_prompt_longer_than_the_context_window_is_one_clear_error(tmp_path):
     model, tokenizer = make_tiny_model("llama"), tiny_tokenizer(tmp_path)  # 256 positions
     examples = [Example("short", "w1 w2"), Example("long", " ".join(["w3"] * 300))]
     task = replace(TASKS["gsm8k"], render=lambda ex: ex.question)
-    with pytest.raises(MipoError, match=r"^gsm8k item short: negative prompt \(long\) of 305 tokens \+ --max-new-tokens 8 "
-                                        r"exceeds the model's context window of 256 tokens; lower --max-new-tokens"):
+    with pytest.raises(MipoError, match=r"^gsm8k item short: negative prompt \(long\) of 305 tokens \+ "
+                                        r"--max-new-tokens 8 exceeds the model's context window of 256 tokens; "
+                                        r"lower --max-new-tokens"):
         build_pairs(model, tokenizer, task, examples, tmp_path / "p.jsonl", "random", SAMPLING)
     with pytest.raises(MipoError, match=r"^gsm8k item long: prompt of 305 tokens"):
         build_pairs(model, tokenizer, task, examples[::-1], tmp_path / "p.jsonl", "random", SAMPLING)
@@ -362,7 +375,8 @@ def test_persona_users_state_two_or_three_compatible_checkable_preferences():
     for ex in train:
         rules = ex.meta["rules"]
         assert 2 <= len(rules) <= 3 and len({groups[r] for r in rules}) == len(rules)
-        assert ex.context == " ".join(tasks.PREFERENCE_BY_ID[r][2] for r in rules)  # the requirements, in the user's words
+        # the requirements, in the user's words
+        assert ex.context == " ".join(tasks.PREFERENCE_BY_ID[r][2] for r in rules)
     assert len({tuple(ex.meta["rules"]) for ex in train}) > 50  # many different users
     assert tasks.load_examples(TASKS["persona"], "train", 3) == train[:3]  # the same users every time
 
@@ -420,7 +434,8 @@ def test_movielens_rounds_the_models_rating_as_the_baseline_rounds_the_users_mea
     ("#### 1,234", "1234"),
     ("She pays $5 each.\n#### $15", "15"),
     ("It drops by 3.\n#### -3.50", "-3.50"),
-    ("18 minus 2 is 16.\n#### 16\n\nQuestion: Ben has 3 pens.\nAnswer: #### 5", "16"),  # first ####, not an invented exemplar's
+    # first ####, not an invented exemplar's
+    ("18 minus 2 is 16.\n#### 16\n\nQuestion: Ben has 3 pens.\nAnswer: #### 5", "16"),
     ("5 * 16 = 80, so he pays \\boxed{80} for 16 glasses.", "80"),  # fallback: LaTeX box
     ("So 9 * 2 = 18. The answer is 18.", "18"),  # fallback: 'the answer is'
     ("First 5 + 4 = 9, then 9 * 3 = 27 apples", "27"),  # fallback: the last number
@@ -458,7 +473,8 @@ def test_score_choice_and_movielens_and_jsonl():
     assert tasks.score_choice(ex, "The answer is: B") == {"parsed": 1.0, "correct": 1.0}
     assert tasks.score_choice(ex, "The answer is: A") == {"parsed": 1.0, "correct": 0.0}
     rating = Example("m", "q", "c", "4")
-    assert tasks.score_movielens(rating, "You love westerns.\nRating: 5") == {"parsed": 1.0, "exact": 0.0, "abs_error": 1.0}
+    assert (tasks.score_movielens(rating, "You love westerns.\nRating: 5")
+            == {"parsed": 1.0, "exact": 0.0, "abs_error": 1.0})
     assert tasks.score_movielens(rating, "Rating: **4**") == {"parsed": 1.0, "exact": 1.0, "abs_error": 0.0}
     assert tasks.score_movielens(rating, "I'd give it 3 out of 5. Maybe a 3/5.")["abs_error"] == 1.0  # fallback
     assert tasks.score_movielens(rating, "Probably a 4.") == {"parsed": 0.0, "exact": 0.0}
@@ -468,16 +484,19 @@ def test_score_choice_and_movielens_and_jsonl():
     assert tasks.score_jsonl(Example("j", "p", "", "Paris"), "It is paris.")["correct"] == 1.0
 
 
-NQ = Example("persona-0", "Who wrote Hamlet?", "", "William Shakespeare", {"answers": ["William Shakespeare", "Shakespeare"]})
+NQ = Example("persona-0", "Who wrote Hamlet?", "", "William Shakespeare",
+             {"answers": ["William Shakespeare", "Shakespeare"]})
 PREFERENCE_CASES = {  # rule: (a response that follows it, one that does not)
     "short": ("Shakespeare wrote it.", " ".join(["word"] * 60)),
     "bullets": ("- Shakespeare\n- around 1600", "Shakespeare wrote it around 1600."),
     "numbered": ("1. Shakespeare\n2) around 1600", "- Shakespeare\n- around 1600"),
     "child": ("A man named Shakespeare wrote it. He wrote lots of plays.",
-              "Hamlet, the quintessential Elizabethan revenge tragedy, demonstrates extraordinary psychological sophistication."),
+              "Hamlet, the quintessential Elizabethan revenge tragedy, demonstrates extraordinary "
+              "psychological sophistication."),
     "example": ("He wrote many plays. For example, Macbeth.", "He wrote many plays, like Macbeth."),
     "question": ("Shakespeare wrote it. Have you read it?", "Shakespeare wrote it. Have you read it? I hope so."),
-    "summary": ("Shakespeare wrote it around 1600.\n\n**In short:** Shakespeare.", "In short: Shakespeare.\nHe wrote it around 1600."),
+    "summary": ("Shakespeare wrote it around 1600.\n\n**In short:** Shakespeare.",
+                "In short: Shakespeare.\nHe wrote it around 1600."),
     "formal": ("Shakespeare is the author.", "It's Shakespeare!"),
     "answer_first": ("Shakespeare wrote it. It is a tragedy.", "It is a tragedy. Shakespeare wrote it."),
     "bold": ("It was **Shakespeare**.", "It was *Shakespeare*."),
@@ -514,9 +533,11 @@ def test_user_jsonl_file(tmp_path):
     assert TASKS["jsonl"].render(second) == "What is 6 * 7?"
     # An item with a user context is asked in the paper's personalization template, and so is its incomplete
     # negative, without the requirements sentence.
-    assert TASKS["jsonl"].render(first) == tasks.PERSONALIZATION_PROMPT.format(prompt="How do I boil an egg?", request="I am a chef. Be brief.")
+    assert (TASKS["jsonl"].render(first)
+            == tasks.PERSONALIZATION_PROMPT.format(prompt="How do I boil an egg?", request="I am a chef. Be brief."))
     x_prime, source = mipo.negative_example(TASKS["jsonl"], first, "incomplete", None, random.Random(0))
-    assert source == "no context" and TASKS["jsonl"].render(x_prime) == tasks.PERSONALIZATION_PROMPT_NO_CONTEXT.format(prompt="How do I boil an egg?")
+    assert source == "no context" and TASKS["jsonl"].render(x_prime) == tasks.PERSONALIZATION_PROMPT_NO_CONTEXT.format(
+        prompt="How do I boil an egg?")
 
 
 @pytest.mark.parametrize("text, message", [

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from model_loader import ModelConfig, load_model, save_model
 from plumbing import model_sources
 from plumbing.files import MipoError
-from model_loader import ModelConfig, load_model, save_model
 
 transformers = pytest.importorskip("transformers")
 ROOT = Path(__file__).resolve().parent.parent
@@ -73,7 +73,8 @@ def test_cached_decoding_equals_full_forward(name, tmp_path):
         steps = [model(ids[:, :12], kv_cache=cache, cache_pos=torch.arange(12), mask=causal_mask(12, 12))]
         for t in range(12, 20):
             one = torch.ones(1, 1, 1, t + 1, dtype=torch.bool)
-            steps.append(model(ids[:, t : t + 1], positions=torch.full((2, 1), t), kv_cache=cache, cache_pos=torch.tensor([t]), mask=one))
+            steps.append(model(ids[:, t : t + 1], positions=torch.full((2, 1), t), kv_cache=cache,
+                               cache_pos=torch.tensor([t]), mask=one))
     assert (torch.cat(steps, dim=1) - full).abs().max().item() < 1e-5
 
 
@@ -91,53 +92,6 @@ def test_bf16_close_to_float32(name, tmp_path):
         expected, got = m32(ids), m16(ids).float()  # (2, 400, V)
     spread = expected.amax(-1) - expected.amin(-1)  # (2, 400)
     assert ((got - expected).abs().amax(-1) / spread).max().item() < 0.02
-
-
-def test_float32_linear_runs_on_onednn_forward_and_backward():
-    from model_loader import ONEDNN_FLOAT32, Linear
-
-    if not ONEDNN_FLOAT32:
-        pytest.skip("this PyTorch build has no oneDNN")
-    torch.manual_seed(0)
-    layer, x = Linear(64, 96, bias=True), torch.randn(3, 5, 64, requires_grad=True)
-    reference = torch.nn.Linear(64, 96)
-    reference.load_state_dict(layer.state_dict())
-    x_ref = x.detach().clone().requires_grad_()
-    with torch.profiler.profile() as prof:
-        y = layer(x)
-        y.backward(y.detach())
-    assert [e.name for e in prof.events()].count("mkldnn::_linear_pointwise") == 3  # y, dx and dW
-    y_ref = reference(x_ref)
-    y_ref.backward(y_ref.detach())
-    for got, expected in ((y, y_ref), (x.grad, x_ref.grad), (layer.weight.grad, reference.weight.grad),
-                          (layer.bias.grad, reference.bias.grad)):
-        assert (got - expected).abs().max().item() <= 1e-5 * expected.abs().max().item()
-    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast decides the dtype: plain F.linear
-        assert layer(x).dtype == torch.bfloat16
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_prepacked_weights_give_the_same_logits_and_are_dropped_after(dtype, tmp_path):
-    """The sampler's oneDNN-layout weights: the same products as the plain weights (bf16 to the last bit; float32
-    within rounding, oneDNN may sum a row with its bias in another order), for 1, 5 and 33 rows."""
-    from model_loader import ONEDNN_FLOAT32
-
-    if not ONEDNN_FLOAT32 or dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        pytest.skip("no oneDNN kernel for this dtype on this machine")
-    write_hf_model(CONFIGS["qwen2_bias_ratio7"], tmp_path)
-    model, _ = load_model_dir_without_tokenizer(tmp_path, dtype=dtype)
-    for rows in (1, 5, 33):
-        ids = torch.randint(0, TINY["vocab_size"], (rows, 9), generator=torch.Generator().manual_seed(rows))
-        with torch.no_grad():
-            plain = model(ids)
-            with model.prepacked_weights():
-                assert model.lm_head.packed is not None
-                packed = model(ids)
-        assert model.lm_head.packed is None
-        if dtype == torch.bfloat16:
-            assert torch.equal(packed, plain)
-        else:
-            assert (packed - plain).abs().max().item() <= 1e-5 * plain.abs().max().item()
 
 
 def causal_mask(T, S):
@@ -192,7 +146,8 @@ def test_config_field_errors():
 def test_rope_parameters_form_equals_rope_scaling_form():
     old = ModelConfig.from_dict(CONFIGS["llama_llama3_rope"])
     raw = {k: v for k, v in CONFIGS["llama_llama3_rope"].items() if k not in ("rope_scaling", "rope_theta")}
-    new = ModelConfig.from_dict({**raw, "rope_parameters": {**CONFIGS["llama_llama3_rope"]["rope_scaling"], "rope_theta": 500000.0}})
+    new = ModelConfig.from_dict({**raw, "rope_parameters": {**CONFIGS["llama_llama3_rope"]["rope_scaling"],
+                                                            "rope_theta": 500000.0}})
     assert (old.rope_theta, old.rope_scaling) == (new.rope_theta, new.rope_scaling)
 
 
@@ -254,7 +209,8 @@ def test_hub_name_downloads_through_snapshot_download_and_loads_like_a_directory
     calls = []
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download(tmp_path, calls))
     model, tokenizer = load_model("meta-llama/Tiny-Instruct", revision="0123abc")
-    assert calls == [{"repo_id": "meta-llama/Tiny-Instruct", "revision": "0123abc", "allow_patterns": model_sources.HUB_FILES}]
+    assert calls == [{"repo_id": "meta-llama/Tiny-Instruct", "revision": "0123abc",
+                      "allow_patterns": model_sources.HUB_FILES}]
     assert "model.safetensors.index.json" in model_sources.HUB_FILES and "*.safetensors" in model_sources.HUB_FILES
     ids = torch.tensor([[1, 5, 9]])
     with torch.no_grad():

@@ -14,10 +14,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from plumbing import shard
-from conftest import RunsCodeWhenUnpickled, make_tiny_model
-from dpo_loss import preference_loss, sequence_logps
-from plumbing.files import MipoError
+from conftest import RunsCodeWhenUnpickled, make_tiny_model, naive_sequence_logps
+from dpo_loss import preference_loss
 from model_loader import ModelConfig, rope_inv_freq
+from plumbing.files import MipoError
 
 WORLD = 2
 LR = 1e-3  # large, so that one step moves every weight far beyond float32 rounding
@@ -56,7 +56,8 @@ def pair_losses(model, pairs: list[dict]):
     for i, row in enumerate(rows):
         input_ids[i, :len(row)] = torch.tensor(row)
         completion_mask[i, len(pairs[i % len(pairs)]["prompt"]):len(row)] = True
-    logps, lengths = sequence_logps(model(input_ids), input_ids, completion_mask)  # (2B,) each
+    logps = naive_sequence_logps(model(input_ids), input_ids, completion_mask)  # (2B,)
+    lengths = completion_mask[:, 1:].sum(-1)  # (2B,)
     B = len(pairs)
     ref_chosen = torch.tensor([p["ref_chosen"] for p in pairs])
     ref_rejected = torch.tensor([p["ref_rejected"] for p in pairs])
@@ -300,7 +301,8 @@ def test_parameter_count_by_hand():
     cfg = make_tiny_model().config  # V 97, C 48, I 64, 2 layers, 6 heads / 2 KV heads of 8, untied, no biases
     layer = 48 * 48 + 2 * 48 * 16 + 48 * 48 + 3 * 48 * 64 + 2 * 48  # q, k+v, o, SwiGLU, two norms = 15456
     assert shard.count_parameters(cfg)["total"] == 2 * 97 * 48 + 2 * layer + 48 == 40272
-    for overrides in ({}, {"tie_word_embeddings": True}, {"model_type": "qwen2"}, {"model_type": "qwen3", "head_dim": 12}):
+    for overrides in ({}, {"tie_word_embeddings": True}, {"model_type": "qwen2"},
+                      {"model_type": "qwen3", "head_dim": 12}):
         model = make_tiny_model(**overrides)
         assert shard.count_parameters(model.config)["total"] == sum(p.numel() for p in model.parameters()), overrides
     # the published sizes: Llama-3.2-1B's 1,235,814,400 and Qwen2.5-7B's 7,615,616,512 parameters
@@ -323,7 +325,8 @@ def test_memory_plan():
     big = shard.paper_config("qwen2.5-7b")
     with_ckpt, without = (shard.memory_plan(big, 4, "fsdp", ckpt)["activations"] for ckpt in (True, False))
     assert with_ckpt < without / 5
-    assert shard.memory_plan(big, 4, "fsdp", micro_batch_pairs=2)["logits"] > shard.memory_plan(big, 4, "fsdp")["logits"]
+    assert (shard.memory_plan(big, 4, "fsdp", micro_batch_pairs=2)["logits"]
+            > shard.memory_plan(big, 4, "fsdp")["logits"])
     with pytest.raises(MipoError, match="strategy single"):
         shard.memory_plan(cfg, 2, "single")
 
@@ -366,6 +369,7 @@ def test_checkpoint_metadata_that_names_other_code_or_holds_non_tensors_is_refus
         shard.TensorCheckpointReader(crafted).read_metadata()
     assert not marker.exists()
     # torch.distributed.checkpoint loads a non-tensor entry with an unrestricted torch.load: none may pass
-    (crafted / ".metadata").write_bytes(pickle.dumps(Metadata(state_dict_metadata={"optimizer.x": BytesStorageMetadata()})))
+    (crafted / ".metadata").write_bytes(
+        pickle.dumps(Metadata(state_dict_metadata={"optimizer.x": BytesStorageMetadata()})))
     with pytest.raises(MipoError, match="entries that are not tensors"):
         shard.TensorCheckpointReader(crafted).read_metadata()

@@ -9,8 +9,8 @@ import pytest
 
 import mipo
 import tasks
-from plumbing.files import MipoError
 from tasks import TASKS, Example
+from plumbing.files import MipoError
 
 # ------------------------------------------------------------------ GSM8K: the paper's gsm.py
 

@@ -16,17 +16,15 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from plumbing import config
 import dpo_loss
 import mipo
 import model_loader
-from plumbing import runs
-from plumbing import shard
 import tasks
 import train
-from conftest import RunsCodeWhenUnpickled, make_tiny_model
-from plumbing.files import MipoError
+from plumbing import config, cpu_speedups, runs, shard
+from conftest import RunsCodeWhenUnpickled, make_tiny_model, naive_sequence_logps
 from model_loader import Tokenizer, load_model, save_model
+from plumbing.files import MipoError
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -61,7 +59,8 @@ def write_prompts(path: Path, n: int) -> Path:
     gen = torch.Generator().manual_seed(7)
     with open(path, "w") as f:
         for i in range(n):
-            words = " ".join(f"w{int(t)}" for t in torch.randint(1, 200, (int(torch.randint(3, 9, (1,), generator=gen)),), generator=gen))
+            words = " ".join(f"w{int(t)}" for t in torch.randint(
+                1, 200, (int(torch.randint(3, 9, (1,), generator=gen)),), generator=gen))
             f.write(json.dumps({"id": f"q{i}", "prompt": words}) + "\n")
     return path
 
@@ -76,9 +75,10 @@ def args_for(assets, out, *extra, n=8, model=None):
     # random-resample: y- sampled afresh from another prompt. With the default (another prompt's positive reused as
     # y-), each response is chosen in one pair and rejected in another, and a tiny random model's loss oscillates
     # over these few steps instead of falling; the pairing itself is tested in test_mipo.py.
-    return ["--model", str(model or assets["model"]), "--task", "jsonl", "--data", str(assets["data"]), "--negative", "random-resample",
-            "--n", str(n), "--n-eval", "0", "--max-new-tokens", "6", "--temperature", "1.0", "--lr", "1e-3",
-            "--batch-size", "4", "--sample-batch-size", "2", "--dtype", "float32", "--device", "cpu", "--out", str(out), *extra]
+    return ["--model", str(model or assets["model"]), "--task", "jsonl", "--data", str(assets["data"]),
+            "--negative", "random-resample", "--n", str(n), "--n-eval", "0", "--max-new-tokens", "6",
+            "--temperature", "1.0", "--lr", "1e-3", "--batch-size", "4", "--sample-batch-size", "2",
+            "--dtype", "float32", "--device", "cpu", "--out", str(out), *extra]
 
 
 def run_cli(args, launcher=(sys.executable,), env=None):
@@ -121,7 +121,8 @@ def copy_model(assets, to: Path) -> Path:
 def perturb_weights(model_dir: Path):
     """Change every weight of a model directory: a run that starts from it again cannot end where it ended."""
     state = load_file(model_dir / "model.safetensors")
-    save_file({k: v * 1.25 + 0.01 for k, v in state.items()}, model_dir / "model.safetensors", metadata={"format": "pt"})
+    save_file({k: v * 1.25 + 0.01 for k, v in state.items()}, model_dir / "model.safetensors",
+              metadata={"format": "pt"})
 
 
 def file_identity(out: Path, names) -> dict:
@@ -223,7 +224,8 @@ def test_dpo_step_loss_and_gradients_equal_plain_autograd(baseline, monkeypatch,
     def step():
         model = make_tiny_model("qwen2", tie_word_embeddings=True, vocab_size=300).train()
         chosen, rejected = train.forward_logps(model, train.collate(records, False, "cpu"), hw)
-        losses, _ = train.dpo_terms(chosen, rejected, records, loss_cfg)
+        losses, _, _ = dpo_loss.preference_loss(loss_cfg.loss, beta=loss_cfg.beta,
+                                                **train.loss_inputs(chosen, rejected, records, loss_cfg.options()))
         losses.mean().backward()
         return losses.detach(), {k: p.grad for k, p in model.named_parameters()}
 
@@ -236,27 +238,27 @@ def test_dpo_step_loss_and_gradients_equal_plain_autograd(baseline, monkeypatch,
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_sparse_embedding_gradient_gives_the_dense_gradients_and_update(baseline, dtype):
-    """train.sparse_embedding_gradient on an untied model (as the bundled qwen): two micro-batches accumulated, an
-    AdamW update, zero_gradients, one more backward. Every gradient and weight equals the dense default's up to
-    float rounding (a token that occurs twice sums its two rows in another order); a missed or doubled row fails."""
+    """plumbing/cpu_speedups.py's sparse embedding gradient on an untied model (as the bundled qwen): two
+    micro-batches accumulated, an AdamW update, the gradients set to None, one more backward. Every gradient and
+    weight equals the dense default's up to float rounding (a token that occurs twice sums its two rows in another
+    order); a missed or doubled row fails."""
     records = [json.loads(line) for line in (baseline / "reference.jsonl").read_text().splitlines()][:4]
-    hw, loss_cfg = config.HardwareConfig(dtype=dtype), config.LossConfig()
+    hw = config.HardwareConfig(dtype=dtype)
 
     def run(sparse: bool):
         model = make_tiny_model("qwen2", vocab_size=300).train()
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
-        train.sparse_embedding_gradient(model, hw, world=1 if sparse else 2)
-        assert model.model.embed_tokens.sparse == sparse
-        train.zero_gradients(model, optimizer)
+        if sparse:
+            cpu_speedups.sparse_embedding_gradient(model.model.embed_tokens)
         grads = []
         for micro in ([records[:2], records[2:]], [records]):  # step 1 accumulates two micro-batches
             for batch in micro:
                 chosen, rejected = train.forward_logps(model, train.collate(batch, False, "cpu"), hw)
-                train.dpo_terms(chosen, rejected, batch, loss_cfg)[0].sum().backward()
+                (chosen - 2 * rejected).sum().backward()
             grads.append({k: p.grad.clone() for k, p in model.named_parameters()})
             assert not model.model.embed_tokens.weight.grad.is_sparse
             optimizer.step()
-            train.zero_gradients(model, optimizer)
+            optimizer.zero_grad(set_to_none=True)
         return grads, model.state_dict()
 
     (grads, weights), (dense_grads, dense_weights) = run(True), run(False)
@@ -271,7 +273,7 @@ def test_sparse_embedding_gradient_gives_the_dense_gradients_and_update(baseline
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_projecting_only_scored_positions_keeps_the_loss_and_gradients(baseline, dtype):
     """forward_logps sends only the positions that score a response token through the output projection. The
-    whole (R, T, V) logits with dpo_loss.sequence_logps over each response's mask, as train.py did before, give
+    whole (R, T, V) logits with a plain log-softmax over each response's mask give
     the same log-probs, loss and gradients up to float rounding (a sum in another order; in bf16 also matrix
     products of other shapes)."""
     records = [json.loads(line) for line in (baseline / "reference.jsonl").read_text().splitlines()][:4]
@@ -289,10 +291,12 @@ def test_projecting_only_scored_positions_keeps_the_loss_and_gradients(baseline,
             for i, r in enumerate(records):
                 P, C, N = len(r["prompt_ids"]), len(r["chosen_ids"]), len(r["rejected_ids"])
                 masks[0, i, P:P + C], masks[1, i, P + C + 1:P + C + 1 + N] = True, True
-            chosen, rejected = (dpo_loss.sequence_logps(logits, batch["input_ids"], mask)[0] for mask in masks)
-        losses, _ = train.dpo_terms(chosen, rejected, records, loss_cfg)
+            chosen, rejected = (naive_sequence_logps(logits, batch["input_ids"], mask) for mask in masks)
+        losses, _, _ = dpo_loss.preference_loss(loss_cfg.loss, beta=loss_cfg.beta,
+                                                **train.loss_inputs(chosen, rejected, records, loss_cfg.options()))
         losses.mean().backward()
-        return torch.stack([chosen, rejected]).detach(), losses.detach(), {k: p.grad for k, p in model.named_parameters()}
+        return (torch.stack([chosen, rejected]).detach(), losses.detach(),
+                {k: p.grad for k, p in model.named_parameters()})
 
     (logps, losses, grads), (old_logps, old_losses, old_grads) = step(True), step(False)
     rtol = 1e-6 if dtype == "float32" else 1e-3
@@ -392,13 +396,15 @@ def test_every_loss_type_trains_from_its_step0_value(assets, baseline, tmp_path,
 
     def under_x_prime(r):  # x' + y scored alone: a plain forward, no packing
         with torch.no_grad():
-            return tuple(alone_logps(model, r["negative_prompt_ids"], r[f"{key}_ids"]) for key in ("chosen", "rejected"))
+            return tuple(alone_logps(model, r["negative_prompt_ids"], r[f"{key}_ids"])
+                         for key in ("chosen", "rejected"))
 
     assert history[0]["step0/max_abs_logp_diff"] == 0
     assert history[0]["loss"] == pytest.approx(step0_loss_by_hand(loss, batch, under_x_prime), rel=1e-5, abs=1e-5)
     slope = STEP0.get(loss, (None, None))[1]
     if slope is not None:
-        assert history[0]["grad_norm"] == pytest.approx(metrics(baseline)[0]["grad_norm"] * slope / (BETA / 2), rel=1e-5)
+        assert history[0]["grad_norm"] == pytest.approx(metrics(baseline)[0]["grad_norm"] * slope / (BETA / 2),
+                                                        rel=1e-5)
 
 
 def alone_logps(model, prompt: list[int], response: list[int]) -> float:
@@ -428,11 +434,16 @@ def test_held_out_meter_scores_each_models_own_samples_under_the_base_model(asse
     eval_pairs = mipo.read_pairs(out / "eval_pairs.jsonl")
     base, tokenizer = load_model(assets["model"])
     policy, _ = load_model(out / "final")
-    own = train.with_own_samples(policy, tokenizer, eval_pairs, cfg)  # the same seed: the meter's very samples
-    assert own != eval_pairs
+    own = train.own_responses(policy, tokenizer, eval_pairs, cfg)  # the same seed: the meter's very samples
+    assert own != train.chosen_responses(eval_pairs)
     before, after = summary["base_eval"], summary["trained_eval"]
-    assert before["pmi"] == before["pmi_self"] == pytest.approx(mipo.mi_meter(base, tokenizer, train.meter_rows(eval_pairs))["pmi"], abs=1e-5)
-    under_base, under_policy = (mipo.mi_meter(scorer, tokenizer, train.meter_rows(own)) for scorer in (base, policy))
+
+    def rows(responses):  # each held-out pair's own x'
+        return [(p["prompt"], p["negative_prompt"], text, stopped) for p, (text, stopped) in zip(eval_pairs, responses)]
+
+    base_meter = mipo.mi_meter(base, tokenizer, rows(train.chosen_responses(eval_pairs)))
+    assert before["pmi"] == before["pmi_self"] == pytest.approx(base_meter["pmi"], abs=1e-5)
+    under_base, under_policy = (mipo.mi_meter(scorer, tokenizer, rows(own)) for scorer in (base, policy))
     assert after["pmi"] == pytest.approx(under_base["pmi"], abs=1e-5)
     assert after["pmi_self"] == pytest.approx(under_policy["pmi"], abs=1e-5)
     assert abs(after["pmi"] - after["pmi_self"]) > 1e-3  # two scorers, two numbers
@@ -442,14 +453,18 @@ def test_held_out_meter_scores_each_models_own_samples_under_the_base_model(asse
 def test_mipo_py_and_train_py_sample_the_same_pairs_for_the_same_seed(assets, baseline, tmp_path):
     out = tmp_path / "pairs.jsonl"
     result = subprocess.run([sys.executable, str(REPO / "mipo.py"), "--model", str(assets["model"]), "--task", "jsonl",
-                             "--data", str(assets["data"]), "--negative", "random-resample", "--n", "8", "--max-new-tokens", "6",
-                             "--temperature", "1.0", "--batch-size", "2", "--dtype", "float32", "--device", "cpu", "--out", str(out)],
-                            capture_output=True, text=True, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+                             "--data", str(assets["data"]), "--negative", "random-resample", "--n", "8",
+                             "--max-new-tokens", "6", "--temperature", "1.0", "--batch-size", "2", "--dtype", "float32",
+                             "--device", "cpu", "--out", str(out)],
+                            capture_output=True, text=True, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            timeout=600)
     assert result.returncode == 0, result.stderr
     assert out.read_bytes() == (baseline / "pairs.jsonl").read_bytes()
     # and by default: the same prompts per generate call (each batch has its own seed) and the same dtype rule
-    assert config.pairs_parser().parse_args([]).batch_size == config.train_parser().parse_args([]).sample_batch_size == 16
-    assert config.pairs_parser().parse_args(["--dtype", "bfloat16"]).dtype == "bfloat16" and config.train_parser().parse_args([]).dtype == "auto"
+    assert (config.pairs_parser().parse_args([]).batch_size
+            == config.train_parser().parse_args([]).sample_batch_size == 16)
+    assert (config.pairs_parser().parse_args(["--dtype", "bfloat16"]).dtype == "bfloat16"
+            and config.train_parser().parse_args([]).dtype == "auto")
 
 
 def test_truncated_pairs_are_reported_and_dropped_on_request(assets, tmp_path):
@@ -513,7 +528,8 @@ def test_killed_run_resumes_to_identical_weights(assets, uninterrupted, tmp_path
         # and saves it) are the only ones that read the base weights: a run that started over would train from
         # these changed weights, and could not end with the uninterrupted weights.
         perturb_weights(model)
-    elif crash_at == "reference:1":  # after the first micro-batch of the reference pass, which stays in its partial file
+    elif crash_at == "reference:1":
+        # after the first micro-batch of the reference pass, which stays in its partial file
         kept = file_identity(out, ["config.json", "pairs.jsonl"])
         partial = out / "reference.rank0-of-1.partial.jsonl"
         scored = [{**json.loads(line), "kept": True} for line in partial.read_text().splitlines()]
@@ -600,10 +616,12 @@ def test_a_full_disk_keeps_the_previous_checkpoint_and_final_model(tmp_path, mon
     monkeypatch.setattr(model_loader, "save_file", half_then_full)
     with pytest.raises(MipoError) as error:
         runs.save_checkpoint(run / "checkpoint.pt", model, optimizer, 4)
-    assert str(error.value) == f"{run / 'checkpoint.pt'}: could not write (No space left on device); the previous checkpoint is kept"
+    assert str(error.value) == (f"{run / 'checkpoint.pt'}: could not write (No space left on device); "
+                                "the previous checkpoint is kept")
     with pytest.raises(MipoError) as error:
         save_model(model, tokenizer, run / "final")
-    assert str(error.value) == f"{run / 'final'}: could not write (No space left on device); {run / 'final'} is as it was before"
+    assert str(error.value) == (f"{run / 'final'}: could not write (No space left on device); "
+                                f"{run / 'final'} is as it was before")
     monkeypatch.undo()
     assert sorted(p.name for p in run.iterdir()) == ["checkpoint.pt", "final"]  # no .tmp left
     assert {p.name: p.read_bytes() for p in [run / "checkpoint.pt", *(run / "final").iterdir()]} == before
@@ -681,7 +699,8 @@ def test_two_process_fsdp_equals_one_process_and_resumes(assets, baseline, tmp_p
 
     model, out = copy_model(assets, tmp_path / "model"), tmp_path / "resumed"
     pairs = tmp_path / "pairs.jsonl"  # the baseline's pairs, marked as sampled by the copy
-    pairs.write_text((baseline / "pairs.jsonl").read_text().replace(json.dumps(str(assets["model"])), json.dumps(str(model))))
+    pairs.write_text((baseline / "pairs.jsonl").read_text().replace(json.dumps(str(assets["model"])),
+                                                                    json.dumps(str(model))))
     killed = run_cli([*args(out, model, pairs), "--_crash-at", "train:3"], launcher=launcher)
     assert killed.returncode != 0 and (out / "checkpoint" / "extra.json").is_file()
     kept = file_identity(out, ["config.json", "reference.jsonl"])
@@ -689,7 +708,8 @@ def test_two_process_fsdp_equals_one_process_and_resumes(assets, baseline, tmp_p
     resumed = run_cli(args(out, model, pairs), launcher=launcher)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert file_identity(out, kept) == kept
-    assert f"resuming from {out / 'checkpoint'}: 2 optimizer step(s) done, training continues at step 3" in resumed.stdout
+    assert (f"resuming from {out / 'checkpoint'}: 2 optimizer step(s) done, training continues at step 3"
+            in resumed.stdout)
     resumed = final_weights(out)
     assert all(torch.equal(resumed[k], fsdp[k]) for k in fsdp)
 
@@ -748,7 +768,8 @@ def test_unreachable_hub_model_is_one_line_and_writes_nothing(assets, tmp_path, 
                         str(data), "--out", str(work / "pairs.jsonl")],
             "eval.py": ["--model", "Qwen/Qwen2.5-1.5B-Instruct", "--revision", "0123abc", "--task", "jsonl", "--data",
                         str(data), "--out", str(work / "eval"), "--judge", "none"]}[script]
-    listing = lambda: sorted(p for p in REPO.rglob("*") if not {".git", "__pycache__", ".pytest_cache"} & set(p.parts))  # noqa: E731
+    listing = lambda: sorted(p for p in REPO.rglob("*")  # noqa: E731
+                             if not {".git", "__pycache__", ".pytest_cache"} & set(p.parts))
     before = listing()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "OMP_NUM_THREADS": "1"}
     result = subprocess.run([sys.executable, str(REPO / script), *argv], capture_output=True, text=True, cwd=work,
@@ -790,11 +811,13 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(assets, tmp_path):
 
 
 def test_presets_and_flags_resolve_in_one_place():
-    pairs, loss, opt, hw, out = config.resolve_config(config.train_parser().parse_args(["--preset", "paper", "--device", "cpu"]))
+    pairs, loss, opt, hw, out = config.resolve_config(
+        config.train_parser().parse_args(["--preset", "paper", "--device", "cpu"]))
     assert (opt.lr, opt.batch_size, opt.betas, opt.weight_decay, opt.warmup_ratio, opt.min_lr_ratio, opt.grad_clip,
             opt.epochs, loss.beta, loss.loss) == (5e-7, 4, (0.9, 0.95), 0.0, 0.03, 0.1, 1.0, 1, 0.1, "sigmoid")
     assert pairs.n is None and pairs.sampling == tasks.TASKS["persona"].paper and pairs.negative == "incomplete"
-    pairs, loss, opt, hw, out = config.resolve_config(config.train_parser().parse_args(["--device", "cpu", "--lr", "3e-6", "--max-new-tokens", "32"]))
+    pairs, loss, opt, hw, out = config.resolve_config(
+        config.train_parser().parse_args(["--device", "cpu", "--lr", "3e-6", "--max-new-tokens", "32"]))
     assert pairs.n == config.PRESETS["cpu"]["n"] and opt.lr == 3e-6 and pairs.sampling.max_new_tokens == 32
     assert str(out) == "runs/qwen-persona-incomplete-sigmoid"
 

@@ -20,7 +20,8 @@ DOC = ROOT / "docs" / "walkthrough.md"
 EXAMPLE = ROOT / "examples" / "walkthrough.py"
 CORE = ("model_loader", "sampler", "mipo", "dpo_loss", "train", "eval")
 
-CODE_REF = re.compile(r"\b((?:plumbing/)?[a-z_]+)\.py:([A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*)")  # mipo.py:build_pairs
+# mipo.py:build_pairs
+CODE_REF = re.compile(r"\b((?:plumbing/)?[a-z_]+)\.py:([A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*)")
 TEST_REF = re.compile(r"`(tests/test_[a-z_]+\.py)::([A-Za-z_][A-Za-z0-9_]*)`")  # tests/test_x.py::test_y
 
 
@@ -45,7 +46,8 @@ def test_the_reference_checker_can_fail():
     assert not resolves("mipo", "build_pair")  # misspelled function
     assert not resolves("model_loader", "Tokenizer.apply_template")  # misspelled attribute
     assert not resolves("mipoo", "build_pairs")  # misspelled file
-    assert code_refs("see `mipo.py:build_pairs`, then dpo_loss.py:sigmoid_loss.") == {("mipo", "build_pairs"), ("dpo_loss", "sigmoid_loss")}
+    assert (code_refs("see `mipo.py:build_pairs`, then dpo_loss.py:sigmoid_loss.")
+            == {("mipo", "build_pairs"), ("dpo_loss", "sigmoid_loss")})
 
 
 def test_every_function_the_walkthrough_names_exists():
@@ -88,7 +90,8 @@ def test_every_command_in_the_walkthrough_parses_with_the_current_flags():
     sys.path.insert(0, str(EXAMPLE.parent))
     import walkthrough
 
-    parsers = {"train.py": lambda argv: config.resolve_config(config.train_parser().parse_args(argv)),  # also checks the loss options
+    # train.py: resolve_config also checks the loss options
+    parsers = {"train.py": lambda argv: config.resolve_config(config.train_parser().parse_args(argv)),
                "eval.py": config.eval_parser().parse_args, "mipo.py": config.pairs_parser().parse_args,
                "examples/walkthrough.py": walkthrough.parse_args}
     commands = shown_commands(DOC.read_text())
@@ -107,7 +110,8 @@ def example(tmp_path_factory):
     so that the first step moves the model (the paper's warmup runs step 1 at lr 0)."""
     tmp = tmp_path_factory.mktemp("walkthrough")
     out = tmp / "run"
-    argv = ["--n", "4", "--n-eval", "2", "--max-new-tokens", "16", "--batch-size", "2", "--warmup-ratio", "0", "--out", str(out)]
+    argv = ["--n", "4", "--n-eval", "2", "--max-new-tokens", "16", "--batch-size", "2", "--warmup-ratio", "0",
+            "--out", str(out)]
     result = subprocess.run([sys.executable, str(EXAMPLE), *argv], capture_output=True, text=True, cwd=tmp,
                             env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=1200)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
@@ -130,8 +134,10 @@ def test_example_prints_one_full_pair_and_its_reference_log_probs(example):
         text = pair[key][0]["content"]
         assert text.strip() and "".join(text.split()) in "".join(quoted.split()), f"{key} is not printed in full"
     assert "chosen y+ ~ pi_ref(.|x)" in stdout and "rejected y- ~ pi_ref(.|x')" in stdout
-    assert number(r"log pi_ref\(y\+\|x\) = +(-?[\d.]+) nats", stdout) == pytest.approx(ref["ref_chosen_logps"], abs=1e-3)
-    assert number(r"log pi_ref\(y-\|x\) = +(-?[\d.]+) nats", stdout) == pytest.approx(ref["ref_rejected_logps"], abs=1e-3)
+    assert (number(r"log pi_ref\(y\+\|x\) = +(-?[\d.]+) nats", stdout)
+            == pytest.approx(ref["ref_chosen_logps"], abs=1e-3))
+    assert (number(r"log pi_ref\(y-\|x\) = +(-?[\d.]+) nats", stdout)
+            == pytest.approx(ref["ref_rejected_logps"], abs=1e-3))
     # train.py's packed forward and mipo.response_logps are separate code paths; in float32 they agree closely
     assert number(r"agree to ([\d.e+-]+) nats", stdout) < 1e-3
 
@@ -158,7 +164,8 @@ def test_example_prints_the_mi_meter_before_and_after(example):
     after = number(r"MI after +\(trained model's answers\) +(-?[\d.]+) nats", stdout)
     assert before == pytest.approx(summary["base_eval"]["pmi"], abs=1e-3)
     assert after == pytest.approx(summary["trained_eval"]["pmi"], abs=1e-3)
-    assert number(r"scored by the trained model itself: (-?[\d.]+) nats", stdout) == pytest.approx(summary["trained_eval"]["pmi_self"], abs=1e-3)
+    assert (number(r"scored by the trained model itself: (-?[\d.]+) nats", stdout)
+            == pytest.approx(summary["trained_eval"]["pmi_self"], abs=1e-3))
     # train.py's meter scores the trained model's samples under the BASE model: recomputed by the example, equal
     assert number(r"scored under the BASE model here: (-?[\d.]+) nats", stdout) == pytest.approx(after, abs=1e-3)
 
@@ -173,7 +180,8 @@ def test_training_moved_the_model(example):
 
     from model_loader import resolve_model_dir
 
-    trained, base = load_file(out / "final" / "model.safetensors"), load_file(resolve_model_dir("llama") / "model.safetensors")
+    trained, base = (load_file(out / "final" / "model.safetensors"),
+                     load_file(resolve_model_dir("llama") / "model.safetensors"))
     assert max((trained[k].float() - base[k].float()).abs().max().item() for k in trained) > 1e-5
 
 
