@@ -105,7 +105,8 @@ def main():
     args.micro_batch_size = args.micro_batch_size or args.batch_size
 
     dtype = config.compute_dtype(args.dtype, "cpu")
-    peaks = {name: config.matmul_peak(d) for name, d in (("float32", torch.float32), ("bfloat16", torch.bfloat16))}
+    peaks = {name: config.matmul_peak(d) for name, d in (("float32", torch.float32), ("bfloat16", torch.bfloat16))
+             if name in ("float32", dtype)}  # a bf16 product without native bf16 takes minutes to time
     model, tokenizer = load_model(args.model, "cpu", torch.float32)
     pairs = mipo.read_pairs(args.pairs)
     records = [{**train.tokenize_pair(tokenizer, p, False, model.config.max_position_embeddings),
@@ -140,8 +141,7 @@ def main():
     print(f"\nDPO step, {args.model}, global batch {args.batch_size} (micro-batch {args.micro_batch_size}), "
           f"{dtype} compute, gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}, "
           f"{torch.get_num_threads()} threads, median of {len(results)} steps")
-    print(f"matmul peak (2048^3): float32 {peaks['float32'] / 1e9:.0f} GFLOP/s, "
-          f"bfloat16 {peaks['bfloat16'] / 1e9:.0f} GFLOP/s")
+    print("matmul peak (2048^3): " + ", ".join(f"{name} {peak / 1e9:.0f} GFLOP/s" for name, peak in peaks.items()))
     print(f"{'part':<30}{'s':>8}{'share':>8}")
     for part in results[0]["parts"]:
         s = statistics.median(r["parts"][part] for r in results)
