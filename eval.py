@@ -40,7 +40,7 @@ from sampler import Sampling
 from tasks import (DATA_SEED, GSM8K_EXTRACT_PROMPT, PREFERENCE_BY_ID, Example, Task, eval_sampling, extract_number,
                    first_number, get_task, load_examples, mentions_answer, nearest_rating, prompt_messages,
                    score_gsm8k_answer)
-from plumbing import config, cpu_speedups, report
+from plumbing import config, cpu_speedups, report, sweep
 from plumbing.files import OTHER_MODELS_DIR, MipoError, run_command
 from plumbing.model_sources import is_hub_name
 from plumbing.report import print_one, short_names, write_comparison
@@ -375,7 +375,9 @@ def check_flags(args) -> None:
 
 def models_to_evaluate(args) -> list[dict]:
     """--model or --compare, every name resolved (a run, a model directory, a bundled or hub name) before any work."""
-    wanted = args.compare or [args.model]
+    wanted = []
+    for name in args.compare or [args.model]:  # a sweep's directory stands for its variants' run directories
+        wanted += [str(d) for d in sweep.variant_dirs(name) or [name]]
     if args.revision is not None and not any(is_hub_name(name) for name in wanted):
         raise MipoError(f"--revision {args.revision}: pins a Hugging Face hub model (owner/name), and none of "
                         f"{', '.join(wanted)} is one; leave --revision out")

@@ -442,14 +442,15 @@ def mi_meter(model, tokenizer, responses: list[tuple[list[dict], list[dict], str
     """The held-out meter of one model's responses (x, x', y, stopped): the mean pointwise MI under `model` (the
     base model for the number MIPO claims to raise), the mean of each response's MI over its length in tokens (the
     sum grows with the length; this does not), the responses' mean length and the share of them cut at
-    max_new_tokens."""
+    max_new_tokens; per_response: each response's pointwise MI and length, for paired comparisons."""
     if not responses:
         raise MipoError("mi_meter: no responses")
     values, lengths = pointwise_mi(model, tokenizer, responses, batch_size)
     n = len(responses)
     per_token = [value / length for value, length in zip(values, lengths) if length]
     return {"pmi": sum(values) / n, "pmi_per_token": sum(per_token) / max(1, len(per_token)),
-            "length": sum(lengths) / n, "truncated": sum(not r[3] for r in responses) / n, "pairs": n}
+            "length": sum(lengths) / n, "truncated": sum(not r[3] for r in responses) / n, "pairs": n,
+            "per_response": [{"pmi": value, "length": length} for value, length in zip(values, lengths)]}
 
 
 def meter_rows(task: Task, examples: list[Example], responses: list[tuple[str, bool]], negative: str,

@@ -35,7 +35,7 @@ import mipo
 from dpo_loss import preference_loss, preference_metrics, token_logps
 from model_loader import load_model, save_model
 from tasks import get_task, load_examples
-from plumbing import config, cpu_speedups, report, runs, shard
+from plumbing import config, cpu_speedups, lora, report, runs, shard, sweep
 from plumbing.config import HardwareConfig, OptimConfig, PairsConfig
 from plumbing.files import MipoError, read_jsonl, run_command, write_atomically
 from plumbing.runs import Run
@@ -52,9 +52,10 @@ STEP0_TOLERANCE = 1e-3  # nats, on summed log-probs: see step0_check
 
 def make_pairs(run: Run):
     """-> (training pairs, held-out pairs, the base model's held-out meter or None)."""
-    cfg, out = run.pairs, run.out
+    cfg = run.pairs
     task = get_task(cfg.task)
-    pairs_path, eval_path, base_eval_path = out / "pairs.jsonl", out / "eval_pairs.jsonl", out / "base_eval.json"
+    pairs_path, eval_path = run.shared_file("pairs.jsonl"), run.shared_file("eval_pairs.jsonl")
+    base_eval_path = run.shared_file("base_eval.json")  # in a sweep, files its variants share (plumbing/sweep.py)
     # The settings the pairs are recorded with: what the flags left to the model (top-k, the penalty) taken from it.
     settings = mipo.sampling_settings(config.resolve_sampling(cfg.sampling, cfg.model), cfg.seed, cfg.model)
     if cfg.pairs_file:
@@ -68,6 +69,8 @@ def make_pairs(run: Run):
     )
     base_eval = json.loads(base_eval_path.read_text()) if base_eval_path.exists() else None
     if pairs is not None and eval_pairs is not None and (base_eval is not None or not eval_examples):
+        for name in ("pairs.jsonl", "eval_pairs.jsonl", "base_eval.json"):
+            run.link_shared(name)
         return pairs, eval_pairs, base_eval
 
     # Sampling runs with the weights in the compute dtype: the sampler's KV cache holds the weights' dtype, and
@@ -87,6 +90,8 @@ def make_pairs(run: Run):
     run.barrier()
     base_eval = json.loads(base_eval_path.read_text()) if base_eval_path.exists() else None
     del model
+    for name in ("pairs.jsonl", "eval_pairs.jsonl", "base_eval.json"):
+        run.link_shared(name)
     return pairs, eval_pairs, base_eval
 
 
@@ -216,7 +221,11 @@ def reference_logps(model, tokenizer, pairs: list[dict], run: Run) -> list[dict]
                 for r, c, x in zip(batch, chosen.tolist(), rejected.tolist())]
 
     batches = run.reference_batches(records, epoch_order(len(records), run.optim.seed, 0))
-    return runs.resumable_pass(run, run.out / "reference.jsonl", records, batches, score, "reference log-probs")
+    kind = "xprime" if with_negative_prompt else ""  # in a sweep, one pass per kind
+    records = runs.resumable_pass(run, run.shared_file("reference.jsonl", kind), records, batches, score,
+                                  "reference log-probs")
+    run.link_shared("reference.jsonl", kind)
+    return records
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -255,9 +264,12 @@ def train(model, records: list[dict], run: Run):
     total_steps = steps_per_epoch * opt.epochs
     model.train()
     model.gradient_checkpointing = run.hw.gradient_checkpointing
+    if opt.lora_rank:  # low-rank adapters instead of every weight (plumbing/lora.py; the paper trains every weight)
+        lora.add_adapters(model, opt.lora_rank, opt.lora_alpha, opt.lora_targets, opt.seed)
     # Weights, gradients and AdamW moments stay float32 even with bf16 compute: an update of lr 5e-7 times a
     # unit Adam step is far below bf16's resolution (8 bits of mantissa) and would round away.
-    optimizer = torch.optim.AdamW(model.parameters(), lr=opt.lr, betas=opt.betas, weight_decay=opt.weight_decay,
+    trained = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trained, lr=opt.lr, betas=opt.betas, weight_decay=opt.weight_decay,
                                   eps=1e-8, fused=torch.device(run.hw.device).type in ("cpu", "cuda"))
     cpu_speedups.for_dpo(model, run.world, run.hw.shard)
     policy = run.wrap(model)  # DDP over several processes
@@ -365,6 +377,11 @@ def save_final(model, tokenizer, run: Run) -> None:
     a full copy of the weights and twice that for AdamW, is no longer needed."""
     final_model = shard.full_model_on_rank0(model) if run.hw.shard else model  # collective: every rank calls it
     if run.rank == 0:
+        if run.optim.lora_rank:  # the adapter alone in PEFT's layout, then merged into the weights
+            opt = run.optim
+            lora.save_adapter(model, run.pairs.model, run.out / "adapter", opt.lora_rank, opt.lora_alpha,
+                              opt.lora_targets)
+            lora.merge(model)
         save_model(final_model, tokenizer, run.out / "final")
         (run.out / "checkpoint.pt").unlink(missing_ok=True)
         shutil.rmtree(run.out / "checkpoint", ignore_errors=True)  # --shard's: a directory of per-rank shards
@@ -380,11 +397,16 @@ def held_out_meter(reference, tokenizer, task, examples, responses: list[tuple[s
     reference.eval()
     meter = mipo.mi_meter(reference, tokenizer, mipo.meter_rows(task, examples, responses, cfg.negative, cfg.seed))
     reference.train(was_training)
-    scores: dict[str, list[float]] = {}
-    for ex, (text, _) in zip(examples, responses):
-        for metric, value in task.score(ex, text).items():
+    items, scores = [], {}
+    for ex, (text, stopped), mi in zip(examples, responses, meter.pop("per_response")):
+        task_scores = task.score(ex, text)
+        for metric, value in task_scores.items():
             scores.setdefault(metric, []).append(value)
-    return {**meter, "task": {metric: sum(v) / len(v) for metric, v in scores.items()}}
+        per_token = mi["pmi"] / mi["length"] if mi["length"] else None
+        items.append({"id": ex.id, "metrics": {**mi, "pmi_per_token": per_token, "truncated": float(not stopped),
+                                               **task_scores}})
+    # items: each held-out prompt's numbers, in eval.py's layout, for paired intervals between runs (plumbing/sweep.py)
+    return {**meter, "task": {metric: sum(v) / len(v) for metric, v in scores.items()}, "items": items}
 
 
 def chosen_responses(eval_pairs: list[dict]) -> list[tuple[str, bool]]:
@@ -417,7 +439,20 @@ def trained_meter(run: Run, eval_pairs: list[dict]) -> dict:
 
 
 def main(argv=None):
-    run = runs.start(config.train_parser().parse_args(argv))  # settings checked, processes joined, run directory
+    variants = sweep.variants(config.train_parser().parse_args(argv))  # one run, or each combination of a sweep
+    if len(variants) > 1:
+        for args in variants:  # every variant checked before any work
+            runs.check(args)
+        if runs.rank_zero():
+            sweep.start(variants)
+    for args in variants:
+        train_run(args)
+    if len(variants) > 1 and runs.rank_zero():
+        sweep.print_table(variants)
+
+
+def train_run(args):
+    run = runs.start(args)  # settings checked, processes joined, run directory
     with run.timed("pairs"):
         pairs, eval_pairs, base_eval = make_pairs(run)  # stage 1
     pairs, pair_stats = pairs_to_train_on(pairs, run.pairs)

@@ -20,6 +20,7 @@ from model_loader import TRANSFORMERS_SAMPLING_DEFAULTS, ModelConfig, Tokenizer,
 from sampler import Sampling
 from tasks import NEGATIVES, TASKS, Task, default_sampling, get_task, load_examples, prompt_messages
 from plumbing import shard
+from plumbing.lora import TARGETS as LORA_TARGETS
 from plumbing.files import MipoError, cache_dir, check_out, numbered_jsonl, read_json, write_atomically
 from plumbing.model_sources import local_model, resolve_model_dir
 
@@ -95,6 +96,13 @@ class OptimConfig:  # stage 3: AdamW and the schedule; the defaults are the pape
     batch_size: int = 4  # global: pairs per optimizer step, over all processes and micro-batches
     micro_batch_size: int = 4  # pairs per forward; the update does not depend on it (up to float rounding)
     seed: int = 0  # data order: a permutation per epoch from (seed, epoch)
+    lora_rank: int = 0  # 0: every weight trained (the paper); R: low-rank adapters only (plumbing/lora.py)
+    lora_alpha: float | None = None  # the adapters' scale alpha / R; None: 2R
+    lora_targets: tuple = LORA_TARGETS
+
+    def __post_init__(self):
+        if self.lora_alpha is None and self.lora_rank:
+            self.lora_alpha = 2.0 * self.lora_rank
 
 
 @dataclass
@@ -185,15 +193,27 @@ def torch_dtype(flag: str | None, device) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16}[compute_dtype(flag, device)]
 
 
-def add_sampling_flags(parser: argparse.ArgumentParser, title: str):
-    """The sampling flags of all three command lines; each left out takes the task's value (sampling_from_flags)."""
+class OneOrMany(argparse.Action):
+    """A flag that takes one value, or several for a sweep (plumbing/sweep.py): one value is stored as it is."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values[0] if len(values) == 1 else values)
+
+
+MANY = dict(nargs="+", action=OneOrMany)  # train.py's flags that take a list: swept, or refused as a list
+
+
+def add_sampling_flags(parser: argparse.ArgumentParser, title: str, many: dict | None = None):
+    """The sampling flags of all three command lines; each left out takes the task's value (sampling_from_flags).
+    many: train.py's, which refuses a list of them in one line (plumbing/sweep.py)."""
+    many = many or {}
     g = parser.add_argument_group(title)
-    g.add_argument("--max-new-tokens", type=int, default=None, help="new tokens per response")
-    g.add_argument("--temperature", type=float, default=None, help="sampling temperature (0: greedy)")
-    g.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass")
-    g.add_argument("--top-k", type=int, default=None, help="top-k filter (0: off; default: the model's "
+    g.add_argument("--max-new-tokens", type=int, default=None, help="new tokens per response", **many)
+    g.add_argument("--temperature", type=float, default=None, help="sampling temperature (0: greedy)", **many)
+    g.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass", **many)
+    g.add_argument("--top-k", type=int, default=None, **many, help="top-k filter (0: off; default: the model's "
                    "generation_config.json, as transformers' generate, and transformers' 50 where it sets none)")
-    g.add_argument("--repetition-penalty", type=float, default=None, help="penalize the logits of the tokens a "
+    g.add_argument("--repetition-penalty", type=float, default=None, **many, help="penalize the logits of the tokens a "
                    "response or its prompt holds already (1: off; default: the model's generation_config.json, 1 "
                    "where it sets none)")
     return g
@@ -237,10 +257,12 @@ def flag_error(message):
 
 def train_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="MIPO: sample pairs from the base model, score them under it, "
-                                                 "train one epoch of DPO, save a Hugging Face model.")
+                                                 "train one epoch of DPO, save a Hugging Face model. Several values "
+                                                 "of a loss or optimization flag (--loss sigmoid ipo --beta 0.1 0.3) "
+                                                 "train every combination from one pairs file and reference pass.")
     parser.error = flag_error  # argparse would print its usage block; one line instead, and exit status 2
     g = parser.add_argument_group("model")
-    g.add_argument("--model", default="qwen",
+    g.add_argument("--model", **MANY, default="qwen",
                    help="bundled model (qwen, llama, smollm2), a Hugging Face directory, or a hub name such as "
                         "Qwen/Qwen2.5-1.5B-Instruct, downloaded once with huggingface_hub (default qwen)")
     g.add_argument("--revision", default=None,
@@ -248,53 +270,62 @@ def train_parser() -> argparse.ArgumentParser:
     g.add_argument("--preset", choices=PRESETS, default=None, help="cpu: a short run on 2 CPU cores; paper: the "
                    "paper's settings (default: cpu on a CPU, paper on a GPU)")
     g = parser.add_argument_group("data / pairs (stage 1)")
-    g.add_argument("--task", default="persona", help=f"one of {', '.join(TASKS)} (default persona)")
+    g.add_argument("--task", **MANY, default="persona", help=f"one of {', '.join(TASKS)} (default persona)")
     g.add_argument("--data", default=None, help="--task jsonl: the prompts file (every fifth item is held out)")
     g.add_argument("--eval-data", default=None,
                    help="--task jsonl: a separate file of held-out prompts (then all of --data trains)")
-    g.add_argument("--negative", choices=NEGATIVES, default=None,
+    g.add_argument("--negative", **MANY, choices=NEGATIVES, default=None,
                    help="random: the response sampled for another prompt (one sampling pass, the paper's); "
                         "incomplete: sampled from x without its user context or with a sentence dropped; "
                         "random-resample: sampled again from another prompt, or from x under another user's "
                         "context (default: the task's)")
-    g.add_argument("--n", type=int, default=None,
+    g.add_argument("--n", **MANY, type=int, default=None,
                    help="training prompts, hence pairs (preset: cpu 64, paper all; 0: all)")
     g.add_argument("--n-eval", type=int, default=None,
                    help="held-out prompts for the pointwise-MI meter and the task metric (0: none)")
     g.add_argument("--pairs", default=None, help="train on this pairs file (mipo.py's format) instead of sampling")
-    g = add_sampling_flags(parser, "sampling (stage 1; defaults: the task's, shortened on a CPU)")
+    g = add_sampling_flags(parser, "sampling (stage 1; defaults: the task's, shortened on a CPU)", MANY)
     g.add_argument("--sample-batch-size", type=int, default=16, help="prompts per generate call (default 16)")
     g.add_argument("--drop-truncated", action="store_true", help="train only on pairs whose two responses both ended "
                    "before --max-new-tokens (default: keep every pair, as the paper)")
     g = parser.add_argument_group("loss (stage 3)")
-    g.add_argument("--loss", choices=LOSS_TYPES, default="sigmoid",
+    g.add_argument("--loss", **MANY, choices=LOSS_TYPES, default="sigmoid",
                    help="preference loss (default sigmoid: DPO, as MIPO)")
-    g.add_argument("--beta", type=float, default=0.1,
+    g.add_argument("--beta", **MANY, type=float, default=0.1,
                    help="DPO's beta, the strength of the pull to the reference (default 0.1)")
-    g.add_argument("--label-smoothing", type=float, default=0.0, help="cDPO / robust / EXO: label-flip probability")
+    g.add_argument("--label-smoothing", **MANY, type=float, default=0.0,
+                   help="cDPO / robust / EXO: label-flip probability")
     g.add_argument("--reference-free", action="store_true", help="drop pi_ref from the loss")
-    g.add_argument("--rpo-alpha", type=float, default=None, help="RPO: add alpha x the chosen response's NLL")
-    g.add_argument("--f-divergence-type", choices=F_DIVERGENCES, default="reverse_kl", help="f-DPO divergence")
-    g.add_argument("--f-alpha-divergence-coef", type=float, default=0.5, help="f-DPO alpha (alpha_divergence)")
-    g.add_argument("--discopop-tau", type=float, default=0.05, help="DiscoPOP temperature")
-    g.add_argument("--simpo-gamma", type=float, default=0.5, help="SimPO target margin")
-    g.add_argument("--bco-delta", type=float, default=None, help="BCO reward shift (default: the batch mean)")
-    g.add_argument("--loss-temperature", type=float, default=None,
+    g.add_argument("--rpo-alpha", **MANY, type=float, default=None, help="RPO: add alpha x the chosen response's NLL")
+    g.add_argument("--f-divergence-type", **MANY, choices=F_DIVERGENCES, default="reverse_kl", help="f-DPO divergence")
+    g.add_argument("--f-alpha-divergence-coef", **MANY, type=float, default=0.5, help="f-DPO alpha (alpha_divergence)")
+    g.add_argument("--discopop-tau", **MANY, type=float, default=0.05, help="DiscoPOP temperature")
+    g.add_argument("--simpo-gamma", **MANY, type=float, default=0.5, help="SimPO target margin")
+    g.add_argument("--bco-delta", **MANY, type=float, default=None, help="BCO reward shift (default: the batch mean)")
+    g.add_argument("--loss-temperature", **MANY, type=float, default=None,
                    help="infonce / sami: log-probs are divided by it (default: infonce 100 as the official "
                         "trainer, sami 1)")
     g = parser.add_argument_group("optimization (stage 3)")
-    g.add_argument("--lr", type=float, default=None, help="peak learning rate (preset: cpu 2e-6, paper 5e-7)")
+    g.add_argument("--lr", **MANY, type=float, default=None, help="peak learning rate (preset: cpu 2e-6, paper 5e-7)")
     g.add_argument("--warmup-ratio", type=float, default=0.03,
                    help="fraction of steps with linear warmup (default 0.03)")
     g.add_argument("--min-lr-ratio", type=float, default=0.1,
                    help="the cosine ends at this fraction of --lr (default 0.1)")
     g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0)")
     g.add_argument("--grad-clip", type=float, default=1.0, help="clip the global gradient norm to this (default 1.0)")
-    g.add_argument("--epochs", type=int, default=1, help="passes over the pairs (default 1, as the paper)")
-    g.add_argument("--batch-size", type=int, default=None, help="global batch: pairs per optimizer step (default 4)")
-    g.add_argument("--micro-batch-size", type=int, default=None,
+    g.add_argument("--epochs", **MANY, type=int, default=1, help="passes over the pairs (default 1, as the paper)")
+    g.add_argument("--batch-size", **MANY, type=int, default=None,
+                   help="global batch: pairs per optimizer step (default 4)")
+    g.add_argument("--micro-batch-size", **MANY, type=int, default=None,
                    help="pairs per forward on each process (default 4); the update does not depend on it")
-    g.add_argument("--seed", type=int, default=0, help="seed of the sampling and of the data order (default 0)")
+    g.add_argument("--seed", **MANY, type=int, default=0, help="seed of the sampling and of the data order (default 0)")
+    g = parser.add_argument_group("low-rank adapters (stage 3; default: every weight trained, as the paper)")
+    g.add_argument("--lora-rank", **MANY, type=int, default=0,
+                   help="train rank-R adapters beside the linear layers instead of every weight (default 0: off)")
+    g.add_argument("--lora-alpha", **MANY, type=float, default=None, help="the adapters' scale is alpha / R "
+                   "(default 2R)")
+    g.add_argument("--lora-targets", nargs="+", choices=LORA_TARGETS, default=list(LORA_TARGETS),
+                   help="the linear layers that get an adapter (default: all of attention and MLP)")
     g = parser.add_argument_group("run / checkpoint")
     g.add_argument("--out", default=None,
                    help="run directory (default runs/MODEL-TASK-NEGATIVE-LOSS); the model goes to OUT/final")
@@ -336,7 +367,11 @@ def resolve_config(args):
     micro_batch_size = args.micro_batch_size or min(preset["micro_batch_size"], math.ceil(batch_size / world))
     opt = OptimConfig(lr=args.lr or preset["lr"], weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio,
                       min_lr_ratio=args.min_lr_ratio, grad_clip=args.grad_clip, epochs=args.epochs,
-                      batch_size=batch_size, micro_batch_size=micro_batch_size, seed=args.seed)
+                      batch_size=batch_size, micro_batch_size=micro_batch_size, seed=args.seed,
+                      lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lora_targets=tuple(args.lora_targets))
+    if opt.lora_rank and args.shard:
+        raise MipoError("--lora-rank with --shard: not supported; FSDP2 here shards every weight with its AdamW "
+                        "state, which adapters leave frozen or absent: run LoRA on one GPU or under DDP")
     hw = HardwareConfig(device=device, dtype=compute_dtype(args.dtype, device),
                         gradient_checkpointing=bool(args.gradient_checkpointing), shard=args.shard,
                         save_minutes=args.save_minutes, save_every=args.save_every)
@@ -361,6 +396,9 @@ def check_ranges(args):
             raise MipoError(f"{flag} {value}: must be at least {low}")
     if not args.save_minutes >= 0:
         raise MipoError(f"--save-minutes {args.save_minutes}: must be at least 0 (0: no checkpoint by time)")
+    if args.lora_rank < 0 or (args.lora_alpha is not None and not args.lora_alpha > 0):
+        raise MipoError(f"--lora-rank {args.lora_rank} --lora-alpha {args.lora_alpha}: the rank must be at least 0 "
+                        "and alpha > 0")
     if args.lr is not None and not args.lr > 0:
         raise MipoError(f"--lr {args.lr}: must be > 0")
     if not args.beta > 0:
@@ -451,7 +489,8 @@ def print_plan(pairs_cfg: PairsConfig, loss_cfg: LossConfig, opt_cfg: OptimConfi
     strategy = "fsdp" if hw.shard else ("ddp" if world > 1 else "single")
     plan = shard.memory_plan(cfg, world, strategy, hw.gradient_checkpointing, opt_cfg.micro_batch_size,
                              prompt_tokens=longest_prompt(pairs_cfg), response_tokens=s.max_new_tokens,
-                             param_bytes=2 if hw.dtype == "bfloat16" else 4)
+                             param_bytes=2 if hw.dtype == "bfloat16" else 4, lora_rank=opt_cfg.lora_rank,
+                             lora_targets=opt_cfg.lora_targets)
     gpu_bytes = torch.cuda.get_device_properties(0).total_memory if torch.device(hw.device).type == "cuda" else None
     print(shard.format_memory_plan(plan, gpu_bytes), flush=True)
 

@@ -37,7 +37,8 @@ def for_dpo(model, world: int, sharded: bool) -> None:
     if model.lm_head.weight.device.type != "cpu":
         return
     keep_activations_in_the_heap()
-    if world == 1 and not sharded and not model.config.tie_word_embeddings:
+    embedding = model.model.embed_tokens.weight
+    if world == 1 and not sharded and not model.config.tie_word_embeddings and embedding.requires_grad:
         sparse_embedding_gradient(model.model.embed_tokens)
 
 

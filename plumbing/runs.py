@@ -8,6 +8,7 @@ import gc
 import json
 import os
 import random
+import shutil
 import signal
 import sys
 import time
@@ -72,7 +73,26 @@ class Run:
     out: Path
     rank: int = 0
     world: int = 1
+    shared: Path | None = None  # a sweep's SWEEP/shared (plumbing/sweep.py); None: the run directory itself
     timings: dict = field(default_factory=dict)  # seconds per stage, for summary.json
+
+    def shared_file(self, name: str, kind: str = "") -> Path:
+        """Where a file of stages 1 and 2 is written: the run directory, or in a sweep the directory its variants
+        share, where `kind` tells apart the files that differ between variants."""
+        if self.shared is None:
+            return self.out / name
+        return self.shared / (f"{Path(name).stem}-{kind}{Path(name).suffix}" if kind else name)
+
+    def link_shared(self, name: str, kind: str = "") -> None:
+        """In a sweep: the shared file also in the variant's own directory (a hard link, else a copy), so that each
+        variant's directory holds every file of a single run."""
+        source, target = self.shared_file(name, kind), self.out / name
+        if self.shared is not None and self.rank == 0 and source.exists() and not target.exists():
+            try:
+                os.link(source, target)
+            except OSError:
+                shutil.copy2(source, target)
+        self.barrier()
 
     def barrier(self):
         barrier(self.world)
@@ -158,20 +178,36 @@ class Run:
             dist.destroy_process_group()
 
 
-def start(args) -> Run:
-    """train.py's settings from its flags, checked before anything is written; the processes joined, the plan
-    printed and the run directory made (or found, to resume)."""
-    files.CRASH_AT = args._crash_at
+def check(args):
+    """train.py's settings from its flags, checked before anything is written: -> the configs and what the run
+    directory (and a sweep's shared directory) record of them."""
     pairs_cfg, loss_cfg, opt_cfg, hw, out = config.resolve_config(args)
-    rank, world, hw.device = init_distributed(hw.device)
-    settings = {"pairs": asdict(pairs_cfg), "loss": asdict(loss_cfg), "optim": asdict(opt_cfg), "hardware": asdict(hw)}
+    optim = asdict(opt_cfg)
+    if not opt_cfg.lora_rank:  # every weight trained: recorded as before LoRA existed, so older runs resume
+        optim = {k: v for k, v in optim.items() if not k.startswith("lora_")}
+    settings = {"pairs": asdict(pairs_cfg), "loss": asdict(loss_cfg), "optim": optim, "hardware": asdict(hw)}
     check_inputs(pairs_cfg, opt_cfg, out, settings)  # every rank, before anything is written: all refuse alike
+    shared = Path(args.shared) if getattr(args, "shared", None) else None
+    shared_settings = {"pairs": settings["pairs"], "hardware": {"dtype": hw.dtype},  # what stages 1 and 2 depend on
+                       "optim": {k: settings["optim"][k] for k in ("batch_size", "micro_batch_size", "seed")}}
+    if shared is not None:
+        check_run_dir(shared, shared_settings)
+    return (pairs_cfg, loss_cfg, opt_cfg, hw, out, shared), settings, shared_settings
+
+
+def start(args) -> Run:
+    """check(args), then the processes joined, the plan printed and the run directory made (or found, to resume)."""
+    files.CRASH_AT = args._crash_at
+    (pairs_cfg, loss_cfg, opt_cfg, hw, out, shared), settings, shared_settings = check(args)
+    rank, world, hw.device = init_distributed(hw.device)
     if rank == 0:
         config.print_plan(pairs_cfg, loss_cfg, opt_cfg, hw, out, world)
         start_run_dir(out, settings)
+        if shared is not None:
+            start_run_dir(shared, shared_settings)
     barrier(world)
     torch.manual_seed(opt_cfg.seed)
-    return Run(pairs_cfg, loss_cfg, opt_cfg, hw, out, rank, world)
+    return Run(pairs_cfg, loss_cfg, opt_cfg, hw, out, rank, world, shared)
 
 
 def check_inputs(pairs: PairsConfig, opt: OptimConfig, out: Path, settings: dict):

@@ -45,6 +45,7 @@ except ImportError:  # torch 2.5: the same FSDP2 under its first name (only 2.13
     from torch.distributed._composable.fsdp import MixedPrecisionPolicy, fully_shard
 
 from model_loader import CausalLM, ModelConfig, rope_inv_freq
+from plumbing import lora
 from plumbing.files import MipoError, run_command
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -325,13 +326,15 @@ def activation_bytes_per_token(cfg: ModelConfig, act_bytes: int) -> int:
 
 def memory_plan(cfg: ModelConfig, world_size: int = 1, strategy: str = "fsdp", gradient_checkpointing: bool = False,
                 micro_batch_pairs: int = 1, prompt_tokens: int = 512, response_tokens: int = 512,
-                param_bytes: int = 2, master_bytes: int = 4, logits_chunk_tokens: int = 256) -> dict:
+                param_bytes: int = 2, master_bytes: int = 4, logits_chunk_tokens: int = 256, lora_rank: int = 0,
+                lora_targets=lora.TARGETS) -> dict:
     """Peak bytes per rank of one training step, by what holds them. An estimate to about +-20%: it leaves out
     the CUDA context and allocator slack (1-3 GB), and counts everything as alive at once.
 
     A micro-batch of B pairs is B packed rows of T = prompt + response + 1 + response tokens (train.collate:
     [x, y+, x[-1], y-]) with logits over the 2 * response + 1 positions after the prompt. param_bytes is the
-    compute dtype (2: bf16), master_bytes the dtype of the weights AdamW updates (4: float32).
+    compute dtype (2: bf16), master_bytes the dtype of the weights AdamW updates (4: float32). With lora_rank,
+    gradients and AdamW states are the adapters' only (plumbing/lora.py); the frozen weights stay.
     """
     if strategy not in ("single", "ddp", "fsdp"):
         raise MipoError(f"strategy {strategy!r}: one of single, ddp, fsdp")
@@ -340,10 +343,11 @@ def memory_plan(cfg: ModelConfig, world_size: int = 1, strategy: str = "fsdp", g
     counts = count_parameters(cfg)
     N, L, C, V = counts["total"], cfg.num_hidden_layers, cfg.hidden_size, cfg.vocab_size
     ways = world_size if strategy == "fsdp" else 1  # how many ranks split the float32 states
+    trained = lora.adapter_parameters(cfg, lora_rank, lora_targets) if lora_rank else N
     plan = {
-        "parameters": master_bytes * N / ways,  # float32: the master weights
-        "gradients": master_bytes * N / ways,  # float32 (FSDP reduce-scatters them in float32)
-        "optimizer": 2 * 4 * N / ways,  # AdamW's exp_avg and exp_avg_sq, float32
+        "parameters": master_bytes * (N + (trained if lora_rank else 0)) / ways,  # float32: the master weights
+        "gradients": master_bytes * trained / ways,  # float32 (FSDP reduce-scatters them in float32)
+        "optimizer": 2 * 4 * trained / ways,  # AdamW's exp_avg and exp_avg_sq, float32
     }
     if strategy == "fsdp":
         # All-gathered bf16 weights: the root unit (embeddings, lm_head, final norm) is gathered for the whole
@@ -357,7 +361,7 @@ def memory_plan(cfg: ModelConfig, world_size: int = 1, strategy: str = "fsdp", g
         # DDP also copies gradients into its communication buckets (gradient_as_bucket_view=False, the default).
         plan["gathered"] = param_bytes * N if param_bytes < master_bytes else 0
         if strategy == "ddp":
-            plan["gathered"] += master_bytes * N
+            plan["gathered"] += master_bytes * trained
     T = prompt_tokens + 2 * response_tokens + 1
     tokens = micro_batch_pairs * T
     # The residual stream is bf16 under FSDP (bf16 weights) but float32 under autocast over float32 weights.
@@ -373,7 +377,8 @@ def memory_plan(cfg: ModelConfig, world_size: int = 1, strategy: str = "fsdp", g
     plan["logits"] = 2 * param_bytes * logit_positions * V + 2 * 4 * min(logits_chunk_tokens, logit_positions) * V
     plan["total"] = sum(plan.values())
     plan["meta"] = dict(strategy=strategy, world_size=world_size, gradient_checkpointing=gradient_checkpointing,
-                        micro_batch_pairs=micro_batch_pairs, tokens_per_row=T, parameters=N)
+                        micro_batch_pairs=micro_batch_pairs, tokens_per_row=T, parameters=N, lora_rank=lora_rank,
+                        trained=trained)
     return plan
 
 
@@ -395,8 +400,10 @@ def format_memory_plan(plan: dict, gpu_bytes: float | None = None, sampling: dic
     m = plan["meta"]
     gib = lambda b: f"{b / 2**30:.1f} GiB"  # noqa: E731
     ckpt = "with" if m["gradient_checkpointing"] else "without"
+    adapters = f" (LoRA rank {m['lora_rank']}: {m['trained'] / 1e6:.1f}M trained)" if m.get("lora_rank") else ""
     lines = [f"memory plan per rank ({m['strategy']}, {m['world_size']} rank(s), {m['parameters'] / 1e9:.2f}B "
-             f"parameters, micro-batch {m['micro_batch_pairs']} pair(s) of {m['tokens_per_row']} tokens, {ckpt} "
+             f"parameters{adapters}, micro-batch {m['micro_batch_pairs']} pair(s) of {m['tokens_per_row']} tokens, "
+             f"{ckpt} "
              "gradient checkpointing):",
              f"  parameters {gib(plan['parameters'])}, gradients {gib(plan['gradients'])}, AdamW states "
              f"{gib(plan['optimizer'])}, gathered/working weights {gib(plan['gathered'])}",
@@ -449,6 +456,23 @@ def memory_table(models=("qwen2.5-0.5b", "qwen2.5-1.5b", "qwen2.5-3b", "qwen2.5-
                        for ckpt in (False, True))
             cells.append(f"{off:.1f} / {on:.1f}")
         rows.append(f"| {HUB_NAMES[name]} | {count_parameters(cfg)['total'] / 1e9:.2f}B | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def lora_table(rank: int = 16, models=("llama-3.2-1b", "llama-3.2-3b", "qwen2.5-1.5b", "qwen2.5-3b", "qwen2.5-7b"),
+               **plan_options) -> str:
+    """docs/scaling.md's LoRA rows: GiB on one GPU, every weight trained against rank-`rank` adapters on every linear
+    layer of attention and MLP (plumbing/lora.py), without / with gradient checkpointing, micro-batch 1."""
+    rows = [f"| model | adapter parameters | every weight, 1 GPU | LoRA rank {rank}, 1 GPU |", "|---|---|---|---|"]
+    for name in models:
+        cfg = paper_config(name)
+        cells = []
+        for lora_rank in (0, rank):
+            off, on = (memory_plan(cfg, 1, "single", ckpt, lora_rank=lora_rank, **plan_options)["total"] / 2**30
+                       for ckpt in (False, True))
+            cells.append(f"{off:.1f} / {on:.1f}")
+        rows.append(f"| {HUB_NAMES[name]} | {lora.adapter_parameters(cfg, rank) / 1e6:.1f}M | " + " | ".join(cells)
+                    + " |")
     return "\n".join(rows)
 
 
@@ -507,6 +531,8 @@ def main(argv=None):
         print(memory_table())
         print()
         print(breakdown_table())
+        print()
+        print(lora_table())
     if args.commands:
         print(paper_commands(gpu_gib=args.gpu_gib))
     if args.plan:

@@ -315,6 +315,9 @@ def test_tiny_model_pairs_and_pointwise_mi_equal_a_full_forward(tmp_path):
     assert lengths == [len(mipo.encode_turn(tokenizer, p["prompt"], content(p["chosen"]), p["chosen_stopped"])[1])
                        for p in pairs]
     per_token = sum(e[0] / n for e, n in zip(expected, lengths)) / 5  # each response's MI over its own length
+    per_response = meter.pop("per_response")
+    assert [r["pmi"] for r in per_response] == pytest.approx([e[0] for e in expected], abs=1e-4)
+    assert [r["length"] for r in per_response] == lengths
     assert meter == pytest.approx({"pmi": sum(e[0] for e in expected) / 5, "pmi_per_token": per_token,
                                    "length": sum(lengths) / 5,
                                    "truncated": sum(not p["chosen_stopped"] for p in pairs) / 5, "pairs": 5}, abs=1e-4)

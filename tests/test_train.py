@@ -65,10 +65,14 @@ def write_prompts(path: Path, n: int) -> Path:
     return path
 
 
+def make_assets(root: Path) -> dict:
+    """The tiny model and 16 prompts under root, where the runs of a test module go too."""
+    return {"model": write_tiny_model(root / "tiny"), "data": write_prompts(root / "prompts.jsonl", 16), "root": root}
+
+
 @pytest.fixture(scope="session")
 def assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("train")
-    return {"model": write_tiny_model(root / "tiny"), "data": write_prompts(root / "prompts.jsonl", 16), "root": root}
+    return make_assets(tmp_path_factory.mktemp("train"))
 
 
 def args_for(assets, out, *extra, n=8, model=None):
