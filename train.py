@@ -6,6 +6,7 @@ mipo.py's, the loss dpo_loss.py's; beyond the held-out MI meter it measures noth
     python train.py --model qwen                      # CPU preset: a small persona run on a CPU
                                                        # (README: set-up)
     python train.py --model qwen --preset paper       # the paper's settings, for a GPU
+    python train.py --model qwen --loss sigmoid ipo --beta 0.1 0.3   # a sweep: four variants (plumbing/sweep.py)
     torchrun --nproc_per_node 2 train.py -- --model qwen --n 64   # DDP: gloo on CPU, nccl on GPU (the -- keeps
                                                                    # torchrun from reading --n as its --nnodes)
 
