@@ -70,8 +70,7 @@ def make_pairs(run: Run):
     )
     base_eval = json.loads(base_eval_path.read_text()) if base_eval_path.exists() else None
     if pairs is not None and eval_pairs is not None and (base_eval is not None or not eval_examples):
-        for name in ("pairs.jsonl", "eval_pairs.jsonl", "base_eval.json"):
-            run.link_shared(name)
+        run.link_shared("pairs.jsonl", "eval_pairs.jsonl", "base_eval.json")
         return pairs, eval_pairs, base_eval
 
     # Sampling runs with the weights in the compute dtype: the sampler's KV cache holds the weights' dtype, and
@@ -91,8 +90,7 @@ def make_pairs(run: Run):
     run.barrier()
     base_eval = json.loads(base_eval_path.read_text()) if base_eval_path.exists() else None
     del model
-    for name in ("pairs.jsonl", "eval_pairs.jsonl", "base_eval.json"):
-        run.link_shared(name)
+    run.link_shared("pairs.jsonl", "eval_pairs.jsonl", "base_eval.json")
     return pairs, eval_pairs, base_eval
 
 
@@ -225,7 +223,7 @@ def reference_logps(model, tokenizer, pairs: list[dict], run: Run) -> list[dict]
     kind = "xprime" if with_negative_prompt else ""  # in a sweep, one pass per kind
     records = runs.resumable_pass(run, run.shared_file("reference.jsonl", kind), records, batches, score,
                                   "reference log-probs")
-    run.link_shared("reference.jsonl", kind)
+    run.link_shared("reference.jsonl", kind=kind)
     return records
 
 

@@ -83,15 +83,16 @@ class Run:
             return self.out / name
         return self.shared / (f"{Path(name).stem}-{kind}{Path(name).suffix}" if kind else name)
 
-    def link_shared(self, name: str, kind: str = "") -> None:
-        """In a sweep: the shared file also in the variant's own directory (a hard link, else a copy), so that each
+    def link_shared(self, *names: str, kind: str = "") -> None:
+        """In a sweep: the shared files also in the variant's own directory (a hard link, else a copy), so that each
         variant's directory holds every file of a single run."""
-        source, target = self.shared_file(name, kind), self.out / name
-        if self.shared is not None and self.rank == 0 and source.exists() and not target.exists():
-            try:
-                os.link(source, target)
-            except OSError:
-                shutil.copy2(source, target)
+        for name in names:
+            source, target = self.shared_file(name, kind), self.out / name
+            if self.shared is not None and self.rank == 0 and source.exists() and not target.exists():
+                try:
+                    os.link(source, target)
+                except OSError:
+                    shutil.copy2(source, target)
         self.barrier()
 
     def barrier(self):

@@ -62,9 +62,10 @@ def start(variants: list) -> None:
     sweep_dir = Path(variants[0].out).parent
     names = [Path(v.out).name for v in variants]
     path = sweep_dir / SWEEP_FILE
-    if path.exists() and read_json(path).get("variants") != names:
-        raise MipoError(f"{path}: holds another sweep ({', '.join(read_json(path).get('variants', []))}); "
-                        "pass another --out, or the same lists to resume it")
+    recorded = read_json(path).get("variants", []) if path.exists() else names
+    if recorded != names:
+        raise MipoError(f"{path}: holds another sweep ({', '.join(recorded)}); pass another --out, or the same lists "
+                        "to resume it")
     write_atomically(path, json.dumps({"variants": names}, indent=2) + "\n")
 
 
@@ -73,9 +74,10 @@ def variant_dirs(sweep_dir: Path) -> list[Path] | None:
     path = Path(sweep_dir) / SWEEP_FILE
     if not path.is_file():
         return None
-    if not all((Path(sweep_dir) / name).is_dir() for name in read_json(path)["variants"]):
+    dirs = [Path(sweep_dir) / name for name in read_json(path)["variants"]]
+    if not all(d.is_dir() for d in dirs):
         raise MipoError(f"{path}: names variants that have not run yet; run the sweep's train.py command first")
-    return [Path(sweep_dir) / name for name in read_json(path)["variants"]]
+    return dirs
 
 
 def print_table(variants: list) -> None:
