@@ -26,7 +26,6 @@ import sys
 import time
 from collections import Counter
 from dataclasses import asdict, replace
-from datetime import date
 from pathlib import Path
 
 import torch
@@ -37,20 +36,13 @@ from dpo_loss import token_logps
 from model_loader import load_model
 from sampler import Sampling
 from tasks import NEGATIVES, Example, Task, compare_responses, load_examples, prompt_messages
-from plumbing import config, cpu_speedups
-from plumbing.files import MipoError, append_jsonl, numbered_jsonl, run_command, write_atomically
+from plumbing import config, cpu_speedups, pairs_file
+from plumbing.files import MipoError, append_jsonl, run_command, write_atomically
 from plumbing.model_sources import local_model
 
 
 # ---------------------------------------------------------------------------------------------------
-# Negatives: the prompt x' whose response becomes the rejected answer for x.
-#   random           y- is the response already sampled for another training prompt x' (its positive): the
-#                    prompts are paired by a random derangement, and one sampling pass serves both sides, as
-#                    in the official code (math, multiple choice).
-#   random-resample  y- is sampled afresh from x' = another prompt, or, for personalization, the same request
-#                    under another user's context: a second sampling pass, kept as an ablation.
-#   incomplete       y- is sampled from x without the user's context (personalization), or with one sentence
-#                    of the problem dropped (math).
+# Negatives: the prompt x' whose response becomes the rejected answer for x (the three kinds: above).
 # ---------------------------------------------------------------------------------------------------
 
 def derangement(keys: list[str], rng: random.Random) -> list[int]:
@@ -132,42 +124,8 @@ def plan_negatives(
 
 
 # ---------------------------------------------------------------------------------------------------
-# The pairs file: JSONL in TRL's conversational preference format, plus where the negative came from.
-#   {"id", "task", "prompt": [{"role": "user", ...}], "chosen": [{"role": "assistant", ...}],
-#    "rejected": [{"role": "assistant", ...}], "negative": "random" | "incomplete" | "random-resample",
-#    "negative_source", "negative_prompt": [...], "chosen_stopped", "rejected_stopped", "sampling": {...}}
-# *_stopped: the response ended with a stop token (False: cut at max_new_tokens).
-# It is written whole, once every response is sampled; the sampling itself goes to a samples file beside it
-# (PAIRS.samples.jsonl), one line per prompt and batch by batch, which is what an interrupted run resumes.
+# Sampling the pairs: y+ from x, y- from x', both stored under x. The file, and resuming it: plumbing/pairs_file.py.
 # ---------------------------------------------------------------------------------------------------
-
-PAIR_FIELDS = (
-    "id", "task", "prompt", "chosen", "rejected", "negative", "negative_source", "negative_prompt", "sampling",
-)
-SAMPLE_FIELDS = ("id", "task", "negative", "sampling", "chosen", "chosen_stopped")
-
-
-def read_pairs(path) -> list[dict]:
-    """Every record of a pairs (or samples) file, each with the fields this project writes."""
-    path = Path(path)
-    if not path.is_file():
-        raise MipoError(f"{path}: pairs file not found")
-    fields = SAMPLE_FIELDS if path.name.endswith(".samples.jsonl") or ".samples.rank" in path.name else PAIR_FIELDS
-    records = numbered_jsonl(path)
-    for lineno, record in records:
-        missing = [k for k in fields if not isinstance(record, dict) or k not in record]
-        if missing:
-            raise MipoError(f"{path}:{lineno}: field {missing[0]!r} is missing")
-    return [record for _, record in records]
-
-
-def samples_path(pairs_path, shard: tuple[int, int] = (0, 1)) -> Path:
-    pairs_path, (rank, world) = Path(pairs_path), shard
-    return pairs_path.with_name(
-        f"{pairs_path.stem}.samples.jsonl" if world == 1
-        else f"{pairs_path.stem}.samples.rank{rank}-of-{world}.jsonl"
-    )
-
 
 def response_text(tokenizer, tokens: list[int]) -> tuple[str, bool]:
     """(text, stopped) of sampled token ids: stopped when the last one is a stop token, which is cut from the text
@@ -175,19 +133,6 @@ def response_text(tokenizer, tokens: list[int]) -> tuple[str, bool]:
     stopped = bool(tokens) and tokens[-1] in tokenizer.stop_token_ids
     return tokenizer.decode(tokens[:-1] if stopped else tokens), stopped
 
-
-def sampling_settings(sampling: Sampling, seed: int, model_name: str) -> dict:
-    """What every pairs and samples record keeps of the run that sampled it: each sampling setting in force (sampling
-    resolved against the model, config.resolve_sampling), the seed and the model."""
-    return {**sampler.generate_kwargs(sampling), "seed": seed, "model": model_name}
-
-
-def same_run(record: dict, task: Task, negative: str, settings: dict) -> bool:
-    """Whether a pairs or samples record was made by a run with these settings (the recorded date aside)."""
-    recorded = (
-        {k: v for k, v in record["sampling"].items() if k != "date"} if isinstance(record["sampling"], dict) else None
-    )
-    return (record["task"], record["negative"], recorded) == (task.name, negative, settings)
 
 
 def sample_pairs(model, tokenizer, task: Task, examples: list[Example], path, negative: str, sampling: Sampling,
@@ -201,9 +146,9 @@ def sample_pairs(model, tokenizer, task: Task, examples: list[Example], path, ne
     plan = plan_negatives(task, examples, negative, seed)
     sample_negatives = negative != "random"
     sampling = config.resolve_sampling(sampling, model)  # what the flags left to the model, from the model
-    settings = sampling_settings(sampling, seed, model_name)
+    settings = pairs_file.sampling_settings(sampling, seed, model_name)
     with append_jsonl(path, "pairs") as (records, write):  # what an interrupted run sampled, and a writer after it
-        done = resume_samples(path, records, tokenizer, task, negative, settings)
+        done = pairs_file.resume_samples(path, records, tokenizer, task, negative, settings)
         positives, negatives = encode_prompts(model, tokenizer, task, examples, plan, sampling.max_new_tokens)
         rank, world = shard
         todo = [start for start in range(rank * batch_size, len(examples), world * batch_size)
@@ -240,22 +185,6 @@ def sample_responses(model, tokenizer, prompts: list[list[int]], sampling: Sampl
     return [response_text(tokenizer, tokens) for tokens in completions]
 
 
-def resume_samples(path: Path, records: list[dict], tokenizer, task: Task, negative: str, settings: dict) -> set[str]:
-    """The ids of `records`, already sampled into `path` by a run with these settings; a file of another run is
-    refused. Sets the date the chat template renders and records it in settings."""
-    for k, record in enumerate(records, 1):
-        missing = [f for f in SAMPLE_FIELDS if not isinstance(record, dict) or f not in record]
-        if missing:
-            raise MipoError(f"{path}: record {k}: field {missing[0]!r} is missing")
-        if not same_run(record, task, negative, settings):
-            raise MipoError(f"{path}: holds samples of another run ({record['task']}, --negative {record['negative']}, "
-                            f"{record['sampling']}); pass another --out or delete the file")
-    # The date a chat template may print (Llama 3's "Today Date") is part of every prompt: fixed for the run
-    # and recorded, so that the reference pass and a rerun on another day render the same prompts.
-    use_recorded_date(tokenizer, records, path)
-    settings["date"] = tokenizer.date.isoformat()
-    return {record["id"] for record in records}
-
 
 def encode_prompts(
     model, tokenizer, task: Task, examples: list[Example], plan: list, max_new_tokens: int
@@ -280,7 +209,7 @@ def write_pairs(
     task: Task, examples: list[Example], sample_files: list, out_path, negative: str, seed: int
 ) -> list[dict]:
     """The pairs, from the samples files, written to out_path at once: (prompt=x, chosen=y+, rejected=y-)."""
-    samples = {record["id"]: record for path in sample_files for record in read_pairs(path)}
+    samples = {record["id"]: record for path in sample_files for record in pairs_file.read_pairs(path)}
     missing = [ex.id for ex in examples if ex.id not in samples]
     if missing:
         raise MipoError(
@@ -317,40 +246,14 @@ def build_pairs(model, tokenizer, task: Task, examples: list[Example], out_path,
     """Sample one positive (from x) and one negative (from x') per example and write the pairs to out_path.
     Resumable (sample_pairs); a complete pairs file of the same run is returned as it is. Returns every pair."""
     sampling = config.resolve_sampling(sampling, model)
-    pairs = read_complete_pairs(out_path, task, examples, negative, sampling_settings(sampling, seed, model_name))
+    settings = pairs_file.sampling_settings(sampling, seed, model_name)
+    pairs = pairs_file.read_complete_pairs(out_path, task, examples, negative, settings)
     if pairs is not None:
         return pairs
-    path = samples_path(out_path)
+    path = pairs_file.samples_path(out_path)
     sample_pairs(model, tokenizer, task, examples, path, negative, sampling, seed, batch_size, model_name, progress)
     return write_pairs(task, examples, [path], out_path, negative, seed)
 
-
-def read_complete_pairs(path, task: Task, examples: list[Example], negative: str, settings: dict) -> list[dict] | None:
-    """The pairs file of this run when it has been written (None when not yet); a pairs file of another run is
-    refused, never mixed with this one."""
-    if not Path(path).exists():
-        return None
-    pairs = read_pairs(path)
-    if (
-        [p["id"] for p in pairs] != [ex.id for ex in examples]
-        or not all(same_run(p, task, negative, settings) for p in pairs)
-    ):
-        raise MipoError(
-            f"{path}: holds the pairs of another run (other prompts, task, --negative or sampling settings); "
-            "pass another --out or delete the file"
-        )
-    return pairs
-
-
-def use_recorded_date(tokenizer, records: list[dict], path) -> None:
-    """Render chat templates with the date recorded with the records (sample_pairs), if any."""
-    dates = {r["sampling"].get("date") for r in records if isinstance(r.get("sampling"), dict)}
-    if len(dates) > 1:
-        raise MipoError(
-            f"{path}: its records were rendered on different dates {sorted(map(str, dates))}; delete the file"
-        )
-    if dates and None not in dates:
-        tokenizer.date = date.fromisoformat(dates.pop())
 
 
 def pair_stats(pairs: list[dict]) -> dict:

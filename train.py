@@ -36,7 +36,7 @@ import mipo
 from dpo_loss import preference_loss, preference_metrics, token_logps
 from model_loader import load_model, save_model
 from tasks import get_task, load_examples
-from plumbing import config, cpu_speedups, lora, report, runs, shard, sweep
+from plumbing import config, cpu_speedups, lora, pairs_file, report, runs, shard, sweep
 from plumbing.config import HardwareConfig, OptimConfig, PairsConfig
 from plumbing.files import MipoError, read_jsonl, run_command, write_atomically
 from plumbing.runs import Run
@@ -58,15 +58,15 @@ def make_pairs(run: Run):
     pairs_path, eval_path = run.shared_file("pairs.jsonl"), run.shared_file("eval_pairs.jsonl")
     base_eval_path = run.shared_file("base_eval.json")  # in a sweep, files its variants share (plumbing/sweep.py)
     # The settings the pairs are recorded with: what the flags left to the model (top-k, the penalty) taken from it.
-    settings = mipo.sampling_settings(config.resolve_sampling(cfg.sampling, cfg.model), cfg.seed, cfg.model)
+    settings = pairs_file.sampling_settings(config.resolve_sampling(cfg.sampling, cfg.model), cfg.seed, cfg.model)
     if cfg.pairs_file:
         train_examples, pairs = None, runs.read_pairs_file(Path(cfg.pairs_file), cfg)
     else:
         train_examples = load_examples(task, "train", cfg.n, cfg.data, cfg.eval_data)
-        pairs = mipo.read_complete_pairs(pairs_path, task, train_examples, cfg.negative, settings)
+        pairs = pairs_file.read_complete_pairs(pairs_path, task, train_examples, cfg.negative, settings)
     eval_examples = load_examples(task, "eval", cfg.n_eval, cfg.data, cfg.eval_data) if cfg.n_eval > 0 else []
     eval_pairs = (
-        mipo.read_complete_pairs(eval_path, task, eval_examples, cfg.negative, settings) if eval_examples else []
+        pairs_file.read_complete_pairs(eval_path, task, eval_examples, cfg.negative, settings) if eval_examples else []
     )
     base_eval = json.loads(base_eval_path.read_text()) if base_eval_path.exists() else None
     if pairs is not None and eval_pairs is not None and (base_eval is not None or not eval_examples):
@@ -83,7 +83,7 @@ def make_pairs(run: Run):
         eval_pairs = runs.build_pairs(run, model, tokenizer, task, eval_examples, eval_path)
     if eval_pairs and run.rank == 0 and base_eval is None:
         # The held-out pairs' chosen responses are the base model's own samples from x: the meter before training.
-        mipo.use_recorded_date(tokenizer, eval_pairs, eval_path)
+        pairs_file.use_recorded_date(tokenizer, eval_pairs, eval_path)
         base_eval = held_out_meter(model, tokenizer, task, eval_examples, chosen_responses(eval_pairs), cfg)
         base_eval["pmi_self"] = base_eval["pmi"]  # the base model's own samples, scored by itself
         write_atomically(base_eval_path, json.dumps(base_eval, indent=2))
@@ -427,13 +427,13 @@ def trained_meter(run: Run, eval_pairs: list[dict]) -> dict:
     eval_examples = load_examples(task, "eval", cfg.n_eval, cfg.data, cfg.eval_data)
     policy, tokenizer = load_model(run.out / "final", run.hw.device, compute_dtype(run.hw))  # the base model's dtype
     cpu_speedups.apply(policy)
-    mipo.use_recorded_date(tokenizer, eval_pairs, eval_path)
+    pairs_file.use_recorded_date(tokenizer, eval_pairs, eval_path)
     own = own_responses(policy, tokenizer, eval_pairs, cfg)
     pmi_self = held_out_meter(policy, tokenizer, task, eval_examples, own, cfg)["pmi"]
     del policy
     reference, tokenizer = load_model(cfg.model, run.hw.device, compute_dtype(run.hw))
     cpu_speedups.apply(reference)
-    mipo.use_recorded_date(tokenizer, eval_pairs, eval_path)
+    pairs_file.use_recorded_date(tokenizer, eval_pairs, eval_path)
     return {**held_out_meter(reference, tokenizer, task, eval_examples, own, cfg), "pmi_self": pmi_self}
 
 
@@ -461,7 +461,7 @@ def train_run(args):
         # Stages 2 and 3 on the base model's float32 weights.
         model, tokenizer = load_model(run.pairs.model, run.hw.device, torch.float32)
         cpu_speedups.apply(model)
-        mipo.use_recorded_date(tokenizer, pairs, run.pairs.pairs_file or run.out / "pairs.jsonl")
+        pairs_file.use_recorded_date(tokenizer, pairs, run.pairs.pairs_file or run.out / "pairs.jsonl")
         if run.hw.shard:  # before the reference pass: it must run the very computation of training's step 0
             shard.shard_model(model, param_dtype=torch.bfloat16 if run.hw.dtype == "bfloat16" else None)
         with run.timed("reference"):

@@ -28,10 +28,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 import dpo_loss  # noqa: E402
-import mipo  # noqa: E402
 import train  # noqa: E402
 from model_loader import load_model  # noqa: E402
-from plumbing import config, cpu_speedups  # noqa: E402
+from plumbing import config, cpu_speedups, pairs_file  # noqa: E402
 from plumbing import runs  # noqa: E402
 
 
@@ -108,7 +107,7 @@ def main():
     peaks = {name: config.matmul_peak(d) for name, d in (("float32", torch.float32), ("bfloat16", torch.bfloat16))
              if name in ("float32", dtype)}  # a bf16 product without native bf16 takes minutes to time
     model, tokenizer = load_model(args.model, "cpu", torch.float32)
-    pairs = mipo.read_pairs(args.pairs)
+    pairs = pairs_file.read_pairs(args.pairs)
     records = [{**train.tokenize_pair(tokenizer, p, False, model.config.max_position_embeddings),
                 "ref_chosen_logps": 0.0, "ref_rejected_logps": 0.0} for p in pairs]
     needed = (args.steps + 1) * args.batch_size

@@ -94,7 +94,7 @@ def run_trl(args, pairs, live_reference: bool) -> dict:
 
 
 def run_one(args):
-    from mipo import read_pairs
+    from plumbing.pairs_file import read_pairs
 
     pairs = read_pairs(args.pairs)[:args.n]
     if args.system == "ours":

@@ -39,6 +39,7 @@ import tasks  # noqa: E402
 import train  # noqa: E402
 from dpo_loss import preference_loss  # noqa: E402
 from model_loader import load_model  # noqa: E402
+from plumbing import pairs_file  # noqa: E402
 from plumbing.config import PairsConfig  # noqa: E402
 from plumbing.files import MipoError, read_jsonl, run_command  # noqa: E402
 
@@ -125,7 +126,7 @@ def main(argv=None):
     config = json.loads((out / "config.json").read_text())
     summary = json.loads((out / "summary.json").read_text())
     timings = summary["timings_s"]
-    pairs = mipo.read_pairs(out / "pairs.jsonl")
+    pairs = pairs_file.read_pairs(out / "pairs.jsonl")
     references = {r["id"]: r for r in read_jsonl(out / "reference.jsonl")}
     history = read_jsonl(out / "metrics.jsonl")
     beta, loss_type = config["loss"]["beta"], config["loss"]["loss"]
@@ -166,7 +167,7 @@ def main(argv=None):
     print("(sums over the response tokens incl. the end-of-turn token when the sample stopped: train.py:forward_logps)")
     t_extra = time.time()
     base, tokenizer = load_model(args.model, "cpu", torch.float32)
-    mipo.use_recorded_date(tokenizer, pairs, out / "pairs.jsonl")  # the prompts as train.py rendered them
+    pairs_file.use_recorded_date(tokenizer, pairs, out / "pairs.jsonl")  # the prompts as train.py rendered them
     before = two_by_two(base, tokenizer, pair)
     print("\nthe same pair scored again, each response as its own sequence (mipo.py:response_logps), "
           "under x and under x':")
@@ -229,8 +230,8 @@ def main(argv=None):
               f"{base_eval['truncated']:.0%} -> {trained_eval['truncated']:.0%}")
         # Recomputed here: the trained model's samples, drawn exactly as train.py drew them, scored under pi_ref.
         pairs_cfg = PairsConfig(**{**config["pairs"], "sampling": sampler.Sampling(**config["pairs"]["sampling"])})
-        held_out = mipo.read_pairs(out / "eval_pairs.jsonl")
-        mipo.use_recorded_date(tokenizer, held_out, out / "eval_pairs.jsonl")
+        held_out = pairs_file.read_pairs(out / "eval_pairs.jsonl")
+        pairs_file.use_recorded_date(tokenizer, held_out, out / "eval_pairs.jsonl")
         own = train.own_responses(trained, tokenizer, held_out, pairs_cfg)
         rows = [(p["prompt"], p["negative_prompt"], text, stopped) for p, (text, stopped) in zip(held_out, own)]
         under_base = mipo.mi_meter(base, tokenizer, rows)["pmi"]

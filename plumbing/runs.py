@@ -25,7 +25,7 @@ from tqdm import tqdm
 import mipo
 from model_loader import check_model
 from tasks import get_task, load_examples
-from plumbing import config, files, report, shard
+from plumbing import config, files, pairs_file, report, shard
 from plumbing.config import HardwareConfig, LossConfig, OptimConfig, PairsConfig
 from plumbing.files import (RUN_CONFIG, RUN_METRICS, Interrupted, MipoError, append_jsonl, atomic_file, check_out,
                             crash_hook, read_jsonl, write_atomically)
@@ -261,7 +261,7 @@ def start_run_dir(out: Path, settings: dict):
 def read_pairs_file(path: Path, cfg: PairsConfig) -> list[dict]:
     """--pairs FILE: pairs sampled earlier. They must come from the model being trained: DPO's reference is that
     model, and MIPO's pairs are its own samples."""
-    pairs = mipo.read_pairs(path)
+    pairs = pairs_file.read_pairs(path)
     for pair in pairs:
         sampled_by = str(pair["sampling"].get("model", "")) if isinstance(pair["sampling"], dict) else ""
         if not same_model(sampled_by, cfg.model):
@@ -313,7 +313,7 @@ def build_pairs(run: Run, model, tokenizer, task, examples: list, path: Path) ->
     if run.world == 1:
         return mipo.build_pairs(model, tokenizer, task, examples, path, cfg.negative, cfg.sampling, cfg.seed,
                                 cfg.sample_batch_size, cfg.model)
-    sample_files = [mipo.samples_path(path, (r, run.world)) for r in range(run.world)]
+    sample_files = [pairs_file.samples_path(path, (r, run.world)) for r in range(run.world)]
     if not path.exists():
         mipo.sample_pairs(model, tokenizer, task, examples, sample_files[run.rank], cfg.negative, cfg.sampling,
                           cfg.seed, cfg.sample_batch_size, cfg.model, progress=run.rank == 0,
@@ -322,7 +322,7 @@ def build_pairs(run: Run, model, tokenizer, task, examples: list, path: Path) ->
     if run.rank == 0 and not path.exists():
         mipo.write_pairs(task, examples, sample_files, path, cfg.negative, cfg.seed)
     run.barrier()
-    return mipo.read_pairs(path)
+    return pairs_file.read_pairs(path)
 
 
 def resumable_pass(run: Run, path: Path, records: list[dict], batches: list[tuple[list, list[float]]], score,

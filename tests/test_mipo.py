@@ -16,11 +16,13 @@ import mipo
 import sampler
 import tasks
 from conftest import make_tiny_model
-from mipo import build_pairs, read_pairs
+from mipo import build_pairs
 from model_loader import Tokenizer
 from sampler import Sampling
 from tasks import TASKS, Example
+from plumbing import pairs_file
 from plumbing.files import MipoError
+from plumbing.pairs_file import read_pairs
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLING = Sampling(temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=8)
@@ -189,7 +191,7 @@ def test_pairs_file_is_trl_conversational_and_round_trips(echo, tmp_path):
                         model_name="tiny")
     lines = out.read_text().splitlines()
     assert [json.loads(line) for line in lines] == pairs == read_pairs(out)
-    assert not mipo.samples_path(out).exists()  # the samples file served its purpose
+    assert not pairs_file.samples_path(out).exists()  # the samples file served its purpose
     for pair in pairs:
         assert [m["role"] for m in pair["prompt"]] == ["user"]
         assert [m["role"] for m in pair["chosen"]] == [m["role"] for m in pair["rejected"]] == ["assistant"]
@@ -206,7 +208,7 @@ def test_interrupted_build_resumes_without_duplicates_and_equals_an_uninterrupte
     assert echo.calls == [6, 6, 6, 2]  # positives and negatives of a batch in one generate call
 
     out = tmp_path / "resumed.jsonl"
-    samples = mipo.samples_path(out)
+    samples = pairs_file.samples_path(out)
     echo.calls, echo.fail_on_call = [], 3
     with pytest.raises(KeyboardInterrupt):
         build_pairs(*args, out, "incomplete", SAMPLING, seed=5, batch_size=3)
@@ -240,7 +242,7 @@ def test_a_rerun_on_another_day_renders_the_prompts_with_the_recorded_date(echo,
     assert all(content(p[k]).startswith("seed ") and "[2026-01-02]" in content(p[k])
                for p in pairs for k in ("chosen", "rejected"))
     later = ByteTokenizer(date(2027, 5, 5))
-    mipo.use_recorded_date(later, pairs, out)  # what train.py does before scoring the pairs
+    pairs_file.use_recorded_date(later, pairs, out)  # what train.py does before scoring the pairs
     assert later.date == date(2026, 1, 2)
 
 
@@ -255,7 +257,7 @@ def test_a_second_run_on_the_same_file_is_refused_while_the_first_writes(echo, t
     import fcntl
 
     out = tmp_path / "p.jsonl"
-    with open(mipo.samples_path(out), "a") as first_run:
+    with open(pairs_file.samples_path(out), "a") as first_run:
         fcntl.flock(first_run, fcntl.LOCK_EX)
         with pytest.raises(MipoError, match="another run is writing this file"):
             build_pairs(FAKE_MODEL, ByteTokenizer(), TASKS["persona"], persona_like(3), out, "random", SAMPLING)

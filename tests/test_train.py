@@ -21,7 +21,7 @@ import mipo
 import model_loader
 import tasks
 import train
-from plumbing import config, cpu_speedups, runs, shard
+from plumbing import config, cpu_speedups, pairs_file, runs, shard
 from conftest import RunsCodeWhenUnpickled, make_tiny_model, naive_sequence_logps
 from model_loader import Tokenizer, load_model, save_model
 from plumbing.files import MipoError
@@ -435,7 +435,7 @@ def test_held_out_meter_scores_each_models_own_samples_under_the_base_model(asse
     train.main(args)
     summary = json.loads((out / "summary.json").read_text())
     cfg = config.resolve_config(config.train_parser().parse_args(args))[0]
-    eval_pairs = mipo.read_pairs(out / "eval_pairs.jsonl")
+    eval_pairs = pairs_file.read_pairs(out / "eval_pairs.jsonl")
     base, tokenizer = load_model(assets["model"])
     policy, _ = load_model(out / "final")
     own = train.own_responses(policy, tokenizer, eval_pairs, cfg)  # the same seed: the meter's very samples
@@ -480,7 +480,7 @@ def test_truncated_pairs_are_reported_and_dropped_on_request(assets, tmp_path):
     out = tmp_path / "dropped"
     result = run_cli([*args_for(assets, out, "--drop-truncated", n=12), "--model", str(model)])
     assert result.returncode == 0, result.stderr
-    pairs = mipo.read_pairs(out / "pairs.jsonl")
+    pairs = pairs_file.read_pairs(out / "pairs.jsonl")
     complete = [p["id"] for p in pairs if p["chosen_stopped"] and p["rejected_stopped"]]
     assert 4 <= len(complete) < len(pairs)  # some responses cut, some not
     reference = [json.loads(line)["id"] for line in (out / "reference.jsonl").read_text().splitlines()]
