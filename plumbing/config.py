@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 
 from dpo_loss import F_DIVERGENCES, LOSS_TYPES, check_options
-from model_loader import TRANSFORMERS_SAMPLING_DEFAULTS, ModelConfig, Tokenizer, generation_defaults
+from model_loader import ModelConfig, Tokenizer
+from plumbing.hf_files import TRANSFORMERS_SAMPLING_DEFAULTS, generation_defaults
 from sampler import Sampling
 from tasks import NEGATIVES, TASKS, Task, default_sampling, get_task, load_examples, prompt_messages
 from plumbing import shard
@@ -234,7 +235,7 @@ def sampling_from_flags(args, base: Sampling) -> Sampling:
 
 def resolve_sampling(sampling: Sampling, model) -> Sampling:
     """sampling with the settings left to the model (None) taken from the model that samples, as transformers'
-    generate takes them from its generation_config.json (model_loader.generation_defaults): model is a loaded model
+    generate takes them from its generation_config.json (plumbing/hf_files.py): model is a loaded model
     (load_model keeps its directory's defaults; a model built in memory has transformers' own) or what --model
     names. -> a Sampling whose every value is in force, what the plan prints and the pairs record."""
     if sampling.top_k is not None and sampling.repetition_penalty is not None:

@@ -6,12 +6,13 @@ import json
 import re
 from pathlib import Path
 
-from model_loader import check_model, weight_files
+from model_loader import check_model
 from tasks import Task
 from plumbing import report
 from plumbing.files import (EVAL_SUBDIR, OTHER_MODELS_DIR, RUN_CONFIG, RUN_FINAL, RUN_METRICS, MipoError,
                             numbered_jsonl, read_json, read_jsonl, write_atomically)
 from plumbing.gguf_convert import BUNDLED, BUNDLED_ALIASES
+from plumbing.hf_files import weight_files
 from plumbing.model_sources import is_hub_name, resolve_model_dir
 
 

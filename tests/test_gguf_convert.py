@@ -18,7 +18,8 @@ from safetensors import safe_open
 from tokenizers import Tokenizer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from model_loader import generation_defaults, load_model
+from model_loader import load_model
+from plumbing.hf_files import generation_defaults
 from sampler import generate
 from plumbing import gguf_convert
 from plumbing.files import MipoError
