@@ -36,7 +36,7 @@ import mipo
 from dpo_loss import preference_loss, preference_metrics, token_logps
 from model_loader import load_model, save_model
 from tasks import get_task, load_examples
-from plumbing import config, cpu_speedups, lora, pairs_file, report, runs, shard, sweep
+from plumbing import config, cpu_speedups, held_out, lora, pairs_file, report, runs, shard, sweep
 from plumbing.config import HardwareConfig, OptimConfig, PairsConfig
 from plumbing.files import MipoError, read_jsonl, run_command, write_atomically
 from plumbing.runs import Run
@@ -55,8 +55,8 @@ def make_pairs(run: Run):
     """-> (training pairs, held-out pairs, the base model's held-out meter or None)."""
     cfg = run.pairs
     task = get_task(cfg.task)
+    # In a sweep, its variants share these files (plumbing/sweep.py).
     pairs_path, eval_path = run.shared_file("pairs.jsonl"), run.shared_file("eval_pairs.jsonl")
-    base_eval_path = run.shared_file("base_eval.json")  # in a sweep, files its variants share (plumbing/sweep.py)
     # The settings the pairs are recorded with: what the flags left to the model (top-k, the penalty) taken from it.
     settings = pairs_file.sampling_settings(config.resolve_sampling(cfg.sampling, cfg.model), cfg.seed, cfg.model)
     if cfg.pairs_file:
@@ -68,34 +68,20 @@ def make_pairs(run: Run):
     eval_pairs = (
         pairs_file.read_complete_pairs(eval_path, task, eval_examples, cfg.negative, settings) if eval_examples else []
     )
-    base_eval = json.loads(base_eval_path.read_text()) if base_eval_path.exists() else None
-    if pairs is not None and eval_pairs is not None and (base_eval is not None or not eval_examples):
-        run.link_shared("pairs.jsonl", "eval_pairs.jsonl", "base_eval.json")
-        return pairs, eval_pairs, base_eval
-
-    # Sampling runs with the weights in the compute dtype: the sampler's KV cache holds the weights' dtype, and
-    # bf16 matmuls are faster on a GPU and on CPUs with native bf16 (config.compute_dtype measures a CPU).
-    model, tokenizer = load_model(cfg.model, run.hw.device, compute_dtype(run.hw))
-    cpu_speedups.apply(model)
-    if pairs is None:  # under torchrun each process samples its share of the batches (runs.build_pairs)
-        pairs = runs.build_pairs(run, model, tokenizer, task, train_examples, pairs_path)
-    if eval_pairs is None:
-        eval_pairs = runs.build_pairs(run, model, tokenizer, task, eval_examples, eval_path)
-    if eval_pairs and run.rank == 0 and base_eval is None:
-        # The held-out pairs' chosen responses are the base model's own samples from x: the meter before training.
-        pairs_file.use_recorded_date(tokenizer, eval_pairs, eval_path)
-        base_eval = held_out_meter(model, tokenizer, task, eval_examples, chosen_responses(eval_pairs), cfg)
-        base_eval["pmi_self"] = base_eval["pmi"]  # the base model's own samples, scored by itself
-        write_atomically(base_eval_path, json.dumps(base_eval, indent=2))
-    run.barrier()
-    base_eval = json.loads(base_eval_path.read_text()) if base_eval_path.exists() else None
-    del model
+    base_meter_missing = bool(eval_examples) and not run.shared_file("base_eval.json").exists()
+    if pairs is None or eval_pairs is None or base_meter_missing:
+        # Sampling runs with the weights in the compute dtype: the sampler's KV cache holds the weights' dtype, and
+        # bf16 matmuls are faster on a GPU and on CPUs with native bf16 (config.compute_dtype measures a CPU).
+        model, tokenizer = load_model(cfg.model, run.hw.device, config.torch_dtype(run.hw.dtype, run.hw.device))
+        cpu_speedups.apply(model)
+        if pairs is None:  # under torchrun each process samples its share of the batches (runs.build_pairs)
+            pairs = runs.build_pairs(run, model, tokenizer, task, train_examples, pairs_path)
+        if eval_pairs is None:
+            eval_pairs = runs.build_pairs(run, model, tokenizer, task, eval_examples, eval_path)
+        held_out.write_base_meter(run, model, tokenizer, task, eval_examples, eval_pairs)  # the meter before training
+        del model
     run.link_shared("pairs.jsonl", "eval_pairs.jsonl", "base_eval.json")
-    return pairs, eval_pairs, base_eval
-
-
-def compute_dtype(hw: HardwareConfig):
-    return torch.bfloat16 if hw.dtype == "bfloat16" else torch.float32
+    return pairs, eval_pairs, held_out.read_base_meter(run)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -387,55 +373,6 @@ def save_final(model, tokenizer, run: Run) -> None:
     run.barrier()
 
 
-@torch.no_grad()
-def held_out_meter(reference, tokenizer, task, examples, responses: list[tuple[str, bool]], cfg: PairsConfig) -> dict:
-    """The held-out meter of responses (text, stopped), one per held-out prompt, sampled by the measured model: the
-    mean pointwise mutual information log p(y|x) - log p(y|x') under the reference (base) model, what MIPO claims
-    to raise (mipo.mi_meter, x' each held-out pair's own), their length and truncation, and the task's metric."""
-    was_training = reference.training
-    reference.eval()
-    meter = mipo.mi_meter(reference, tokenizer, mipo.meter_rows(task, examples, responses, cfg.negative, cfg.seed))
-    reference.train(was_training)
-    items, scores = [], {}
-    for ex, (text, stopped), mi in zip(examples, responses, meter.pop("per_response")):
-        task_scores = task.score(ex, text)
-        for metric, value in task_scores.items():
-            scores.setdefault(metric, []).append(value)
-        per_token = mi["pmi"] / mi["length"] if mi["length"] else None
-        items.append({"id": ex.id, "metrics": {**mi, "pmi_per_token": per_token, "truncated": float(not stopped),
-                                               **task_scores}})
-    # items: each held-out prompt's numbers, in eval.py's layout, for paired intervals between runs (plumbing/sweep.py)
-    return {**meter, "task": {metric: sum(v) / len(v) for metric, v in scores.items()}, "items": items}
-
-
-def chosen_responses(eval_pairs: list[dict]) -> list[tuple[str, bool]]:
-    return [(p["chosen"][0]["content"], p.get("chosen_stopped", True)) for p in eval_pairs]
-
-
-def own_responses(model, tokenizer, eval_pairs, cfg: PairsConfig) -> list[tuple[str, bool]]:
-    """The (trained) model's own responses to the held-out prompts, sampled with the base model's settings and seed."""
-    sampling = config.resolve_sampling(cfg.sampling, cfg.model)  # the base model's defaults, as its samples had
-    prompts = [tokenizer.apply_chat_template(p["prompt"]) for p in eval_pairs]
-    return mipo.sample_responses(model, tokenizer, prompts, sampling, cfg.seed, 2 * cfg.sample_batch_size)
-
-
-def trained_meter(run: Run, eval_pairs: list[dict]) -> dict:
-    """The trained model samples its own responses to the held-out prompts; the base model scores them (the meter
-    MIPO's claim is about), and the trained model too (pmi_self, for comparison only)."""
-    cfg, eval_path = run.pairs, run.out / "eval_pairs.jsonl"
-    task = get_task(cfg.task)
-    eval_examples = load_examples(task, "eval", cfg.n_eval, cfg.data, cfg.eval_data)
-    policy, tokenizer = load_model(run.out / "final", run.hw.device, compute_dtype(run.hw))  # the base model's dtype
-    cpu_speedups.apply(policy)
-    pairs_file.use_recorded_date(tokenizer, eval_pairs, eval_path)
-    own = own_responses(policy, tokenizer, eval_pairs, cfg)
-    pmi_self = held_out_meter(policy, tokenizer, task, eval_examples, own, cfg)["pmi"]
-    del policy
-    reference, tokenizer = load_model(cfg.model, run.hw.device, compute_dtype(run.hw))
-    cpu_speedups.apply(reference)
-    pairs_file.use_recorded_date(tokenizer, eval_pairs, eval_path)
-    return {**held_out_meter(reference, tokenizer, task, eval_examples, own, cfg), "pmi_self": pmi_self}
-
 
 def main(argv=None):
     variants = sweep.variants(config.train_parser().parse_args(argv))  # one run, or each combination of a sweep
@@ -495,7 +432,7 @@ def run_summary(run: Run, pair_stats: dict, base_eval, eval_pairs) -> dict:
                    "base_eval": base_eval, "trained_eval": None, "timings_s": run.timings}
         if eval_pairs:
             with run.timed("held_out_eval"):
-                summary["trained_eval"] = trained_meter(run, eval_pairs)
+                summary["trained_eval"] = held_out.trained_meter(run, eval_pairs)
         write_atomically(summary_path, json.dumps(summary, indent=2))
     return json.loads(summary_path.read_text())
 

@@ -11,7 +11,7 @@ and prints what the paper talks about, in the order the paper does it:
            trained model's answers (what MIPO claims to raise), and the trained model's own score of its answers
 
 Nothing here re-implements the method: every number comes from train.py's files or from calling the project's
-own functions (mipo.response_logps, mipo.mi_meter, dpo_loss.preference_loss, train.own_responses).
+own functions (mipo.response_logps, mipo.mi_meter, dpo_loss.preference_loss, held_out.own_responses).
 
     python examples/walkthrough.py                      # a fresh temporary run directory, kept afterwards
     python examples/walkthrough.py --out runs/walk      # run it again with the same --out: every stage is reused
@@ -36,10 +36,9 @@ import torch  # noqa: E402
 import mipo  # noqa: E402
 import sampler  # noqa: E402
 import tasks  # noqa: E402
-import train  # noqa: E402
 from dpo_loss import preference_loss  # noqa: E402
 from model_loader import load_model  # noqa: E402
-from plumbing import pairs_file  # noqa: E402
+from plumbing import held_out, pairs_file  # noqa: E402
 from plumbing.config import PairsConfig  # noqa: E402
 from plumbing.files import MipoError, read_jsonl, run_command  # noqa: E402
 
@@ -213,7 +212,7 @@ def main(argv=None):
           f"its loss {pair_loss.item():.4f} (was ln 2 = {LN2:.4f})   (dpo_loss.py:preference_loss)")
 
     # ------------------------------------------------------------------------------------------- stage 4
-    heading(f"stage 4  final model + held-out meter   train.py:held_out_meter -> mipo.py:mi_meter   "
+    heading(f"stage 4  final model + held-out meter   plumbing/held_out.py:held_out_meter -> mipo.py:mi_meter   "
             f"{timings.get('held_out_eval', 0):.0f} s   -> final/, summary.json")
     base_eval, trained_eval = summary["base_eval"], summary["trained_eval"]
     if not (base_eval and trained_eval):
@@ -230,15 +229,15 @@ def main(argv=None):
               f"{base_eval['truncated']:.0%} -> {trained_eval['truncated']:.0%}")
         # Recomputed here: the trained model's samples, drawn exactly as train.py drew them, scored under pi_ref.
         pairs_cfg = PairsConfig(**{**config["pairs"], "sampling": sampler.Sampling(**config["pairs"]["sampling"])})
-        held_out = pairs_file.read_pairs(out / "eval_pairs.jsonl")
-        pairs_file.use_recorded_date(tokenizer, held_out, out / "eval_pairs.jsonl")
-        own = train.own_responses(trained, tokenizer, held_out, pairs_cfg)
-        rows = [(p["prompt"], p["negative_prompt"], text, stopped) for p, (text, stopped) in zip(held_out, own)]
+        held_out_pairs = pairs_file.read_pairs(out / "eval_pairs.jsonl")
+        pairs_file.use_recorded_date(tokenizer, held_out_pairs, out / "eval_pairs.jsonl")
+        own = held_out.own_responses(trained, tokenizer, held_out_pairs, pairs_cfg)
+        rows = [(p["prompt"], p["negative_prompt"], text, stopped) for p, (text, stopped) in zip(held_out_pairs, own)]
         under_base = mipo.mi_meter(base, tokenizer, rows)["pmi"]
         print(f"  cross-check: the trained model's samples drawn again and scored under the BASE model here: "
               f"{under_base:.3f} nats")
-        show("held-out prompt 0:", held_out[0]["prompt"][0]["content"])
-        show("  the base model's answer (eval_pairs.jsonl):", held_out[0]["chosen"][0]["content"])
+        show("held-out prompt 0:", held_out_pairs[0]["prompt"][0]["content"])
+        show("  the base model's answer (eval_pairs.jsonl):", held_out_pairs[0]["chosen"][0]["content"])
         show("  the trained model's answer (sampled with the same seed):", own[0][0])
     t_extra = time.time() - t_extra
 

@@ -21,7 +21,7 @@ import mipo
 import model_loader
 import tasks
 import train
-from plumbing import config, cpu_speedups, pairs_file, runs, shard
+from plumbing import config, cpu_speedups, held_out, pairs_file, runs, shard
 from conftest import RunsCodeWhenUnpickled, make_tiny_model, naive_sequence_logps
 from model_loader import Tokenizer, load_model, save_model
 from plumbing.files import MipoError
@@ -438,14 +438,14 @@ def test_held_out_meter_scores_each_models_own_samples_under_the_base_model(asse
     eval_pairs = pairs_file.read_pairs(out / "eval_pairs.jsonl")
     base, tokenizer = load_model(assets["model"])
     policy, _ = load_model(out / "final")
-    own = train.own_responses(policy, tokenizer, eval_pairs, cfg)  # the same seed: the meter's very samples
-    assert own != train.chosen_responses(eval_pairs)
+    own = held_out.own_responses(policy, tokenizer, eval_pairs, cfg)  # the same seed: the meter's very samples
+    assert own != held_out.chosen_responses(eval_pairs)
     before, after = summary["base_eval"], summary["trained_eval"]
 
     def rows(responses):  # each held-out pair's own x'
         return [(p["prompt"], p["negative_prompt"], text, stopped) for p, (text, stopped) in zip(eval_pairs, responses)]
 
-    base_meter = mipo.mi_meter(base, tokenizer, rows(train.chosen_responses(eval_pairs)))
+    base_meter = mipo.mi_meter(base, tokenizer, rows(held_out.chosen_responses(eval_pairs)))
     assert before["pmi"] == before["pmi_self"] == pytest.approx(base_meter["pmi"], abs=1e-5)
     under_base, under_policy = (mipo.mi_meter(scorer, tokenizer, rows(own)) for scorer in (base, policy))
     assert after["pmi"] == pytest.approx(under_base["pmi"], abs=1e-5)
