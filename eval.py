@@ -23,29 +23,22 @@ what is missing and pairs items by id for a bootstrap interval of every differen
     python eval.py --model qwen --task persona --n 50
     python eval.py --compare qwen runs/persona-qwen runs/persona-qwen-ipo
 """
-import gc
 import hashlib
-import json
 import re
 import sys
 import time
 from dataclasses import asdict
-from pathlib import Path
 
 import torch
 
 import mipo
-from model_loader import load_model
 from sampler import Sampling
-from tasks import (DATA_SEED, GSM8K_EXTRACT_PROMPT, PREFERENCE_BY_ID, Example, Task, eval_sampling, extract_number,
-                   first_number, get_task, load_examples, mentions_answer, nearest_rating, prompt_messages,
-                   score_gsm8k_answer)
-from plumbing import config, cpu_speedups, report, sweep
-from plumbing.files import OTHER_MODELS_DIR, MipoError, run_command
-from plumbing.model_sources import is_hub_name
+from tasks import (DATA_SEED, GSM8K_EXTRACT_PROMPT, PREFERENCE_BY_ID, Example, Task, extract_number, first_number,
+                   mentions_answer, nearest_rating, prompt_messages, score_gsm8k_answer)
+from plumbing import config, report, results
+from plumbing.files import MipoError, run_command
 from plumbing.report import print_one, short_names, write_comparison
-from plumbing.results import (fingerprint, load_results, locate, read_reference_answers, resolve, run_data_settings,
-                              save_results, update_summary)
+from plumbing.results import fingerprint, locate, resolve, update_summary
 
 MI_SEED = DATA_SEED  # fixes x' of the MI meter, so every model is measured against the same other prompts
 
@@ -208,26 +201,17 @@ def read_missing_answers(model, tokenizer, examples: list[Example], items: list[
 
 
 def results_for(spec: dict, task: Task, examples, args, settings: dict) -> list[dict]:
-    """Cached results of one model, or a fresh evaluation saved to its eval dir."""
-    in_force = config.resolve_sampling(Sampling(**settings["sampling"]), spec["model"])  # the model's top-k and penalty
-    settings = {**settings, "sampling": asdict(in_force), "model_files": fingerprint(spec["model"])}
-    ids = [ex.id for ex in examples]
-    items = None if args.force else load_results(spec["eval_dir"], task, settings, ids)
-    if items is not None:
-        print(f"{spec['name']}: {task.name} results from {spec['eval_dir']}", file=sys.stderr)
-        return items
-    model, tokenizer = load_model(spec["model"], args.device, args.torch_dtype)
-    cpu_speedups.apply(model)
-    print(f"{spec['name']}: evaluating {len(examples)} {task.name} items, {settings['sampling']}", file=sys.stderr)
-    start = time.time()
-    items = evaluate(model, tokenizer, task, examples, Sampling(**settings["sampling"]), args.seed, args.batch_size,
-                     not args.no_mi, progress=True, answer_fallback=args.answer_fallback)
-    del model
-    gc.collect()
-    save_results(spec["eval_dir"], task, items, {"model": spec["name"], "model_dir": spec["model"], "task": task.name,
-                                                 "settings": settings, "seconds": round(time.time() - start, 1),
-                                                 "machine": report.machine(args.device),
-                                                 "metrics": report.summarize(items)})
+    """Cached results of one model (plumbing/results.py), or a fresh evaluation saved to its eval dir."""
+    settings, items = results.cached(spec, task, examples, settings, args.force)  # with this model's sampling defaults
+    if items is None:
+        with results.loaded(spec["model"], args) as (model, tokenizer):
+            print(f"{spec['name']}: evaluating {len(examples)} {task.name} items, {settings['sampling']}",
+                  file=sys.stderr)
+            start = time.time()
+            items = evaluate(model, tokenizer, task, examples, Sampling(**settings["sampling"]), args.seed,
+                             args.batch_size, not args.no_mi, progress=True, answer_fallback=args.answer_fallback)
+            seconds = time.time() - start
+        results.save_evaluation(spec, task, items, settings, seconds, args.device)
     return items
 
 
@@ -248,45 +232,20 @@ def judge_all(models: list[tuple[dict, list[dict]]], task: Task, examples, args)
     todo = [(spec, items) for spec, items in models
             if any(item.get("judge", {}).get("settings") != settings for item in items)]
     if todo:
-        judge_model, judge_tokenizer = load_model(resolve(args.judge)["model"], args.device, args.torch_dtype)
-        cpu_speedups.apply(judge_model)
-        for spec, items in todo:
-            print(f"{spec['name']}: judging {len(items)} responses with {args.judge}", file=sys.stderr)
-            judge(judge_model, judge_tokenizer, task, examples, items, Sampling(**settings["sampling"]), args.seed,
-                  args.batch_size)
-            for item in items:
-                item["judge"]["settings"] = settings
-        del judge_model
-        gc.collect()
+        with results.loaded(resolve(args.judge)["model"], args) as (judge_model, judge_tokenizer):
+            for spec, items in todo:
+                print(f"{spec['name']}: judging {len(items)} responses with {args.judge}", file=sys.stderr)
+                judge(judge_model, judge_tokenizer, task, examples, items, Sampling(**settings["sampling"]),
+                      args.seed, args.batch_size)
+                for item in items:
+                    item["judge"]["settings"] = settings
     for spec, items in models:
         for item in items:
             judge_metrics(item, args.judge_unparsed)
         scores = [s for item in items for s in item["judge"]["scores"]]
-        unparsed = sum(s is None for s in scores)
-        update_summary(spec, task, items, judge={**settings, "scored": len(scores), "unparsed": unparsed,
+        update_summary(spec, task, items, judge={**settings, "scored": len(scores),
+                                                 "unparsed": sum(s is None for s in scores),
                                                  "unparsed_rule": args.judge_unparsed})
-
-
-def judge_reference(args, task: Task, examples: list[Example]) -> tuple[dict, list[dict]] | None:
-    """The fixed reference answer per item that every model's answer is judged against (the paper: the dataset's
-    human-chosen response): --judge-reference's answers, as one more "model" to judge, cached by the file's content.
-    None without the flag: the base model's answers are the reference."""
-    if args.judge_reference is None:
-        return None
-    path = Path(args.judge_reference)
-    answers = read_reference_answers(path)
-    missing = [ex.id for ex in examples if ex.id not in answers]
-    if missing:
-        raise MipoError(f"{path}: no reference answer for held-out item {missing[0]!r}"
-                        + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
-    spec = {"name": f"reference ({path.name})", "model": None, "run": None,
-            "eval_dir": OTHER_MODELS_DIR / "judge-reference" / f"{path.stem}-{digest}"}
-    items = load_results(spec["eval_dir"], task, {"file": digest}, [ex.id for ex in examples])
-    if items is None:
-        items = [{"id": ex.id, "response": answers[ex.id], "metrics": {}} for ex in examples]
-        save_results(spec["eval_dir"], task, items, {"model": spec["name"], "settings": {"file": digest}})
-    return spec, items
 
 
 def meter_all(models: list[tuple[dict, list[dict]]], task: Task, examples, args) -> None:
@@ -299,53 +258,32 @@ def meter_all(models: list[tuple[dict, list[dict]]], task: Task, examples, args)
     todo = [(spec, items) for spec, items in models if any(item.get("mi_reference") != reference for item in items)]
     if not todo:
         return
-    model, tokenizer = load_model(args.mi_reference["model"], args.device, args.torch_dtype)
-    cpu_speedups.apply(model)
-    for spec, items in todo:
-        print(f"{spec['name']}: pointwise MI of {len(items)} responses under {args.mi_reference['name']}",
-              file=sys.stderr)
-        values, lengths = mipo.pointwise_mi(model, tokenizer, meter_rows(task, examples, items), args.batch_size,
-                                            progress=True)
-        for item, value, length in zip(items, values, lengths):
-            item["metrics"]["pmi"], item["mi_reference"] = value, reference
-            item["metrics"]["pmi_per_token"] = value / length if length else None
-        summary_path = spec["eval_dir"] / f"{task.name}.summary.json"
-        summary = json.loads(summary_path.read_text())
-        summary.update(metrics=report.summarize(items), mi_reference=reference)
-        save_results(spec["eval_dir"], task, items, summary)
-    del model
-    gc.collect()
-
-
-def mi_reference(args, specs: list[dict]) -> dict:
-    """The base model whose pointwise MI is the headline meter: --mi-reference, else the base of --compare, else
-    the model a run was trained from (its config.json), else the evaluated model itself."""
-    if args.mi_reference:
-        return resolve(args.mi_reference)
-    if args.compare is not None:
-        return specs[0]
-    base = run_data_settings(specs[0]["run"]).get("model") if specs[0]["run"] is not None else None
-    return resolve(base) if base else specs[0]
+    with results.loaded(args.mi_reference["model"], args) as (model, tokenizer):
+        for spec, items in todo:
+            print(f"{spec['name']}: pointwise MI of {len(items)} responses under {args.mi_reference['name']}",
+                  file=sys.stderr)
+            values, lengths = mipo.pointwise_mi(model, tokenizer, meter_rows(task, examples, items), args.batch_size,
+                                                progress=True)
+            for item, value, length in zip(items, values, lengths):
+                item["metrics"]["pmi"], item["mi_reference"] = value, reference
+                item["metrics"]["pmi_per_token"] = value / length if length else None
+            update_summary(spec, task, items, mi_reference=reference)
 
 
 # ---------------------------------------------------------------------------------------------------
-# Command line (flags: config.eval_parser).
+# Command line (flags: config.eval_parser; what they name: plumbing/results.py).
 # ---------------------------------------------------------------------------------------------------
 
 
 def main(argv=None) -> None:
     args = config.eval_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
-    check_flags(args)  # before anything is downloaded, converted or fetched
-    specs = models_to_evaluate(args)
-    task, examples, settings = held_out_items(args, specs)
-    if args.model is not None and args.out:
-        specs[0]["eval_dir"] = Path(args.out)
+    specs, task, examples, settings = results.plan(args)  # every flag and name checked before any work
     judged = args.judge != "none" and any(judge_preferences(task, ex) for ex in examples)
     if judged:
         resolve(args.judge)  # a judge that does not exist fails now, not after the sampling
-    reference = judge_reference(args, task, examples) if judged else None
-    args.mi_reference = None if args.no_mi else mi_reference(args, specs)
+    reference = results.judge_reference(args, task, examples) if judged else None
+    args.mi_reference = None if args.no_mi else results.mi_reference(args, specs)
 
     models = [(spec, results_for(spec, task, examples, args, settings)) for spec in specs]
     meter_all(models, task, examples, args)
@@ -355,62 +293,6 @@ def main(argv=None) -> None:
         print_one(models[0], task, short_names(specs), args, reference_scores)
     else:
         write_comparison(models, task, examples, args, settings, reference_scores)
-
-
-def check_flags(args) -> None:
-    """Every flag and name that can be checked without a download: one line and nothing fetched when one is bad."""
-    if (args.model is None) == (args.compare is None):
-        raise MipoError("pass --model MODEL to evaluate one model, or --compare BASE RUN [RUN ...]")
-    if args.compare is not None and len(args.compare) < 2:
-        raise MipoError(f"--compare {' '.join(args.compare)}: needs a base and at least one run")
-    if args.task is not None:
-        get_task(args.task)
-    for flag, value in (("--batch-size", args.batch_size), ("--n", args.n)):
-        if value is not None and value < 1:
-            raise MipoError(f"{flag} {value}: must be at least 1")
-    config.sampling_from_flags(args, Sampling(1.0))  # the sampling flags given are in range
-    if args.judge_reference is not None:
-        read_reference_answers(Path(args.judge_reference))
-
-
-def models_to_evaluate(args) -> list[dict]:
-    """--model or --compare, every name resolved (a run, a model directory, a bundled or hub name) before any work."""
-    wanted = []
-    for name in args.compare or [args.model]:  # a sweep's directory stands for its variants' run directories
-        wanted += [str(d) for d in sweep.variant_dirs(name) or [name]]
-    if args.revision is not None and not any(is_hub_name(name) for name in wanted):
-        raise MipoError(f"--revision {args.revision}: pins a Hugging Face hub model (owner/name), and none of "
-                        f"{', '.join(wanted)} is one; leave --revision out")
-    return [resolve(name, args.revision) for name in wanted]
-
-
-def held_out_items(args, specs: list[dict]) -> tuple[Task, list[Example], dict]:
-    """The task, its held-out items and the settings every model is evaluated with: the flags, else the first run's
-    config.json. Sets args.torch_dtype."""
-    run_settings = next((run_data_settings(s["run"]) for s in specs[1:] + specs[:1] if s["run"] is not None), {})
-    trained_on = {s["name"]: run_data_settings(s["run"]).get("task") for s in specs if s["run"] is not None}
-    if args.task is None and len(set(trained_on.values())) > 1:
-        tasks = ", ".join(f"{name}: {task}" for name, task in trained_on.items())
-        raise MipoError(f"--compare: the runs were trained on different tasks ({tasks}); "
-                        "pass --task to evaluate them all on one")
-    task_name = args.task or run_settings.get("task")
-    if task_name is None:
-        raise MipoError("--task is required: no run directory among the models says which task it was trained on")
-    task = get_task(task_name)
-    same_task = task_name == run_settings.get("task")
-    data = args.data or (run_settings.get("data") if same_task else None)
-    eval_data = args.eval_data or (run_settings.get("eval_data") if same_task and not args.data else None)
-    n = args.n or config.EVAL_N_DEFAULT["cpu" if torch.device(args.device).type == "cpu" else "gpu"]
-    examples = load_examples(task, "eval", n, data, eval_data)
-    sampling = config.sampling_from_flags(args, eval_sampling(task, args.device))
-    args.torch_dtype = config.torch_dtype(args.dtype, args.device)  # as train.py: bf16 where the hardware multiplies it
-    settings = {"task": task.name, "data": str(data) if data else None,
-                "eval_data": str(eval_data) if eval_data else None,
-                "n": len(examples), "sampling": asdict(sampling),
-                "seed": args.seed, "mi": not args.no_mi, "dtype": str(args.torch_dtype).removeprefix("torch.")}
-    if task.name == "gsm8k":
-        settings["answer_fallback"] = args.answer_fallback
-    return task, examples, settings
 
 
 if __name__ == "__main__":

@@ -396,7 +396,7 @@ def test_compare_two_synthetic_runs_end_to_end(tmp_path, monkeypatch, capsys):
     assert not list(tmp_path.rglob("*.tmp*"))  # nothing half-written
 
     # Cached: nothing is loaded, sampled or judged again, and the table is the same.
-    monkeypatch.setattr("model_loader.load_model", lambda *a, **k: pytest.fail("loaded a model despite the cache"))
+    monkeypatch.setattr("plumbing.results.load_model", lambda *a, **k: pytest.fail("loaded a model despite the cache"))
     evaluation.main(argv)
     assert capsys.readouterr().out == out
 
@@ -423,7 +423,7 @@ def test_judge_reference_answers_are_judged_once_and_every_model_is_measured_aga
     expected = report.judge_wins(base_items, report.judge_scores(judged))
     assert float(win[1]) == pytest.approx(sum(expected) / 4, abs=5e-4)
     # A rerun judges nothing again, the reference included.
-    monkeypatch.setattr("model_loader.load_model", lambda *a, **k: pytest.fail("loaded a model despite the cache"))
+    monkeypatch.setattr("plumbing.results.load_model", lambda *a, **k: pytest.fail("loaded a model despite the cache"))
     evaluation.main(argv)
     assert capsys.readouterr().out == out
     reference.write_text('{"id": "u4", "answer": "only one"}\n')

@@ -8,10 +8,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import eval as evaluation
 import mipo
 import train
-from plumbing import runs, sweep
+from plumbing import results, runs, sweep
 from plumbing.files import MipoError
 from test_train import args_for, final_weights, make_assets, metrics, run_cli
 
@@ -60,8 +59,8 @@ def test_a_sweep_trains_each_variant_as_its_single_command_would(assets, swept, 
     assert all(name in result.stdout for name in VARIANTS) and "pmi" in result.stdout
     assert (out / "compare-held-out.md").is_file()
     # eval.py --compare BASE SWEEP: the sweep directory stands for its variants.
-    specs = evaluation.models_to_evaluate(SimpleNamespace(compare=[str(assets["model"]), str(out)], model=None,
-                                                          revision=None))
+    specs = results.models_to_evaluate(SimpleNamespace(compare=[str(assets["model"]), str(out)], model=None,
+                                                       revision=None))
     assert [spec["run"] for spec in specs[1:]] == [out / name for name in VARIANTS]
 
 
