@@ -127,12 +127,18 @@ def plan_negatives(
 # Sampling the pairs: y+ from x, y- from x', both stored under x. The file, and resuming it: plumbing/pairs_file.py.
 # ---------------------------------------------------------------------------------------------------
 
-def response_text(tokenizer, tokens: list[int]) -> tuple[str, bool]:
-    """(text, stopped) of sampled token ids: stopped when the last one is a stop token, which is cut from the text
-    (the chat template writes the end of turn itself when the response is scored)."""
-    stopped = bool(tokens) and tokens[-1] in tokenizer.stop_token_ids
-    return tokenizer.decode(tokens[:-1] if stopped else tokens), stopped
-
+def build_pairs(model, tokenizer, task: Task, examples: list[Example], out_path, negative: str, sampling: Sampling,
+                seed: int = 0, batch_size: int = 16, model_name: str = "", progress: bool = True) -> list[dict]:
+    """Sample one positive (from x) and one negative (from x') per example and write the pairs to out_path.
+    Resumable (sample_pairs); a complete pairs file of the same run is returned as it is. Returns every pair."""
+    sampling = config.resolve_sampling(sampling, model)
+    settings = pairs_file.sampling_settings(sampling, seed, model_name)
+    pairs = pairs_file.read_complete_pairs(out_path, task, examples, negative, settings)
+    if pairs is not None:
+        return pairs
+    path = pairs_file.samples_path(out_path)
+    sample_pairs(model, tokenizer, task, examples, path, negative, sampling, seed, batch_size, model_name, progress)
+    return write_pairs(task, examples, [path], out_path, negative, seed)
 
 
 def sample_pairs(model, tokenizer, task: Task, examples: list[Example], path, negative: str, sampling: Sampling,
@@ -174,18 +180,6 @@ def sample_pairs(model, tokenizer, task: Task, examples: list[Example], path, ne
                       file=sys.stderr, flush=True)
 
 
-def sample_responses(model, tokenizer, prompts: list[list[int]], sampling: Sampling, seed: int, batch_size: int,
-                     progress: bool = False) -> list[tuple[str, bool]]:
-    """One response per prompt (token ids) as (text, stopped): every sampling call of the project goes through here,
-    with the settings in force (what the flags left to the model taken from it, config.resolve_sampling)."""
-    sampling = config.resolve_sampling(sampling, model)
-    completions = sampler.generate(model, prompts, **sampler.generate_kwargs(sampling),
-                                   stop_token_ids=tokenizer.stop_token_ids, seed=seed, batch_size=batch_size,
-                                   progress=progress)
-    return [response_text(tokenizer, tokens) for tokens in completions]
-
-
-
 def encode_prompts(
     model, tokenizer, task: Task, examples: list[Example], plan: list, max_new_tokens: int
 ) -> tuple[list, list]:
@@ -203,6 +197,24 @@ def encode_prompts(
                     "lower --max-new-tokens or shorten the prompt"
                 )
     return positives, negatives
+
+
+def sample_responses(model, tokenizer, prompts: list[list[int]], sampling: Sampling, seed: int, batch_size: int,
+                     progress: bool = False) -> list[tuple[str, bool]]:
+    """One response per prompt (token ids) as (text, stopped): every sampling call of the project goes through here,
+    with the settings in force (what the flags left to the model taken from it, config.resolve_sampling)."""
+    sampling = config.resolve_sampling(sampling, model)
+    completions = sampler.generate(model, prompts, **sampler.generate_kwargs(sampling),
+                                   stop_token_ids=tokenizer.stop_token_ids, seed=seed, batch_size=batch_size,
+                                   progress=progress)
+    return [response_text(tokenizer, tokens) for tokens in completions]
+
+
+def response_text(tokenizer, tokens: list[int]) -> tuple[str, bool]:
+    """(text, stopped) of sampled token ids: stopped when the last one is a stop token, which is cut from the text
+    (the chat template writes the end of turn itself when the response is scored)."""
+    stopped = bool(tokens) and tokens[-1] in tokenizer.stop_token_ids
+    return tokenizer.decode(tokens[:-1] if stopped else tokens), stopped
 
 
 def write_pairs(
@@ -239,21 +251,6 @@ def write_pairs(
     for path in sample_files:
         Path(path).unlink()
     return pairs
-
-
-def build_pairs(model, tokenizer, task: Task, examples: list[Example], out_path, negative: str, sampling: Sampling,
-                seed: int = 0, batch_size: int = 16, model_name: str = "", progress: bool = True) -> list[dict]:
-    """Sample one positive (from x) and one negative (from x') per example and write the pairs to out_path.
-    Resumable (sample_pairs); a complete pairs file of the same run is returned as it is. Returns every pair."""
-    sampling = config.resolve_sampling(sampling, model)
-    settings = pairs_file.sampling_settings(sampling, seed, model_name)
-    pairs = pairs_file.read_complete_pairs(out_path, task, examples, negative, settings)
-    if pairs is not None:
-        return pairs
-    path = pairs_file.samples_path(out_path)
-    sample_pairs(model, tokenizer, task, examples, path, negative, sampling, seed, batch_size, model_name, progress)
-    return write_pairs(task, examples, [path], out_path, negative, seed)
-
 
 
 def pair_stats(pairs: list[dict]) -> dict:

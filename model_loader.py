@@ -299,7 +299,6 @@ class CausalLM(nn.Module):
 # ---------------------------------------------------------------------------------------------------
 
 
-
 def load_weights(model: CausalLM, model_dir: Path, device, dtype) -> None:
     """Copy every checkpoint tensor into the model, after check_weights: a strict 1:1 key map with shape checks."""
     params = dict(model.state_dict())

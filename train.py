@@ -373,7 +373,6 @@ def save_final(model, tokenizer, run: Run) -> None:
     run.barrier()
 
 
-
 def main(argv=None):
     variants = sweep.variants(config.train_parser().parse_args(argv))  # one run, or each combination of a sweep
     if len(variants) > 1:
