@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from model_loader import ModelConfig, Tokenizer, load_model, read_json, resolve_model_dir  # noqa: E402
+from model_loader import ModelConfig, load_model, read_json, resolve_model_dir  # noqa: E402
+from plumbing.tokenizer import Tokenizer  # noqa: E402
 from sampler import generate, sample  # noqa: E402
 from plumbing import cpu_speedups  # noqa: E402
 from plumbing.config import matmul_peak  # noqa: E402

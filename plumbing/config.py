@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 
 from dpo_loss import F_DIVERGENCES, LOSS_TYPES, check_options
-from model_loader import ModelConfig, Tokenizer
+from model_loader import ModelConfig
+from plumbing.tokenizer import Tokenizer
 from plumbing.hf_files import TRANSFORMERS_SAMPLING_DEFAULTS, generation_defaults
 from sampler import Sampling
 from tasks import NEGATIVES, TASKS, Task, default_sampling, get_task, load_examples, prompt_messages

@@ -18,7 +18,8 @@ import sampler
 import tasks
 from plumbing import files, report, results
 from conftest import make_tiny_model
-from model_loader import Tokenizer, load_model, save_model
+from model_loader import load_model, save_model
+from plumbing.tokenizer import Tokenizer
 from tasks import TASKS, Example
 from plumbing.files import MipoError
 

@@ -23,7 +23,8 @@ import tasks
 import train
 from plumbing import config, cpu_speedups, held_out, pairs_file, runs, shard
 from conftest import RunsCodeWhenUnpickled, make_tiny_model, naive_sequence_logps
-from model_loader import Tokenizer, load_model, save_model
+from model_loader import load_model, save_model
+from plumbing.tokenizer import Tokenizer
 from plumbing.files import MipoError
 
 REPO = Path(__file__).resolve().parent.parent

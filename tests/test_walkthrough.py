@@ -29,11 +29,14 @@ def resolves(module: str, name: str) -> bool:
     """True when `module.py:name` names an attribute of that top-level module (dotted: a class attribute)."""
     if not (ROOT / f"{module}.py").is_file():
         return False
-    obj = importlib.import_module(module.replace("/", "."))
+    module = importlib.import_module(module.replace("/", "."))
+    obj = module
     for part in name.split("."):
         if not hasattr(obj, part):
             return False
         obj = getattr(obj, part)
+        if obj is getattr(module, part, None) and getattr(obj, "__module__", module.__name__) != module.__name__:
+            return False  # imported into that file, defined in another: the reference names the wrong file
     return True
 
 
@@ -42,9 +45,10 @@ def code_refs(text: str) -> set[tuple[str, str]]:
 
 
 def test_the_reference_checker_can_fail():
-    assert resolves("mipo", "build_pairs") and resolves("model_loader", "Tokenizer.apply_chat_template")
+    assert resolves("mipo", "build_pairs") and resolves("plumbing/tokenizer", "Tokenizer.apply_chat_template")
     assert not resolves("mipo", "build_pair")  # misspelled function
-    assert not resolves("model_loader", "Tokenizer.apply_template")  # misspelled attribute
+    assert not resolves("plumbing/tokenizer", "Tokenizer.apply_template")  # misspelled attribute
+    assert not resolves("model_loader", "Tokenizer")  # imported into model_loader.py, defined in plumbing/tokenizer.py
     assert not resolves("mipoo", "build_pairs")  # misspelled file
     assert (code_refs("see `mipo.py:build_pairs`, then dpo_loss.py:sigmoid_loss.")
             == {("mipo", "build_pairs"), ("dpo_loss", "sigmoid_loss")})
