@@ -24,7 +24,6 @@ command, run again after a kill, resumes where the last run stopped:
 Shape legend: B pairs in a micro-batch, R rows in its forward (B: one row holds a prompt and both responses;
 2B for infonce and sami, which also score both responses under x'), T padded tokens, V vocabulary.
 """
-import json
 import math
 import shutil
 import time
@@ -38,7 +37,7 @@ from model_loader import load_model, save_model
 from tasks import get_task, load_examples
 from plumbing import config, cpu_speedups, held_out, lora, pairs_file, report, runs, shard, sweep
 from plumbing.config import HardwareConfig, OptimConfig, PairsConfig
-from plumbing.files import MipoError, read_jsonl, run_command, write_atomically
+from plumbing.files import MipoError, run_command
 from plumbing.runs import Run
 
 LN2 = math.log(2)
@@ -411,7 +410,7 @@ def train_run(args):
         del model
     run.finish()
     if run.rank == 0:
-        report.print_summary(run_summary(run, pair_stats, base_eval, eval_pairs), run.loss)  # with the meter after
+        report.print_summary(held_out.run_summary(run, pair_stats, base_eval, eval_pairs), run.loss)  # + the meter after
 
 
 def pairs_to_train_on(pairs: list[dict], cfg: PairsConfig) -> tuple[list[dict], dict]:
@@ -420,20 +419,6 @@ def pairs_to_train_on(pairs: list[dict], cfg: PairsConfig) -> tuple[list[dict], 
     if cfg.drop_truncated:  # a cut response has no end-of-turn token: such a pair also teaches "stop" or "go on"
         pairs = [p for p in pairs if p.get("chosen_stopped", True) and p.get("rejected_stopped", True)]
     return pairs, {**stats, "trained_on": len(pairs)}
-
-
-def run_summary(run: Run, pair_stats: dict, base_eval, eval_pairs) -> dict:
-    """summary.json (written once): the pairs, the step-0 check, the last step, the held-out meter before and after."""
-    summary_path = run.out / "summary.json"
-    if not summary_path.exists():
-        history = read_jsonl(run.out / "metrics.jsonl")
-        summary = {"final": str(run.out / "final"), "pairs": pair_stats, "step0": history[0], "last": history[-1],
-                   "base_eval": base_eval, "trained_eval": None, "timings_s": run.timings}
-        if eval_pairs:
-            with run.timed("held_out_eval"):
-                summary["trained_eval"] = held_out.trained_meter(run, eval_pairs)
-        write_atomically(summary_path, json.dumps(summary, indent=2))
-    return json.loads(summary_path.read_text())
 
 
 if __name__ == "__main__":

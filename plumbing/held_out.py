@@ -1,6 +1,7 @@
 """The held-out meter train.py prints: the pointwise mutual information the base model gives the responses to
 held-out prompts (mipo.mi_meter), before training on the base model's own samples (base_eval.json) and after it on
-the trained model's (summary.json's trained_eval), with each prompt's numbers for paired comparisons.
+the trained model's (summary.json's trained_eval), with each prompt's numbers for paired comparisons; and
+summary.json, which holds it.
 """
 import json
 
@@ -11,7 +12,7 @@ from model_loader import load_model
 from tasks import get_task, load_examples
 from plumbing import config, cpu_speedups, pairs_file
 from plumbing.config import PairsConfig
-from plumbing.files import write_atomically
+from plumbing.files import read_jsonl, write_atomically
 from plumbing.runs import Run
 
 
@@ -81,3 +82,17 @@ def trained_meter(run: Run, eval_pairs: list[dict]) -> dict:
     cpu_speedups.apply(reference)
     pairs_file.use_recorded_date(tokenizer, eval_pairs, eval_path)
     return {**held_out_meter(reference, tokenizer, task, eval_examples, own, cfg), "pmi_self": pmi_self}
+
+
+def run_summary(run: Run, pair_stats: dict, base_eval, eval_pairs) -> dict:
+    """summary.json (written once): the pairs, the step-0 check, the last step, the held-out meter before and after."""
+    summary_path = run.out / "summary.json"
+    if not summary_path.exists():
+        history = read_jsonl(run.out / "metrics.jsonl")
+        summary = {"final": str(run.out / "final"), "pairs": pair_stats, "step0": history[0], "last": history[-1],
+                   "base_eval": base_eval, "trained_eval": None, "timings_s": run.timings}
+        if eval_pairs:
+            with run.timed("held_out_eval"):
+                summary["trained_eval"] = trained_meter(run, eval_pairs)
+        write_atomically(summary_path, json.dumps(summary, indent=2))
+    return json.loads(summary_path.read_text())
