@@ -1,6 +1,6 @@
 """MIPO, the method (Nam, Li, Jaques, "Maximizing Mutual Information Between Prompt and Response Improves
 LLM Performance With No Additional Data", arXiv 2603.19294): preference pairs sampled from the base model
-itself, the file they are stored in, and the pointwise mutual information that DPO on them raises.
+itself, and the pointwise mutual information that DPO on them raises.
 
 For each training prompt x the base model samples a positive y+ ~ pi(.|x); the negative y- is a response of
 the same model to a different prompt x' (the MIPO paper's contrastive pairs):
@@ -16,7 +16,7 @@ conditional form log pi(y|x,c) - log pi(y|x). `pointwise_mi` measures exactly th
 It builds pairs and measures; it does not train: the loss is dpo_loss.py's, the loop train.py's.
 
 Nothing here is task-specific: a task (tasks.py) gives the prompts x, the template and the checker. The pairs
-file is TRL's conversational preference format.
+file is TRL's conversational preference format (plumbing/pairs_file.py).
 
     python mipo.py --model qwen --task persona --n 32
 """
