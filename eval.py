@@ -23,6 +23,7 @@ what is missing and pairs items by id for a bootstrap interval of every differen
     python eval.py --model qwen --task persona --n 50
     python eval.py --compare qwen runs/persona-qwen runs/persona-qwen-ipo
 """
+import gc
 import hashlib
 import re
 import sys
@@ -204,14 +205,14 @@ def results_for(spec: dict, task: Task, examples, args, settings: dict) -> list[
     """Cached results of one model (plumbing/results.py), or a fresh evaluation saved to its eval dir."""
     settings, items = results.cached(spec, task, examples, settings, args.force)  # with this model's sampling defaults
     if items is None:
-        with results.loaded(spec["model"], args) as (model, tokenizer):
-            print(f"{spec['name']}: evaluating {len(examples)} {task.name} items, {settings['sampling']}",
-                  file=sys.stderr)
-            start = time.time()
-            items = evaluate(model, tokenizer, task, examples, Sampling(**settings["sampling"]), args.seed,
-                             args.batch_size, not args.no_mi, progress=True, answer_fallback=args.answer_fallback)
-            seconds = time.time() - start
-        results.save_evaluation(spec, task, items, settings, seconds, args.device)
+        model, tokenizer = results.load(spec["model"], args)
+        print(f"{spec['name']}: evaluating {len(examples)} {task.name} items, {settings['sampling']}", file=sys.stderr)
+        start = time.time()
+        items = evaluate(model, tokenizer, task, examples, Sampling(**settings["sampling"]), args.seed,
+                         args.batch_size, not args.no_mi, progress=True, answer_fallback=args.answer_fallback)
+        del model
+        gc.collect()  # the decoder holds reference cycles: freed now, before the next model loads
+        results.save_evaluation(spec, task, items, settings, time.time() - start, args.device)
     return items
 
 
@@ -232,13 +233,15 @@ def judge_all(models: list[tuple[dict, list[dict]]], task: Task, examples, args)
     todo = [(spec, items) for spec, items in models
             if any(item.get("judge", {}).get("settings") != settings for item in items)]
     if todo:
-        with results.loaded(resolve(args.judge)["model"], args) as (judge_model, judge_tokenizer):
-            for spec, items in todo:
-                print(f"{spec['name']}: judging {len(items)} responses with {args.judge}", file=sys.stderr)
-                judge(judge_model, judge_tokenizer, task, examples, items, Sampling(**settings["sampling"]),
-                      args.seed, args.batch_size)
-                for item in items:
-                    item["judge"]["settings"] = settings
+        judge_model, judge_tokenizer = results.load(resolve(args.judge)["model"], args)
+        for spec, items in todo:
+            print(f"{spec['name']}: judging {len(items)} responses with {args.judge}", file=sys.stderr)
+            judge(judge_model, judge_tokenizer, task, examples, items, Sampling(**settings["sampling"]), args.seed,
+                  args.batch_size)
+            for item in items:
+                item["judge"]["settings"] = settings
+        del judge_model
+        gc.collect()
     for spec, items in models:
         for item in items:
             judge_metrics(item, args.judge_unparsed)
@@ -258,16 +261,18 @@ def meter_all(models: list[tuple[dict, list[dict]]], task: Task, examples, args)
     todo = [(spec, items) for spec, items in models if any(item.get("mi_reference") != reference for item in items)]
     if not todo:
         return
-    with results.loaded(args.mi_reference["model"], args) as (model, tokenizer):
-        for spec, items in todo:
-            print(f"{spec['name']}: pointwise MI of {len(items)} responses under {args.mi_reference['name']}",
-                  file=sys.stderr)
-            values, lengths = mipo.pointwise_mi(model, tokenizer, meter_rows(task, examples, items), args.batch_size,
-                                                progress=True)
-            for item, value, length in zip(items, values, lengths):
-                item["metrics"]["pmi"], item["mi_reference"] = value, reference
-                item["metrics"]["pmi_per_token"] = value / length if length else None
-            update_summary(spec, task, items, mi_reference=reference)
+    model, tokenizer = results.load(args.mi_reference["model"], args)
+    for spec, items in todo:
+        print(f"{spec['name']}: pointwise MI of {len(items)} responses under {args.mi_reference['name']}",
+              file=sys.stderr)
+        values, lengths = mipo.pointwise_mi(model, tokenizer, meter_rows(task, examples, items), args.batch_size,
+                                            progress=True)
+        for item, value, length in zip(items, values, lengths):
+            item["metrics"]["pmi"], item["mi_reference"] = value, reference
+            item["metrics"]["pmi_per_token"] = value / length if length else None
+        update_summary(spec, task, items, mi_reference=reference)
+    del model
+    gc.collect()
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -95,7 +95,7 @@ def read_complete_pairs(path, task: Task, examples: list[Example], negative: str
 
 
 def use_recorded_date(tokenizer, records: list[dict], path) -> None:
-    """Render chat templates with the date recorded with the records (sample_pairs), if any."""
+    """Render chat templates with the date recorded with the records (mipo.sample_pairs), if any."""
     dates = {r["sampling"].get("date") for r in records if isinstance(r.get("sampling"), dict)}
     if len(dates) > 1:
         raise MipoError(

@@ -3,8 +3,6 @@ name (checked before anything is downloaded), where each model's results are cac
 a model directory or a bundled name -> runs/eval/NAME), and the cache itself, reused only for the same settings,
 items and weight files.
 """
-import contextlib
-import gc
 import hashlib
 import json
 import re
@@ -179,14 +177,11 @@ def run_data_settings(run: Path) -> dict:
     return {key: pairs.get(key) for key in ("model", "task", "data", "eval_data")}
 
 
-@contextlib.contextmanager
-def loaded(model_arg, args):
-    """(model, tokenizer) with the CPU speed-ups, freed on exit: eval.py holds one model at a time."""
+def load(model_arg, args):
+    """(model, tokenizer) in eval.py's dtype, with the CPU speed-ups the commands switch on."""
     model, tokenizer = load_model(model_arg, args.device, args.torch_dtype)
     cpu_speedups.apply(model)
-    yield model, tokenizer
-    del model
-    gc.collect()
+    return model, tokenizer
 
 
 def cached(spec: dict, task: Task, examples: list[Example], settings: dict, force: bool) -> tuple[dict, list | None]:
