@@ -28,8 +28,6 @@ import math
 import torch
 import torch.nn.functional as F
 
-from plumbing import loss_checks
-
 LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo", "ipo_sum", "exo_pair", "nca_pair", "bco_pair", "sppo_hard",
               "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop", "sigmoid_norm", "simpo", "sft",
               "infonce", "sami")
@@ -245,10 +243,10 @@ def preference_loss(loss_type, policy_chosen_logps, policy_rejected_logps, ref_c
     [[log pi(y+|x), log pi(y-|x)], [log pi(y+|x'), log pi(y-|x')]]; its first row is also what the policy_* log-probs
     must hold (they feed the rewards, the metrics and rpo_alpha).
     """
-    opts = loss_checks.check_options(loss_type, beta, options)  # a one-line error for every misuse
+    opts = check_options(loss_type, beta, options)
     uses_reference = not (opts["reference_free"] or loss_type in REFERENCE_FREE_LOSSES)
-    loss_checks.check_inputs(loss_type, opts, uses_reference, policy_chosen_logps, policy_rejected_logps,
-                             ref_chosen_logps, ref_rejected_logps, chosen_lengths, rejected_lengths)
+    check_inputs(loss_type, opts, uses_reference, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+                 ref_rejected_logps, chosen_lengths, rejected_lengths)
 
     chosen, rejected = policy_chosen_logps, policy_rejected_logps  # (B,) summed log-probs
     ref_chosen = ref_chosen_logps if uses_reference else torch.zeros_like(chosen)
@@ -308,6 +306,71 @@ def preference_loss(loss_type, policy_chosen_logps, policy_rejected_logps, ref_c
     rejected_rewards = beta * rejected_logratios.detach()
     return losses, chosen_rewards, rejected_rewards
 
+
+def check_options(loss_type, beta, options):
+    # Every mistake here would silently train something else, so each one is a one-line error naming the fix.
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"unknown loss_type {loss_type!r}; choose one of: {', '.join(LOSS_TYPES)}")
+    unknown = sorted(set(options) - set(OPTIONS))
+    if unknown:
+        raise ValueError(f"unknown option(s) {', '.join(unknown)}; valid options: {', '.join(OPTIONS)}")
+    opts = {**OPTIONS, **options}
+    if not beta > 0:
+        raise ValueError(f"beta must be > 0 (MIPO uses 0.1); got {beta}")
+    smoothing = opts["label_smoothing"]
+    if not 0 <= smoothing < 0.5:
+        raise ValueError(f"label_smoothing must be in [0, 0.5) (a label-flip probability); got {smoothing}")
+    if smoothing > 0 and loss_type not in SMOOTHED_LOSSES:
+        raise ValueError(f"label_smoothing has no meaning for loss {loss_type!r}; it applies to: "
+                         f"{', '.join(SMOOTHED_LOSSES)}")
+    f_type = opts["f_divergence_type"]
+    if f_type not in F_DIVERGENCES:
+        raise ValueError(f"unknown f_divergence_type {f_type!r}; choose one of: {', '.join(F_DIVERGENCES)}")
+    if f_type != "reverse_kl" and loss_type not in F_DIVERGENCE_LOSSES:
+        raise ValueError(f"f_divergence_type {f_type!r} is defined only for the margin losses "
+                         f"{', '.join(F_DIVERGENCE_LOSSES)}; use reverse_kl with {loss_type!r}")
+    if not opts["f_alpha_divergence_coef"] > 0:
+        raise ValueError(f"f_alpha_divergence_coef must be > 0 (its limit at 0 is reverse_kl); "
+                         f"got {opts['f_alpha_divergence_coef']}")
+    if opts["rpo_alpha"] is not None and not opts["rpo_alpha"] >= 0:
+        raise ValueError(f"rpo_alpha must be None or >= 0 (the RPO paper uses 1.0); got {opts['rpo_alpha']}")
+    for name in ("discopop_tau", "temperature"):
+        if not opts[name] > 0:
+            raise ValueError(f"{name} must be > 0; got {opts[name]}")
+    if not opts["simpo_gamma"] >= 0:
+        raise ValueError(f"simpo_gamma must be >= 0 (a target margin); got {opts['simpo_gamma']}")
+    return opts
+
+
+def check_inputs(loss_type, opts, uses_reference, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+                 ref_rejected_logps, chosen_lengths, rejected_lengths):
+    inputs = dict(policy_chosen_logps=policy_chosen_logps, policy_rejected_logps=policy_rejected_logps,
+                  ref_chosen_logps=ref_chosen_logps, ref_rejected_logps=ref_rejected_logps,
+                  chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths)
+    needed = ["policy_chosen_logps", "policy_rejected_logps"]
+    if uses_reference:
+        needed += ["ref_chosen_logps", "ref_rejected_logps"]
+    if loss_type in PER_TOKEN_LOSSES:
+        needed += ["chosen_lengths", "rejected_lengths"]
+    elif loss_type == "sft" or opts["rpo_alpha"] is not None:
+        needed += ["chosen_lengths"]
+    for name in needed:
+        if inputs[name] is None:
+            raise ValueError(f"loss {loss_type!r} needs {name}; it is None"
+                             + (" (or pass reference_free=True)" if name.startswith("ref_") else ""))
+    shape = policy_chosen_logps.shape
+    for name, value in inputs.items():
+        if value is not None and (value.dim() != 1 or value.shape != shape):
+            raise ValueError(f"{name} has shape {tuple(value.shape)}; every input must be (B,) = {tuple(shape)}")
+    for name in ("chosen_lengths", "rejected_lengths"):
+        if name in needed and (inputs[name] <= 0).any():
+            raise ValueError(f"{name} must count at least one completion token per pair; got {inputs[name].tolist()}")
+    if loss_type in ("infonce", "sami"):
+        matrix = opts["logps_matrix"]
+        if matrix is None or matrix.shape != (shape[0], 2, 2):
+            got = None if matrix is None else tuple(matrix.shape)
+            raise ValueError(f"loss {loss_type!r} needs logps_matrix of shape ({shape[0]}, 2, 2): [prompt x, x'] by "
+                             f"[response y+, y-] summed log-probs; got {got}")
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -15,8 +15,7 @@ from pathlib import Path
 
 import torch
 
-from dpo_loss import F_DIVERGENCES, LOSS_TYPES
-from plumbing.loss_checks import check_options
+from dpo_loss import F_DIVERGENCES, LOSS_TYPES, check_options
 from model_loader import ModelConfig
 from plumbing.tokenizer import Tokenizer
 from plumbing.hf_files import TRANSFORMERS_SAMPLING_DEFAULTS, generation_defaults
