@@ -2,6 +2,7 @@
 formula block names one, every command it shows parses with the current flags, and the tiny example (a real
 train.py run on the bundled SmolLM2-135M) prints the invariants the paper talks about: one full pair, its
 reference log-probs, rewards 0 and loss ln 2 at step 0, the steps after it, and the MI meter before and after."""
+import ast
 import importlib
 import json
 import math
@@ -25,18 +26,29 @@ CODE_REF = re.compile(r"\b((?:plumbing/)?[a-z_]+)\.py:([A-Za-z_][A-Za-z0-9_]*(?:
 TEST_REF = re.compile(r"`(tests/test_[a-z_]+\.py)::([A-Za-z_][A-Za-z0-9_]*)`")  # tests/test_x.py::test_y
 
 
+def defined_names(path: Path) -> set[str]:
+    """The names a file defines at its top level (def, class, assignment): not the ones it imports."""
+    names = set()
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names |= {t.id for t in targets if isinstance(t, ast.Name)}
+    return names
+
+
 def resolves(module: str, name: str) -> bool:
-    """True when `module.py:name` names an attribute of that top-level module (dotted: a class attribute)."""
-    if not (ROOT / f"{module}.py").is_file():
-        return False
-    module = importlib.import_module(module.replace("/", "."))
-    obj = module
-    for part in name.split("."):
+    """True when `module.py:name` names something that file defines (dotted: an attribute of it, e.g. a method)."""
+    path = ROOT / f"{module}.py"
+    first, *rest = name.split(".")
+    if not path.is_file() or first not in defined_names(path):
+        return False  # misspelled, or imported into that file from another: the reference names the wrong file
+    obj = getattr(importlib.import_module(module.replace("/", ".")), first)
+    for part in rest:
         if not hasattr(obj, part):
             return False
         obj = getattr(obj, part)
-        if obj is getattr(module, part, None) and getattr(obj, "__module__", module.__name__) != module.__name__:
-            return False  # imported into that file, defined in another: the reference names the wrong file
     return True
 
 
