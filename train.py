@@ -410,7 +410,8 @@ def train_run(args):
         del model
     run.finish()
     if run.rank == 0:
-        report.print_summary(held_out.run_summary(run, pair_stats, base_eval, eval_pairs), run.loss)  # + the meter after
+        summary = held_out.run_summary(run, pair_stats, base_eval, eval_pairs)  # with the held-out meter after
+        report.print_summary(summary, run.loss)
 
 
 def pairs_to_train_on(pairs: list[dict], cfg: PairsConfig) -> tuple[list[dict], dict]:

@@ -15,7 +15,7 @@ from conftest import make_tiny_model
 from model_loader import load_model
 from plumbing import lora
 from plumbing.files import MipoError
-from test_train import args_for, assert_same_metrics, final_weights, make_assets, metrics, run_cli
+from test_train import args_for, assert_same_metrics, completed_run, final_weights, make_assets, metrics, run_cli
 
 LORA = ("--lora-rank", "4", "--epochs", "2", "--save-every", "2", "--micro-batch-size", "2")
 
@@ -28,10 +28,7 @@ def assets(tmp_path_factory):
 @pytest.fixture(scope="module")
 def lora_run(assets):
     """A LoRA run, uninterrupted, in a process of its own."""
-    out = assets["root"] / "lora"
-    result = run_cli(args_for(assets, out, *LORA))
-    assert result.returncode == 0, result.stderr[-2000:]
-    return out
+    return completed_run(assets, "lora", *LORA)[0]
 
 
 def test_adapter_gradients_equal_autograd_on_the_explicit_weight():

@@ -12,7 +12,7 @@ import mipo
 import train
 from plumbing import results, runs, sweep
 from plumbing.files import MipoError
-from test_train import args_for, final_weights, make_assets, metrics, run_cli
+from test_train import args_for, completed_run, final_weights, make_assets, metrics, run_cli
 
 SWEEP = ("--loss", "sigmoid", "ipo", "--beta", "0.1", "0.3", "--n-eval", "4")
 VARIANTS = ["loss-sigmoid_beta-0.1", "loss-sigmoid_beta-0.3", "loss-ipo_beta-0.1", "loss-ipo_beta-0.3"]
@@ -26,10 +26,7 @@ def assets(tmp_path_factory):
 @pytest.fixture(scope="module")
 def swept(assets):
     """The sweep, uninterrupted, in a process of its own (as the single commands it is compared with)."""
-    out = assets["root"] / "sweep"
-    result = run_cli(args_for(assets, out, *SWEEP))
-    assert result.returncode == 0, result.stderr[-2000:]
-    return out, result
+    return completed_run(assets, "sweep", *SWEEP)
 
 
 def test_a_sweep_trains_each_variant_as_its_single_command_would(assets, swept, tmp_path):

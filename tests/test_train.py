@@ -95,6 +95,14 @@ def run_cli(args, launcher=(sys.executable,), env=None):
                           preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
+def completed_run(assets, name: str, *flags):
+    """train.py with the test settings and flags, uninterrupted, in a process of its own: (its --out, its result)."""
+    out = assets["root"] / name
+    result = run_cli(args_for(assets, out, *flags))
+    assert result.returncode == 0, result.stderr[-2000:]
+    return out, result
+
+
 def metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
@@ -503,10 +511,7 @@ RESUME_ARGS = ("--epochs", "2", "--save-every", "2", "--micro-batch-size", "2")
 @pytest.fixture(scope="session")
 def uninterrupted(assets):
     """The resume tests' command, uninterrupted, in a process of its own (the thread count changes float rounding)."""
-    out = assets["root"] / "uninterrupted"
-    result = run_cli(args_for(assets, out, *RESUME_ARGS))
-    assert result.returncode == 0, result.stderr[-2000:]
-    return out
+    return completed_run(assets, "uninterrupted", *RESUME_ARGS)[0]
 
 
 @pytest.mark.parametrize("kind", ["KILL", "INT"])
