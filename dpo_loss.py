@@ -1,36 +1,32 @@
 """The preference losses MIPO trains with, and the ones it is compared or ablated against: pure functions of
 per-sequence log-probabilities. No models, files or devices here.
 
-MIPO itself (Nam, Li, Jaques 2026, arXiv 2603.19294) is plain sigmoid DPO: beta 0.1, log-probs summed over the
-completion tokens, the frozen base model as the reference. Everything else is an ablation, selected by name:
+MIPO (Nam, Li, Jaques 2026, arXiv 2603.19294) is plain sigmoid DPO: beta 0.1, summed log-probs, the frozen base
+model as the reference. Every other loss is an ablation, selected by name, the training loop otherwise unchanged:
 
     losses, chosen_rewards, rejected_rewards = preference_loss("sigmoid", policy_chosen_logps, ...)
 
-and nothing else in the training loop changes. Names and semantics follow TRL's DPOTrainer (v0.27 `dpo_loss`;
-`sigmoid_norm` and `aot_unpaired` are its later names), so a run here can be compared with a run there. The
-MIPO paper's own baselines are also here: `sft` on the positives, and `infonce` / `sami`, which need every
-response scored under both prompts (the `logps_matrix` option, below). docs/losses.md has the table.
+Names and semantics follow TRL's DPOTrainer (v0.27 `dpo_loss`), so runs compare; `sft`, `infonce` and `sami` are
+the MIPO paper's baselines. A loss is a function plus a row of LOSSES; docs/losses.md has the formulas, where we
+differ from TRL, and how to add one.
 
 Conventions (all tensors (B,), one entry per preference pair):
-- log-probs are SUMS over completion tokens (token_logps, summed per response by train.forward_logps);
-  lengths count those tokens. `ipo`,
-  `sigmoid_norm` and `simpo` divide by the length themselves, so every loss takes the same inputs.
-- the log-ratio of a response is log pi(y|x) - log pi_ref(y|x); the reference term is dropped for the
-  reference-free losses (`simpo`, `sft`, `infonce`, `sami`, or any loss with reference_free=True), whose
-  ref_* arguments may then be None.
-- rewards = beta * that log-ratio, detached: DPO's implicit reward (DPO Eq. 5), on the scale the loss uses.
-- `losses` is per pair; the training loop takes losses.mean().
+- log-probs are SUMS over completion tokens (train.forward_logps); lengths count those tokens. per_token losses
+  divide by the length themselves, so every loss takes the same inputs.
+- log-ratio = log pi(y|x) - log pi_ref(y|x); the reference term is dropped for reference_free losses or with
+  reference_free=True, and ref_* may then be None.
+- rewards = beta * that log-ratio, detached (DPO Eq. 5), on the loss's scale; `losses` is per pair (the loop
+  takes losses.mean()).
 
 Shape legend: B pairs in the batch, T tokens per sequence, V vocabulary, C positions per chunk.
 """
 import math
+from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo", "ipo_sum", "exo_pair", "nca_pair", "bco_pair", "sppo_hard",
-              "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop", "sigmoid_norm", "simpo", "sft",
-              "infonce", "sami")
 OPTIONS = dict(                 # the defaults of every option preference_loss accepts
     label_smoothing=0.0,        # cDPO / robust DPO: probability that a label is flipped; EXO's epsilon
     reference_free=False,       # drop pi_ref: the reference assigns every response the same probability
@@ -44,13 +40,6 @@ OPTIONS = dict(                 # the defaults of every option preference_loss a
     logps_matrix=None,          # infonce / sami: (B, 2, 2) summed log-probs, see infonce_loss
 )
 F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
-
-PER_TOKEN_LOSSES = ("ipo", "sigmoid_norm", "simpo")  # log-probs divided by completion length first
-REFERENCE_FREE_LOSSES = ("simpo", "sft", "infonce", "sami")
-SMOOTHED_LOSSES = ("sigmoid", "robust", "exo_pair", "aot", "aot_unpaired", "sigmoid_norm", "simpo")
-# f-DPO's margin is f'(chosen ratio) - f'(rejected ratio): only the losses built on that one difference have an
-# f-divergence version (the partition function log Z(x) cancels only there; f-DPO, arXiv 2309.16240).
-F_DIVERGENCE_LOSSES = ("sigmoid", "robust", "hinge", "ipo", "ipo_sum", "exo_pair", "discopop", "sigmoid_norm")
 EXP_CAP = 80.0  # exp() argument cap in the f-divergences: e^80 is still finite in float32 (TRL caps the same way)
 
 
@@ -59,18 +48,16 @@ EXP_CAP = 80.0  # exp() argument cap in the f-divergences: e^80 is still finite 
 
 
 def token_logps(logits, targets, chunk_tokens=256):
-    """log pi(target) at each of N positions: logits (N, V), targets (N,) -> (N,) float32, chunk_tokens positions
-    at a time, so the float32 copy is (chunk_tokens, V), never (N, V)."""
+    """log pi(target) per position: logits (N, V), targets (N,) -> (N,) float32; chunked, so the float32 copy is
+    (chunk_tokens, V), never (N, V)."""
     return torch.cat([TokenLogps.apply(chunk, ids)
                       for chunk, ids in zip(logits.split(chunk_tokens), targets.split(chunk_tokens))])
 
 
 class TokenLogps(torch.autograd.Function):
-    """log softmax(z)_y = z_y - logsumexp(z) per position, in float32 (a bf16 sum of 151,936 exponentials keeps ~3
-    digits): (..., V) logits and (...) target ids -> (...). It keeps no float32 copy for backward, which
-    computes the gradient in one pass over V, g * (onehot(y) - softmax(z)), with the very float32 operations
-    autograd would run (bit-identical to it), in less than half autograd's time on a CPU: the backward of a
-    checkpointed log_softmax + gather runs about ten passes over the float32 values."""
+    """log softmax(z)_y = z_y - logsumexp(z) in float32 (why: docs/walkthrough.md step 7): (..., V) logits, (...)
+    targets -> (...). Backward keeps no float32 copy: one pass, g * (onehot(y) - softmax(z)), bit-identical to
+    autograd, in under half the CPU time of a checkpointed log_softmax + gather."""
 
     @staticmethod
     def forward(ctx, logits, targets):
@@ -108,127 +95,168 @@ def f_divergence_margin(chosen_logratios, rejected_logratios, f_divergence_type,
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The losses, one function each: formula in one comment line, then the paper. h is the margin above.
+# The losses: formula, then paper. Each takes the preference_loss keywords it reads (h: the margin), ignores **_.
 
 
-def sigmoid_loss(margin, beta, label_smoothing):
+def sigmoid_loss(margin, beta, label_smoothing, **_):
     # -(1 - eps) log sigma(beta h) - eps log sigma(-beta h). DPO Eq. 7 (Rafailov et al. 2023, arXiv 2305.18290);
-    # eps > 0 is conservative DPO (cDPO, Mitchell 2023): the label is assumed flipped with probability eps.
+    # eps > 0: cDPO (Mitchell 2023).
     return -(1 - label_smoothing) * F.logsigmoid(beta * margin) - label_smoothing * F.logsigmoid(-beta * margin)
 
 
-def robust_loss(margin, beta, label_smoothing):
+def robust_loss(margin, beta, label_smoothing, **_):
     # (-(1 - eps) log sigma(beta h) + eps log sigma(-beta h)) / (1 - 2 eps). Robust DPO (Chowdhury et al. 2024,
-    # arXiv 2403.00409): an unbiased estimate of the clean-label DPO loss under flip rate eps.
+    # arXiv 2403.00409).
     clean = -(1 - label_smoothing) * F.logsigmoid(beta * margin)
     flipped = -label_smoothing * F.logsigmoid(-beta * margin)
     return (clean - flipped) / (1 - 2 * label_smoothing)
 
 
-def hinge_loss(margin, beta):
-    # max(0, 1 - beta h). SLiC-HF (Zhao et al. 2023, arXiv 2305.10425) calibration loss on the log-ratio margin,
-    # as used by RSO (Liu et al. 2023, arXiv 2309.06657, with gamma = 1/beta).
+def hinge_loss(margin, beta, **_):
+    # max(0, 1 - beta h). SLiC-HF (Zhao et al. 2023, arXiv 2305.10425); RSO (Liu et al. 2023, arXiv 2309.06657).
     return torch.relu(1 - beta * margin)
 
 
-def ipo_loss(margin, beta):
-    # (h - 1/(2 beta))^2. IPO (Azar et al. 2023, arXiv 2310.12036, Eq. 17; beta is the paper's tau): regress the
-    # margin to a finite target instead of pushing it to infinity, so it cannot overfit deterministic labels.
+def ipo_loss(margin, beta, **_):
+    # (h - 1/(2 beta))^2. IPO (Azar et al. 2023, arXiv 2310.12036, Eq. 17; beta is the paper's tau).
     return (margin - 1 / (2 * beta)) ** 2
 
 
-def exo_pair_loss(margin, beta, label_smoothing):
+def exo_pair_loss(margin, beta, label_smoothing, **_):
     # KL(q || p_eps) with q = (sigma(beta h), sigma(-beta h)), p_eps = (1 - eps, eps). EXO (Ji et al. 2024,
-    # arXiv 2402.00856, Eq. 16, K = 2): reverse KL to the smoothed labels, mode-seeking where DPO is mean-seeking.
+    # arXiv 2402.00856, Eq. 16, K = 2).
     eps = label_smoothing if label_smoothing > 0 else 1e-3  # the paper's value; eps = 0 makes log(eps) infinite
     q_chosen, q_rejected = torch.sigmoid(beta * margin), torch.sigmoid(-beta * margin)
     return (q_chosen * (F.logsigmoid(beta * margin) - math.log1p(-eps))
             + q_rejected * (F.logsigmoid(-beta * margin) - math.log(eps)))
 
 
-def discopop_loss(margin, beta, tau):
+def discopop_loss(margin, beta, discopop_tau, **_):
     # (1 - sigma(beta h / tau)) * -log sigma(beta h) + sigma(beta h / tau) * exp(-beta h). DiscoPOP / LRML
-    # (Lu et al. 2024, arXiv 2406.08414, Eq. 5): a logistic-exponential blend found by LLM-driven search.
+    # (Lu et al. 2024, arXiv 2406.08414, Eq. 5).
     logits = beta * margin
-    logistic = F.softplus(-logits) * torch.sigmoid(-logits / tau)
+    logistic = F.softplus(-logits) * torch.sigmoid(-logits / discopop_tau)
     # exp(-l) * sigma(l / tau) as one exp: for very negative l, exp(-l) alone overflows to inf and inf * 0 = NaN
-    exponential = torch.exp(-logits + F.logsigmoid(logits / tau))
+    exponential = torch.exp(-logits + F.logsigmoid(logits / discopop_tau))
     return logistic + exponential
 
 
-def nca_pair_loss(chosen_logratios, rejected_logratios, beta):
+def nca_pair_loss(chosen_logratios, rejected_logratios, beta, **_):
     # -log sigma(r_w) - 0.5 log sigma(-r_w) - 0.5 log sigma(-r_l), r = beta * log-ratio. NCA (Chen et al. 2024,
-    # arXiv 2402.05369, K = 2): absolute rewards, so the chosen likelihood cannot fall with the rejected.
+    # arXiv 2402.05369, K = 2).
     chosen_rewards, rejected_rewards = beta * chosen_logratios, beta * rejected_logratios
     return (-F.logsigmoid(chosen_rewards) - 0.5 * F.logsigmoid(-chosen_rewards)
             - 0.5 * F.logsigmoid(-rejected_rewards))
 
 
-def bco_pair_loss(chosen_logratios, rejected_logratios, beta, delta):
-    # -log sigma(r_w - delta) - log sigma(-(r_l - delta)). BCO (Jung et al. 2024, arXiv 2404.04656): a binary
-    # classifier per response; delta, a running mean of the rewards, centres them.
+def bco_pair_loss(chosen_logratios, rejected_logratios, beta, bco_delta, **_):
+    # -log sigma(r_w - delta) - log sigma(-(r_l - delta)). BCO (Jung et al. 2024, arXiv 2404.04656).
     chosen_rewards, rejected_rewards = beta * chosen_logratios, beta * rejected_logratios
-    return -F.logsigmoid(chosen_rewards - delta) - F.logsigmoid(-(rejected_rewards - delta))
+    if bco_delta is None:  # TRL keeps a running mean over steps; a pure function has this batch's mean
+        bco_delta = beta * torch.cat([chosen_logratios, rejected_logratios]).detach().mean()
+    return -F.logsigmoid(chosen_rewards - bco_delta) - F.logsigmoid(-(rejected_rewards - bco_delta))
 
 
-def sppo_hard_loss(chosen_logratios, rejected_logratios, beta):
+def sppo_hard_loss(chosen_logratios, rejected_logratios, beta, **_):
     # (log-ratio_w - 1/(2 beta))^2 + (log-ratio_l + 1/(2 beta))^2. SPPO (Wu et al. 2024, arXiv 2405.00675, Eq. 4.7)
-    # with hard win probabilities P(y_w > y_l) = 1, P(y_l > y_w) = 0 instead of a preference model's estimate.
+    # with hard win probabilities (1 and 0).
     return (chosen_logratios - 0.5 / beta) ** 2 + (rejected_logratios + 0.5 / beta) ** 2
 
 
-def aot_loss(policy_margins, reference_margins, beta, label_smoothing):
-    # sigmoid_loss(sort(a) - sort(b)). AOT (Melnyk et al. 2024, arXiv 2406.05882): first-order stochastic
-    # dominance of one distribution over another, via 1-D optimal transport (sort both samples over the batch).
-    # So losses[i] pairs the i-th smallest of a with the i-th smallest of b, not row i with row i.
-    delta = torch.sort(policy_margins).values - torch.sort(reference_margins).values  # (B,)
+def aot_loss(logps, beta, label_smoothing, **_):
+    # sigmoid_loss(sort(a) - sort(b)), a, b: policy, reference margins. AOT (Melnyk et al. 2024, arXiv 2406.05882):
+    # 1-D optimal transport over the batch, so losses[i] pairs the i-th smallest of a with that of b.
+    chosen, rejected, ref_chosen, ref_rejected = logps
+    delta = torch.sort(chosen - rejected).values - torch.sort(ref_chosen - ref_rejected).values  # (B,)
     return sigmoid_loss(delta, beta, label_smoothing)
 
 
-def apo_zero_loss(chosen_logratios, rejected_logratios, beta):
-    # 1 - sigma(r_w) + sigma(r_l). APO-zero (D'Oosterlinck et al. 2024, arXiv 2408.06266, Eq. 7): raise the chosen,
-    # lower the rejected, each against the reference; for chosen responses better than the model's own.
+def aot_unpaired_loss(chosen_logratios, rejected_logratios, beta, label_smoothing, **_):
+    # sigmoid_loss(sort(c) - sort(r)). AOT's unpaired form (arXiv 2406.05882): the pairs ignored.
+    delta = torch.sort(chosen_logratios).values - torch.sort(rejected_logratios).values  # (B,)
+    return sigmoid_loss(delta, beta, label_smoothing)
+
+
+def apo_zero_loss(chosen_logratios, rejected_logratios, beta, **_):
+    # 1 - sigma(r_w) + sigma(r_l). APO-zero (D'Oosterlinck et al. 2024, arXiv 2408.06266, Eq. 7).
     return 1 - torch.sigmoid(beta * chosen_logratios) + torch.sigmoid(beta * rejected_logratios)
 
 
-def apo_down_loss(chosen_logratios, rejected_logratios, beta):
-    # sigma(r_w) + 1 - sigma(r_w - r_l). APO-down (arXiv 2408.06266, Eq. 8): lower both, the rejected more; for
-    # chosen responses worse than the model's own.
+def apo_down_loss(chosen_logratios, rejected_logratios, beta, **_):
+    # sigma(r_w) + 1 - sigma(r_w - r_l). APO-down (arXiv 2408.06266, Eq. 8).
     return (torch.sigmoid(beta * chosen_logratios)
             + 1 - torch.sigmoid(beta * (chosen_logratios - rejected_logratios)))
 
 
-def simpo_loss(chosen_mean_logps, rejected_mean_logps, beta, gamma, label_smoothing):
+def simpo_loss(chosen_logratios, rejected_logratios, beta, simpo_gamma, label_smoothing, **_):
     # -log sigma(beta (mean log pi(y_w) - mean log pi(y_l)) - gamma). SimPO (Meng et al. 2024, arXiv 2405.14734,
-    # Eq. 6): no reference model, length-normalized reward, target margin gamma. TRL's CPOTrainer "simpo".
-    return sigmoid_loss(chosen_mean_logps - rejected_mean_logps - gamma / beta, beta, label_smoothing)
+    # Eq. 6).
+    return sigmoid_loss(chosen_logratios - rejected_logratios - simpo_gamma / beta, beta, label_smoothing)
 
 
-def sft_loss(policy_chosen_logps, chosen_lengths):
-    # -log pi(y_w | x) / |y_w|: the token-mean NLL of the chosen response. Since the log-probs are sums over the
-    # completion tokens, dividing by the length is exactly the mean over tokens. MIPO's SFT-on-positives baseline;
-    # also RPO's extra term (Pang et al. 2024, arXiv 2404.19733: NLL divided by the length, per example).
-    return -policy_chosen_logps / chosen_lengths
+def sft_loss(chosen_logratios, chosen_lengths, **_):
+    # -log pi(y_w | x) / |y_w|, the chosen's token-mean NLL. MIPO's SFT-on-positives baseline; RPO's extra term
+    # (Pang et al. 2024, arXiv 2404.19733).
+    return -chosen_logratios / chosen_lengths.to(chosen_logratios.dtype)
 
 
-def infonce_loss(logps_matrix, temperature):
+def infonce_loss(logps_matrix, temperature, **_):
     # -(1/2) [log softmax_prompts(M[:, y+] / T)[x] + log softmax_prompts(M[:, y-] / T)[x']]. InfoNCE (van den Oord et
-    # al. 2018, arXiv 1807.03748) with 2 candidates, as the MIPO paper's baseline: for each response, tell the prompt
-    # it was sampled for from the other prompt, under the policy alone (no reference model).
+    # al. 2018, arXiv 1807.03748), 2 candidates: which prompt was each response sampled for, under the policy.
     # logps_matrix[b, i, j] = log pi(response j | prompt i): i = 0 is x, 1 is x'; j = 0 is y+ (sampled for x),
     # 1 is y- (sampled for x'). The true pairs are the diagonal.
     log_p_prompt = (logps_matrix / temperature).log_softmax(dim=1)  # (B, 2 prompts, 2 responses): over prompts
     return -log_p_prompt.diagonal(dim1=1, dim2=2).mean(dim=-1)  # (B,)
 
 
-def sami_loss(logps_matrix, temperature):
+def sami_loss(logps_matrix, temperature, **_):
     # (1/2) (row CE + column CE) of the 2 x 2 prompt-by-response matrix, diagonal labels. SAMI (Fränken et al.
-    # 2024, arXiv 2404.14313; its sami_loss): the column term is infonce_loss, the row term asks the same question
-    # the other way round (which response belongs to this prompt), each averaged over its two rows or columns.
+    # 2024, arXiv 2404.14313): the column term is infonce_loss; the row term asks which response fits each prompt.
     logits = logps_matrix / temperature  # (B, 2 prompts, 2 responses)
     row = logits.log_softmax(dim=2).diagonal(dim1=1, dim2=2).mean(dim=-1)  # (B,) over responses, per prompt
     column = logits.log_softmax(dim=1).diagonal(dim1=1, dim2=2).mean(dim=-1)  # (B,) over prompts, per response
     return -(row + column) / 2
+
+
+# The table: all that preference_loss and its callers know of a loss (adding one: docs/losses.md).
+
+
+@dataclass(frozen=True)
+class Loss:
+    fn: Callable
+    per_token: bool = False  # log-probs, policy and reference, divided by their lengths first
+    reference_free: bool = False  # no pi_ref: ref_* may be None
+    token_mean: bool = False  # needs chosen_lengths (sft divides by it itself)
+    negative_prompt: bool = False  # needs logps_matrix: both responses scored under x' too
+    smoothed: bool = False  # label_smoothing applies
+    f_divergence: bool = False  # f_divergence_type applies: built on h alone, where f-DPO's log Z(x) cancels
+    batch_coupled: bool = False  # compares the pairs of a forward with each other: micro-batches change it
+    defaults: dict = field(default_factory=dict)  # a run's option defaults over OPTIONS' (not preference_loss's)
+
+
+LOSSES = {  # MIPO's first, then TRL's, then the MIPO paper's baselines
+    "sigmoid": Loss(sigmoid_loss, smoothed=True, f_divergence=True),
+    "robust": Loss(robust_loss, smoothed=True, f_divergence=True),
+    "hinge": Loss(hinge_loss, f_divergence=True),
+    "ipo": Loss(ipo_loss, per_token=True, f_divergence=True),  # per token, as TRL
+    "ipo_sum": Loss(ipo_loss, f_divergence=True),  # on sums, as the DPO code
+    "exo_pair": Loss(exo_pair_loss, smoothed=True, f_divergence=True),
+    "nca_pair": Loss(nca_pair_loss),
+    "bco_pair": Loss(bco_pair_loss, batch_coupled=True),
+    "sppo_hard": Loss(sppo_hard_loss),
+    "aot": Loss(aot_loss, smoothed=True, batch_coupled=True),
+    "aot_unpaired": Loss(aot_unpaired_loss, smoothed=True, batch_coupled=True),
+    "apo_zero": Loss(apo_zero_loss),
+    "apo_down": Loss(apo_down_loss),
+    "discopop": Loss(discopop_loss, f_divergence=True),
+    "sigmoid_norm": Loss(sigmoid_loss, per_token=True, smoothed=True, f_divergence=True),  # Tulu 3's DPO-norm
+    "simpo": Loss(simpo_loss, per_token=True, reference_free=True, smoothed=True),
+    "sft": Loss(sft_loss, reference_free=True, token_mean=True),
+    # as the official trainer (openrlhf/models/loss.py of its OpenRLHF fork): InfoNCE's log-probs / 100, SAMI's / 1
+    "infonce": Loss(infonce_loss, reference_free=True, negative_prompt=True, defaults=dict(temperature=100.0)),
+    "sami": Loss(sami_loss, reference_free=True, negative_prompt=True, defaults=dict(temperature=1.0)),
+}
+LOSS_TYPES = tuple(LOSSES)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -239,19 +267,19 @@ def preference_loss(loss_type, policy_chosen_logps, policy_rejected_logps, ref_c
                     chosen_lengths, rejected_lengths, beta=0.1, **options):
     """Per-pair losses and detached rewards (B,) for loss_type (LOSS_TYPES), options as in OPTIONS.
 
-    infonce / sami score both responses under both prompts: pass logps_matrix (B, 2, 2) of summed log-probs,
-    [[log pi(y+|x), log pi(y-|x)], [log pi(y+|x'), log pi(y-|x')]]; its first row is also what the policy_* log-probs
-    must hold (they feed the rewards, the metrics and rpo_alpha).
+    infonce and sami also take logps_matrix (B, 2, 2) (see infonce_loss); its first row must equal policy_*
+    (they feed the rewards, the metrics and rpo_alpha).
     """
     opts = check_options(loss_type, beta, options)
-    uses_reference = not (opts["reference_free"] or loss_type in REFERENCE_FREE_LOSSES)
+    row = LOSSES[loss_type]
+    uses_reference = not (opts["reference_free"] or row.reference_free)
     check_inputs(loss_type, opts, uses_reference, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
                  ref_rejected_logps, chosen_lengths, rejected_lengths)
 
     chosen, rejected = policy_chosen_logps, policy_rejected_logps  # (B,) summed log-probs
     ref_chosen = ref_chosen_logps if uses_reference else torch.zeros_like(chosen)
     ref_rejected = ref_rejected_logps if uses_reference else torch.zeros_like(rejected)
-    if loss_type in PER_TOKEN_LOSSES:  # mean log-prob per token, policy and reference alike (TRL's "ipo")
+    if row.per_token:  # mean log-prob per token, policy and reference alike
         chosen_n, rejected_n = chosen_lengths.to(chosen.dtype), rejected_lengths.to(rejected.dtype)
         chosen, ref_chosen = chosen / chosen_n, ref_chosen / chosen_n
         rejected, ref_rejected = rejected / rejected_n, ref_rejected / rejected_n
@@ -259,48 +287,12 @@ def preference_loss(loss_type, policy_chosen_logps, policy_rejected_logps, ref_c
     rejected_logratios = rejected - ref_rejected  # (B,)
     margin = f_divergence_margin(chosen_logratios, rejected_logratios, opts["f_divergence_type"],
                                  opts["f_alpha_divergence_coef"])  # (B,) h
-    smoothing = opts["label_smoothing"]
-
-    if loss_type in ("sigmoid", "sigmoid_norm"):  # sigmoid_norm: DPO on per-token log-ratios (Tulu 3's DPO-norm)
-        losses = sigmoid_loss(margin, beta, smoothing)
-    elif loss_type == "robust":
-        losses = robust_loss(margin, beta, smoothing)
-    elif loss_type == "hinge":
-        losses = hinge_loss(margin, beta)
-    elif loss_type in ("ipo", "ipo_sum"):  # ipo: per-token, as TRL; ipo_sum: sums, as the DPO code
-        losses = ipo_loss(margin, beta)
-    elif loss_type == "exo_pair":
-        losses = exo_pair_loss(margin, beta, smoothing)
-    elif loss_type == "discopop":
-        losses = discopop_loss(margin, beta, opts["discopop_tau"])
-    elif loss_type == "nca_pair":
-        losses = nca_pair_loss(chosen_logratios, rejected_logratios, beta)
-    elif loss_type == "bco_pair":
-        delta = opts["bco_delta"]
-        if delta is None:  # TRL keeps a running mean over steps; a pure function has this batch's mean
-            delta = beta * torch.cat([chosen_logratios, rejected_logratios]).detach().mean()
-        losses = bco_pair_loss(chosen_logratios, rejected_logratios, beta, delta)
-    elif loss_type == "sppo_hard":
-        losses = sppo_hard_loss(chosen_logratios, rejected_logratios, beta)
-    elif loss_type == "aot":  # dominance of the policy's chosen-minus-rejected margins over the reference's
-        losses = aot_loss(chosen - rejected, ref_chosen - ref_rejected, beta, smoothing)
-    elif loss_type == "aot_unpaired":  # dominance of the chosen log-ratios over the rejected ones, pairs ignored
-        losses = aot_loss(chosen_logratios, rejected_logratios, beta, smoothing)
-    elif loss_type == "apo_zero":
-        losses = apo_zero_loss(chosen_logratios, rejected_logratios, beta)
-    elif loss_type == "apo_down":
-        losses = apo_down_loss(chosen_logratios, rejected_logratios, beta)
-    elif loss_type == "simpo":
-        losses = simpo_loss(chosen, rejected, beta, opts["simpo_gamma"], smoothing)
-    elif loss_type == "sft":
-        losses = sft_loss(policy_chosen_logps, chosen_lengths.to(policy_chosen_logps.dtype))
-    elif loss_type == "infonce":
-        losses = infonce_loss(opts["logps_matrix"], opts["temperature"])
-    else:  # "sami"
-        losses = sami_loss(opts["logps_matrix"], opts["temperature"])
+    losses = row.fn(margin=margin, chosen_logratios=chosen_logratios, rejected_logratios=rejected_logratios,
+                    logps=(chosen, rejected, ref_chosen, ref_rejected), chosen_lengths=chosen_lengths, beta=beta,
+                    **opts)
 
     if opts["rpo_alpha"] is not None:  # RPO (arXiv 2404.19733): DPO plus alpha * NLL of the chosen response
-        nll = sft_loss(policy_chosen_logps, chosen_lengths.to(policy_chosen_logps.dtype))  # (B,)
+        nll = sft_loss(policy_chosen_logps, chosen_lengths)  # (B,)
         losses = losses + opts["rpo_alpha"] * nll
     chosen_rewards = beta * chosen_logratios.detach()  # (B,) DPO Eq. 5: r(x, y) = beta log pi(y|x) / pi_ref(y|x)
     rejected_rewards = beta * rejected_logratios.detach()
@@ -309,7 +301,7 @@ def preference_loss(loss_type, policy_chosen_logps, policy_rejected_logps, ref_c
 
 def check_options(loss_type, beta, options):
     # Every mistake here would silently train something else, so each one is a one-line error naming the fix.
-    if loss_type not in LOSS_TYPES:
+    if loss_type not in LOSSES:
         raise ValueError(f"unknown loss_type {loss_type!r}; choose one of: {', '.join(LOSS_TYPES)}")
     unknown = sorted(set(options) - set(OPTIONS))
     if unknown:
@@ -320,15 +312,16 @@ def check_options(loss_type, beta, options):
     smoothing = opts["label_smoothing"]
     if not 0 <= smoothing < 0.5:
         raise ValueError(f"label_smoothing must be in [0, 0.5) (a label-flip probability); got {smoothing}")
-    if smoothing > 0 and loss_type not in SMOOTHED_LOSSES:
+    if smoothing > 0 and not LOSSES[loss_type].smoothed:
         raise ValueError(f"label_smoothing has no meaning for loss {loss_type!r}; it applies to: "
-                         f"{', '.join(SMOOTHED_LOSSES)}")
+                         f"{', '.join(name for name, row in LOSSES.items() if row.smoothed)}")
     f_type = opts["f_divergence_type"]
     if f_type not in F_DIVERGENCES:
         raise ValueError(f"unknown f_divergence_type {f_type!r}; choose one of: {', '.join(F_DIVERGENCES)}")
-    if f_type != "reverse_kl" and loss_type not in F_DIVERGENCE_LOSSES:
+    if f_type != "reverse_kl" and not LOSSES[loss_type].f_divergence:
         raise ValueError(f"f_divergence_type {f_type!r} is defined only for the margin losses "
-                         f"{', '.join(F_DIVERGENCE_LOSSES)}; use reverse_kl with {loss_type!r}")
+                         f"{', '.join(name for name, row in LOSSES.items() if row.f_divergence)}; "
+                         f"use reverse_kl with {loss_type!r}")
     if not opts["f_alpha_divergence_coef"] > 0:
         raise ValueError(f"f_alpha_divergence_coef must be > 0 (its limit at 0 is reverse_kl); "
                          f"got {opts['f_alpha_divergence_coef']}")
@@ -342,30 +335,29 @@ def check_options(loss_type, beta, options):
     return opts
 
 
-def check_inputs(loss_type, opts, uses_reference, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
-                 ref_rejected_logps, chosen_lengths, rejected_lengths):
-    inputs = dict(policy_chosen_logps=policy_chosen_logps, policy_rejected_logps=policy_rejected_logps,
-                  ref_chosen_logps=ref_chosen_logps, ref_rejected_logps=ref_rejected_logps,
-                  chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths)
+def check_inputs(loss_type, opts, uses_reference, *tensors):
+    inputs = dict(zip(["policy_chosen_logps", "policy_rejected_logps", "ref_chosen_logps", "ref_rejected_logps",
+                       "chosen_lengths", "rejected_lengths"], tensors))
     needed = ["policy_chosen_logps", "policy_rejected_logps"]
     if uses_reference:
         needed += ["ref_chosen_logps", "ref_rejected_logps"]
-    if loss_type in PER_TOKEN_LOSSES:
+    row = LOSSES[loss_type]
+    if row.per_token:
         needed += ["chosen_lengths", "rejected_lengths"]
-    elif loss_type == "sft" or opts["rpo_alpha"] is not None:
+    elif row.token_mean or opts["rpo_alpha"] is not None:
         needed += ["chosen_lengths"]
     for name in needed:
         if inputs[name] is None:
             raise ValueError(f"loss {loss_type!r} needs {name}; it is None"
                              + (" (or pass reference_free=True)" if name.startswith("ref_") else ""))
-    shape = policy_chosen_logps.shape
+    shape = inputs["policy_chosen_logps"].shape
     for name, value in inputs.items():
         if value is not None and (value.dim() != 1 or value.shape != shape):
             raise ValueError(f"{name} has shape {tuple(value.shape)}; every input must be (B,) = {tuple(shape)}")
     for name in ("chosen_lengths", "rejected_lengths"):
         if name in needed and (inputs[name] <= 0).any():
             raise ValueError(f"{name} must count at least one completion token per pair; got {inputs[name].tolist()}")
-    if loss_type in ("infonce", "sami"):
+    if row.negative_prompt:
         matrix = opts["logps_matrix"]
         if matrix is None or matrix.shape != (shape[0], 2, 2):
             got = None if matrix is None else tuple(matrix.shape)

@@ -1,12 +1,13 @@
 """dpo_loss is exact: every loss type equals its formula on hand-made tensors (expected values worked out by hand,
 the expression beside each number), the invariants between losses hold, gradients point where each loss says,
 and token_logps equals a naive log-softmax gather in float32 and bfloat16, chunked or not."""
+import dataclasses
 import math
 
 import pytest
 import torch
 
-from dpo_loss import LOSS_TYPES, OPTIONS, preference_loss, preference_metrics, token_logps
+from dpo_loss import LOSS_TYPES, LOSSES, OPTIONS, Loss, preference_loss, preference_metrics, token_logps
 
 LN2 = math.log(2)
 
@@ -101,7 +102,7 @@ def test_infonce_closed_form():
 
 
 def test_infonce_defaults_to_the_official_temperature_of_100_and_sami_to_1():
-    from plumbing import config
+    from bookkeeping import config
     settings = lambda *flags: config.loss_config(config.train_parser().parse_args(list(flags)))
     assert settings("--loss", "infonce").temperature == 100.0  # openrlhf/models/loss.py of the official trainer
     assert settings("--loss", "sami").temperature == 1.0
@@ -357,6 +358,67 @@ def test_every_loss_type_runs_and_the_option_table_is_complete():
     assert set(OPTIONS) == {"label_smoothing", "reference_free", "rpo_alpha", "f_divergence_type",
                             "f_alpha_divergence_coef", "discopop_tau", "simpo_gamma", "bco_delta", "temperature",
                             "logps_matrix"}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The table: one row per loss, and preference_loss demands exactly what the row says
+
+
+def table_inputs(B=4):
+    inputs = random_pairs(B=B)
+    matrix = torch.stack([inputs["policy_chosen_logps"], inputs["policy_rejected_logps"],
+                          inputs["policy_chosen_logps"] - 3, inputs["policy_rejected_logps"] + 3], dim=-1).view(B, 2, 2)
+    return inputs, matrix
+
+
+def test_every_loss_type_has_a_row_and_mipo_comes_first():
+    assert LOSS_TYPES == tuple(LOSSES) and LOSS_TYPES[0] == "sigmoid"
+    assert all(isinstance(row, Loss) and callable(row.fn) for row in LOSSES.values())
+    inputs, matrix = table_inputs()
+    for loss_type, row in LOSSES.items():  # a row's defaults are options its loss accepts
+        assert set(row.defaults) <= set(OPTIONS), loss_type
+        preference_loss(loss_type, **inputs, logps_matrix=matrix, **row.defaults)
+    assert LOSSES["infonce"].defaults == {"temperature": 100.0} and LOSSES["sami"].defaults == {"temperature": 1.0}
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_preference_loss_calls_the_function_of_the_row(loss_type, monkeypatch):
+    inputs, matrix = table_inputs()
+    expected = preference_loss(loss_type, **inputs, logps_matrix=matrix)[0]
+    row, calls = LOSSES[loss_type], []
+
+    def spy(**context):
+        calls.append(context)
+        return row.fn(**context)
+
+    monkeypatch.setitem(LOSSES, loss_type, dataclasses.replace(row, fn=spy))
+    assert torch.equal(preference_loss(loss_type, **inputs, logps_matrix=matrix)[0], expected)
+    assert len(calls) == 1  # every loss gets the same keywords, whatever it reads of them
+    assert set(calls[0]) == {"margin", "chosen_logratios", "rejected_logratios", "logps", "chosen_lengths", "beta",
+                             *OPTIONS}
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_the_row_says_what_preference_loss_demands(loss_type):
+    row, (inputs, matrix) = LOSSES[loss_type], table_inputs()
+
+    def runs(options=None, **overrides):  # True if preference_loss accepts these inputs, False if it refuses them
+        try:
+            preference_loss(loss_type, **{**inputs, **overrides}, **{"logps_matrix": matrix, **(options or {})})
+            return True
+        except ValueError:
+            return False
+
+    assert runs(ref_chosen_logps=None, ref_rejected_logps=None) == row.reference_free
+    assert runs(options=dict(logps_matrix=None)) == (not row.negative_prompt)
+    assert runs(rejected_lengths=None) == (not row.per_token)
+    assert runs(chosen_lengths=None) == (not (row.per_token or row.token_mean))
+    assert runs(options=dict(label_smoothing=0.1)) == row.smoothed
+    assert runs(options=dict(f_divergence_type="js_divergence")) == row.f_divergence
+    # a batch-coupled loss computes something else on a part of the batch; any other is pair by pair
+    whole = preference_loss(loss_type, **inputs, logps_matrix=matrix)[0][:2]
+    part = preference_loss(loss_type, **{k: v[:2] for k, v in inputs.items()}, logps_matrix=matrix[:2])[0]
+    assert torch.allclose(whole, part, rtol=1e-12, atol=0) != row.batch_coupled
 
 
 # ---------------------------------------------------------------------------------------------------------------
