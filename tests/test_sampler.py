@@ -75,6 +75,35 @@ def test_compiled_decode_gives_the_eager_tokens_and_compiles_once_per_shape(tiny
     torch._dynamo.reset()
 
 
+def test_prefill_gives_each_rows_next_token_logits_and_the_batch_to_decode(tiny_model):
+    prompts = sorted(PROMPTS, key=len, reverse=True)
+    logits, batch = sampler.prefill(tiny_model, prompts, 4)
+    with torch.no_grad():
+        for row, prompt in zip(logits, prompts):
+            assert torch.allclose(row, tiny_model(torch.tensor([prompt]))[0, -1], atol=1e-5)
+    assert batch.P == 7 and batch.seen.shape == batch.slot_is_real.shape == (5, 11)
+    assert batch.next_position.tolist() == [len(p) for p in prompts] and batch.live.tolist() == [0, 1, 2, 3, 4]
+
+
+def test_the_filter_comes_from_the_argument_else_from_the_model_else_the_plain_one():
+    """transforms/cpu_speedups.py gives a CPU model its filter as an attribute; an argument overrides it."""
+    calls = []
+
+    def counted(logits, top_k, top_p):
+        calls.append(top_p)
+        return top_k_top_p(logits, top_k, top_p)
+
+    model = make_tiny_model("qwen2")
+    run = lambda **filter: generate(model, PROMPTS, 5, temperature=0.9, top_p=0.8, seed=1, progress=False, **filter)
+    plain = run()
+    assert run(top_k_top_p=counted) == plain and calls
+    calls.clear()
+    model.top_k_top_p = counted
+    assert run() == plain and calls
+    calls.clear()
+    assert run(top_k_top_p=top_k_top_p) == plain and not calls
+
+
 def test_stop_ids_end_each_row_and_are_included(tiny_model):
     with torch.no_grad():
         free = [greedy_full_recompute(tiny_model, p, 10) for p in PROMPTS]
