@@ -1,24 +1,11 @@
-"""Evaluation: does a MIPO run beat its base instruct model on the paper's own measures, and by how much?
-It never trains or changes a model and does not reuse the training pairs: every response it scores is sampled here.
-
-The paper (Nam, Li, Jaques, arXiv 2603.19294) reports gains over the base instruct model: 3-40% on
-personalization, 1-18% on math and multiple choice. Its own evaluation scripts define how each is measured, and
-this file follows them (docs/protocol.md lists every remaining difference):
-  persona    the paper's judge: a judge model scores each response once per stated preference (its system prompt
-             and user message verbatim, T 0.1, top-p 0.9), the score is the reply's first integer, and a response
-             wins when its score is at least that of one fixed reference answer per item (--judge-reference, else
-             the base model's answer); beside it, the rule checks of the stated preferences (tasks.py) and whether
-             the NQ answer appears (a degeneracy guard);
+"""Evaluation: does a MIPO run beat its base instruct model on the paper's own measures, and by how much? Every
+response is sampled here (no training pairs) and measured as the paper's scripts do (differences: docs/protocol.md):
+  persona    the paper's judge, one score per stated preference, a win when at least a fixed reference's; rule checks;
   movielens  mean absolute error and exact-rating accuracy, next to the user's own mean rating;
-  gsm8k      the number after the first '####' (tasks.paper_gsm8k_answer); where there is none, the same model is
-             asked to extract it, as the paper does (--answer-fallback);
-  arc, mmlu  the first standalone A-D after the first "the answer is" (tasks.paper_letter);
-  every task the pointwise MI meter: log p(y|x) - log p(y|x') of the model's own response y under the BASE
-             model, x' the task's negative prompt (the MIPO paper): what one epoch of DPO on MIPO pairs claims to
-             raise (pmi), the same per token of y (pmi_per_token: the sum grows with the length), the same scored
-             by the model itself (pmi_self), the length and the share cut short.
-Each model's per-item results are cached next to it (RUN/eval/TASK.jsonl), so `--compare` evaluates only
-what is missing and pairs items by id for a bootstrap interval of every difference.
+  gsm8k      the number after the first '####', else the same model asked to extract it (--answer-fallback);
+  arc, mmlu  the first standalone A-D after the first "the answer is";
+  every task the pointwise MI meter under the BASE model: pmi, pmi_per_token, pmi_self, length.
+Per-item results are cached in RUN/eval/TASK.jsonl; --compare pairs items by id for bootstrap intervals.
 
     python eval.py --model qwen --task persona --n 50
     python eval.py --compare qwen runs/persona-qwen runs/persona-qwen-ipo
@@ -34,25 +21,22 @@ import torch
 
 import mipo
 from sampler import Sampling
-from tasks import (DATA_SEED, GSM8K_EXTRACT_PROMPT, PREFERENCE_BY_ID, Example, Task, extract_number, first_number,
+from tasks import (GSM8K_EXTRACT_PROMPT, PREFERENCE_BY_ID, Example, Task, extract_number, first_number,
                    mentions_answer, nearest_rating, prompt_messages, score_gsm8k_answer)
-from plumbing import config, report, results
-from plumbing.files import MipoError, run_command
-from plumbing.report import print_one, short_names, write_comparison
-from plumbing.results import fingerprint, locate, resolve, update_summary
+from bookkeeping import config, results
+from formats.files import MipoError, run_command
+from transforms import cpu_speedups
+from bookkeeping.report import print_one, short_names, write_comparison
+from bookkeeping.results import fingerprint, locate, resolve, update_summary
 
-MI_SEED = DATA_SEED  # fixes x' of the MI meter, so every model is measured against the same other prompts
-
-# The paper's judge (its prism.py; ca.py and mb.py use the same), verbatim: a system turn, and a user turn with the
-# user's own prompt (without the template and the requirements), the evaluated answer and ONE stated preference.
+# The paper's judge (prism.py; ca.py, mb.py alike), verbatim; its use: docs/protocol.md.
 JUDGE_SYSTEM = ("You are a helpful assistant, that evaluates another assistant's response based on how well the "
                 "response is personalized to this user based on their stated preference. Give a score between 1 and 5, "
                 "1 if the response is general, and 5 if the response sufficiently addresses the user's preference. "
                 "Only respond with a number between 1 and 5 and do not provide an explanation.")
 JUDGE_USER = "User: {prompt}\n\nAssistant: {response}\n\nUser's preference: {preference}"
-# The paper's judge and its GSM8K answer extraction (the model asked for the number when '####' gives none) both decode
-# at T 0.1, top-p 0.9, 1024 new tokens, top-k and repetition penalty from the model's generation config. Only the
-# reply's first integer or number is read, so on a CPU the budget is cut to 32 tokens.
+# The judge and GSM8K's answer extraction decode as the paper's (the rest: generation config); only the reply's
+# first number is read, so on a CPU the budget is cut to 32 tokens.
 READER_SAMPLING = {"paper": Sampling(0.1, top_p=0.9, max_new_tokens=1024),
                    "cpu": Sampling(0.1, top_p=0.9, max_new_tokens=32)}
 
@@ -71,7 +55,7 @@ def user_mean_rating(ex: Example) -> float:
 
 
 def score_item(task: Task, ex: Example, response: str) -> dict:
-    """{metric: value or None} for one response; None where the metric does not apply (e.g. no rating parsed)."""
+    """{metric: value or None (not applicable)} for one response."""
     metrics = dict(task.score(ex, response))
     if task.name == "persona":
         metrics["answer_found"] = float(mentions_answer(response, ex.meta["answers"]))
@@ -84,7 +68,7 @@ def score_item(task: Task, ex: Example, response: str) -> dict:
 
 
 def judge_preferences(task: Task, ex: Example) -> list[str]:
-    """The stated preferences the judge scores one at a time; [] where the task has none."""
+    """The stated preferences the judge scores one at a time; [] if none."""
     if task.name == "persona":
         return [PREFERENCE_BY_ID[rule][2] for rule in ex.meta["rules"]]
     if task.name == "jsonl" and ex.context:  # the user's own context: one preference per line
@@ -93,15 +77,24 @@ def judge_preferences(task: Task, ex: Example) -> list[str]:
 
 
 def parse_judge_score(reply: str) -> int | None:
-    """The paper's reading of a judge reply: its first integer, whatever it is; None when it has none."""
+    """The paper's reading of a judge reply: its first integer; None if it has none."""
     found = re.search(r"\d+", reply)
     return int(found.group()) if found else None
 
 
+def set_judge_wins(items: list[dict], reference_items: list[dict]) -> None:
+    """The paper's win rule: judge_win is 1 where an item's score >= its reference answer's (ties win), 0 where
+    either has none."""
+    reference = {item["id"]: item["metrics"].get("judge_score") for item in reference_items}
+    for item in items:
+        score, reference_score = item["metrics"].get("judge_score"), reference.get(item["id"])
+        item["metrics"]["judge_win"] = float(score is not None and reference_score is not None
+                                             and score >= reference_score)
+
+
 def judge_metrics(item: dict, unparsed: str) -> None:
-    """judge_score: the mean of an item's scores over its stated preferences, a reply without an integer skipped
-    (unparsed "skip", the paper's rule: an item with no score at all has none and never wins) or counted as 1
-    ("one"); judge_unparsed: the share of its replies without one."""
+    """judge_score: an item's mean score, a reply without an integer skipped (unparsed "skip", the paper's rule)
+    or counted as 1 ("one"); judge_unparsed: the share of such replies."""
     scores = item["judge"]["scores"]
     counted = [s for s in scores if s is not None] if unparsed == "skip" else [1 if s is None else s for s in scores]
     item["metrics"]["judge_score"] = sum(counted) / len(counted) if counted else None
@@ -109,7 +102,7 @@ def judge_metrics(item: dict, unparsed: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Evaluating one model: sample a response per held-out item, score it, meter the MI, judge it.
+# One model: sample a response per held-out item, score it, meter the MI, judge it.
 # ---------------------------------------------------------------------------------------------------
 
 
@@ -122,10 +115,8 @@ def check_fits(model, prompts: list[list[int]], max_new_tokens: int, what: str) 
 
 
 def meter_rows(task: Task, examples: list[Example], items: list[dict]) -> list[tuple]:
-    """mipo.meter_rows of the items' responses, x' fixed by MI_SEED and the items alone, so that every model is
-    metered against the same x'."""
-    responses = [(item["response"], item["stopped"]) for item in items]
-    return mipo.meter_rows(task, examples, responses, task.negative, MI_SEED)
+    """mipo.meter_rows of the items' responses: the x' train.py's held-out meter uses too."""
+    return mipo.meter_rows(task, examples, [(item["response"], item["stopped"]) for item in items])
 
 
 def can_meter(task: Task, examples: list) -> bool:
@@ -135,9 +126,8 @@ def can_meter(task: Task, examples: list) -> bool:
 def evaluate(model, tokenizer, task: Task, examples: list[Example], sampling: Sampling, seed: int,
              batch_size: int = 16, mi: bool = True, progress: bool = True,
              answer_fallback: str = "model") -> list[dict]:
-    """One record per item: {id, response, stopped, metrics}. With mi, the model's own pointwise MI of its response
-    (pmi_self) and the response's length in tokens; the base model's (pmi) is meter_all's. answer_fallback: how a
-    GSM8K answer without a number after '####' is read (ANSWER_FALLBACKS)."""
+    """One record per item: {id, response, stopped, metrics}; with mi, pmi_self and the length in tokens (pmi is
+    meter_all's). answer_fallback: see read_missing_answers."""
     prompts = [tokenizer.apply_chat_template(prompt_messages(task, ex)) for ex in examples]
     check_fits(model, prompts, sampling.max_new_tokens, f"{task.name} prompts")
     items = []
@@ -160,9 +150,8 @@ def evaluate(model, tokenizer, task: Task, examples: list[Example], sampling: Sa
 
 def judge(judge_model, judge_tokenizer, task: Task, examples: list[Example], items: list[dict], sampling: Sampling,
           seed: int, batch_size: int = 16, progress: bool = True) -> None:
-    """The paper's personalization protocol: the judge scores each response once per stated preference, seeing the
-    user's own prompt (ex.question: no template, no requirements), the response and that one preference. Fills
-    item["judge"]: the scores (None where a reply held no integer) and the raw replies."""
+    """The paper's judge (docs/protocol.md), once per stated preference: fills item["judge"] with the scores (None:
+    no integer) and the raw replies."""
     requests = [(k, preference) for k, ex in enumerate(examples) for preference in judge_preferences(task, ex)]
     prompts = [judge_tokenizer.apply_chat_template([
         {"role": "system", "content": JUDGE_SYSTEM},
@@ -181,8 +170,8 @@ def judge(judge_model, judge_tokenizer, task: Task, examples: list[Example], ite
 
 def read_missing_answers(model, tokenizer, examples: list[Example], items: list[dict], how: str, sampling: Sampling,
                          seed: int, batch_size: int, progress: bool) -> None:
-    """GSM8K: where the paper's reader found no number after '####', the answer read the paper's way (how "model": the
-    same model asked to extract it, the first number of its reply) or by this project's rules ("rules")."""
+    """GSM8K: where '####' gave no number, the answer the same model extracts (how "model", the paper's) or
+    this project's rules find ("rules")."""
     missing = [k for k, item in enumerate(items) if not item["metrics"]["parsed"]]
     if not missing:
         return
@@ -202,7 +191,7 @@ def read_missing_answers(model, tokenizer, examples: list[Example], items: list[
 
 
 def results_for(spec: dict, task: Task, examples, args, settings: dict) -> list[dict]:
-    """Cached results of one model (plumbing/results.py), or a fresh evaluation saved to its eval dir."""
+    """One model's cached results (bookkeeping/results.py), or a fresh evaluation saved to its eval dir."""
     settings, items = results.cached(spec, task, examples, settings, args.force)  # with this model's sampling defaults
     if items is None:
         model, tokenizer = results.load(spec["model"], args)
@@ -217,16 +206,15 @@ def results_for(spec: dict, task: Task, examples, args, settings: dict) -> list[
 
 
 def judge_settings(args) -> dict:
-    """What a judged item was judged with: results judged otherwise are judged again."""
+    """What an item was judged with; items judged otherwise are judged again."""
     protocol = hashlib.sha256((JUDGE_SYSTEM + JUDGE_USER).encode()).hexdigest()[:12]
     where = "cpu" if torch.device(args.device).type == "cpu" else "paper"
-    sampling = config.resolve_sampling(READER_SAMPLING[where], locate(args.judge)["model"])
+    sampling = mipo.resolve_sampling(READER_SAMPLING[where], locate(args.judge)["model"])
     return {"model": args.judge, "prompt": protocol, "sampling": asdict(sampling), "seed": args.seed}
 
 
 def judge_all(models: list[tuple[dict, list[dict]]], task: Task, examples, args) -> None:
-    """Judge every model's responses that were not judged with these settings yet (one judge load for all), and
-    set each item's judge metrics by --judge-unparsed."""
+    """Judge what is not yet judged with these settings (one judge load), then set judge metrics."""
     if args.judge == "none" or not any(judge_preferences(task, ex) for ex in examples):
         return
     settings = judge_settings(args)
@@ -252,9 +240,8 @@ def judge_all(models: list[tuple[dict, list[dict]]], task: Task, examples, args)
 
 
 def meter_all(models: list[tuple[dict, list[dict]]], task: Task, examples, args) -> None:
-    """pmi: every model's responses scored by the reference (base) model, loaded once, for the models it has not
-    scored yet. MIPO's claim is that training raises this number: the base model's pointwise MI of the trained
-    model's responses."""
+    """pmi: each model's responses scored by the base model (loaded once) where not yet scored; MIPO's claim is
+    that training raises it (docs/walkthrough.md step 14)."""
     if args.no_mi or not can_meter(task, examples):
         return
     reference = {"model": args.mi_reference["name"], "files": fingerprint(args.mi_reference["model"])}
@@ -276,7 +263,7 @@ def meter_all(models: list[tuple[dict, list[dict]]], task: Task, examples, args)
 
 
 # ---------------------------------------------------------------------------------------------------
-# Command line (flags: config.eval_parser; what they name: plumbing/results.py).
+# Command line (flags: config.eval_parser; what they name: bookkeeping/results.py).
 # ---------------------------------------------------------------------------------------------------
 
 
@@ -289,15 +276,18 @@ def main(argv=None) -> None:
         resolve(args.judge)  # a judge that does not exist fails now, not after the sampling
     reference = results.judge_reference(args, task, examples) if judged else None
     args.mi_reference = None if args.no_mi else results.mi_reference(args, specs)
+    print(cpu_speedups.plan_line(args.device), file=sys.stderr)
 
     models = [(spec, results_for(spec, task, examples, args, settings)) for spec in specs]
     meter_all(models, task, examples, args)
     judge_all(models + ([reference] if reference else []), task, examples, args)
-    reference_scores = None if reference is None else report.judge_scores(reference[1])
+    if judged:  # against one fixed reference answer per item (--judge-reference), else against the base's answers
+        for _, items in (models if reference else models[1:]):
+            set_judge_wins(items, reference[1] if reference else models[0][1])
     if args.model is not None:
-        print_one(models[0], task, short_names(specs), args, reference_scores)
+        print_one(models[0], task, short_names(specs), args, reference is not None)
     else:
-        write_comparison(models, task, examples, args, settings, reference_scores)
+        write_comparison(models, task, examples, args, settings, reference is not None)
 
 
 if __name__ == "__main__":

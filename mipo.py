@@ -1,25 +1,16 @@
-"""MIPO, the method (Nam, Li, Jaques, "Maximizing Mutual Information Between Prompt and Response Improves
-LLM Performance With No Additional Data", arXiv 2603.19294): preference pairs sampled from the base model
-itself, and the pointwise mutual information that DPO on them raises.
+"""MIPO, the method (Nam, Li, Jaques, arXiv 2603.19294, section 3; docs/walkthrough.md steps 2-6 and 14): preference
+pairs sampled from the base model itself, and the pointwise mutual information that DPO on them raises.
 
-For each training prompt x the base model samples a positive y+ ~ pi(.|x); the negative y- is a response of
-the same model to a different prompt x' (the MIPO paper's contrastive pairs):
-  random           x' = another training prompt, and y- is the positive already sampled for it (math,
-                   multiple choice: one sampling pass, as the official code);
-  incomplete       y- ~ pi(.|x'), x' = x with the user context removed (personalization), or with one
-                   sentence of the problem dropped (math);
-  random-resample  y- ~ pi(.|x'), x' = another prompt, or the same request under another user's context.
-Both responses are stored under the ORIGINAL prompt: (prompt=x, chosen=y+, rejected=y-). One epoch of
-DPO on these pairs, with the base model as reference, maximizes the pointwise mutual information
-log pi(y|x) - log pi(y), pi(y|x') standing in for the marginal pi(y); with an incomplete prompt it is the
-conditional form log pi(y|x,c) - log pi(y|x). `pointwise_mi` measures exactly that difference.
-It builds pairs and measures; it does not train: the loss is dpo_loss.py's, the loop train.py's.
-
-Nothing here is task-specific: a task (tasks.py) gives the prompts x, the template and the checker. The pairs
-file is TRL's conversational preference format (plumbing/pairs_file.py).
+For each training prompt x the base model samples y+ ~ pi(.|x); the negative y- is the same model's response to
+another prompt x' (three kinds: plan_negatives below). Both are stored under the
+ORIGINAL prompt: (prompt=x, chosen=y+, rejected=y-). DPO on these pairs maximizes log pi(y|x) - log pi(y|x'), which
+pointwise_mi measures. This file builds pairs and measures; the loss is dpo_loss.py's, the loop train.py's, and the
+pairs file is TRL's conversational preference format (formats/pairs_file.py).
 
     python mipo.py --model qwen --task persona --n 32
 """
+import argparse
+import gc
 import json
 import random
 import sys
@@ -35,20 +26,25 @@ import sampler
 from dpo_loss import token_logps
 from model_loader import load_model
 from sampler import Sampling
-from tasks import NEGATIVES, Example, Task, compare_responses, load_examples, prompt_messages
-from plumbing import config, cpu_speedups, pairs_file
-from plumbing.files import MipoError, append_jsonl, run_command, write_atomically
-from plumbing.model_sources import local_model
-
+from tasks import (DATA_SEED, NEGATIVES, TASKS, Example, Task, compare_responses, default_sampling, get_task,
+                   load_examples, prompt_messages)
+from formats import pairs_file
+from formats.dtypes import AUTO_DTYPE, DTYPES, torch_dtype
+from formats.files import MipoError, append_jsonl, check_out, run_command, write_atomically
+from formats.hf_files import TRANSFORMERS_SAMPLING_DEFAULTS, generation_defaults
+from formats.model_sources import local_model, resolve_model_dir
 
 # ---------------------------------------------------------------------------------------------------
-# Negatives: the prompt x' whose response becomes the rejected answer for x (the three kinds: above).
+# Negatives: the prompt x' whose response becomes the rejected answer for x.
+#   random           x' = another training prompt; y- is the positive already sampled for it (one sampling pass)
+#   incomplete       y- ~ pi(.|x'), x' = x without its user context (personalization) or one sentence (math)
+#   random-resample  y- ~ pi(.|x'), x' = another prompt, or the same request under another user's context
 # ---------------------------------------------------------------------------------------------------
 
 def derangement(keys: list[str], rng: random.Random) -> list[int]:
-    """donor[i] for every i: a random permutation in which no item is its own donor, nor a donor whose
-    prompt content (keys) equals its own. The official code paired prompts by a plain shuffle, which
-    can pair a prompt with itself: the 'negative' is then a second positive and the pair teaches nothing."""
+    """donor[i] for every i: a random permutation with no item its own donor, nor one whose prompt (keys) equals its
+    own. The official code's plain shuffle can pair a prompt with itself: a second positive, a pair that teaches
+    nothing."""
     n = len(keys)
     if n < 2:
         raise MipoError(f"--negative random needs at least 2 prompts (got {n}); raise --n")
@@ -89,11 +85,9 @@ def negative_example(
 
 
 def drop_one_sentence(question: str, rng: random.Random) -> tuple[str, str]:
-    """The math 'incomplete prompt', by the paper's rule (its gsm.py): the problem is split at every ".", one part
-    before the last is dropped at random, and the rest is joined again with "." (the last part, the question itself,
-    always stays), so the model answers the same question with a fact missing. The split is a plain one: "$1.50" is
-    two parts, and a problem with two parts becomes ". " + its question, as in the paper. Returns (x', the dropped
-    part); a problem without a "." has nothing to drop (the paper skips it, as load_gsm8k does)."""
+    """The math 'incomplete prompt', by the paper's gsm.py: split at every ".", one part before the last (the
+    question) dropped at random, the rest joined with "." again. A plain split, as the paper's ("$1.50" is two
+    parts). -> (x', the dropped part); a problem without a "." has nothing to drop (load_gsm8k skips it)."""
     parts = question.split(".")
     if len(parts) < 2:
         raise MipoError(f"cannot drop a sentence from a problem without a '.': {question[:60]!r}; "
@@ -124,15 +118,15 @@ def plan_negatives(
 
 
 # ---------------------------------------------------------------------------------------------------
-# Sampling the pairs: y+ from x, y- from x', both stored under x. The file, and resuming it: plumbing/pairs_file.py.
+# Sampling the pairs: y+ from x, y- from x', both stored under x. The file, and resuming it: formats/pairs_file.py.
 # ---------------------------------------------------------------------------------------------------
 
 def build_pairs(model, tokenizer, task: Task, examples: list[Example], out_path, negative: str, sampling: Sampling,
                 seed: int = 0, batch_size: int = 16, model_name: str = "", progress: bool = True) -> list[dict]:
-    """Sample one positive (from x) and one negative (from x') per example and write the pairs to out_path.
-    Resumable (sample_pairs); a complete pairs file of the same run is returned as it is. Returns every pair."""
-    sampling = config.resolve_sampling(sampling, model)
-    settings = pairs_file.sampling_settings(sampling, seed, model_name)
+    """One positive (from x) and one negative (from x') per example, written to out_path and returned. Resumable;
+    a complete pairs file of the same run is returned as it is."""
+    sampling = resolve_sampling(sampling, model)
+    settings = sampling_settings(sampling, seed, model_name)
     pairs = pairs_file.read_complete_pairs(out_path, task, examples, negative, settings)
     if pairs is not None:
         return pairs
@@ -144,15 +138,13 @@ def build_pairs(model, tokenizer, task: Task, examples: list[Example], out_path,
 def sample_pairs(model, tokenizer, task: Task, examples: list[Example], path, negative: str, sampling: Sampling,
                  seed: int = 0, batch_size: int = 16, model_name: str = "", progress: bool = True,
                  shard: tuple[int, int] = (0, 1)) -> None:
-    """Sample every response the pairs need into the samples file `path`, one line per prompt x: y+ ~ pi(.|x), and
-    y- ~ pi(.|x') unless the negative is another prompt's positive (--negative random). Prompts go in batches of
-    batch_size, each with its own seed, so an interrupted run, started again, writes what an uninterrupted run
-    would have. shard=(rank, world): sample only every world-th batch, from the rank-th, so that world processes
-    together sample exactly what one process samples."""
+    """Every response the pairs need, into the samples file `path`, one line per x: y+ ~ pi(.|x), and y- ~ pi(.|x')
+    unless y- is another prompt's positive (--negative random). Each batch of prompts has its own seed, so a resumed
+    run writes what an uninterrupted one would. shard=(rank, world): every world-th batch from the rank-th."""
     plan = plan_negatives(task, examples, negative, seed)
     sample_negatives = negative != "random"
-    sampling = config.resolve_sampling(sampling, model)  # what the flags left to the model, from the model
-    settings = pairs_file.sampling_settings(sampling, seed, model_name)
+    sampling = resolve_sampling(sampling, model)  # what the flags left to the model, from the model
+    settings = sampling_settings(sampling, seed, model_name)
     with append_jsonl(path, "pairs") as (records, write):  # what an interrupted run sampled, and a writer after it
         done = pairs_file.resume_samples(path, records, tokenizer, task, negative, settings)
         positives, negatives = encode_prompts(model, tokenizer, task, examples, plan, sampling.max_new_tokens)
@@ -183,8 +175,7 @@ def sample_pairs(model, tokenizer, task: Task, examples: list[Example], path, ne
 def encode_prompts(
     model, tokenizer, task: Task, examples: list[Example], plan: list, max_new_tokens: int
 ) -> tuple[list, list]:
-    """Both prompts of every pair as token ids, x and x'; a prompt too long for the model fails here, before any
-    sampling."""
+    """Both prompts of every pair as token ids, x and x'; one too long for the model fails here, before sampling."""
     positives = [tokenizer.apply_chat_template(prompt_messages(task, ex)) for ex in examples]
     negatives = [tokenizer.apply_chat_template(prompt_messages(task, x_prime)) for x_prime, _, _ in plan]
     limit = model.config.max_position_embeddings
@@ -202,17 +193,33 @@ def encode_prompts(
 def sample_responses(model, tokenizer, prompts: list[list[int]], sampling: Sampling, seed: int, batch_size: int,
                      progress: bool = False) -> list[tuple[str, bool]]:
     """One response per prompt (token ids) as (text, stopped): every sampling call of the project goes through here,
-    with the settings in force (what the flags left to the model taken from it, config.resolve_sampling)."""
-    sampling = config.resolve_sampling(sampling, model)
+    with the settings in force (resolve_sampling)."""
+    sampling = resolve_sampling(sampling, model)
     completions = sampler.generate(model, prompts, **sampler.generate_kwargs(sampling),
                                    stop_token_ids=tokenizer.stop_token_ids, seed=seed, batch_size=batch_size,
                                    progress=progress)
     return [response_text(tokenizer, tokens) for tokens in completions]
 
 
+def resolve_sampling(sampling: Sampling, model) -> Sampling:
+    """sampling with what it leaves to the model (None) taken from the model's generation_config.json, as
+    transformers' generate does (formats/hf_files.py). model: a loaded model, or what --model names."""
+    if sampling.top_k is not None and sampling.repetition_penalty is not None:
+        return sampling
+    if isinstance(model, (str, Path)):
+        defaults = generation_defaults(resolve_model_dir(model))
+    else:
+        defaults = getattr(model, "generation_defaults", TRANSFORMERS_SAMPLING_DEFAULTS)
+    return replace(sampling, **{k: v for k, v in defaults.items() if getattr(sampling, k) is None})
+
+
+def sampling_settings(sampling: Sampling, seed: int, model_name: str) -> dict:
+    """What every pairs and samples record keeps of the run that sampled it: the settings in force, seed, model."""
+    return {**sampler.generate_kwargs(sampling), "seed": seed, "model": model_name}
+
+
 def response_text(tokenizer, tokens: list[int]) -> tuple[str, bool]:
-    """(text, stopped) of sampled token ids: stopped when the last one is a stop token, which is cut from the text
-    (the chat template writes the end of turn itself when the response is scored)."""
+    """(text, stopped) of sampled ids; a final stop token is cut (the chat template writes it when scoring)."""
     stopped = bool(tokens) and tokens[-1] in tokenizer.stop_token_ids
     return tokenizer.decode(tokens[:-1] if stopped else tokens), stopped
 
@@ -254,8 +261,7 @@ def write_pairs(
 
 
 def pair_stats(pairs: list[dict]) -> dict:
-    """The share of responses cut at --max-new-tokens, per side: a pair with one cut side and one stopped side
-    teaches 'stop' (the end-of-turn token) as much as it teaches the prompt."""
+    """The share of responses cut at --max-new-tokens, per side (a pair with one side cut also teaches 'stop')."""
     n = max(1, len(pairs))
     return {
         "pairs": len(pairs),
@@ -267,17 +273,15 @@ def pair_stats(pairs: list[dict]) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Pointwise mutual information: the quantity MIPO maximizes, as a meter for training and evaluation.
-# MIPO's claim is about the BASE model: DPO on the pairs raises log pi_ref(y|x) - log pi_ref(y|x') for the
-# trained model's responses y. The same difference scored by the trained model itself also rises when the
-# model merely grows more confident, so it is reported under another name (pmi_self) and is no evidence alone.
+# Pointwise mutual information, the quantity MIPO maximizes, as a meter (docs/walkthrough.md, step 14): the BASE
+# model's log pi_ref(y|x) - log pi_ref(y|x') for a model's own responses y (pmi). Scored by the trained model itself
+# (pmi_self) it also rises when a model merely grows more confident: no evidence alone.
 # ---------------------------------------------------------------------------------------------------
 
 
 def encode_turn(tokenizer, messages: list[dict], response: str, stopped: bool) -> tuple[list[int], list[int]]:
     """(prompt ids, response ids) of one chat turn, both cut from the template's rendering of the whole
-    conversation so the response tokens are those the chat format puts there. The response keeps its
-    end-of-turn token when the sample stopped and has none when it was cut at max_new_tokens."""
+    conversation; the response ends with its end-of-turn token only when the sample stopped by itself."""
     prompt_ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
     full = tokenizer.apply_chat_template(
         messages + [{"role": "assistant", "content": response}], add_generation_prompt=False
@@ -297,10 +301,9 @@ def encode_turn(tokenizer, messages: list[dict], response: str, stopped: bool) -
 def response_logps(
     model, rows: list[tuple[list[int], list[int]]], batch_size: int = 8, progress: bool = False
 ) -> torch.Tensor:
-    """Summed log p(response | prompt) of each (prompt ids, response ids) row, float32, shape (N,).
-    Rows are scored longest first, so a batch pads little, and only the positions that score a response token
-    go through the output projection and the log-softmax (a prompt's own positions never need the 152k-row
-    projection). Shapes: B rows in a batch, T tokens, R response tokens of the batch, V vocabulary."""
+    """Summed log p(response | prompt) of each (prompt ids, response ids) row: (N,) float32. Longest rows first (little
+    padding); only positions that score a response token reach the output projection and the log-softmax.
+    Shapes: B rows in a batch, T tokens, R response tokens of the batch, V vocabulary."""
     device = model.lm_head.weight.device
     out = torch.zeros(len(rows))  # an empty response (no token at all) has log-prob 0 under any prompt
     scored = sorted((i for i, (_, r) in enumerate(rows) if r), key=lambda i: -len(rows[i][0]) - len(rows[i][1]))
@@ -327,10 +330,9 @@ def response_logps(
 
 def pointwise_mi(model, tokenizer, responses: list[tuple[list[dict], list[dict], str, bool]], batch_size: int = 8,
                  progress: bool = False) -> tuple[list[float], list[int]]:
-    """log p(y|x) - log p(y|x') under `model`, summed over the response tokens, for each (x, x', y, stopped) (x and
-    x' as chat messages, y the response text, stopped: whether y ended by itself), and the length of each y in
-    tokens. With y ~ pi(.|x) and x' another prompt it estimates the MI log p(y|x) - log p(y); with x' = x without
-    its context c, the conditional form log p(y|x,c) - log p(y|x). Pass the base model to measure what MIPO raises."""
+    """log p(y|x) - log p(y|x') under `model`, summed over y's tokens, for each (x, x', y, stopped) (x, x' chat
+    messages, y text, stopped: y ended by itself), and each y's length in tokens. x' another prompt: the MI
+    log p(y|x) - log p(y); x' = x without its context c: the conditional form log p(y|x,c) - log p(y|x)."""
     rows = []
     for x, x_prime, text, stopped in responses:
         rows += [encode_turn(tokenizer, x, text, stopped), encode_turn(tokenizer, x_prime, text, stopped)]
@@ -339,10 +341,8 @@ def pointwise_mi(model, tokenizer, responses: list[tuple[list[dict], list[dict],
 
 
 def mi_meter(model, tokenizer, responses: list[tuple[list[dict], list[dict], str, bool]], batch_size: int = 8) -> dict:
-    """The held-out meter of one model's responses (x, x', y, stopped): the mean pointwise MI under `model` (the
-    base model for the number MIPO claims to raise), the mean of each response's MI over its length in tokens (the
-    sum grows with the length; this does not), the responses' mean length and the share of them cut at
-    max_new_tokens; per_response: each response's pointwise MI and length, for paired comparisons."""
+    """Means over responses (x, x', y, stopped) under `model`: pmi, pmi_per_token (each response's over its length:
+    the sum grows with the length), length, the share cut at max_new_tokens; per_response for paired comparisons."""
     if not responses:
         raise MipoError("mi_meter: no responses")
     values, lengths = pointwise_mi(model, tokenizer, responses, batch_size)
@@ -353,31 +353,141 @@ def mi_meter(model, tokenizer, responses: list[tuple[list[dict], list[dict], str
             "per_response": [{"pmi": value, "length": length} for value, length in zip(values, lengths)]}
 
 
-def meter_rows(task: Task, examples: list[Example], responses: list[tuple[str, bool]], negative: str,
-               seed: int) -> list[tuple]:
-    """(x, x', y, stopped) per example for pointwise_mi and mi_meter: y its response (text, stopped) and x' the
-    negative prompt plan_negatives draws for (negative, seed), the x' of the example's pair when the pairs were
-    built with the same negative and seed."""
-    plan = plan_negatives(task, examples, negative, seed)
+METER_SEED = DATA_SEED  # fixes x' of the meter: every model and every run is metered against the same x'
+
+
+def meter_rows(task: Task, examples: list[Example], responses: list[tuple[str, bool]]) -> list[tuple]:
+    """(x, x', y, stopped) per example, y its response (text, stopped) and x' drawn with the task's own negative and
+    METER_SEED: for the items alone, not a run's --negative or --seed, so train.py's meter and eval.py's agree."""
+    plan = plan_negatives(task, examples, task.negative, METER_SEED)
     return [(prompt_messages(task, ex), prompt_messages(task, x_prime), text, stopped)
             for ex, (x_prime, _, _), (text, stopped) in zip(examples, plan, responses)]
 
 
+@torch.no_grad()
+def held_out_meter(model, tokenizer, task: Task, examples: list[Example], responses: list[tuple[str, bool]]) -> dict:
+    """mi_meter of one response (text, stopped) per held-out example, the task's metric, and each item's numbers."""
+    was_training = model.training
+    model.eval()
+    meter = mi_meter(model, tokenizer, meter_rows(task, examples, responses))
+    model.train(was_training)
+    items, scores = [], {}
+    for ex, (text, stopped), mi in zip(examples, responses, meter.pop("per_response")):
+        task_scores = task.score(ex, text)
+        for metric, value in task_scores.items():
+            scores.setdefault(metric, []).append(value)
+        per_token = mi["pmi"] / mi["length"] if mi["length"] else None
+        items.append({"id": ex.id, "metrics": {**mi, "pmi_per_token": per_token, "truncated": float(not stopped),
+                                               **task_scores}})
+    return {**meter, "task": {metric: sum(v) / len(v) for metric, v in scores.items()}, "items": items}
+
+
+def trained_meter(load, trained, base, task: Task, examples: list[Example], sampling: Sampling, seed: int,
+                  batch_size: int) -> dict:
+    """The meter MIPO's claim is about: the trained model samples its own response to each held-out prompt (the
+    base model's settings and seed), the BASE model scores them (pmi); pmi_self is the trained model's own score.
+    load(name) -> (model, tokenizer) is the caller's loader; one model is in memory at a time."""
+    policy, tokenizer = load(trained)
+    prompts = [tokenizer.apply_chat_template(prompt_messages(task, ex)) for ex in examples]
+    own = sample_responses(policy, tokenizer, prompts, sampling, seed, batch_size)
+    pmi_self = held_out_meter(policy, tokenizer, task, examples, own)["pmi"]
+    del policy
+    gc.collect()  # the decoder holds reference cycles: freed now, before the base model loads
+    reference, tokenizer = load(base)
+    return {**held_out_meter(reference, tokenizer, task, examples, own), "pmi_self": pmi_self}
+
+
 # ---------------------------------------------------------------------------------------------------
-# Command line: python mipo.py --model qwen --task persona --n 32   (flags: config.pairs_parser)
+# Command line: python mipo.py --model qwen --task persona --n 32. The sampling flags are train.py's and eval.py's too.
 # ---------------------------------------------------------------------------------------------------
+
+
+def add_sampling_flags(parser: argparse.ArgumentParser, title: str, many: dict | None = None):
+    """The sampling flags of all three command lines; one left out takes the task's value. many: train.py's."""
+    many = many or {}
+    g = parser.add_argument_group(title)
+    g.add_argument("--max-new-tokens", type=int, default=None, help="new tokens per response", **many)
+    g.add_argument("--temperature", type=float, default=None, help="sampling temperature (0: greedy)", **many)
+    g.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass", **many)
+    g.add_argument("--top-k", type=int, default=None, **many, help="top-k filter (0: off; default: the model's "
+                   "generation_config.json, as transformers' generate, and transformers' 50 where it sets none)")
+    g.add_argument("--repetition-penalty", type=float, default=None, **many, help="penalize the logits of the tokens a "
+                   "response or its prompt holds already (1: off; default: the model's generation_config.json, 1 "
+                   "where it sets none)")
+    return g
+
+
+def sampling_from_flags(args, base: Sampling) -> Sampling:
+    """base with the sampling flags that were given (None stays the model's: resolve_sampling)."""
+    given = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
+             "top_k": args.top_k, "repetition_penalty": args.repetition_penalty}
+    s = replace(base, **{k: v for k, v in given.items() if v is not None})
+    if s.temperature < 0 or not 0 < s.top_p <= 1 or (s.top_k is not None and s.top_k < 0) or s.max_new_tokens < 1 \
+            or (s.repetition_penalty is not None and not s.repetition_penalty > 0):
+        raise MipoError(f"sampling {asdict(s)}: need --temperature >= 0, 0 < --top-p <= 1, --top-k >= 0, "
+                        "--max-new-tokens >= 1, --repetition-penalty > 0")
+    return s
+
+
+SPEEDUPS_OFF = "MIPO_CPU_SPEEDUPS=0 in the environment switches off every CPU speed-up (transforms/cpu_speedups.py)."
+
+
+def pairs_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Build MIPO preference pairs: positives from x, negatives from x', "
+                                                 "stored under x.", epilog=SPEEDUPS_OFF)
+    data = parser.add_argument_group("data")
+    data.add_argument("--task", default="persona", help=f"one of: {', '.join(TASKS)} (default persona)")
+    data.add_argument("--data", default=None,
+                      help="--task jsonl: the JSONL file (prompt, optional context, answer, id)")
+    data.add_argument("--n", type=int, default=64, help="number of training prompts, hence pairs (default 64)")
+    data.add_argument("--negative", choices=NEGATIVES, default=None,
+                      help="random: another prompt's response (one sampling pass, the paper's); incomplete: sampled "
+                           "from x without its context or with a sentence dropped; random-resample: sampled again "
+                           "from another prompt or, with a user context, from x under another user's context "
+                           "(default: the task's)")
+    data.add_argument("--out", default=None,
+                      help="pairs file to write or resume (default runs/pairs-TASK-NEGATIVE.jsonl)")
+    model = parser.add_argument_group("model")
+    model.add_argument("--model", default="qwen",
+                       help="bundled model name (qwen, llama, smollm2), a Hugging Face directory, or a hub name "
+                            "(owner/name), downloaded once with huggingface_hub")
+    model.add_argument("--revision", default=None,
+                       help="with a hub name: the commit (or branch, tag) to download (default main)")
+    model.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                       help="torch device (default cuda if available)")
+    model.add_argument("--dtype", choices=DTYPES, default="auto", help=f"default {AUTO_DTYPE} (as train.py)")
+    sampling = add_sampling_flags(parser, "sampling (defaults: the task's, scaled down on a CPU)")
+    sampling.add_argument("--seed", type=int, default=0, help="seed of the pairing and the sampling (default 0)")
+    sampling.add_argument("--batch-size", type=int, default=16,
+                          help="prompts per generate call, each batch with its own seed (default 16, as train.py's "
+                               "--sample-batch-size: the same command samples the same pairs)")
+    return parser
+
+
+def task_settings(args) -> tuple[Task, str, Sampling, Path]:
+    """mipo.py's flags, checked -> (task, kind of negative, sampling settings, pairs file)."""
+    task = get_task(args.task)
+    if args.batch_size < 1:
+        raise MipoError(f"--batch-size {args.batch_size}: must be at least 1")
+    negative = args.negative or task.negative
+    out = Path(args.out or f"runs/pairs-{task.name}-{negative}.jsonl")
+    check_out(out, is_dir=False)
+    return task, negative, sampling_from_flags(args, default_sampling(task, args.device)), out
 
 
 def main(argv=None) -> None:
-    args = config.pairs_parser().parse_args(argv)
-    task, negative, sampling, out = config.task_settings(args)
+    from transforms import cpu_speedups  # the command's own speed-ups, switched on in the open as train.py's
+
+    args = pairs_parser().parse_args(argv)
+    task, negative, sampling, out = task_settings(args)
     examples = load_examples(task, "train", args.n, args.data)
 
     args.model = local_model(args.model, args.revision)  # a hub name: downloaded now, then a local directory
-    model, tokenizer = load_model(args.model, args.device, config.torch_dtype(args.dtype, args.device))
+    model, tokenizer = load_model(args.model, args.device, torch_dtype(args.dtype, args.device))
     cpu_speedups.apply(model)
-    sampling = config.resolve_sampling(sampling, model)  # the flags and the task leave top-k and the penalty to it
+    sampling = resolve_sampling(sampling, model)  # the flags and the task leave top-k and the penalty to it
     print(f"{task.name}: {len(examples)} prompts, --negative {negative}, {asdict(sampling)} -> {out}", file=sys.stderr)
+    print(cpu_speedups.plan_line(args.device), file=sys.stderr)
     t0 = time.time()
     pairs = build_pairs(
         model, tokenizer, task, examples, out, negative, sampling, args.seed, args.batch_size, args.model

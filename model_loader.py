@@ -1,7 +1,6 @@
-"""pi_ref and pi of every formula in the paper: one decoder (Llama / Qwen2 / Qwen3) loaded from a Hugging
-Face directory (config.json, safetensors, tokenizer.json and its chat template), with the optional KV cache
-the sampler writes. None of the method lives here: no DPO, no pairs, no sampling strategy. Which directory
---model names (a bundled model, a hub name, a local directory) is plumbing/model_sources.py's.
+"""pi_ref and pi of every formula in the paper (docs/walkthrough.md, step 1): one Llama / Qwen2 / Qwen3 decoder
+from a Hugging Face directory, with the KV cache the sampler writes; no part of the method. Which directory
+--model names: formats/model_sources.py.
 """
 import json
 import math
@@ -16,13 +15,13 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from plumbing.files import MipoError, read_json
-from plumbing.hf_files import check_weights, generation_defaults
-from plumbing.model_sources import resolve_model_dir
-from plumbing.tokenizer import Tokenizer
+from formats.files import MipoError, read_json
+from formats.hf_files import check_weights, generation_defaults
+from formats.model_sources import resolve_model_dir
+from formats.tokenizer import Tokenizer
 
 # ---------------------------------------------------------------------------------------------------
-# Config: one dataclass, read from a Hugging Face config.json in one place.
+# Config: one dataclass, from a Hugging Face config.json.
 # ---------------------------------------------------------------------------------------------------
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 
@@ -36,17 +35,17 @@ class ModelConfig:
     num_hidden_layers: int
     num_attention_heads: int
     num_key_value_heads: int
-    head_dim: int  # Qwen3 decouples it from hidden_size / num_attention_heads
+    head_dim: int  # Qwen3: not hidden_size / num_attention_heads
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
     rope_scaling: dict | None = None  # {"rope_type": "llama3" | "linear", ...} or None
     max_position_embeddings: int = 4096
     tie_word_embeddings: bool = False
     attention_bias: bool = False  # q/k/v bias: True for Qwen2/2.5
-    qk_norm: bool = False  # per-head RMSNorm on q and k before RoPE: Qwen3
+    qk_norm: bool = False  # Qwen3: per-head RMSNorm of q, k before RoPE
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
-    extra: dict = field(default_factory=dict, repr=False)  # every other config.json field, written back on save
+    extra: dict = field(default_factory=dict, repr=False)  # other config.json fields, written back on save
 
     @classmethod
     def from_dict(cls, raw: dict, source: str = "config.json") -> "ModelConfig":
@@ -56,12 +55,11 @@ class ModelConfig:
                             f"(supported: {', '.join(ARCHITECTURES)})")
         try:
             heads = raw["num_attention_heads"]
-            # transformers >= 5 writes RoPE settings as rope_parameters = {"rope_type", "rope_theta", ...};
-            # older configs (most published checkpoints) use rope_theta + rope_scaling.
+            # transformers >= 5: rope_parameters = {"rope_type", "rope_theta", ...}; older: rope_theta + rope_scaling
             rope = dict(raw.get("rope_parameters") or raw.get("rope_scaling") or {})
             rope_theta = rope.pop("rope_theta", raw.get("rope_theta", 10000.0))
             rope_type = rope.get("rope_type", rope.get("type", "default"))
-            known = {f for f in cls.__dataclass_fields__}
+            known = set(cls.__dataclass_fields__)
             cfg = cls(
                 model_type=model_type,
                 vocab_size=raw["vocab_size"],
@@ -101,14 +99,13 @@ class ModelConfig:
 
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
-    """Inverse frequencies theta^(-2i/d) in float32, with the checkpoint's context-extension scaling."""
+    """Inverse frequencies theta^(-2i/d) in float32, with the checkpoint's RoPE scaling."""
     inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float32) / cfg.head_dim)
     scaling = cfg.rope_scaling or {}
     if scaling.get("rope_type") == "linear":
         inv_freq = inv_freq / scaling["factor"]
     elif scaling.get("rope_type") == "llama3":
-        # Llama 3.1/3.2: long wavelengths are slowed by `factor`, short ones kept, the band between
-        # interpolated smoothly (Meta's reference code, apply_scaling).
+        # Llama 3.1/3.2 (Meta's apply_scaling): long wavelengths slowed by `factor`, short kept, a smooth band between
         factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
         old_context = scaling["original_max_position_embeddings"]
         wavelen = 2 * math.pi / inv_freq
@@ -120,9 +117,8 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------------
-# The decoder. Shape legend: B batch, T new tokens, S key/value slots (cache length), H query heads,
-# K key/value heads, D head_dim, C hidden size, V vocab.
-# Module names mirror Hugging Face's, so a checkpoint's keys map 1:1 onto this state_dict.
+# The decoder. Shape legend: B batch, T new tokens, S key/value slots, H query heads, K key/value heads, D head_dim,
+# C hidden size, V vocab. Module names are HF's: checkpoint keys map 1:1 onto the state_dict.
 # ---------------------------------------------------------------------------------------------------
 
 
@@ -133,25 +129,23 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        # Normalize in float32 whatever the model dtype, then cast back before the scale (as HF does).
+        # in float32, cast back before the scale (as HF does)
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)
 
 
 def apply_rope(x, cos, sin):
-    # Half-split layout (HF): the pairs rotated together are (x[i], x[i + D/2]), not (x[2i], x[2i+1]).
+    # Half-split (HF): pairs rotated together are (x[i], x[i + D/2]), not (x[2i], x[2i+1])
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat((-x2, x1), dim=-1)
     return (x.float() * cos + rotated.float() * sin).to(x.dtype)
 
 
 def decode_attention(q, k, v, mask):
-    """Attention of one query per row (a decode step): q (B, H, 1, D), k and v (B, K, S, D), mask
-    broadcastable to (B, 1, 1, S). Computed as transformers' eager attention does (scores in the model
-    dtype, softmax in float32), with the H/K query heads of each key/value head grouped by a view
-    instead of repeating the keys. On a CPU this is several times faster in bfloat16 than the fused
-    SDPA kernel, whose tiling is made for long queries."""
+    """One query per row (a decode step): q (B, H, 1, D), k and v (B, K, S, D), mask broadcastable to (B, 1, 1, S).
+    transformers' eager attention (scores in the model dtype, softmax in float32), query heads grouped by a view.
+    On a CPU, several times faster in bfloat16 than fused SDPA (tiled for long queries)."""
     B, H, _, D = q.shape
     K = k.shape[1]
     scores = (q.view(B, K, H // K, D) @ k.transpose(-1, -2)) * D**-0.5  # (B, K, H/K, S)
@@ -177,20 +171,18 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, H, D)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, K, D)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, K, D)
-        if hasattr(self, "q_norm"):  # Qwen3: RMSNorm over each head's D features, before RoPE
+        if hasattr(self, "q_norm"):  # Qwen3: per head, before RoPE
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H or K, T, D)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv_cache is not None:
-            # The cache is preallocated (B, K, S_max, D): write the T new keys/values at slots cache_pos,
-            # then attend over the first S slots, S being the mask's width. No concatenation, no
-            # reallocation, and with a fixed S the shapes are static (compilable, graph-capturable).
+            # Cache (B, K, S_max, D): write slots cache_pos, attend to the first S = mask width (fixed S: static shapes)
             k_cache, v_cache = kv_cache
             k_cache.index_copy_(2, cache_pos, k)
             v_cache.index_copy_(2, cache_pos, v)
             S = mask.shape[-1]
             k, v = k_cache[:, :, :S], v_cache[:, :, :S]  # (B, K, S, D)
-        # Grouped-query attention: each of the K key/value heads serves H/K query heads (any ratio, e.g. 7).
+        # GQA: each key/value head serves H/K query heads (any ratio, e.g. 7)
         if T == 1:
             y = decode_attention(q, k, v, mask)
         else:
@@ -232,8 +224,7 @@ class Backbone(nn.Module):  # HF's `model.` prefix
 
 
 class CausalLM(nn.Module):
-    """LlamaForCausalLM, Qwen2ForCausalLM and Qwen3ForCausalLM: they differ only in q/k/v bias,
-    q/k norm, head_dim and RoPE scaling, all read from the config."""
+    """Llama/Qwen2/Qwen3ForCausalLM, differing only in config: q/k/v bias, q/k norm, head_dim, RoPE scaling."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -248,21 +239,16 @@ class CausalLM(nn.Module):
     def forward(self, input_ids, positions=None, mask=None, kv_cache=None, cache_pos=None, logits_index=None):
         """input_ids (B, T) -> logits (B, T, V), float32 when the weights are.
 
-        Without the optional arguments this is a plain causal forward over positions 0..T-1 (right
-        padding needs nothing more: real tokens never attend to the pads after them).
-        The sampler passes: positions (B, T) per row (left padding shifts them), a boolean mask
-        (B, 1, T, S) of which key slots each query may see, a KV cache (one (k, v) pair of
-        (B, K, S_max, D) tensors per layer) with cache_pos (T,) the slots to write, and
-        logits_index to apply the output projection only to the positions that are needed: an int or a
-        slice of positions (-1 when sampling), or a pair of (N,) index tensors (rows, positions), which
-        gives (N, V) logits (train.py: the positions that score a response token).
-        """
+        Alone: causal over positions 0..T-1 (right padding needs no more: real tokens never see the pads after
+        them). The sampler adds positions (B, T) (shifted by left padding), a bool key mask (B, 1, T, S), a KV cache
+        ((k, v) of (B, K, S_max, D) per layer) and cache_pos (T,), the slots to write. logits_index: the positions
+        to project, an int or slice (-1 to sample) or (rows, positions) (N,) tensors -> (N, V) (train.py)."""
         B, T = input_ids.shape
         if positions is None:
             positions = torch.arange(T, device=input_ids.device).expand(B, T)
         if mask is None:
             mask = torch.ones(T, T, dtype=torch.bool, device=input_ids.device).tril()  # causal (T, T)
-        # RoPE tables in float32 from explicit positions: (B, 1, T, D), shared by all heads and layers.
+        # float32 RoPE tables, shared by all heads and layers
         freqs = positions[..., None].float() * self.inv_freq  # (B, T, D/2)
         emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, D)
         cos, sin = emb.cos(), emb.sin()
@@ -284,25 +270,21 @@ class CausalLM(nn.Module):
     def new_kv_cache(self, batch_size: int, max_len: int, dtype=None, device=None):
         cfg, p = self.config, self.lm_head.weight
         shape = (batch_size, cfg.num_key_value_heads, max_len, cfg.head_dim)  # (B, K, S_max, D)
-        return [
-            (torch.zeros(shape, dtype=dtype or p.dtype, device=device or p.device),
-             torch.zeros(shape, dtype=dtype or p.dtype, device=device or p.device))
-            for _ in range(cfg.num_hidden_layers)
-        ]
+        dtype, device = dtype or p.dtype, device or p.device
+        return [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+                for _ in range(cfg.num_hidden_layers)]
 
 
 # ---------------------------------------------------------------------------------------------------
-# Loading a Hugging Face directory: config.json + model.safetensors (or a sharded index), its files checked first
-# (which tensors, which shapes: plumbing/hf_files.py).
+# Loading a Hugging Face directory, its files checked first (formats/hf_files.py).
 # ---------------------------------------------------------------------------------------------------
 
 
 def load_weights(model: CausalLM, model_dir: Path, device, dtype) -> None:
-    """Copy every checkpoint tensor into the model, after check_weights: a strict 1:1 key map with shape checks."""
+    """Copy every checkpoint tensor into the model (keys and shapes checked: check_weights)."""
     params = dict(model.state_dict())
     for key, path in check_weights(model_dir, model).items():
-        # The file is memory-mapped, and the pages read stay in this process's resident memory until it is
-        # closed: opened once per tensor, loading peaks at the model's size, not twice it.
+        # mmapped pages read stay resident until closed: one open per tensor keeps the peak at the model's size
         try:
             with safe_open(path, framework="pt", device="cpu") as f:
                 tensor = f.get_tensor(key)
@@ -315,8 +297,8 @@ def load_weights(model: CausalLM, model_dir: Path, device, dtype) -> None:
 
 
 def check_model(name_or_path, revision=None) -> ModelConfig:
-    """What load_model would refuse, found without loading a weight: the directory, config.json, the tokenizer files
-    and the safetensors headers. -> the model's config."""
+    """What load_model would refuse, found without loading weights (directory, config.json, tokenizer, safetensors
+    headers) -> the config."""
     model_dir = resolve_model_dir(name_or_path, revision)
     cfg = ModelConfig.from_dict(read_json(model_dir / "config.json"), str(model_dir / "config.json"))
     Tokenizer(model_dir, cfg)
@@ -326,18 +308,17 @@ def check_model(name_or_path, revision=None) -> ModelConfig:
 
 
 def load_model(name_or_path, device="cpu", dtype=torch.float32, revision=None):
-    """A bundled model name (`qwen`, `llama`, `smollm2`), a local HF directory or a hub name (`owner/name`, at
-    revision) -> (model, tokenizer). model.generation_defaults holds the directory's sampling defaults
-    (generation_defaults), which config.resolve_sampling fills unset sampling settings from."""
+    """A bundled model (`qwen`, `llama`, `smollm2`), local HF directory or hub name (`owner/name`, at revision) ->
+    (model, tokenizer), model.generation_defaults set for config.resolve_sampling."""
     model_dir = resolve_model_dir(name_or_path, revision)
     cfg = ModelConfig.from_dict(read_json(model_dir / "config.json"), str(model_dir / "config.json"))
     tokenizer = Tokenizer(model_dir, cfg)
-    with torch.device("meta"):  # no memory and no time spent on a random init that is overwritten
+    with torch.device("meta"):  # no memory or time spent on a random init
         model = CausalLM(cfg)
     model.to_empty(device=device).to(dtype)
-    if cfg.tie_word_embeddings:  # to_empty allocates every parameter afresh; tie again
+    if cfg.tie_word_embeddings:  # to_empty allocates afresh: tie again
         model.lm_head.weight = model.model.embed_tokens.weight
-    model.inv_freq = rope_inv_freq(cfg).to(device)  # buffers on the meta device hold no values
+    model.inv_freq = rope_inv_freq(cfg).to(device)  # meta buffers hold no values
     load_weights(model, model_dir, device, dtype)
     model.name_or_path = str(name_or_path)
     model.generation_defaults = generation_defaults(model_dir)
@@ -345,8 +326,8 @@ def load_model(name_or_path, device="cpu", dtype=torch.float32, revision=None):
 
 
 def save_model(model: CausalLM, tokenizer: Tokenizer, out_dir) -> Path:
-    """Write a Hugging Face directory (config, float32 safetensors, tokenizer files) atomically. The tokenizer's files
-    include generation_config.json: a trained model samples with its base model's defaults."""
+    """Write a Hugging Face directory (config, float32 safetensors, tokenizer files) atomically; generation_config.json
+    too: a trained model samples with its base model's defaults."""
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     if tmp.exists():
@@ -360,7 +341,7 @@ def save_model(model: CausalLM, tokenizer: Tokenizer, out_dir) -> Path:
         with open(tmp / "config.json", "w") as f:
             json.dump({**model.config.to_dict(), "torch_dtype": "float32"}, f, indent=2)
         tokenizer.save(tmp)
-    except BaseException as e:  # a full disk, or Ctrl-C: no half-written directory stays behind
+    except BaseException as e:  # full disk, Ctrl-C: no half-written directory stays
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, OSError):
             raise MipoError(f"{out_dir}: could not write ({e.strerror or e}); {out_dir} is as it was before")
@@ -371,12 +352,12 @@ def save_model(model: CausalLM, tokenizer: Tokenizer, out_dir) -> Path:
     return out_dir
 
 
-
 def main():
     import argparse
 
     parser = argparse.ArgumentParser(
-        description="Fetch/convert a model once, print its shape, optionally answer a question greedily."
+        description="Fetch/convert a model once, print its shape, optionally answer a question greedily.",
+        epilog="MIPO_CPU_SPEEDUPS=0 in the environment switches off every CPU speed-up (transforms/cpu_speedups.py)."
     )
     parser.add_argument("model", help="bundled name (qwen, llama, smollm2) or a local Hugging Face directory")
     parser.add_argument("question", nargs="?", help="a user message to answer with greedy decoding")
@@ -385,7 +366,7 @@ def main():
     args = parser.parse_args()
     try:
         model, tokenizer = load_model(args.model, dtype=getattr(torch, args.dtype))
-        from plumbing import cpu_speedups  # the command's own speed-ups, as train.py's
+        from transforms import cpu_speedups  # the command's own speed-ups, as train.py's
 
         cpu_speedups.apply(model)
     except MipoError as e:

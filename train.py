@@ -1,28 +1,18 @@
-"""MIPO training, the command a user runs (Nam, Li, Jaques 2026, section 3): the base model samples its own
-preference pairs, they are scored once under the frozen base model, then one epoch of DPO on them, and the
-result is saved as a Hugging Face model. It orders the stages and holds no method of its own: the pairs are
-mipo.py's, the loss dpo_loss.py's; beyond the held-out MI meter it measures nothing (the paper's tables are eval.py's).
+"""MIPO training, the command a user runs (MIPO section 3; docs/walkthrough.md steps 5-13): the base model samples
+its own preference pairs, scored once under the frozen base model; one epoch of DPO trains on them; the result is
+saved as a Hugging Face model. Pairs: mipo.py; loss: dpo_loss.py; this file orders the stages.
 
-    python train.py --model qwen                      # CPU preset: a small persona run on a CPU
-                                                       # (README: set-up)
-    python train.py --model qwen --preset paper       # the paper's settings, for a GPU
-    python train.py --model qwen --loss sigmoid ipo --beta 0.1 0.3   # a sweep: four variants (plumbing/sweep.py)
-    torchrun --nproc_per_node 2 train.py -- --model qwen --n 64   # DDP: gloo on CPU, nccl on GPU (the -- keeps
-                                                                   # torchrun from reading --n as its --nnodes)
+    python train.py --model qwen                                     # CPU preset (README: set-up)
+    python train.py --model qwen --preset paper                      # the paper's settings, for a GPU
+    python train.py --model qwen --loss sigmoid ipo --beta 0.1 0.3   # a sweep: four variants
+    torchrun --nproc_per_node 2 train.py -- --model qwen             # DDP: gloo on CPU, nccl on GPU
 
-Every stage writes a file in the run directory (--out) and is skipped when that file is complete, so the same
-command, run again after a kill, resumes where the last run stopped:
-    config.json       the settings; a rerun with incompatible settings is refused
-    pairs.jsonl       stage 1, mipo.build_pairs: TRL's conversational preference format (+ x', the sampling)
-    eval_pairs.jsonl  stage 1, the same for held-out prompts; base_eval.json: the base model's meter on them
-    reference.jsonl   stage 2, one line per pair: token ids, lengths, ref_chosen_logps, ref_rejected_logps
-    checkpoint.pt     stage 3, every --save-minutes and on Ctrl-C: model, AdamW, step (data position, lr), RNG states
-    metrics.jsonl     stage 3, one line per optimizer step, under TRL's metric names
-    final/            stage 4, the trained model: config.json, model.safetensors, tokenizer files, chat template
-    summary.json      the step-0 check, the last step's metrics, the held-out meter before and after
+Each stage writes a file in --out and is skipped when that file is complete, so the same command resumes after a
+kill: config.json, pairs.jsonl and eval_pairs.jsonl + base_eval.json (stage 1), reference.jsonl (stage 2),
+checkpoint.pt and metrics.jsonl (stage 3), final/ (stage 4), summary.json (the held-out meter).
 
-Shape legend: B pairs in a micro-batch, R rows in its forward (B: one row holds a prompt and both responses;
-2B for infonce and sami, which also score both responses under x'), T padded tokens, V vocabulary.
+Shape legend: B pairs in a micro-batch, R rows in its forward (B, or 2B for the losses that also score both responses
+under x'), T padded tokens, V vocabulary.
 """
 import math
 import shutil
@@ -32,21 +22,24 @@ from pathlib import Path
 import torch
 
 import mipo
-from dpo_loss import preference_loss, preference_metrics, token_logps
+from dpo_loss import LOSSES, preference_loss, preference_metrics, token_logps
 from model_loader import load_model, save_model
 from tasks import get_task, load_examples
-from plumbing import config, cpu_speedups, held_out, lora, pairs_file, report, runs, shard, sweep
-from plumbing.config import HardwareConfig, OptimConfig, PairsConfig
-from plumbing.files import MipoError, run_command
-from plumbing.runs import Run
+from bookkeeping import config, held_out, report, runs, sweep
+from formats import pairs_file
+from formats.dtypes import torch_dtype
+from transforms import cpu_speedups, lora, shard
+from bookkeeping.config import HardwareConfig, OptimConfig, PairsConfig
+from formats.files import MipoError, run_command
+from bookkeeping.runs import Run
 
 LN2 = math.log(2)
 STEP0_TOLERANCE = 1e-3  # nats, on summed log-probs: see step0_check
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Stage 1: pairs. For each prompt x the base model samples y+ from x and y- from x' (another prompt, or x
-# without its context); both are stored under x (MIPO section 3). mipo.build_pairs does the work and resumes.
+# Stage 1: pairs. The base model samples y+ from x and y- from x' (another prompt, or x without its context),
+# both stored under x (MIPO section 3; mipo.build_pairs, resumable).
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -54,10 +47,10 @@ def make_pairs(run: Run):
     """-> (training pairs, held-out pairs, the base model's held-out meter or None)."""
     cfg = run.pairs
     task = get_task(cfg.task)
-    # In a sweep, its variants share these files (plumbing/sweep.py).
+    # shared by a sweep's variants (bookkeeping/sweep.py)
     pairs_path, eval_path = run.shared_file("pairs.jsonl"), run.shared_file("eval_pairs.jsonl")
-    # The settings the pairs are recorded with: what the flags left to the model (top-k, the penalty) taken from it.
-    settings = pairs_file.sampling_settings(config.resolve_sampling(cfg.sampling, cfg.model), cfg.seed, cfg.model)
+    # recorded with the pairs: what the flags leave to the model (top-k, the penalty) taken from it
+    settings = mipo.sampling_settings(mipo.resolve_sampling(cfg.sampling, cfg.model), cfg.seed, cfg.model)
     if cfg.pairs_file:
         train_examples, pairs = None, runs.read_pairs_file(Path(cfg.pairs_file), cfg)
     else:
@@ -69,11 +62,10 @@ def make_pairs(run: Run):
     )
     base_meter_missing = bool(eval_examples) and not run.shared_file("base_eval.json").exists()
     if pairs is None or eval_pairs is None or base_meter_missing:
-        # Sampling runs with the weights in the compute dtype: the sampler's KV cache holds the weights' dtype, and
-        # bf16 matmuls are faster on a GPU and on CPUs with native bf16 (config.compute_dtype measures a CPU).
-        model, tokenizer = load_model(cfg.model, run.hw.device, config.torch_dtype(run.hw.dtype, run.hw.device))
+        # Compute-dtype weights: the KV cache takes theirs; bf16 is faster where native (formats/dtypes.py).
+        model, tokenizer = load_model(cfg.model, run.hw.device, torch_dtype(run.hw.dtype, run.hw.device))
         cpu_speedups.apply(model)
-        if pairs is None:  # under torchrun each process samples its share of the batches (runs.build_pairs)
+        if pairs is None:  # under torchrun each process samples its share
             pairs = runs.build_pairs(run, model, tokenizer, task, train_examples, pairs_path)
         if eval_pairs is None:
             eval_pairs = runs.build_pairs(run, model, tokenizer, task, eval_examples, eval_path)
@@ -84,15 +76,13 @@ def make_pairs(run: Run):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Stage 2: frozen reference log-probs. One no-grad pass of the base model over every pair, chosen and rejected
-# scored under the original prompt x (MIPO section 3), stored with the token ids. Training then needs no
-# reference model in memory: pi_ref enters DPO's loss (DPO Eq. 7) only through these numbers.
+# Stage 2: frozen reference log-probs: one no-grad pass of the base model scores y+ and y- under x, stored with
+# the token ids. pi_ref enters DPO's loss (Eq. 7) only through these: no reference model stays in memory.
 # ---------------------------------------------------------------------------------------------------------------
 
 
 def tokenize_pair(tokenizer, pair: dict, with_negative_prompt: bool, context_window: int) -> dict:
-    # The completion is what the chat template puts after the prompt: the response and its end-of-turn token
-    # when the sample stopped (mipo.encode_turn, the same cut the pointwise-MI meter uses).
+    # mipo.encode_turn cuts the completion (with end-of-turn when the sample stopped) as the meter does.
     record = {"id": pair["id"]}
     for key in ("chosen", "rejected"):
         prompt_ids, response_ids = mipo.encode_turn(
@@ -130,13 +120,11 @@ def tokenize_pair(tokenizer, pair: dict, with_negative_prompt: bool, context_win
 
 
 def collate(records: list[dict], with_negative_prompt: bool, device) -> dict:
-    """One right-padded row per pair that holds the prompt once and both responses: [x, y+, x[-1], y-].
+    """One right-padded row per pair, x once and both responses: [x, y+, x[-1], y-] (docs/walkthrough.md step 5).
 
-    y- follows a copy of x's last token, and the attention mask lets that copy and y- see x[:-1] and each other
-    but neither y+ nor the original x[-1]; with their positions restarted where x ends, they compute exactly
-    what a separate sequence x + y- would. So chosen and rejected are scored under x in one forward, and x is
-    run once instead of twice (MIPO's prompts are longer than its responses: ~40% fewer tokens). infonce / sami
-    add a second row per pair with x' in place of x. Masks are built from the lengths, never from a pad id.
+    The copy of x[-1] and y- see x[:-1], not y+ or the original x[-1], and their positions restart where x ends:
+    exactly a separate x + y-, with x run once (~40% fewer tokens). infonce / sami add a row per pair under x'.
+    Masks come from the lengths, never from a pad id.
     """
     prompts = [r["prompt_ids"] for r in records]
     if with_negative_prompt:
@@ -147,9 +135,8 @@ def collate(records: list[dict], with_negative_prompt: bool, device) -> dict:
     input_ids = torch.zeros(R, T, dtype=torch.long)  # (R, T); any id pads: no real token attends to a pad
     positions = torch.zeros(R, T, dtype=torch.long)  # (R, T) RoPE positions
     branch = torch.zeros(R, T, dtype=torch.long)  # (R, T) 0: x[:-1] and pads, 1: x[-1] + y+, 2: x[-1] copy + y-
-    # The positions whose logits score a response token (position t scores token t + 1): y+ from x's last token
-    # on, y- from the copy of x[-1] on. Only these go through the output projection (152k x 896 for Qwen: a
-    # quarter of its FLOPs per token) and the log-softmax, not the prompts and not the padding.
+    # Positions whose logits score a response token (t scores t + 1): y+ from x[-1] on, y- from its copy on.
+    # Only these go through the output projection (a quarter of Qwen's FLOPs per token) and the log-softmax.
     rows, cols, segment = [], [], []  # (N,) each: row, position, and 2 * row + (0 for y+, 1 for y-)
     for i, (prompt, r) in enumerate(zip(prompts, records)):
         P, C, N = len(prompt), len(r["chosen_ids"]), len(r["rejected_ids"])
@@ -192,9 +179,8 @@ def forward_logps(model, batch: dict, hw: HardwareConfig):
 
 @torch.no_grad()
 def reference_logps(model, tokenizer, pairs: list[dict], run: Run) -> list[dict]:
-    """Every pair's token ids and lengths, with log pi_ref(y+|x) and log pi_ref(y-|x) under the base model, stored in
-    reference.jsonl (runs.resumable_pass: batch by batch, resumable, split among the processes as training is)."""
-    with_negative_prompt = run.loss.loss in ("infonce", "sami")
+    """Every pair's ids, lengths, log pi_ref(y+|x) and log pi_ref(y-|x) in reference.jsonl; split as training is."""
+    with_negative_prompt = LOSSES[run.loss.loss].negative_prompt
     records = [tokenize_pair(tokenizer, p, with_negative_prompt, model.config.max_position_embeddings) for p in pairs]
     model.eval()
 
@@ -213,16 +199,15 @@ def reference_logps(model, tokenizer, pairs: list[dict], run: Run) -> list[dict]
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Stage 3: DPO. Plain PyTorch: AdamW, cosine schedule with warmup, gradient accumulation over micro-batches,
-# DistributedDataParallel across processes, an atomic checkpoint every --save-minutes.
+# Stage 3: DPO in plain PyTorch: AdamW, cosine schedule with warmup, gradient accumulation, DDP, an atomic
+# checkpoint every --save-minutes.
 # ---------------------------------------------------------------------------------------------------------------
 
 
 def learning_rate(step: int, total_steps: int, cfg: OptimConfig) -> float:
-    # The paper's schedule, cosine_with_min_lr, exactly as transformers' get_cosine_with_min_lr_schedule_with_warmup
-    # computes it for its OpenRLHF code: a linear warmup from 0 over ceil(3%) of the steps (so with any warmup the
-    # first step runs at lr 0 and moves no weight), then a cosine from lr down to min_lr_ratio * lr. A pure function
-    # of the step: nothing else to checkpoint.
+    # The paper's cosine_with_min_lr, as transformers' get_cosine_with_min_lr_schedule_with_warmup computes it:
+    # linear warmup from 0 over ceil(3%) of the steps (step 0 runs at lr 0, moving no weight), then cosine down
+    # to min_lr_ratio * lr. A pure function of the step: nothing to checkpoint.
     warmup = math.ceil(cfg.warmup_ratio * total_steps)
     if step < warmup:
         return cfg.lr * (float(step) / float(max(1, warmup)))
@@ -232,50 +217,51 @@ def learning_rate(step: int, total_steps: int, cfg: OptimConfig) -> float:
 
 
 def epoch_order(n_pairs: int, seed: int, epoch: int) -> list[int]:
-    # The data order depends only on (seed, epoch): a resumed run sees the pairs in the same order.
+    # Depends only on (seed, epoch): a resumed run sees the pairs in the same order.
     return torch.randperm(n_pairs, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()
 
 
-# The per-pair numbers one step logs, as columns of a (B, k) tensor so that processes can gather them.
+# A step's per-pair numbers: the columns of a (B, k) tensor, for processes to gather.
 STAT_COLUMNS = ("loss", "chosen_rewards", "rejected_rewards", "chosen_logps", "rejected_logps", "chosen_lengths",
                 "rejected_lengths", "abs_logp_diff")
 
 
-def train(model, records: list[dict], run: Run):
-    """Stage 3: --epochs passes of DPO steps over the pairs (one, as the paper), from the last checkpoint if any."""
+def train(model, tokenizer, records: list[dict], run: Run):
+    """Stages 3 and 4: --epochs of DPO steps (the paper: one), resumed from a checkpoint; then the model saved."""
     opt, G = run.optim, run.optim.batch_size
     steps_per_epoch = len(records) // G  # the last partial batch of an epoch is dropped
     total_steps = steps_per_epoch * opt.epochs
     model.train()
     model.gradient_checkpointing = run.hw.gradient_checkpointing
-    if opt.lora_rank:  # low-rank adapters instead of every weight (plumbing/lora.py; the paper trains every weight)
+    if opt.lora_rank:  # transforms/lora.py; the paper trains every weight
         lora.add_adapters(model, opt.lora_rank, opt.lora_alpha, opt.lora_targets, opt.seed)
-    # Weights, gradients and AdamW moments stay float32 even with bf16 compute: an update of lr 5e-7 times a
-    # unit Adam step is far below bf16's resolution (8 bits of mantissa) and would round away.
+    # float32 weights, grads and AdamW moments under bf16 compute: a 5e-7 update would round away in bf16's 8 bits.
     trained = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trained, lr=opt.lr, betas=opt.betas, weight_decay=opt.weight_decay,
                                   eps=1e-8, fused=torch.device(run.hw.device).type in ("cpu", "cuda"))
     cpu_speedups.for_dpo(model, run.world, run.hw.shard)
     policy = run.wrap(model)  # DDP over several processes
-    with runs.Steps(run, model, optimizer, total_steps) as steps:  # resumes; checkpoints; Ctrl-C
-        for step in steps:
+    with runs.Steps(run, model, optimizer, total_steps) as steps:  # resumes from the last checkpoint; Ctrl-C
+        for step in range(steps.start, total_steps):
             epoch, position = divmod(step, steps_per_epoch)
             batch = [records[i] for i in epoch_order(len(records), opt.seed, epoch)[position * G:(position + 1) * G]]
-            t0 = time.time()
             lr = learning_rate(step, total_steps, opt)
+            t0 = time.time()
             stats, grad_norm, n_tokens = dpo_step(policy, optimizer, batch, lr, step, run)
             metrics = {"step": step + 1, "epoch": (step + 1) / steps_per_epoch,
                        **step_metrics(stats, lr, grad_norm, n_tokens, time.time() - t0)}
             if step == 0:
                 metrics.update(step0_check(stats))
-            steps.log(metrics)
+            steps.log(metrics)  # metrics.jsonl and the progress bar
+            if steps.checkpoint_due(step + 1):  # every --save-minutes, and after a Ctrl-C or SIGTERM
+                steps.save_checkpoint(step + 1)  # model, AdamW, the step, RNG states; then stops after a Ctrl-C
+    save_final(model, tokenizer, run)  # stage 4
 
 
 def dpo_step(policy, optimizer, batch: list[dict], lr: float, step: int, run: Run):
-    """One optimizer step on one global batch: forward, DPO's loss (Eq. 7 for MIPO's sigmoid), backward over this
-    process's micro-batches, the gradient clipped, AdamW. -> the per-pair numbers of the whole batch (G, k), the
-    gradient norm, and the tokens processed by all processes."""
-    with_negative_prompt = run.loss.loss in ("infonce", "sami")
+    """One AdamW step on a global batch (DPO Eq. 7 for MIPO's sigmoid), accumulated over this process's micro-batches.
+    -> per-pair stats (G, k), the clipped gradient's norm, the tokens all processes ran."""
+    with_negative_prompt = LOSSES[run.loss.loss].negative_prompt
     rows, n_tokens = [], 0
     for micro, weights in run.micro_batches(policy, batch):  # this process's share; weights sum to its part of 1
         tensors = collate(micro, with_negative_prompt, run.hw.device)
@@ -289,7 +275,7 @@ def dpo_step(policy, optimizer, batch: list[dict], lr: float, step: int, run: Ru
     stats = run.gather(torch.cat(rows))[:len(batch)]  # (G, k): every pair of the global batch, on every process
     batch_loss = stats[:, STAT_COLUMNS.index("loss")].mean().item()
     if not (math.isfinite(batch_loss) and math.isfinite(grad_norm)):
-        # Every process sees the same gathered numbers, so every one stops here, before the update.
+        # The gathered numbers are the same on every process: all stop here, before the update.
         raise MipoError(f"step {step + 1}: the loss is {batch_loss} and the gradient norm {grad_norm}; training "
                         "stopped before the update. Lower --lr or check the pairs")
     for group in optimizer.param_groups:
@@ -300,8 +286,7 @@ def dpo_step(policy, optimizer, batch: list[dict], lr: float, step: int, run: Ru
 
 
 def loss_inputs(chosen_logps, rejected_logps, micro: list[dict], options: dict) -> dict:
-    """preference_loss's inputs for a micro-batch of B pairs: the policy's summed log-probs (R,) from forward_logps,
-    the stored reference ones, the responses' lengths, and the loss's options."""
+    """preference_loss's keyword arguments for a micro-batch of B pairs, from forward_logps' (R,) sums."""
     B, device = len(micro), chosen_logps.device
     inputs = {
         "policy_chosen_logps": chosen_logps[:B], "policy_rejected_logps": rejected_logps[:B],  # (B,) log pi(y|x)
@@ -320,7 +305,7 @@ def loss_inputs(chosen_logps, rejected_logps, micro: list[dict], options: dict) 
 
 def stat_rows(losses, chosen_rewards, rejected_rewards, inputs: dict):
     chosen, rejected = inputs["policy_chosen_logps"].detach(), inputs["policy_rejected_logps"].detach()
-    # The step-0 check: before the first update the policy's log-probs are the reference's.
+    # for step0_check (policy == reference at step 0)
     abs_diff = torch.maximum(
         (chosen - inputs["ref_chosen_logps"]).abs(), (rejected - inputs["ref_rejected_logps"]).abs()
     )
@@ -343,10 +328,8 @@ def step_metrics(stats, lr, grad_norm, n_tokens, seconds) -> dict:
 
 
 def step0_check(stats) -> dict:
-    # Before the first update the policy IS the reference, so every log-ratio is 0, every reward is 0 and the
-    # sigmoid loss is -log sigma(0) = ln 2. Step 0 repeats the reference pass's computation on the same
-    # micro-batches, so the numbers agree exactly; the tolerance only absorbs nondeterministic GPU kernels.
-    # A mismatch means the reference pass and training scored different tokens or ran different numerics.
+    # At step 0 the policy IS the reference (rewards 0, loss ln 2) on the reference pass's own micro-batches: the
+    # tolerance only absorbs nondeterministic GPU kernels (docs/walkthrough.md step 10).
     diff = stats[:, STAT_COLUMNS.index("abs_logp_diff")].max().item()
     return {"step0/max_abs_logp_diff": diff, "step0/tolerance": STEP0_TOLERANCE, "step0/ok": diff <= STEP0_TOLERANCE}
 
@@ -357,8 +340,7 @@ def step0_check(stats) -> dict:
 
 
 def save_final(model, tokenizer, run: Run) -> None:
-    """The trained model in Hugging Face layout (written under a temporary name, then renamed); the last checkpoint,
-    a full copy of the weights and twice that for AdamW, is no longer needed."""
+    """The trained model in Hugging Face layout, written under a temporary name then renamed; the checkpoint deleted."""
     final_model = shard.full_model_on_rank0(model) if run.hw.shard else model  # collective: every rank calls it
     if run.rank == 0:
         if run.optim.lora_rank:  # the adapter alone in PEFT's layout, then merged into the weights
@@ -393,7 +375,7 @@ def train_run(args):
     if run.rank == 0:
         print(report.pairs_message(pair_stats, run.pairs), flush=True)
     if not (run.out / "final").exists():
-        # Stages 2 and 3 on the base model's float32 weights.
+        # Stages 2 to 4 on the base model's float32 weights.
         model, tokenizer = load_model(run.pairs.model, run.hw.device, torch.float32)
         cpu_speedups.apply(model)
         pairs_file.use_recorded_date(tokenizer, pairs, run.pairs.pairs_file or run.out / "pairs.jsonl")
@@ -405,13 +387,12 @@ def train_run(args):
             raise MipoError(f"{len(records)} pairs are fewer than one batch of --batch-size {run.optim.batch_size}; "
                             "raise --n")
         with run.timed("train"):
-            train(model, records, run)  # stage 3
-        save_final(model, tokenizer, run)  # stage 4
+            train(model, tokenizer, records, run)  # stages 3 and 4
         del model
     run.finish()
     if run.rank == 0:
         summary = held_out.run_summary(run, pair_stats, base_eval, eval_pairs)  # with the held-out meter after
-        report.print_summary(summary, run.loss)
+        report.print_summary(summary)
 
 
 def pairs_to_train_on(pairs: list[dict], cfg: PairsConfig) -> tuple[list[dict], dict]:

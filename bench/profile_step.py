@@ -30,8 +30,9 @@ sys.path.insert(0, str(REPO))
 import dpo_loss  # noqa: E402
 import train  # noqa: E402
 from model_loader import load_model  # noqa: E402
-from plumbing import config, cpu_speedups, pairs_file  # noqa: E402
-from plumbing import runs  # noqa: E402
+from bookkeeping import config, runs  # noqa: E402
+from formats import dtypes, pairs_file  # noqa: E402
+from transforms import cpu_speedups  # noqa: E402
 
 
 class Marks:
@@ -103,8 +104,8 @@ def main():
     args = parser.parse_args()
     args.micro_batch_size = args.micro_batch_size or args.batch_size
 
-    dtype = config.compute_dtype(args.dtype, "cpu")
-    peaks = {name: config.matmul_peak(d) for name, d in (("float32", torch.float32), ("bfloat16", torch.bfloat16))
+    dtype = dtypes.compute_dtype(args.dtype, "cpu")
+    peaks = {name: dtypes.matmul_peak(d) for name, d in (("float32", torch.float32), ("bfloat16", torch.bfloat16))
              if name in ("float32", dtype)}  # a bf16 product without native bf16 takes minutes to time
     model, tokenizer = load_model(args.model, "cpu", torch.float32)
     pairs = pairs_file.read_pairs(args.pairs)

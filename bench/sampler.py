@@ -22,10 +22,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from model_loader import ModelConfig, load_model, read_json, resolve_model_dir  # noqa: E402
-from plumbing.tokenizer import Tokenizer  # noqa: E402
+from formats.tokenizer import Tokenizer  # noqa: E402
 from sampler import generate, sample  # noqa: E402
-from plumbing import cpu_speedups  # noqa: E402
-from plumbing.config import matmul_peak  # noqa: E402
+from transforms import cpu_speedups  # noqa: E402
+from formats.dtypes import matmul_peak  # noqa: E402
 
 QUESTIONS = [
     "What is the capital of Australia?",
@@ -129,11 +129,12 @@ def breakdown(model, run, prompts, completions, top_p, total):
     with torch.no_grad():
         logits = torch.cat([model(torch.tensor([p], device=device), logits_index=-1).float() for p in prompts])
     g = torch.Generator(device=device).manual_seed(0)
-    sample(logits, 1.0, top_p, 0, g)
+    nucleus = getattr(model, "top_k_top_p", None)  # the filter cpu_speedups.apply gave the model, as generate takes it
+    sample(logits, 1.0, top_p, 0, g, nucleus)
     sync()
     start = time.perf_counter()
     for _ in range(8):
-        sample(logits, 1.0, top_p, 0, g)
+        sample(logits, 1.0, top_p, 0, g, nucleus)
     sync()
     sampling_per_step = (time.perf_counter() - start) / 8
     # Read bandwidth: a sum over a buffer far larger than the caches reads it from memory once.

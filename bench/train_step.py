@@ -33,7 +33,7 @@ def peak_rss_gib() -> float:
 def run_ours(args, pairs) -> dict:
     import torch
 
-    from plumbing import config
+    from bookkeeping import config
     import train
     from model_loader import load_model
 
@@ -94,7 +94,7 @@ def run_trl(args, pairs, live_reference: bool) -> dict:
 
 
 def run_one(args):
-    from plumbing.pairs_file import read_pairs
+    from formats.pairs_file import read_pairs
 
     pairs = read_pairs(args.pairs)[:args.n]
     if args.system == "ours":

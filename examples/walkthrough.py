@@ -11,7 +11,7 @@ and prints what the paper talks about, in the order the paper does it:
            trained model's answers (what MIPO claims to raise), and the trained model's own score of its answers
 
 Nothing here re-implements the method: every number comes from train.py's files or from calling the project's
-own functions (mipo.response_logps, mipo.mi_meter, dpo_loss.preference_loss, held_out.own_responses).
+own functions (mipo.response_logps, mipo.mi_meter, dpo_loss.preference_loss, mipo.sample_responses).
 
     python examples/walkthrough.py                      # a fresh temporary run directory, kept afterwards
     python examples/walkthrough.py --out runs/walk      # run it again with the same --out: every stage is reused
@@ -36,11 +36,10 @@ import torch  # noqa: E402
 import mipo  # noqa: E402
 import sampler  # noqa: E402
 import tasks  # noqa: E402
-from dpo_loss import preference_loss  # noqa: E402
+from dpo_loss import LOSSES, preference_loss  # noqa: E402
 from model_loader import load_model  # noqa: E402
-from plumbing import held_out, pairs_file  # noqa: E402
-from plumbing.config import PairsConfig  # noqa: E402
-from plumbing.files import MipoError, read_jsonl, run_command  # noqa: E402
+from formats import pairs_file  # noqa: E402
+from formats.files import MipoError, read_jsonl, run_command  # noqa: E402
 
 LN2 = math.log(2)
 
@@ -203,7 +202,7 @@ def main(argv=None):
     trained, _ = load_model(out / "final", "cpu", torch.float32)
     after = two_by_two(trained, tokenizer, pair)
     lengths = torch.tensor([ref["chosen_length"]]), torch.tensor([ref["rejected_length"]])
-    options = {"logps_matrix": after[None]} if loss_type in ("infonce", "sami") else {}
+    options = {"logps_matrix": after[None]} if LOSSES[loss_type].negative_prompt else {}
     pair_loss, chosen_reward, rejected_reward = preference_loss(
         loss_type, after[0, :1], after[0, 1:], before[0, :1], before[0, 1:], *lengths, beta=beta, **options)
     print(f"\npair {args.pair} under the trained model (final/): log pi(y+|x) {before[0, 0]:.3f} -> {after[0, 0]:.3f}, "
@@ -212,7 +211,7 @@ def main(argv=None):
           f"its loss {pair_loss.item():.4f} (was ln 2 = {LN2:.4f})   (dpo_loss.py:preference_loss)")
 
     # ------------------------------------------------------------------------------------------- stage 4
-    heading(f"stage 4  final model + held-out meter   plumbing/held_out.py:held_out_meter -> mipo.py:mi_meter   "
+    heading(f"stage 4  final model + held-out meter   mipo.py:trained_meter -> mipo.py:mi_meter   "
             f"{timings.get('held_out_eval', 0):.0f} s   -> final/, summary.json")
     base_eval, trained_eval = summary["base_eval"], summary["trained_eval"]
     if not (base_eval and trained_eval):
@@ -228,12 +227,15 @@ def main(argv=None):
         print(f"  answer length {base_eval['length']:.1f} -> {trained_eval['length']:.1f} tokens, cut at the limit "
               f"{base_eval['truncated']:.0%} -> {trained_eval['truncated']:.0%}")
         # Recomputed here: the trained model's samples, drawn exactly as train.py drew them, scored under pi_ref.
-        pairs_cfg = PairsConfig(**{**config["pairs"], "sampling": sampler.Sampling(**config["pairs"]["sampling"])})
+        cfg = config["pairs"]
+        sampling = mipo.resolve_sampling(sampler.Sampling(**cfg["sampling"]), cfg["model"])
         held_out_pairs = pairs_file.read_pairs(out / "eval_pairs.jsonl")
         pairs_file.use_recorded_date(tokenizer, held_out_pairs, out / "eval_pairs.jsonl")
-        own = held_out.own_responses(trained, tokenizer, held_out_pairs, pairs_cfg)
-        rows = [(p["prompt"], p["negative_prompt"], text, stopped) for p, (text, stopped) in zip(held_out_pairs, own)]
-        under_base = mipo.mi_meter(base, tokenizer, rows)["pmi"]
+        prompts = [tokenizer.apply_chat_template(p["prompt"]) for p in held_out_pairs]
+        own = mipo.sample_responses(trained, tokenizer, prompts, sampling, cfg["seed"], 2 * cfg["sample_batch_size"])
+        task = tasks.get_task(cfg["task"])
+        examples = tasks.load_examples(task, "eval", cfg["n_eval"], cfg["data"], cfg["eval_data"])
+        under_base = mipo.mi_meter(base, tokenizer, mipo.meter_rows(task, examples, own))["pmi"]
         print(f"  cross-check: the trained model's samples drawn again and scored under the BASE model here: "
               f"{under_base:.3f} nats")
         show("held-out prompt 0:", held_out_pairs[0]["prompt"][0]["content"])

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file, save_file
 
-from plumbing import config
-from plumbing.files import read_json
-from plumbing.gguf_convert import BUNDLED
+from bookkeeping import config
+from formats.files import read_json
+from formats.gguf_convert import BUNDLED
 from test_eval import write_run
 from test_train import args_for, write_prompts, write_tiny_model
 

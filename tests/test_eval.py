@@ -16,12 +16,13 @@ import eval as evaluation
 import mipo
 import sampler
 import tasks
-from plumbing import files, report, results
+from bookkeeping import report, results
+from formats import files
 from conftest import make_tiny_model
 from model_loader import load_model, save_model
-from plumbing.tokenizer import Tokenizer
+from formats.tokenizer import Tokenizer
 from tasks import TASKS, Example
-from plumbing.files import MipoError
+from formats.files import MipoError
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -272,13 +273,17 @@ def test_win_rate_against_one_fixed_reference_answer_per_item_ties_win_and_no_sc
            item("w", judge_score=None)]
     # The base model's answers as the reference: x 3 >= 3 wins (a tie), y loses (the reference has no score: NaN),
     # z 4 < 4.5 loses, w loses (no score). The base's own rate is 1 by construction: "ref", no difference.
-    row = {r["metric"]: r for r in report.compare_rows(base, [run])}["judge_win"]
+    evaluation.set_judge_wins(run, base)
+    row = {r["metric"]: r for r in report.compare_rows(base, [run], against_base=True)}["judge_win"]
     assert (row["base"], row["runs"][0]["value"]["mean"], row["runs"][0]["diff"]) == (None, 0.25, None)
     assert (report.format_table([row], ["base", "run"], markdown=False).splitlines()[1].split()[:2]
             == ["judge_win", "ref"])
     # A fixed reference (--judge-reference): both models are measured against the same answers, and differ.
     reference = {"x": 3.5, "y": 4.0, "z": 4.0, "w": 1.0}
-    row = {r["metric"]: r for r in report.compare_rows(base, [run], reference)}["judge_win"]
+    reference = [item(i, judge_score=score) for i, score in reference.items()]
+    for items in (base, run):
+        evaluation.set_judge_wins(items, reference)
+    row = {r["metric"]: r for r in report.compare_rows(base, [run])}["judge_win"]
     assert row["base"]["mean"] == 0.5 and row["runs"][0]["value"]["mean"] == 0.5  # base: z, w; run: y, z
     assert row["runs"][0]["diff"]["mean"] == 0.0 and row["runs"][0]["diff"]["n"] == 4
 
@@ -340,7 +345,7 @@ def test_pmi_is_scored_by_the_base_model_and_pmi_self_by_the_model_itself(tmp_pa
     args = SimpleNamespace(no_mi=False, mi_reference={"name": "base", "model": str(tmp_path / "base")}, device="cpu",
                            torch_dtype=torch.float32, batch_size=3)
     evaluation.meter_all([(spec, items)], task, examples, args)
-    negatives = [x_prime for x_prime, _, _ in mipo.plan_negatives(task, examples, task.negative, evaluation.MI_SEED)]
+    negatives = [x_prime for x_prime, _, _ in mipo.plan_negatives(task, examples, task.negative, mipo.METER_SEED)]
     assert all(n.id != ex.id for n, ex in zip(negatives, examples))  # jsonl's x': another held-out prompt
 
     def full_forward_logp(scorer, messages, it):
@@ -397,7 +402,7 @@ def test_compare_two_synthetic_runs_end_to_end(tmp_path, monkeypatch, capsys):
     assert not list(tmp_path.rglob("*.tmp*"))  # nothing half-written
 
     # Cached: nothing is loaded, sampled or judged again, and the table is the same.
-    monkeypatch.setattr("plumbing.results.load_model", lambda *a, **k: pytest.fail("loaded a model despite the cache"))
+    monkeypatch.setattr("bookkeeping.results.load_model", lambda *a, **k: pytest.fail("loaded a model despite the cache"))
     evaluation.main(argv)
     assert capsys.readouterr().out == out
 
@@ -421,10 +426,10 @@ def test_judge_reference_answers_are_judged_once_and_every_model_is_measured_aga
     assert all(len(it["judge"]["scores"]) == 2 for it in judged)
     base_file = next((tmp_path / "runs" / "eval").glob("*/jsonl.jsonl"))  # the base's results (the run's are in it)
     base_items = [json.loads(line) for line in base_file.read_text().splitlines()]
-    expected = report.judge_wins(base_items, report.judge_scores(judged))
-    assert float(win[1]) == pytest.approx(sum(expected) / 4, abs=5e-4)
+    evaluation.set_judge_wins(base_items, judged)
+    assert float(win[1]) == pytest.approx(sum(it["metrics"]["judge_win"] for it in base_items) / 4, abs=5e-4)
     # A rerun judges nothing again, the reference included.
-    monkeypatch.setattr("plumbing.results.load_model", lambda *a, **k: pytest.fail("loaded a model despite the cache"))
+    monkeypatch.setattr("bookkeeping.results.load_model", lambda *a, **k: pytest.fail("loaded a model despite the cache"))
     evaluation.main(argv)
     assert capsys.readouterr().out == out
     reference.write_text('{"id": "u4", "answer": "only one"}\n')

@@ -19,11 +19,11 @@ from tokenizers import Tokenizer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from model_loader import load_model
-from plumbing.hf_files import generation_defaults
+from formats.hf_files import generation_defaults
 from sampler import generate
-from plumbing import gguf_convert
-from plumbing.files import MipoError
-from plumbing.gguf_convert import BUNDLED, BundledGGUF, bundled_gguf, bundled_model_dir, convert_gguf
+from formats import gguf_convert
+from formats.files import MipoError
+from formats.gguf_convert import BUNDLED, BundledGGUF, bundled_gguf, bundled_model_dir, convert_gguf
 
 SHAPES = {  # what the project documents for each bundled model
     "qwen": dict(model_type="qwen2", num_hidden_layers=24, hidden_size=896, num_attention_heads=14,

@@ -1,4 +1,4 @@
-"""Low-rank adapters (plumbing/lora.py, train.py --lora-rank): the adapted layer's gradients are autograd's on the
+"""Low-rank adapters (transforms/lora.py, train.py --lora-rank): the adapted layer's gradients are autograd's on the
 explicit W + (alpha/r) B A, the merged model gives the adapted model's logits, training changes only the adapters
 (the step-0 check still exact), a killed run resumes bitwise, two DDP processes equal one, --shard is refused in
 one line, and peft loads the saved adapter onto the base model with the merged model's logits."""
@@ -13,8 +13,8 @@ from safetensors.torch import load_file
 import train
 from conftest import make_tiny_model
 from model_loader import load_model
-from plumbing import lora
-from plumbing.files import MipoError
+from transforms import lora
+from formats.files import MipoError
 from test_train import args_for, assert_same_metrics, completed_run, final_weights, make_assets, metrics, run_cli
 
 LORA = ("--lora-rank", "4", "--epochs", "2", "--save-every", "2", "--micro-batch-size", "2")

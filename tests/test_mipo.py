@@ -19,10 +19,10 @@ from conftest import make_tiny_model
 from mipo import build_pairs
 from sampler import Sampling
 from tasks import TASKS, Example
-from plumbing import pairs_file
-from plumbing.tokenizer import Tokenizer
-from plumbing.files import MipoError
-from plumbing.pairs_file import read_pairs
+from formats import pairs_file
+from formats.tokenizer import Tokenizer
+from formats.files import MipoError
+from formats.pairs_file import read_pairs
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLING = Sampling(temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=8)
@@ -32,7 +32,7 @@ SAMPLING = Sampling(temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=8)
 
 class ByteTokenizer:
     """Chat messages as UTF-8 bytes; id 256 ends a turn. decode(encode(x)) == x. Like Llama 3's template it
-    prints the date it renders on (plumbing/tokenizer.py: Tokenizer.date)."""
+    prints the date it renders on (formats/tokenizer.py: Tokenizer.date)."""
     stop_token_ids = [256]
 
     def __init__(self, day=date(2026, 1, 2)):
@@ -269,7 +269,7 @@ def test_a_second_run_on_the_same_file_is_refused_while_the_first_writes(echo, t
 # ------------------------------------------------------------------ the real sampler on a tiny random model
 
 def tiny_tokenizer(tmp_path, vocab_size=97):
-    """Word-level tokenizer 'w0'..'w93' + ChatML specials 94-96, loaded through plumbing/tokenizer.py's Tokenizer."""
+    """Word-level tokenizer 'w0'..'w93' + ChatML specials 94-96, loaded through formats/tokenizer.py's Tokenizer."""
     from tokenizers import Tokenizer as HFTokenizer, models, pre_tokenizers
 
     vocab = {f"w{i}": i for i in range(vocab_size - 3)}

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from model_loader import ModelConfig, load_model, save_model
-from plumbing import model_sources
-from plumbing.files import MipoError
+from formats import model_sources
+from formats.files import MipoError
 
 transformers = pytest.importorskip("transformers")
 ROOT = Path(__file__).resolve().parent.parent
@@ -246,7 +246,7 @@ def test_unreachable_hub_is_one_line_naming_the_local_directory_way(tmp_path, mo
 def test_generation_defaults_are_the_files_or_transformers(tmp_path):
     """top_k and repetition_penalty as transformers' generate takes them when a call leaves them out: from the
     directory's generation_config.json, transformers' 50 and 1.0 where the file or a key is missing or null."""
-    from plumbing.hf_files import generation_defaults
+    from formats.hf_files import generation_defaults
 
     assert generation_defaults(tmp_path) == {"top_k": 50, "repetition_penalty": 1.0}  # no file
     (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": 2, "top_k": 20, "do_sample": True,

@@ -1,4 +1,4 @@
-"""plumbing/shard.py: a DPO step of FSDP2 over two CPU processes (gloo) equals the same step in one process on the whole
+"""transforms/shard.py: a DPO step of FSDP2 over two CPU processes (gloo) equals the same step in one process on the whole
 global batch; a sharded checkpoint resumes to the very weights of an uninterrupted run; bf16 mixed precision keeps
 float32 master weights and float32 RoPE tables; the memory model counts parameters exactly.
 
@@ -13,11 +13,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from plumbing import shard
+from transforms import shard
 from conftest import RunsCodeWhenUnpickled, make_tiny_model, naive_sequence_logps
 from dpo_loss import preference_loss
 from model_loader import ModelConfig, rope_inv_freq
-from plumbing.files import MipoError
+from formats.files import MipoError
 
 WORLD = 2
 LR = 1e-3  # large, so that one step moves every weight far beyond float32 rounding

@@ -1,4 +1,4 @@
-"""A sweep (plumbing/sweep.py): one train.py command with lists of loss and optimization settings trains each
+"""A sweep (bookkeeping/sweep.py): one train.py command with lists of loss and optimization settings trains each
 combination exactly as the single command would, from pairs sampled once and reference log-probs computed once,
 refuses a list of a setting that changes the pairs, resumes after a kill, and eval.py --compare takes the whole
 sweep directory."""
@@ -10,8 +10,8 @@ import torch
 
 import mipo
 import train
-from plumbing import results, runs, sweep
-from plumbing.files import MipoError
+from bookkeeping import results, runs, sweep
+from formats.files import MipoError
 from test_train import args_for, completed_run, final_weights, make_assets, metrics, run_cli
 
 SWEEP = ("--loss", "sigmoid", "ipo", "--beta", "0.1", "0.3", "--n-eval", "4")

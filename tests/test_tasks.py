@@ -10,7 +10,7 @@ import pytest
 import mipo
 import tasks
 from tasks import TASKS, Example
-from plumbing.files import MipoError
+from formats.files import MipoError
 
 # ------------------------------------------------------------------ GSM8K: the paper's gsm.py
 

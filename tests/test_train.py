@@ -10,7 +10,9 @@ import shutil
 import signal
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -21,11 +23,13 @@ import mipo
 import model_loader
 import tasks
 import train
-from plumbing import config, cpu_speedups, held_out, pairs_file, runs, shard
+from bookkeeping import config, held_out, runs
+from formats import pairs_file
+from transforms import cpu_speedups, shard
 from conftest import RunsCodeWhenUnpickled, make_tiny_model, naive_sequence_logps
 from model_loader import load_model, save_model
-from plumbing.tokenizer import Tokenizer
-from plumbing.files import MipoError
+from formats.tokenizer import Tokenizer
+from formats.files import MipoError
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -251,7 +255,7 @@ def test_dpo_step_loss_and_gradients_equal_plain_autograd(baseline, monkeypatch,
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_sparse_embedding_gradient_gives_the_dense_gradients_and_update(baseline, dtype):
-    """plumbing/cpu_speedups.py's sparse embedding gradient on an untied model (as the bundled qwen): two
+    """transforms/cpu_speedups.py's sparse embedding gradient on an untied model (as the bundled qwen): two
     micro-batches accumulated, an AdamW update, the gradients set to None, one more backward. Every gradient and
     weight equals the dense default's up to float rounding (a token that occurs twice sums its two rows in another
     order); a missed or doubled row fails."""
@@ -444,15 +448,19 @@ def test_held_out_meter_scores_each_models_own_samples_under_the_base_model(asse
     train.main(args)
     summary = json.loads((out / "summary.json").read_text())
     cfg = config.resolve_config(config.train_parser().parse_args(args))[0]
+    task = tasks.get_task(cfg.task)
+    examples = tasks.load_examples(task, "eval", cfg.n_eval, cfg.data, cfg.eval_data)
     eval_pairs = pairs_file.read_pairs(out / "eval_pairs.jsonl")
     base, tokenizer = load_model(assets["model"])
     policy, _ = load_model(out / "final")
-    own = held_out.own_responses(policy, tokenizer, eval_pairs, cfg)  # the same seed: the meter's very samples
+    prompts = [tokenizer.apply_chat_template(p["prompt"]) for p in eval_pairs]
+    sampling = mipo.resolve_sampling(cfg.sampling, cfg.model)  # the same settings and seed: the meter's very samples
+    own = mipo.sample_responses(policy, tokenizer, prompts, sampling, cfg.seed, 2 * cfg.sample_batch_size)
     assert own != held_out.chosen_responses(eval_pairs)
     before, after = summary["base_eval"], summary["trained_eval"]
 
-    def rows(responses):  # each held-out pair's own x'
-        return [(p["prompt"], p["negative_prompt"], text, stopped) for p, (text, stopped) in zip(eval_pairs, responses)]
+    def rows(responses):  # x' drawn for the items alone (mipo.METER_SEED), whatever the run's --negative and --seed
+        return mipo.meter_rows(task, examples, responses)
 
     base_meter = mipo.mi_meter(base, tokenizer, rows(held_out.chosen_responses(eval_pairs)))
     assert before["pmi"] == before["pmi_self"] == pytest.approx(base_meter["pmi"], abs=1e-5)
@@ -461,6 +469,34 @@ def test_held_out_meter_scores_each_models_own_samples_under_the_base_model(asse
     assert after["pmi_self"] == pytest.approx(under_policy["pmi"], abs=1e-5)
     assert abs(after["pmi"] - after["pmi_self"]) > 1e-3  # two scorers, two numbers
     assert (after["length"], after["truncated"]) == (under_base["length"], under_base["truncated"])
+
+
+def test_train_and_eval_meter_the_same_items_alike(assets, tmp_path):
+    # One meter: train.py's held-out meter (mipo.held_out_meter) and eval.py's pmi (meter_all) on the same items and
+    # responses draw the same x' and give the same numbers, whatever --negative and --seed the run used.
+    import eval as evaluation
+    from bookkeeping import results
+
+    task = tasks.get_task("jsonl")
+    examples = tasks.load_examples(task, "eval", 4, assets["data"])
+    model, tokenizer = load_model(assets["model"])
+    prompts = [tokenizer.apply_chat_template(tasks.prompt_messages(task, ex)) for ex in examples]
+    sampling = mipo.resolve_sampling(replace(tasks.default_sampling(task, "cpu"), max_new_tokens=8), model)
+    responses = mipo.sample_responses(model, tokenizer, prompts, sampling, seed=3, batch_size=4)
+    held = mipo.held_out_meter(model, tokenizer, task, examples, responses)
+    items = [{"id": ex.id, "response": text, "stopped": stopped, "metrics": {}}
+             for ex, (text, stopped) in zip(examples, responses)]
+    spec = {"name": "m", "eval_dir": tmp_path / "eval"}
+    results.save_results(spec["eval_dir"], task, items, {})
+    args = SimpleNamespace(no_mi=False, mi_reference={"name": "base", "model": str(assets["model"])}, device="cpu",
+                           torch_dtype=torch.float32, batch_size=4)
+    evaluation.meter_all([(spec, items)], task, examples, args)
+    assert [it["metrics"]["pmi"] for it in items] == [row["metrics"]["pmi"] for row in held["items"]]
+    assert held["pmi"] == pytest.approx(sum(it["metrics"]["pmi"] for it in items) / len(items), abs=1e-6)
+    # the x' does not depend on a run's seed or kind of negative: the same rows for any run
+    rows = mipo.meter_rows(task, examples, responses)
+    assert [r[1] for r in rows] == [tasks.prompt_messages(task, x) for x, _, _ in
+                                    mipo.plan_negatives(task, examples, task.negative, mipo.METER_SEED)]
 
 
 def test_mipo_py_and_train_py_sample_the_same_pairs_for_the_same_seed(assets, baseline, tmp_path):
@@ -474,9 +510,9 @@ def test_mipo_py_and_train_py_sample_the_same_pairs_for_the_same_seed(assets, ba
     assert result.returncode == 0, result.stderr
     assert out.read_bytes() == (baseline / "pairs.jsonl").read_bytes()
     # and by default: the same prompts per generate call (each batch has its own seed) and the same dtype rule
-    assert (config.pairs_parser().parse_args([]).batch_size
+    assert (mipo.pairs_parser().parse_args([]).batch_size
             == config.train_parser().parse_args([]).sample_batch_size == 16)
-    assert (config.pairs_parser().parse_args(["--dtype", "bfloat16"]).dtype == "bfloat16"
+    assert (mipo.pairs_parser().parse_args(["--dtype", "bfloat16"]).dtype == "bfloat16"
             and config.train_parser().parse_args([]).dtype == "auto")
 
 
@@ -694,7 +730,7 @@ def test_two_process_ddp_equals_one_process(assets, baseline, tmp_path):
 
 
 def test_two_process_fsdp_equals_one_process_and_resumes(assets, baseline, tmp_path):
-    """train.py --shard (FSDP2 over 2 gloo processes, plumbing/shard.py) gives the single-process weights and logs its
+    """train.py --shard (FSDP2 over 2 gloo processes, transforms/shard.py) gives the single-process weights and logs its
     numbers, and a sharded run killed mid-training resumes from its distributed checkpoint (not from the start: the
     base weights are changed after the kill) to the same weights as an uninterrupted one."""
     launcher = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2")
@@ -841,6 +877,23 @@ def test_memory_plan_counts_the_longest_training_prompt(assets, baseline, tmp_pa
         args = config.train_parser().parse_args(args_for(assets, tmp_path, *extra))
         config.print_plan(*config.resolve_config(args), 1)
         assert f"pair(s) of {longest + 2 * 6 + 1} tokens" in capsys.readouterr().out
+
+
+def test_the_plan_names_the_cpu_speedups_and_one_switch_turns_them_all_off(assets, tmp_path, capsys, monkeypatch):
+    args = config.train_parser().parse_args(args_for(assets, tmp_path))
+    config.print_plan(*config.resolve_config(args), 1)
+    assert f"CPU speed-ups: {', '.join(cpu_speedups.in_force('cpu'))} (MIPO_CPU_SPEEDUPS=0" in capsys.readouterr().out
+    assert "oneDNN linear layers" in cpu_speedups.in_force("cpu") and not cpu_speedups.in_force("cuda")
+    monkeypatch.setenv("MIPO_CPU_SPEEDUPS", "0")
+    config.print_plan(*config.resolve_config(args), 1)
+    assert "CPU speed-ups: none" in capsys.readouterr().out and not cpu_speedups.in_force("cpu")
+    for parser in (config.train_parser(), config.eval_parser(), mipo.pairs_parser()):  # named in every --help
+        assert "MIPO_CPU_SPEEDUPS=0" in " ".join(parser.format_help().split())
+
+
+def test_the_step0_check_is_printed_once(assets, tmp_path, capsys):
+    train.main(args_for(assets, tmp_path / "once"))
+    assert capsys.readouterr().out.count("step-0 check") == 1
 
 
 def test_paper_preset_fits_the_micro_batch_and_checkpointing_to_the_gpu(tmp_path):

@@ -22,7 +22,7 @@ EXAMPLE = ROOT / "examples" / "walkthrough.py"
 CORE = ("model_loader", "sampler", "mipo", "dpo_loss", "train", "eval")
 
 # mipo.py:build_pairs
-CODE_REF = re.compile(r"\b((?:plumbing/)?[a-z_]+)\.py:([A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*)")
+CODE_REF = re.compile(r"\b((?:(?:formats|transforms|bookkeeping)/)?[a-z_]+)\.py:([A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*)")
 TEST_REF = re.compile(r"`(tests/test_[a-z_]+\.py)::([A-Za-z_][A-Za-z0-9_]*)`")  # tests/test_x.py::test_y
 
 
@@ -57,10 +57,10 @@ def code_refs(text: str) -> set[tuple[str, str]]:
 
 
 def test_the_reference_checker_can_fail():
-    assert resolves("mipo", "build_pairs") and resolves("plumbing/tokenizer", "Tokenizer.apply_chat_template")
+    assert resolves("mipo", "build_pairs") and resolves("formats/tokenizer", "Tokenizer.apply_chat_template")
     assert not resolves("mipo", "build_pair")  # misspelled function
-    assert not resolves("plumbing/tokenizer", "Tokenizer.apply_template")  # misspelled attribute
-    assert not resolves("model_loader", "Tokenizer")  # imported into model_loader.py, defined in plumbing/tokenizer.py
+    assert not resolves("formats/tokenizer", "Tokenizer.apply_template")  # misspelled attribute
+    assert not resolves("model_loader", "Tokenizer")  # imported into model_loader.py, defined in formats/tokenizer.py
     assert not resolves("mipoo", "build_pairs")  # misspelled file
     assert (code_refs("see `mipo.py:build_pairs`, then dpo_loss.py:sigmoid_loss.")
             == {("mipo", "build_pairs"), ("dpo_loss", "sigmoid_loss")})
@@ -101,7 +101,8 @@ def shown_commands(text: str) -> list[list[str]]:
 
 
 def test_every_command_in_the_walkthrough_parses_with_the_current_flags():
-    from plumbing import config, sweep
+    import mipo
+    from bookkeeping import config, sweep
 
     sys.path.insert(0, str(EXAMPLE.parent))
     import walkthrough
@@ -109,7 +110,7 @@ def test_every_command_in_the_walkthrough_parses_with_the_current_flags():
     # train.py: resolve_config also checks the loss options
     parsers = {"train.py": lambda argv: [config.resolve_config(args)
                                          for args in sweep.variants(config.train_parser().parse_args(argv))],
-               "eval.py": config.eval_parser().parse_args, "mipo.py": config.pairs_parser().parse_args,
+               "eval.py": config.eval_parser().parse_args, "mipo.py": mipo.pairs_parser().parse_args,
                "examples/walkthrough.py": walkthrough.parse_args}
     commands = shown_commands(DOC.read_text())
     scripts = [c[0] for c in commands]

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from plumbing.files import MipoError, read_json
+from formats.files import MipoError, read_json
 
 
 def weight_files(model_dir: Path) -> list[Path]:

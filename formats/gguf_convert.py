@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import save_file
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
-from plumbing.files import MipoError, cache_dir, fetch_package
+from formats.files import MipoError, cache_dir, fetch_package
 
 
 @dataclass(frozen=True)

@@ -15,9 +15,9 @@ library train.py calls for that, plus the memory model that says in advance whet
     memory_plan          bytes per rank for parameters, gradients, AdamW, activations and logits, from the config
     choose_layout        the micro-batch and checkpointing that fit a GPU, the global batch kept at 4
 
-    python -m plumbing.shard --table                     the Markdown memory table of docs/scaling.md
-    python -m plumbing.shard --commands                  the torchrun commands of the paper's five models on 1-8 GPUs
-    python -m plumbing.shard --plan qwen2.5-7b --gpus 4  one memory plan, as train.py prints it before training
+    python -m transforms.shard --table                     the Markdown memory table of docs/scaling.md
+    python -m transforms.shard --commands                  the torchrun commands of the paper's five models on 1-8 GPUs
+    python -m transforms.shard --plan qwen2.5-7b --gpus 4  one memory plan, as train.py prints it before training
 
 Launch: torchrun --nproc_per_node 4 train.py -- --model DIR --preset paper --shard (docs/scaling.md has the
 commands for the paper's five models on 1, 2, 4 and 8 GPUs, and on several nodes).
@@ -45,8 +45,8 @@ except ImportError:  # torch 2.5: the same FSDP2 under its first name (only 2.13
     from torch.distributed._composable.fsdp import MixedPrecisionPolicy, fully_shard
 
 from model_loader import CausalLM, ModelConfig, rope_inv_freq
-from plumbing import lora
-from plumbing.files import MipoError, run_command
+from transforms import lora
+from formats.files import MipoError, run_command
 
 # ---------------------------------------------------------------------------------------------------------------
 # The paper's models. Architecture numbers from each model's published config.json (Hugging Face hub copies);
@@ -334,7 +334,7 @@ def memory_plan(cfg: ModelConfig, world_size: int = 1, strategy: str = "fsdp", g
     A micro-batch of B pairs is B packed rows of T = prompt + response + 1 + response tokens (train.collate:
     [x, y+, x[-1], y-]) with logits over the 2 * response + 1 positions after the prompt. param_bytes is the
     compute dtype (2: bf16), master_bytes the dtype of the weights AdamW updates (4: float32). With lora_rank,
-    gradients and AdamW states are the adapters' only (plumbing/lora.py); the frozen weights stay.
+    gradients and AdamW states are the adapters' only (transforms/lora.py); the frozen weights stay.
     """
     if strategy not in ("single", "ddp", "fsdp"):
         raise MipoError(f"strategy {strategy!r}: one of single, ddp, fsdp")
@@ -462,7 +462,7 @@ def memory_table(models=("qwen2.5-0.5b", "qwen2.5-1.5b", "qwen2.5-3b", "qwen2.5-
 def lora_table(rank: int = 16, models=("llama-3.2-1b", "llama-3.2-3b", "qwen2.5-1.5b", "qwen2.5-3b", "qwen2.5-7b"),
                **plan_options) -> str:
     """docs/scaling.md's LoRA rows: GiB on one GPU, every weight trained against rank-`rank` adapters on every linear
-    layer of attention and MLP (plumbing/lora.py), without / with gradient checkpointing, micro-batch 1."""
+    layer of attention and MLP (transforms/lora.py), without / with gradient checkpointing, micro-batch 1."""
     rows = [f"| model | adapter parameters | every weight, 1 GPU | LoRA rank {rank}, 1 GPU |", "|---|---|---|---|"]
     for name in models:
         cfg = paper_config(name)

@@ -10,7 +10,7 @@ from pathlib import Path
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as HFTokenizer
 
-from plumbing.files import MipoError, read_json
+from formats.files import MipoError, read_json
 
 
 class Tokenizer:

@@ -12,10 +12,7 @@ and batch by batch, which is what an interrupted run resumes.
 from datetime import date
 from pathlib import Path
 
-import sampler
-from sampler import Sampling
-from tasks import Example, Task
-from plumbing.files import MipoError, numbered_jsonl
+from formats.files import MipoError, numbered_jsonl
 
 
 PAIR_FIELDS = (
@@ -46,13 +43,7 @@ def samples_path(pairs_path, shard: tuple[int, int] = (0, 1)) -> Path:
     )
 
 
-def sampling_settings(sampling: Sampling, seed: int, model_name: str) -> dict:
-    """What every pairs and samples record keeps of the run that sampled it: each sampling setting in force (sampling
-    resolved against the model, config.resolve_sampling), the seed and the model."""
-    return {**sampler.generate_kwargs(sampling), "seed": seed, "model": model_name}
-
-
-def same_run(record: dict, task: Task, negative: str, settings: dict) -> bool:
+def same_run(record: dict, task, negative: str, settings: dict) -> bool:
     """Whether a pairs or samples record was made by a run with these settings (the recorded date aside)."""
     recorded = (
         {k: v for k, v in record["sampling"].items() if k != "date"} if isinstance(record["sampling"], dict) else None
@@ -60,7 +51,7 @@ def same_run(record: dict, task: Task, negative: str, settings: dict) -> bool:
     return (record["task"], record["negative"], recorded) == (task.name, negative, settings)
 
 
-def resume_samples(path: Path, records: list[dict], tokenizer, task: Task, negative: str, settings: dict) -> set[str]:
+def resume_samples(path: Path, records: list[dict], tokenizer, task, negative: str, settings: dict) -> set[str]:
     """The ids of `records`, already sampled into `path` by a run with these settings; a file of another run is
     refused. Sets the date the chat template renders and records it in settings."""
     for k, record in enumerate(records, 1):
@@ -77,7 +68,7 @@ def resume_samples(path: Path, records: list[dict], tokenizer, task: Task, negat
     return {record["id"] for record in records}
 
 
-def read_complete_pairs(path, task: Task, examples: list[Example], negative: str, settings: dict) -> list[dict] | None:
+def read_complete_pairs(path, task, examples: list, negative: str, settings: dict) -> list[dict] | None:
     """The pairs file of this run when it has been written (None when not yet); a pairs file of another run is
     refused, never mixed with this one."""
     if not Path(path).exists():

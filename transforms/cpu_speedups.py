@@ -1,12 +1,32 @@
 """CPU speed-ups that train.py, mipo.py, eval.py and model_loader.py switch on, kept out of the method files: the
-decoder reads with plain nn.Linear and the sampler with a plain top-p, and this module makes them fast on a CPU
-without changing what they compute (the tests hold each one to the plain version). Figures: docs/performance.md.
+decoder reads with plain nn.Linear and the sampler with a plain top-p, and this module makes them fast on a CPU, on
+the model it is given: nothing here assigns into another module or changes an object's class. Figures:
+docs/performance.md.
 
-    apply(model)         after loading a CPU model: oneDNN linear layers, prepacked while sampling; the nucleus
-                         bound for top-p; glibc heap settings for sampling and scoring
+    apply(model)         after loading a CPU model: new OneDNNLinear layers holding the nn.Linear layers' own
+                         Parameters, prepacked while sampling; the nucleus bound for top-p, as the model's attribute
+                         top_k_top_p, which sampler.generate takes; glibc heap settings for sampling and scoring.
+                         Returns the model.
     for_dpo(model, ...)  before DPO: glibc heap settings for training; a sparse input-embedding gradient
+    in_force(device)     the names of those that apply and for_dpo switch on for a device; plan_line: a plan's line
 
-MIPO_ONEDNN=0 leaves the linear layers on PyTorch's default float32 kernel.
+A library user does what the commands do:
+
+    model, tokenizer = load_model("qwen"); cpu_speedups.apply(model); sampler.generate(model, ...)
+
+What each changes against the plain version, as tests/test_cpu_speedups.py and tests/test_train.py hold it:
+  - oneDNN bf16 linear layers: bitwise the same as nn.Linear, prepacked (sampling) or not (then it is F.linear).
+  - oneDNN float32 linear layers, forward and backward, and their prepacked weights: float32 products and sums as
+    nn.Linear's, equal within rounding (summed in another order), not bit for bit.
+  - the nucleus bound: bitwise the same candidates with the same logits as sampler.top_k_top_p, so the same tokens
+    for the same seed (tested; the draw's softmax sums the same terms, zeros left out, in an order that could only
+    in principle round differently).
+  - glibc heap settings: no number changes, only where memory comes from.
+  - the sparse input-embedding gradient: equal up to float rounding (a token twice in a batch has its two rows
+    summed in another order).
+
+MIPO_CPU_SPEEDUPS=0 (SWITCH) switches all of them off, read at each call: apply and for_dpo then do nothing.
+MIPO_ONEDNN=0 (read at import) leaves the float32 linear layers on PyTorch's default kernel.
 """
 import ctypes
 import os
@@ -17,24 +37,50 @@ import torch.nn.functional as F
 
 import sampler
 
+SWITCH = "MIPO_CPU_SPEEDUPS=0"  # in the environment: every speed-up here off
 ONEDNN_FLOAT32 = torch.backends.mkldnn.is_available() and os.environ.get("MIPO_ONEDNN", "1") != "0"
 PACKED_ROWS = 32  # the rows oneDNN picks the blocked layout for (a decode step's batch); any number of rows works
 
 
-def apply(model) -> None:
-    """Switch the speed-ups on for a model on a CPU (nothing on a GPU)."""
-    if model.lm_head.weight.device.type != "cpu":
-        return
-    for module in model.modules():
-        if type(module) is nn.Linear:
-            module.__class__ = OneDNNLinear  # same parameters, same state dict: only forward changes
-    sampler.top_k_top_p = bounded_top_k_top_p
+def switched_off() -> bool:  # SWITCH, read at each call so that a test or a library user may set it late
+    return os.environ.get("MIPO_CPU_SPEEDUPS") == "0"
+
+
+def in_force(device) -> list[str]:
+    """The speed-ups apply and for_dpo switch on for a model on this device (none on a GPU or when switched off).
+    The sparse gradient only where for_dpo finds one process, no sharding and an untied, trained input embedding."""
+    if switched_off() or torch.device(device).type != "cpu":
+        return []
+    onednn = ["oneDNN linear layers" + ("" if ONEDNN_FLOAT32 else " (bf16 only: MIPO_ONEDNN=0)")]
+    return (onednn if torch.backends.mkldnn.is_available() else []) + [
+        "nucleus bound for top-p", "glibc heap settings", "sparse input-embedding gradient"]
+
+
+def plan_line(device) -> str:
+    """The line a command's plan prints: the speed-ups in force and the switch that turns them off."""
+    names = in_force(device)
+    return f"CPU speed-ups: {', '.join(names) if names else 'none'} ({SWITCH} switches them all off)"
+
+
+def apply(model):
+    """Switch the speed-ups on for a model on a CPU (nothing on a GPU or when switched off). Returns the model."""
+    if switched_off() or model.lm_head.weight.device.type != "cpu":
+        return model
+    new = {}  # old layer -> new one: a layer registered under two names stays one layer
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.Linear:  # as gpt-fast's quantize.py swaps its layers: same Parameters, new forward
+                if child not in new:
+                    new[child] = OneDNNLinear.from_linear(child)
+                setattr(parent, name, new[child])
+    model.top_k_top_p = bounded_top_k_top_p  # an attribute of this model: sampler.generate uses it for this model
     keep_freed_memory_for_reuse()
+    return model
 
 
 def for_dpo(model, world: int, sharded: bool) -> None:
-    """Before the first DPO step of a CPU run."""
-    if model.lm_head.weight.device.type != "cpu":
+    """Before the first DPO step of a CPU run (nothing on a GPU or when switched off)."""
+    if switched_off() or model.lm_head.weight.device.type != "cpu":
         return
     keep_activations_in_the_heap()
     embedding = model.model.embed_tokens.weight
@@ -56,6 +102,14 @@ class OneDNNLinear(nn.Linear):
     last bit, float32 within rounding) for one more copy of the weight, dropped at the first call outside it."""
 
     packed = None  # (the weight's version it was packed from, the packed weight)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> "OneDNNLinear":
+        """A new layer holding linear's own weight and bias Parameters (no copy): the same state dict, and a change
+        to one is a change to the other. Built on the meta device, so nothing is allocated or drawn at random."""
+        layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
+        layer.weight, layer.bias = linear.weight, linear.bias
+        return layer.train(linear.training)
 
     def forward(self, x):
         if torch.compiler.is_compiling():  # Inductor lowers only its own prepacked form of the op

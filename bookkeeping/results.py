@@ -15,12 +15,15 @@ import torch
 from model_loader import check_model, load_model
 from sampler import Sampling
 from tasks import Example, Task, eval_sampling, get_task, load_examples
-from plumbing import config, cpu_speedups, report, sweep
-from plumbing.files import (EVAL_SUBDIR, OTHER_MODELS_DIR, RUN_CONFIG, RUN_FINAL, RUN_METRICS, MipoError,
+import mipo
+from bookkeeping import config, report, sweep
+from formats.dtypes import torch_dtype
+from transforms import cpu_speedups
+from formats.files import (EVAL_SUBDIR, OTHER_MODELS_DIR, RUN_CONFIG, RUN_FINAL, RUN_METRICS, MipoError,
                             numbered_jsonl, read_json, read_jsonl, write_atomically)
-from plumbing.gguf_convert import BUNDLED, BUNDLED_ALIASES
-from plumbing.hf_files import weight_files
-from plumbing.model_sources import is_hub_name, resolve_model_dir
+from formats.gguf_convert import BUNDLED, BUNDLED_ALIASES
+from formats.hf_files import weight_files
+from formats.model_sources import is_hub_name, resolve_model_dir
 
 
 def plan(args) -> tuple[list[dict], Task, list[Example], dict]:
@@ -45,7 +48,7 @@ def check_flags(args) -> None:
     for flag, value in (("--batch-size", args.batch_size), ("--n", args.n)):
         if value is not None and value < 1:
             raise MipoError(f"{flag} {value}: must be at least 1")
-    config.sampling_from_flags(args, Sampling(1.0))  # the sampling flags given are in range
+    mipo.sampling_from_flags(args, Sampling(1.0))  # the sampling flags given are in range
     if args.judge_reference is not None:
         read_reference_answers(Path(args.judge_reference))
 
@@ -79,8 +82,8 @@ def held_out_items(args, specs: list[dict]) -> tuple[Task, list[Example], dict]:
     eval_data = args.eval_data or (run_settings.get("eval_data") if same_task and not args.data else None)
     n = args.n or config.EVAL_N_DEFAULT["cpu" if torch.device(args.device).type == "cpu" else "gpu"]
     examples = load_examples(task, "eval", n, data, eval_data)
-    sampling = config.sampling_from_flags(args, eval_sampling(task, args.device))
-    args.torch_dtype = config.torch_dtype(args.dtype, args.device)  # as train.py: bf16 where the hardware multiplies it
+    sampling = mipo.sampling_from_flags(args, eval_sampling(task, args.device))
+    args.torch_dtype = torch_dtype(args.dtype, args.device)  # as train.py: bf16 where the hardware multiplies it
     settings = {"task": task.name, "data": str(data) if data else None,
                 "eval_data": str(eval_data) if eval_data else None,
                 "n": len(examples), "sampling": asdict(sampling),
@@ -187,7 +190,7 @@ def load(model_arg, args):
 def cached(spec: dict, task: Task, examples: list[Example], settings: dict, force: bool) -> tuple[dict, list | None]:
     """(the settings a model is evaluated with: the flags' sampling with the model's own defaults filled in, and its
     weight files; its cached items made with exactly those, or None)."""
-    in_force = config.resolve_sampling(Sampling(**settings["sampling"]), spec["model"])  # the model's top-k, penalty
+    in_force = mipo.resolve_sampling(Sampling(**settings["sampling"]), spec["model"])  # the model's top-k, penalty
     settings = {**settings, "sampling": asdict(in_force), "model_files": fingerprint(spec["model"])}
     items = None if force else load_results(spec["eval_dir"], task, settings, [ex.id for ex in examples])
     if items is not None:

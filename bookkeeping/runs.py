@@ -25,9 +25,11 @@ from tqdm import tqdm
 import mipo
 from model_loader import check_model
 from tasks import get_task, load_examples
-from plumbing import config, files, pairs_file, report, shard
-from plumbing.config import HardwareConfig, LossConfig, OptimConfig, PairsConfig
-from plumbing.files import (RUN_CONFIG, RUN_METRICS, Interrupted, MipoError, append_jsonl, atomic_file, check_out,
+from bookkeeping import config, report
+from formats import files, pairs_file
+from transforms import shard
+from bookkeeping.config import HardwareConfig, LossConfig, OptimConfig, PairsConfig
+from formats.files import (RUN_CONFIG, RUN_METRICS, Interrupted, MipoError, append_jsonl, atomic_file, check_out,
                             crash_hook, read_jsonl, write_atomically)
 
 # Settings that may change between a run and its resumption: they change how the work is done, not the result.
@@ -73,7 +75,7 @@ class Run:
     out: Path
     rank: int = 0
     world: int = 1
-    shared: Path | None = None  # a sweep's SWEEP/shared (plumbing/sweep.py); None: the run directory itself
+    shared: Path | None = None  # a sweep's SWEEP/shared (bookkeeping/sweep.py); None: the run directory itself
     timings: dict = field(default_factory=dict)  # seconds per stage, for summary.json
 
     def shared_file(self, name: str, kind: str = "") -> Path:
@@ -354,12 +356,14 @@ def resumable_pass(run: Run, path: Path, records: list[dict], batches: list[tupl
 
 
 class Steps:
-    """The optimizer steps of a run, from its last checkpoint on:
+    """The bookkeeping around train.py's optimizer steps, which its loop calls in the open:
 
-        with runs.Steps(run, model, optimizer, total_steps) as steps:
-            for step in steps:  # 0-based; a checkpoint after a step every --save-minutes and on Ctrl-C
+        with runs.Steps(run, model, optimizer, total_steps) as steps:  # resumes from the last checkpoint
+            for step in range(steps.start, total_steps):
                 ...
                 steps.log(metrics)  # metrics.jsonl, the progress bar, the step-0 check's line
+                if steps.checkpoint_due(step + 1):  # every --save-minutes, and after a Ctrl-C or SIGTERM
+                    steps.save_checkpoint(step + 1)  # then stops, after a Ctrl-C
 
     Resuming restores the model, AdamW, the step and the RNG states, and drops the metrics of the steps done again.
     An error raised in the loop leaves naming the last good checkpoint."""
@@ -376,34 +380,34 @@ class Steps:
             write_atomically(self.metrics_path, "".join(json.dumps(x) + "\n" for x in kept))
         self.stop = StopRequest().__enter__()
         self.bar = tqdm(total=self.total_steps, initial=self.start, desc="DPO", unit="step", disable=self.run.rank != 0)
+        self.saved_at = time.monotonic()
         return self
 
-    def __iter__(self):
-        hw, saved_at = self.run.hw, time.monotonic()
-        for step in range(self.start, self.total_steps):
-            yield step
-            crash_hook("train", step + 1)
-            # A checkpoint every --save-minutes, every --save-every steps if given, and after a Ctrl-C or SIGTERM;
-            # the final model ends the stage.
-            due = bool(hw.save_every and (step + 1) % hw.save_every == 0) or \
-                bool(hw.save_minutes and time.monotonic() - saved_at >= 60 * hw.save_minutes)
-            due, stopping = self.run.any([due, self.stop.signum is not None])
-            if stopping or (due and step + 1 < self.total_steps):
-                save_checkpoint(self.path, self.model, self.optimizer, step + 1, hw.shard, self.run.rank)
-                self.saved, saved_at = step + 1, time.monotonic()
-                self.run.barrier()
-            if stopping:
-                raise Interrupted(self.stop.signum)  # None here: another rank's signal stops this one too
-
     def log(self, metrics: dict):
-        if self.run.rank != 0:
-            return
-        with open(self.metrics_path, "a") as f:
-            f.write(json.dumps(metrics) + "\n")
-        self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['rewards/accuracies']:.2f}")
-        self.bar.update(1)
-        if "step0/ok" in metrics:
-            self.bar.write(report.step0_message(metrics, self.run.loss))
+        if self.run.rank == 0:
+            with open(self.metrics_path, "a") as f:
+                f.write(json.dumps(metrics) + "\n")
+            self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['rewards/accuracies']:.2f}")
+            self.bar.update(1)
+            if "step0/ok" in metrics:
+                self.bar.write(report.step0_message(metrics, self.run.loss))
+        crash_hook("train", metrics["step"])
+
+    def checkpoint_due(self, steps_done: int) -> bool:
+        """Every --save-minutes (every --save-every steps if given) before the last step, whose final model ends the
+        stage, and after a Ctrl-C or SIGTERM; decided by all processes together."""
+        hw = self.run.hw
+        due = bool(hw.save_every and steps_done % hw.save_every == 0) or \
+            bool(hw.save_minutes and time.monotonic() - self.saved_at >= 60 * hw.save_minutes)
+        due, self.stopping = self.run.any([due and steps_done < self.total_steps, self.stop.signum is not None])
+        return due or self.stopping
+
+    def save_checkpoint(self, steps_done: int):
+        save_checkpoint(self.path, self.model, self.optimizer, steps_done, self.run.hw.shard, self.run.rank)
+        self.saved, self.saved_at = steps_done, time.monotonic()
+        self.run.barrier()
+        if self.stopping:
+            raise Interrupted(self.stop.signum)  # None here: another rank's signal stops this one too
 
     def __exit__(self, kind, error, traceback):
         self.bar.close()

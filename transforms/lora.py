@@ -14,8 +14,8 @@ import torch
 import torch.nn as nn
 from safetensors.torch import save_file
 
-from plumbing.files import MipoError
-from plumbing.model_sources import resolve_model_dir
+from formats.files import MipoError
+from formats.model_sources import resolve_model_dir
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # attention and MLP
 

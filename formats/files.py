@@ -14,7 +14,7 @@ import zipfile
 from pathlib import Path
 
 
-# The layout of a run directory: train.py writes it, eval.py and plumbing/report.py read it.
+# The layout of a run directory: train.py writes it, eval.py and bookkeeping/report.py read it.
 RUN_FINAL = "final"  # the trained policy, a Hugging Face model directory
 RUN_METRICS = "metrics.jsonl"  # one JSON dict per optimizer step (loss, rewards/*, logps/*, ...)
 RUN_CONFIG = "config.json"  # the run's settings; eval reads pairs.task and pairs.data from it

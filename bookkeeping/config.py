@@ -1,33 +1,28 @@
 """Settings: one dataclass per concern (pairs, loss, optimization, hardware), the two presets, and the command
-lines of train.py, mipo.py and eval.py, with the sampling flags and their checks defined once. Every value a run
-uses is resolved here, in one place, before anything runs; the scripts read the resulting dataclasses.
+lines of train.py and eval.py (mipo.py parses its own few flags, and defines the sampling flags all three share).
+Every value a run uses is resolved here, in one place, before anything runs; the scripts read the resulting dataclasses.
 """
 import argparse
-import hashlib
-import json
 import math
 import os
-import re
 import sys
-import time
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import torch
 
-from dpo_loss import F_DIVERGENCES, LOSS_TYPES, check_options
+from dpo_loss import F_DIVERGENCES, LOSS_TYPES, LOSSES, OPTIONS, check_options
 from model_loader import ModelConfig
-from plumbing.tokenizer import Tokenizer
-from plumbing.hf_files import TRANSFORMERS_SAMPLING_DEFAULTS, generation_defaults
+from formats.tokenizer import Tokenizer
 from sampler import Sampling
-from tasks import NEGATIVES, TASKS, Task, default_sampling, get_task, load_examples, prompt_messages
-from plumbing import shard
-from plumbing.lora import TARGETS as LORA_TARGETS
-from plumbing.files import MipoError, cache_dir, check_out, numbered_jsonl, read_json, write_atomically
-from plumbing.model_sources import local_model, resolve_model_dir
+from tasks import NEGATIVES, TASKS, get_task, load_examples, prompt_messages
+from transforms import cpu_speedups, shard
+from transforms.lora import TARGETS as LORA_TARGETS
+from formats.files import MipoError, numbered_jsonl, read_json
+from formats.model_sources import local_model, resolve_model_dir
+from formats.dtypes import AUTO_DTYPE, DTYPES, compute_dtype
+from mipo import SPEEDUPS_OFF, add_sampling_flags, resolve_sampling, sampling_from_flags
 
-DTYPES = ("auto", "float32", "bfloat16")
-AUTO_DTYPE = "auto: bfloat16 on a GPU, and on a CPU where bf16 matrix products were measured faster, else float32"
 EVAL_N_DEFAULT = {"cpu": 50, "gpu": 200}  # held-out items eval.py takes; 200 is the whole persona / gsm8k held-out set
 # A judge reply without an integer: skipped, as the paper does (the mean is over the preferences that gave a score; an
 # item with none has no score and never wins), or counted as 1, the lowest score.
@@ -59,11 +54,6 @@ class PairsConfig:  # stage 1: which prompts, which negatives, how responses are
     drop_truncated: bool = False  # train only on pairs whose two responses both ended before max_new_tokens
 
 
-# The contrastive baselines' default temperature: the official trainer (an OpenRLHF fork, openrlhf/models/loss.py)
-# divides InfoNCE's log-probs by 100, hard-coded; its SAMI loss has no temperature.
-LOSS_TEMPERATURE = {"infonce": 100.0, "sami": 1.0}
-
-
 @dataclass
 class LossConfig:  # stage 3: the preference loss, dpo_loss.preference_loss(loss, ..., beta, **options)
     loss: str = "sigmoid"  # MIPO is plain sigmoid DPO; everything else is an ablation
@@ -76,11 +66,12 @@ class LossConfig:  # stage 3: the preference loss, dpo_loss.preference_loss(loss
     discopop_tau: float = 0.05
     simpo_gamma: float = 0.5
     bco_delta: float | None = None
-    temperature: float | None = None  # infonce / sami; None: LOSS_TEMPERATURE's value for the loss
+    temperature: float | None = None  # infonce / sami; None: the default in the loss's row of dpo_loss.LOSSES
 
     def __post_init__(self):
-        if self.temperature is None:
-            self.temperature = LOSS_TEMPERATURE.get(self.loss, 1.0)
+        if self.temperature is None:  # an unknown loss keeps OPTIONS' value; check_options refuses it
+            defaults = LOSSES[self.loss].defaults if self.loss in LOSSES else {}
+            self.temperature = defaults.get("temperature", OPTIONS["temperature"])
 
     def options(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("loss", "beta")}
@@ -98,7 +89,7 @@ class OptimConfig:  # stage 3: AdamW and the schedule; the defaults are the pape
     batch_size: int = 4  # global: pairs per optimizer step, over all processes and micro-batches
     micro_batch_size: int = 4  # pairs per forward; the update does not depend on it (up to float rounding)
     seed: int = 0  # data order: a permutation per epoch from (seed, epoch)
-    lora_rank: int = 0  # 0: every weight trained (the paper); R: low-rank adapters only (plumbing/lora.py)
+    lora_rank: int = 0  # 0: every weight trained (the paper); R: low-rank adapters only (transforms/lora.py)
     lora_alpha: float | None = None  # the adapters' scale alpha / R; None: 2R
     lora_targets: tuple = LORA_TARGETS
 
@@ -112,7 +103,7 @@ class HardwareConfig:
     device: str = "cpu"
     dtype: str = "float32"  # compute dtype: bfloat16 = matmuls under autocast; weights and AdamW stay float32
     gradient_checkpointing: bool = False
-    shard: bool = False  # FSDP2 over the torchrun processes (plumbing/shard.py)
+    shard: bool = False  # FSDP2 over the torchrun processes (transforms/shard.py)
     save_minutes: float = 10.0  # minutes of DPO between checkpoints (0: not by time); Ctrl-C and SIGTERM write one too
     save_every: int | None = None  # optimizer steps between checkpoints, besides the clock (None: by the clock only)
 
@@ -129,123 +120,19 @@ PRESETS = {
     "paper": dict(n=None, n_eval=200, lr=5e-7, batch_size=4, micro_batch_size=4, sampling="paper"),
 }
 
-# The losses that compare a pair against the other pairs of the same forward: a split of the global batch
-# into micro-batches changes what they compute, so only these break gradient-accumulation equivalence.
-BATCH_COUPLED_LOSSES = ("aot", "aot_unpaired", "bco_pair")
-
 # ---------------------------------------------------------------------------------------------------------------
-# Hardware: the compute dtype and the shared sampling flags.
+# train.py's flags that take a list (a sweep).
 # ---------------------------------------------------------------------------------------------------------------
-
-
-def cpu_has_fast_bf16(cpuinfo_path=Path("/proc/cpuinfo")) -> bool:
-    """Whether bf16 matrix products beat float32 ones on this CPU. Native bf16 instructions (AVX-512 BF16, AMX) are
-    needed but not enough: some CPUs with AVX-512 BF16 and no AMX run bf16 products slower than float32 ones, others
-    with the same flag run them faster (docs/performance.md). So it is measured, once per CPU model, thread count
-    and torch version, and the answer kept in the cache: every later run on the machine picks the same dtype."""
-    try:
-        cpuinfo = cpuinfo_path.read_text()
-    except OSError:
-        return False
-    if " avx512_bf16" not in cpuinfo and " amx_bf16" not in cpuinfo:
-        return False  # emulated: always slower
-    name = re.search(r"^model name\s*:\s*(.*)$", cpuinfo, re.MULTILINE)
-    machine = f"{name.group(1) if name else '?'}|{torch.get_num_threads()} threads|torch {torch.__version__}"
-    path = cache_dir() / "cpu-dtype" / f"{hashlib.sha256(machine.encode()).hexdigest()[:16]}.json"
-    if path.exists():
-        return read_json(path)["bfloat16_faster"]
-    seconds = {str(d).removeprefix("torch."): matmul_seconds(d) for d in (torch.float32, torch.bfloat16)}
-    faster = seconds["bfloat16"] < seconds["float32"]
-    write_atomically(path, json.dumps({"machine": machine, "seconds_1024^3": seconds, "bfloat16_faster": faster},
-                                      indent=2))
-    return faster
-
-
-def matmul_seconds(dtype, n=1024, repeats=5, device="cpu") -> float:
-    """The best of a few n^3 matrix products in dtype (the first, which loads the kernel, not counted)."""
-    a, b = torch.randn(n, n, device=device).to(dtype), torch.randn(n, n, device=device).to(dtype)
-    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
-    a @ b
-    best = float("inf")
-    for _ in range(repeats):
-        sync()
-        t = time.perf_counter()
-        a @ b
-        sync()
-        best = min(best, time.perf_counter() - t)
-    return best
-
-
-def matmul_peak(dtype, n=2048, device="cpu") -> float:
-    """FLOP/s of the best of ten n^3 products: the peak the benchmarks measure their floors against."""
-    return 2 * n**3 / matmul_seconds(dtype, n=n, repeats=10, device=device)
-
-
-def compute_dtype(flag: str | None, device) -> str:
-    """--dtype auto (or left out): bfloat16 where the hardware multiplies it faster than float32 (a GPU with bf16,
-    a CPU where cpu_has_fast_bf16 measured it), else float32."""
-    if flag not in (None, "auto"):
-        return flag
-    if torch.device(device).type == "cuda":
-        return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
-    return "bfloat16" if cpu_has_fast_bf16() else "float32"
-
-
-def torch_dtype(flag: str | None, device) -> torch.dtype:
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[compute_dtype(flag, device)]
 
 
 class OneOrMany(argparse.Action):
-    """A flag that takes one value, or several for a sweep (plumbing/sweep.py): one value is stored as it is."""
+    """A flag that takes one value, or several for a sweep (bookkeeping/sweep.py): one value is stored as it is."""
 
     def __call__(self, parser, namespace, values, option_string=None):
         setattr(namespace, self.dest, values[0] if len(values) == 1 else values)
 
 
 MANY = dict(nargs="+", action=OneOrMany)  # train.py's flags that take a list: swept, or refused as a list
-
-
-def add_sampling_flags(parser: argparse.ArgumentParser, title: str, many: dict | None = None):
-    """The sampling flags of all three command lines; each left out takes the task's value (sampling_from_flags).
-    many: train.py's, which refuses a list of them in one line (plumbing/sweep.py)."""
-    many = many or {}
-    g = parser.add_argument_group(title)
-    g.add_argument("--max-new-tokens", type=int, default=None, help="new tokens per response", **many)
-    g.add_argument("--temperature", type=float, default=None, help="sampling temperature (0: greedy)", **many)
-    g.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass", **many)
-    g.add_argument("--top-k", type=int, default=None, **many, help="top-k filter (0: off; default: the model's "
-                   "generation_config.json, as transformers' generate, and transformers' 50 where it sets none)")
-    g.add_argument("--repetition-penalty", type=float, default=None, **many, help="penalize the logits of the tokens a "
-                   "response or its prompt holds already (1: off; default: the model's generation_config.json, 1 "
-                   "where it sets none)")
-    return g
-
-
-def sampling_from_flags(args, base: Sampling) -> Sampling:
-    """base with the sampling flags that were given; top_k and repetition_penalty left None stay the model's
-    (resolve_sampling)."""
-    given = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
-             "top_k": args.top_k, "repetition_penalty": args.repetition_penalty}
-    s = replace(base, **{k: v for k, v in given.items() if v is not None})
-    if s.temperature < 0 or not 0 < s.top_p <= 1 or (s.top_k is not None and s.top_k < 0) or s.max_new_tokens < 1 \
-            or (s.repetition_penalty is not None and not s.repetition_penalty > 0):
-        raise MipoError(f"sampling {asdict(s)}: need --temperature >= 0, 0 < --top-p <= 1, --top-k >= 0, "
-                        "--max-new-tokens >= 1, --repetition-penalty > 0")
-    return s
-
-
-def resolve_sampling(sampling: Sampling, model) -> Sampling:
-    """sampling with the settings left to the model (None) taken from the model that samples, as transformers'
-    generate takes them from its generation_config.json (plumbing/hf_files.py): model is a loaded model
-    (load_model keeps its directory's defaults; a model built in memory has transformers' own) or what --model
-    names. -> a Sampling whose every value is in force, what the plan prints and the pairs record."""
-    if sampling.top_k is not None and sampling.repetition_penalty is not None:
-        return sampling
-    if isinstance(model, (str, Path)):
-        defaults = generation_defaults(resolve_model_dir(model))
-    else:
-        defaults = getattr(model, "generation_defaults", TRANSFORMERS_SAMPLING_DEFAULTS)
-    return replace(sampling, **{k: v for k, v in defaults.items() if getattr(sampling, k) is None})
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -261,7 +148,8 @@ def train_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="MIPO: sample pairs from the base model, score them under it, "
                                                  "train one epoch of DPO, save a Hugging Face model. Several values "
                                                  "of a loss or optimization flag (--loss sigmoid ipo --beta 0.1 0.3) "
-                                                 "train every combination from one pairs file and reference pass.")
+                                                 "train every combination from one pairs file and reference pass.",
+                                     epilog=SPEEDUPS_OFF)
     parser.error = flag_error  # argparse would print its usage block; one line instead, and exit status 2
     g = parser.add_argument_group("model")
     g.add_argument("--model", **MANY, default="qwen",
@@ -382,7 +270,7 @@ def resolve_config(args):
         gpu_bytes = torch.cuda.get_device_properties(int(os.environ.get("LOCAL_RANK", "0"))).total_memory
         opt, hw = fit_to_gpu(pairs.model, longest_prompt(pairs), sampling.max_new_tokens, opt, hw, world, gpu_bytes)
     check_batch_split(opt, world, args.shard)
-    if loss.loss in BATCH_COUPLED_LOSSES and opt.micro_batch_size != opt.batch_size \
+    if LOSSES[loss.loss].batch_coupled and opt.micro_batch_size != opt.batch_size \
             and int(os.environ.get("RANK", "0")) == 0:
         print(f"note: --loss {loss.loss} compares the pairs of one forward with each other; with micro-batches "
               "smaller than --batch-size it sees only the micro-batch", file=sys.stderr)
@@ -485,7 +373,8 @@ def print_plan(pairs_cfg: PairsConfig, loss_cfg: LossConfig, opt_cfg: OptimConfi
           f"  3 DPO        --loss {loss_cfg.loss}, beta {loss_cfg.beta}: {steps} of {opt_cfg.batch_size} pairs "
           f"(micro-batch {opt_cfg.micro_batch_size}), AdamW lr {opt_cfg.lr:g} cosine to {opt_cfg.min_lr_ratio:g}x, "
           f"{checkpoints(hw)}\n"
-          f"  4 final      {out / 'final'}", flush=True)
+          f"  4 final      {out / 'final'}\n"
+          f"  {cpu_speedups.plan_line(hw.device)}", flush=True)
     # Whether stage 3 fits, before anything runs (shard.memory_plan: an estimate from config.json, about +-20%).
     cfg = ModelConfig.from_dict(read_json(resolve_model_dir(pairs_cfg.model) / "config.json"))
     strategy = "fsdp" if hw.shard else ("ddp" if world > 1 else "single")
@@ -498,61 +387,13 @@ def print_plan(pairs_cfg: PairsConfig, loss_cfg: LossConfig, opt_cfg: OptimConfi
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# mipo.py: pairs only.
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def pairs_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Build MIPO preference pairs: positives from x, negatives from x', "
-                                                 "stored under x.")
-    data = parser.add_argument_group("data")
-    data.add_argument("--task", default="persona", help=f"one of: {', '.join(TASKS)} (default persona)")
-    data.add_argument("--data", default=None,
-                      help="--task jsonl: the JSONL file (prompt, optional context, answer, id)")
-    data.add_argument("--n", type=int, default=64, help="number of training prompts, hence pairs (default 64)")
-    data.add_argument("--negative", choices=NEGATIVES, default=None,
-                      help="random: another prompt's response (one sampling pass, the paper's); incomplete: sampled "
-                           "from x without its context or with a sentence dropped; random-resample: sampled again "
-                           "from another prompt or, with a user context, from x under another user's context "
-                           "(default: the task's)")
-    data.add_argument("--out", default=None,
-                      help="pairs file to write or resume (default runs/pairs-TASK-NEGATIVE.jsonl)")
-    model = parser.add_argument_group("model")
-    model.add_argument("--model", default="qwen",
-                       help="bundled model name (qwen, llama, smollm2), a Hugging Face directory, or a hub name "
-                            "(owner/name), downloaded once with huggingface_hub")
-    model.add_argument("--revision", default=None,
-                       help="with a hub name: the commit (or branch, tag) to download (default main)")
-    model.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                       help="torch device (default cuda if available)")
-    model.add_argument("--dtype", choices=DTYPES, default="auto", help=f"default {AUTO_DTYPE} (as train.py)")
-    sampling = add_sampling_flags(parser, "sampling (defaults: the task's, scaled down on a CPU)")
-    sampling.add_argument("--seed", type=int, default=0, help="seed of the pairing and the sampling (default 0)")
-    sampling.add_argument("--batch-size", type=int, default=16,
-                          help="prompts per generate call, each batch with its own seed (default 16, as train.py's "
-                               "--sample-batch-size: the same command samples the same pairs)")
-    return parser
-
-
-def task_settings(args) -> tuple[Task, str, Sampling, Path]:
-    """mipo.py's flags -> (the task, the kind of negative, the sampling settings, the pairs file), checked."""
-    task = get_task(args.task)
-    if args.batch_size < 1:
-        raise MipoError(f"--batch-size {args.batch_size}: must be at least 1")
-    negative = args.negative or task.negative
-    out = Path(args.out or f"runs/pairs-{task.name}-{negative}.jsonl")
-    check_out(out, is_dir=False)
-    return task, negative, sampling_from_flags(args, default_sampling(task, args.device)), out
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # eval.py.
 # ---------------------------------------------------------------------------------------------------------------
 
 
 def eval_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Evaluate a model or a MIPO run on a task's held-out items, or "
-                                                 "compare runs with their base.")
+                                                 "compare runs with their base.", epilog=SPEEDUPS_OFF)
     what = parser.add_argument_group("what to evaluate")
     what.add_argument("--model", default=None,
                       help="a train.py run directory, a Hugging Face model directory, a bundled name (qwen, llama, "

