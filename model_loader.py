@@ -309,7 +309,7 @@ def check_model(name_or_path, revision=None) -> ModelConfig:
 
 def load_model(name_or_path, device="cpu", dtype=torch.float32, revision=None):
     """A bundled model (`qwen`, `llama`, `smollm2`), local HF directory or hub name (`owner/name`, at revision) ->
-    (model, tokenizer), model.generation_defaults set for config.resolve_sampling."""
+    (model, tokenizer), model.generation_defaults set for mipo.resolve_sampling."""
     model_dir = resolve_model_dir(name_or_path, revision)
     cfg = ModelConfig.from_dict(read_json(model_dir / "config.json"), str(model_dir / "config.json"))
     tokenizer = Tokenizer(model_dir, cfg)

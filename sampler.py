@@ -3,7 +3,7 @@ section 3). Token ids in, token ids (and log-probs) out.
 
 generate batches the prompts longest first; generate_batch runs one: prefill, then a decode_step per token, rows
 leaving as they stop. Tokens are picked as by transformers' generate: penalty on the raw logits, temperature,
-top-k, top-p (docs/walkthrough.md, step 2; unset settings: config.resolve_sampling).
+top-k, top-p (docs/walkthrough.md, step 2; unset settings: mipo.resolve_sampling).
 
 Shape legend: B rows in the batch, P padded prompt length, S key/value slots, V vocab.
 """
@@ -22,7 +22,7 @@ class Sampling:  # one per task and hardware (tasks.py), or from the flags
 
 
 def generate_kwargs(sampling: Sampling) -> dict:
-    """A resolved Sampling (config.resolve_sampling) -> generate's kwargs."""
+    """A resolved Sampling (mipo.resolve_sampling) -> generate's kwargs."""
     if sampling.top_k is None or sampling.repetition_penalty is None:
         raise ValueError(f"{sampling}: top_k and repetition_penalty come from the model; resolve them first")
     return {"max_new_tokens": sampling.max_new_tokens, "temperature": sampling.temperature, "top_p": sampling.top_p,
