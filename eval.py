@@ -24,10 +24,10 @@ from sampler import Sampling
 from tasks import (GSM8K_EXTRACT_PROMPT, PREFERENCE_BY_ID, Example, Task, extract_number, first_number,
                    mentions_answer, nearest_rating, prompt_messages, score_gsm8k_answer)
 from bookkeeping import config, results
-from formats.files import MipoError, run_command
-from transforms import cpu_speedups
 from bookkeeping.report import print_one, short_names, write_comparison
 from bookkeeping.results import fingerprint, locate, resolve, update_summary
+from formats.files import MipoError, run_command
+from transforms import cpu_speedups
 
 # The paper's judge (prism.py; ca.py, mb.py alike), verbatim; its use: docs/protocol.md.
 JUDGE_SYSTEM = ("You are a helpful assistant, that evaluates another assistant's response based on how well the "

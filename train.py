@@ -22,16 +22,16 @@ from pathlib import Path
 import torch
 
 import mipo
-from dpo_loss import LOSSES, preference_loss, preference_metrics, token_logps
-from model_loader import load_model, save_model
-from tasks import get_task, load_examples
 from bookkeeping import config, held_out, report, runs, sweep
+from bookkeeping.config import HardwareConfig, OptimConfig, PairsConfig
+from bookkeeping.runs import Run
+from dpo_loss import LOSSES, preference_loss, preference_metrics, token_logps
 from formats import pairs_file
 from formats.dtypes import torch_dtype
-from transforms import cpu_speedups, lora, shard
-from bookkeeping.config import HardwareConfig, OptimConfig, PairsConfig
 from formats.files import MipoError, run_command
-from bookkeeping.runs import Run
+from model_loader import load_model, save_model
+from tasks import get_task, load_examples
+from transforms import cpu_speedups, lora, shard
 
 LN2 = math.log(2)
 STEP0_TOLERANCE = 1e-3  # nats, on summed log-probs: see step0_check

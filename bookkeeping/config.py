@@ -12,16 +12,16 @@ from pathlib import Path
 import torch
 
 from dpo_loss import F_DIVERGENCES, LOSS_TYPES, LOSSES, OPTIONS, check_options
-from model_loader import ModelConfig
+from formats.dtypes import AUTO_DTYPE, DTYPES, compute_dtype
+from formats.files import MipoError, numbered_jsonl, read_json
+from formats.model_sources import local_model, resolve_model_dir
 from formats.tokenizer import Tokenizer
+from mipo import SPEEDUPS_OFF, add_sampling_flags, resolve_sampling, sampling_from_flags
+from model_loader import ModelConfig
 from sampler import Sampling
 from tasks import NEGATIVES, TASKS, get_task, load_examples, prompt_messages
 from transforms import cpu_speedups, shard
 from transforms.lora import TARGETS as LORA_TARGETS
-from formats.files import MipoError, numbered_jsonl, read_json
-from formats.model_sources import local_model, resolve_model_dir
-from formats.dtypes import AUTO_DTYPE, DTYPES, compute_dtype
-from mipo import SPEEDUPS_OFF, add_sampling_flags, resolve_sampling, sampling_from_flags
 
 EVAL_N_DEFAULT = {"cpu": 50, "gpu": 200}  # held-out items eval.py takes; 200 is the whole persona / gsm8k held-out set
 # A judge reply without an integer: skipped, as the paper does (the mean is over the preferences that gave a score; an

@@ -5,12 +5,12 @@ with the trained model's meter after training, the step-0 check and the last ste
 import json
 
 import mipo
-from model_loader import load_model
-from tasks import get_task, load_examples
 from bookkeeping.runs import Run
 from formats import pairs_file
 from formats.dtypes import torch_dtype
 from formats.files import read_jsonl, write_atomically
+from model_loader import load_model
+from tasks import get_task, load_examples
 from transforms import cpu_speedups
 
 

@@ -12,12 +12,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sampler import Sampling
-from tasks import Task
 import mipo
 from bookkeeping.config import LossConfig, PairsConfig
 from dpo_loss import LOSSES, preference_loss
 from formats.files import RUN_METRICS, RUN_SUMMARY, read_json, read_jsonl, write_atomically
+from sampler import Sampling
+from tasks import Task
 
 LN2 = math.log(2)
 BOOTSTRAP_RESAMPLES = 2000

@@ -12,18 +12,18 @@ from pathlib import Path
 
 import torch
 
-from model_loader import check_model, load_model
-from sampler import Sampling
-from tasks import Example, Task, eval_sampling, get_task, load_examples
 import mipo
 from bookkeeping import config, report, sweep
 from formats.dtypes import torch_dtype
-from transforms import cpu_speedups
 from formats.files import (EVAL_SUBDIR, OTHER_MODELS_DIR, RUN_CONFIG, RUN_FINAL, RUN_METRICS, MipoError,
-                            numbered_jsonl, read_json, read_jsonl, write_atomically)
+                           numbered_jsonl, read_json, read_jsonl, write_atomically)
 from formats.gguf_convert import BUNDLED, BUNDLED_ALIASES
 from formats.hf_files import weight_files
 from formats.model_sources import is_hub_name, resolve_model_dir
+from model_loader import check_model, load_model
+from sampler import Sampling
+from tasks import Example, Task, eval_sampling, get_task, load_examples
+from transforms import cpu_speedups
 
 
 def plan(args) -> tuple[list[dict], Task, list[Example], dict]:

@@ -23,14 +23,14 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import mipo
+from bookkeeping import config, report
+from bookkeeping.config import HardwareConfig, LossConfig, OptimConfig, PairsConfig
+from formats import files, pairs_file
+from formats.files import (RUN_CONFIG, RUN_METRICS, Interrupted, MipoError, append_jsonl, atomic_file, check_out,
+                           crash_hook, read_jsonl, write_atomically)
 from model_loader import check_model
 from tasks import get_task, load_examples
-from bookkeeping import config, report
-from formats import files, pairs_file
 from transforms import shard
-from bookkeeping.config import HardwareConfig, LossConfig, OptimConfig, PairsConfig
-from formats.files import (RUN_CONFIG, RUN_METRICS, Interrupted, MipoError, append_jsonl, atomic_file, check_out,
-                            crash_hook, read_jsonl, write_atomically)
 
 # Settings that may change between a run and its resumption: they change how the work is done, not the result.
 MAY_CHANGE = {"hardware.device", "hardware.gradient_checkpointing", "hardware.save_every", "hardware.save_minutes"}

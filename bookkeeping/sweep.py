@@ -12,9 +12,9 @@ import json
 import sys
 from pathlib import Path
 
-from tasks import get_task
 from bookkeeping import report
 from formats.files import RUN_SUMMARY, MipoError, read_json, write_atomically
+from tasks import get_task
 
 # Settings that act after the reference pass: a list of values is swept (flag -> argparse dest).
 SWEPT = {"--loss": "loss", "--beta": "beta", "--label-smoothing": "label_smoothing", "--rpo-alpha": "rpo_alpha",

@@ -44,9 +44,9 @@ try:
 except ImportError:  # torch 2.5: the same FSDP2 under its first name (only 2.13 is tested here)
     from torch.distributed._composable.fsdp import MixedPrecisionPolicy, fully_shard
 
+from formats.files import MipoError, run_command
 from model_loader import CausalLM, ModelConfig, rope_inv_freq
 from transforms import lora
-from formats.files import MipoError, run_command
 
 # ---------------------------------------------------------------------------------------------------------------
 # The paper's models. Architecture numbers from each model's published config.json (Hugging Face hub copies);
