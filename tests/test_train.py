@@ -28,46 +28,11 @@ from formats import pairs_file
 from transforms import cpu_speedups, shard
 from conftest import RunsCodeWhenUnpickled, make_tiny_model, naive_sequence_logps
 from model_loader import load_model, save_model
-from formats.tokenizer import Tokenizer
 from formats.files import MipoError
 
+from bench.tiny_model import VOCAB, write_prompts, write_tiny_model
+
 REPO = Path(__file__).resolve().parent.parent
-
-VOCAB = 211  # w0 ... w207, then <|im_start|> 208, <|im_end|> 209, <|endoftext|> 210
-
-
-def write_tiny_model(out_dir: Path, seed=0) -> Path:
-    """A random tiny llama with a word-level tokenizer and a ChatML template, as a Hugging Face directory."""
-    from tokenizers import Tokenizer as HFTokenizer, models, pre_tokenizers
-
-    src = out_dir.with_name(out_dir.name + "-tokenizer")
-    src.mkdir(parents=True)
-    vocab = {f"w{i}": i for i in range(VOCAB - 3)}
-    vocab.update({"<|im_start|>": 208, "<|im_end|>": 209, "<|endoftext|>": 210})
-    tok = HFTokenizer(models.WordLevel(vocab, unk_token="w0"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.add_special_tokens(["<|im_start|>", "<|im_end|>", "<|endoftext|>"])
-    tok.save(str(src / "tokenizer.json"))
-    chatml = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-              "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-    (src / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
-                                                           "chat_template": chatml}))
-    (src / "generation_config.json").write_text(json.dumps({"eos_token_id": [209, 210]}))
-    model = make_tiny_model("llama", seed=seed, vocab_size=VOCAB, max_position_embeddings=512)
-    with torch.no_grad():  # make_tiny_model sharpens the next-token distribution 20x; a little less here
-        model.lm_head.weight.div_(4)
-    save_model(model, Tokenizer(src, model.config), out_dir)
-    return out_dir
-
-
-def write_prompts(path: Path, n: int) -> Path:
-    gen = torch.Generator().manual_seed(7)
-    with open(path, "w") as f:
-        for i in range(n):
-            words = " ".join(f"w{int(t)}" for t in torch.randint(
-                1, 200, (int(torch.randint(3, 9, (1,), generator=gen)),), generator=gen))
-            f.write(json.dumps({"id": f"q{i}", "prompt": words}) + "\n")
-    return path
 
 
 def make_assets(root: Path) -> dict:
