@@ -54,48 +54,59 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0
     # transforms/cpu_speedups.py's apply gives a CPU model its filter
     top_k_top_p = top_k_top_p or getattr(model, "top_k_top_p", None) or plain_top_k_top_p
     batch_size = batch_size or DEFAULT_BATCH_SIZE
-    sampling = dict(temperature=temperature, top_p=top_p, top_k=top_k, top_k_top_p=top_k_top_p,
-                    generator=torch.Generator(device=model.lm_head.weight.device).manual_seed(seed))
+    sampling = dict(temperature=temperature, top_p=top_p, top_k=top_k, top_k_top_p=top_k_top_p, seed=seed)
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))  # longest first: least padding
     results = [None] * len(prompts)
     with tqdm(total=len(prompts), unit="prompt", desc="sampling", disable=not progress, leave=False) as bar:
         for start in range(0, len(order), batch_size):
             rows = order[start:start + batch_size]
-            out = generate_batch(model, [prompts[i] for i in rows], max_new_tokens, stop_token_ids, static or compile,
-                                 compile, repetition_penalty, return_logprobs, **sampling)
+            out = generate_batch(model, [prompts[i] for i in rows], rows, max_new_tokens, stop_token_ids,
+                                 static or compile, compile, repetition_penalty, return_logprobs, **sampling)
             for i, completion in zip(rows, out):
                 results[i] = completion if return_logprobs else completion[0]
             bar.update(len(rows))
     return results
 
 
-def generate_batch(model, prompts, max_new_tokens, stop_token_ids, static, compile, repetition_penalty,
+LOOK_EVERY = 8  # decode steps between the host's looks at which rows stopped (and dropping them); see generate_batch
+
+
+def generate_batch(model, prompts, ids, max_new_tokens, stop_token_ids, static, compile, repetition_penalty,
                    return_logprobs, **sampling):
-    """prefill, then a decode_step per token until every row stops -> (tokens, log-probs) per row."""
+    """prefill, then a decode_step per token until every row stops -> (tokens, log-probs) per row; ids: each
+    prompt's index in generate's list, which (with the seed and the step) alone decides its random draws.
+
+    Tokens, log-probs and stop flags stay on the device: the host looks at the flags once every LOOK_EVERY steps
+    (dropping the rows that stopped, unless static) and fetches the tokens once at the end, so on a GPU the queue
+    never drains in between. A row that stopped between looks decodes on until the next; its extra tokens are
+    cut at its first stop token."""
     logits, batch = prefill(model, prompts, max_new_tokens)
+    device = logits.device
     decode = model
     if compile:
         decode = compiled_forward(model)
         for cache_tensor in (t for kv in batch.kv_cache for t in kv):  # written in place each step: CUDA graphs
             torch._dynamo.mark_static_address(cache_tensor)  # need a fixed address (re-recorded per batch)
-    stop_ids = torch.tensor(sorted(set(stop_token_ids)), dtype=torch.long, device=logits.device)
-    tokens, logprobs = [[] for _ in prompts], [[] for _ in prompts]
+    batch.ids = torch.tensor(ids, device=device)
+    stop_ids = torch.tensor(sorted(set(stop_token_ids)), dtype=torch.long, device=device)
+    tokens = torch.zeros(len(prompts), max_new_tokens, dtype=torch.long, device=device)  # (B, N) by row as prefilled
+    logprobs = torch.zeros(len(prompts), max_new_tokens, device=device)  # (B, N)
     for step in range(max_new_tokens):
         next_token, token_logprob = decode_step(decode, batch, step, None if step else logits, static, compile,
                                                 repetition_penalty, return_logprobs, **sampling)
-        stopped = torch.isin(next_token, stop_ids) | (step == max_new_tokens - 1)
-        # the one host-device sync per step
-        for row, tok, lp, was_done in zip(batch.live.tolist(), next_token.tolist(), token_logprob.tolist(),
-                                          batch.done.tolist()):
-            if not was_done:
-                tokens[row].append(tok)
-                logprobs[row].append(lp)
-        batch.done = batch.done | stopped
-        if bool(batch.done.all()):
-            break
-        if not static and bool(batch.done.any()):  # finished rows leave the batch
-            batch.keep((~batch.done).nonzero()[:, 0])
-    return list(zip(tokens, logprobs))
+        tokens[batch.live, step], logprobs[batch.live, step] = next_token, token_logprob
+        batch.done = batch.done | torch.isin(next_token, stop_ids)
+        if (step + 1) % LOOK_EVERY == 0 and step + 1 < max_new_tokens:
+            done = batch.done.tolist()  # the host's look
+            if all(done):
+                break
+            if not static and any(done):  # stopped rows leave the batch
+                batch.keep(torch.tensor([row for row, d in enumerate(done) if not d], device=device))
+    stop, out = set(stop_token_ids), []
+    for row_tokens, row_logprobs in zip(*torch.stack((tokens.double(), logprobs.double())).tolist()):  # one fetch
+        n = next((i + 1 for i, t in enumerate(row_tokens) if t in stop), max_new_tokens)  # up to its first stop
+        out.append(([int(t) for t in row_tokens[:n]], row_logprobs[:n]))
+    return out
 
 
 @dataclass
@@ -106,12 +117,13 @@ class Batch:  # what a batch's decode steps carry (see prefill); B: rows still d
     next_position: torch.Tensor  # (B,) of the token the next forward reads
     P: int
     live: torch.Tensor  # (B,) each row's index in the batch as prefilled
-    done: torch.Tensor  # (B,) stopped (kept while static)
+    done: torch.Tensor  # (B,) stopped (kept while static, and until the host's next look)
+    ids: torch.Tensor = None  # (B,) each row's index in generate's prompts: its random draws
     next_token: torch.Tensor = None  # (B,) sampled last
 
     def keep(self, rows):  # compacted in place: no second cache
         self.kv_cache = [(k[:len(rows)].copy_(k[rows]), v[:len(rows)].copy_(v[rows])) for k, v in self.kv_cache]
-        for name in ("seen", "slot_is_real", "next_position", "live", "done", "next_token"):
+        for name in ("seen", "slot_is_real", "next_position", "live", "done", "ids", "next_token"):
             setattr(self, name, getattr(self, name)[rows])
 
 
@@ -161,7 +173,7 @@ def prefill(model, prompts, max_new_tokens):
                          torch.zeros(B, dtype=torch.bool, device=device))
 
 
-def decode_step(decode, batch, step, logits, static, compile, repetition_penalty, return_logprobs, **sampling):
+def decode_step(decode, batch, step, logits, static, compile, repetition_penalty, return_logprobs, seed, **sampling):
     """One token per live row: logits (prefill's at step 0, else a forward of the last token), penalty, sample,
     log-prob -> tokens, log-probs or zeros (B,)."""
     if logits is None:
@@ -177,7 +189,7 @@ def decode_step(decode, batch, step, logits, static, compile, repetition_penalty
     logits = logits.float()  # (B, V) sample and log-probs in float32 whatever the dtype
     scores = logits if repetition_penalty == 1.0 else apply_repetition_penalty(logits, batch.seen[:, :batch.P + step],
                                                                                repetition_penalty)
-    next_token = batch.next_token = sample(scores, **sampling)  # (B,)
+    next_token = batch.next_token = sample(scores, u=uniforms(seed, batch.ids, step), **sampling)  # (B,)
     batch.seen[:, batch.P + step] = next_token
     if return_logprobs:  # the model's own: unpenalized, unfiltered, temperature 1
         return next_token, logits.gather(-1, next_token[:, None])[:, 0] - logits.logsumexp(dim=-1)
@@ -211,16 +223,44 @@ def apply_repetition_penalty(logits, seen, penalty):
     return logits.scatter(1, seen, score)
 
 
-def sample(logits, temperature, top_p, top_k, generator, top_k_top_p=None):
-    """logits (B, V) float32 -> token ids (B,). temperature 0 is greedy."""
+def sample(logits, temperature, top_p, top_k, u, top_k_top_p=None):
+    """logits (B, V) float32, u (B,) uniforms in [0, 1) -> token ids (B,). temperature 0 is greedy."""
     if temperature == 0:
         return logits.argmax(dim=-1)
     logits, token_ids = warp(logits, temperature, top_p, top_k, top_k_top_p)
     # Inverse-CDF, one uniform per row: the first cumulative mass above it is never a filtered token
     cdf = torch.softmax(logits, dim=-1).cumsum(dim=-1)  # (B, V or K)
-    u = torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device) * cdf[:, -1:]
-    choice = torch.searchsorted(cdf, u, right=True).clamp(max=cdf.shape[-1] - 1)  # (B, 1)
+    choice = torch.searchsorted(cdf, u[:, None] * cdf[:, -1:], right=True).clamp(max=cdf.shape[-1] - 1)  # (B, 1)
     return choice[:, 0] if token_ids is None else token_ids.gather(-1, choice)[:, 0]
+
+
+def uniforms(seed: int, ids, step: int):
+    """One uniform in [0, 1) per row (B,): a hash of (seed, the row's id, step), so that a row's tokens depend on
+    nothing else: not its batch mates, the batch size or the device. The hash is splitmix64 (Steele et al. 2014),
+    written with int64 tensor ops (they wrap around), its top 24 bits the float32 fraction."""
+    key = _splitmix64(seed % 2**64)
+    x = _mix64(_mix64(ids + (key - 2**64 if key >= 2**63 else key)) + step)  # (B,) int64
+    return ((x >> 40) & (2**24 - 1)).float() * 2**-24
+
+
+_GOLDEN, _MUL1, _MUL2 = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
+
+
+def _splitmix64(x: int) -> int:  # the same mix on a Python int, kept to 64 bits
+    x = (x + _GOLDEN) % 2**64
+    x = ((x ^ (x >> 30)) * _MUL1) % 2**64
+    x = ((x ^ (x >> 27)) * _MUL2) % 2**64
+    return x ^ (x >> 31)
+
+
+def _mix64(x):
+    """splitmix64 of an int64 tensor: unsigned constants and logical right shifts, in two's complement."""
+    signed = lambda c: c - 2**64  # noqa: E731  (the constants are above 2**63)
+    shr = lambda x, n: (x >> n) & (2**(64 - n) - 1)  # noqa: E731  (>> on int64 keeps the sign bit)
+    x = x + signed(_GOLDEN)
+    x = (x ^ shr(x, 30)) * signed(_MUL1)
+    x = (x ^ shr(x, 27)) * signed(_MUL2)
+    return x ^ shr(x, 31)
 
 
 def warp(logits, temperature, top_p, top_k, top_k_top_p=None):

@@ -75,6 +75,62 @@ def test_compiled_decode_gives_the_eager_tokens_and_compiles_once_per_shape(tiny
     torch._dynamo.reset()
 
 
+def test_the_decode_loop_looks_at_the_host_once_every_8_steps(tiny_model, monkeypatch):
+    """A 64-token decode (rows stopping, leaving at the looks) waits on the device at most once per LOOK_EVERY = 8
+    steps after prefill: every item / tolist / bool / nonzero / cpu call is counted (on a GPU each one drains the
+    queue)."""
+    calls = []
+    for name in ("item", "tolist", "__bool__", "nonzero", "cpu"):
+        def counted(self, *args, _original=getattr(torch.Tensor, name), _name=name, **kwargs):
+            calls.append(_name)
+            return _original(self, *args, **kwargs)
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    prefill = sampler.prefill
+    monkeypatch.setattr(sampler, "prefill", lambda *args: (prefill(*args), calls.clear())[0])  # count after it
+    free = generate(tiny_model, PROMPTS, 64, temperature=1.0, top_p=0.9, seed=2, progress=False)
+    assert all(len(t) == 64 for t in free) and len(calls) <= 64 // sampler.LOOK_EVERY, calls
+    stop = [free[0][20], free[1][30]]  # two rows stop early, and leave the batch at a look
+    out = generate(tiny_model, PROMPTS, 64, temperature=1.0, top_p=0.9, seed=2, stop_token_ids=stop,
+                   return_logprobs=True, progress=False)
+    assert min(len(t) for t, _ in out) <= 21 and max(len(t) for t, _ in out) == 64
+    assert len(calls) <= 64 // sampler.LOOK_EVERY, calls
+
+
+@pytest.mark.parametrize("temperature, top_p", [(1.0, 0.9), (0.7, 1.0)])
+def test_a_rows_tokens_depend_on_the_seed_and_its_index_alone(tiny_model, temperature, top_p):
+    """Each row's draws are a hash of (seed, its index, step): the same tokens in any batch size, static or not,
+    whichever rows stop (and leave) around it; its index in generate's list, not its content, picks them."""
+    run = lambda prompts, **kw: generate(tiny_model, prompts, 24, temperature=temperature, top_p=top_p, seed=5,  # noqa: E731
+                                         stop_token_ids=stop, progress=False, **kw)
+    stop = []
+    free = run(PROMPTS)
+    stop = [free[2][5], free[4][12]]
+    out = run(PROMPTS, batch_size=5)
+    assert len({len(t) for t in out}) > 2 and max(len(t) for t in out) > sampler.LOOK_EVERY  # rows leave at looks
+    assert run(PROMPTS, batch_size=2) == run(PROMPTS, batch_size=1) == run(PROMPTS, static=True) == out
+    twice = run(PROMPTS + PROMPTS)
+    assert twice[:5] == out and twice[5:] != out  # other indices, other draws
+
+
+def test_uniforms_are_splitmix64_of_seed_index_and_step():
+    """The tensor hash equals the same hash on Python integers (wrap-around and shifts exact), for seeds past 2**63;
+    draws look uniform and uncorrelated across rows and steps."""
+    def splitmix64(x):
+        x = (x + 0x9E3779B97F4A7C15) % 2**64
+        x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) % 2**64
+        x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) % 2**64
+        return x ^ (x >> 31)
+
+    for seed in (0, 7, 2**63 + 1, 2**70 + 3):
+        for step in (0, 1, 511):
+            expected = [(splitmix64((splitmix64((i + splitmix64(seed % 2**64)) % 2**64) + step) % 2**64) >> 40)
+                        * 2**-24 for i in range(20)]
+            assert sampler.uniforms(seed, torch.arange(20), step).tolist() == expected
+    u = torch.stack([sampler.uniforms(3, torch.arange(1000), step) for step in range(200)])  # (steps, rows)
+    assert abs(u.mean() - 0.5) < 0.005 and abs(u.var() - 1 / 12) < 0.002
+    assert abs(torch.corrcoef(torch.stack([u[1:, :-1].flatten(), u[:-1, 1:].flatten()]))[0, 1]) < 0.01
+
+
 def test_prefill_gives_each_rows_next_token_logits_and_the_batch_to_decode(tiny_model):
     prompts = sorted(PROMPTS, key=len, reverse=True)
     logits, batch = sampler.prefill(tiny_model, prompts, 4)
@@ -152,10 +208,9 @@ def test_same_seed_same_tokens_other_seed_other_tokens(tiny_model):
 def test_top_k_keeps_exactly_the_k_largest():
     logits = torch.tensor([[1.0, 5.0, 3.0, 4.0, 2.0]])
     probs = torch.softmax(logits, -1)
-    g = torch.Generator().manual_seed(0)
-    drawn = {int(sample(logits, 1.0, 1.0, 2, g)) for _ in range(200)}
-    assert drawn == {1, 3}
-    assert int(sample(logits, 1.0, 1.0, 1, g)) == 1 and probs.argmax() == 1
+    u = torch.rand(200, generator=torch.Generator().manual_seed(0))
+    assert set(sample(logits.expand(200, 5), 1.0, 1.0, 2, u).tolist()) == {1, 3}
+    assert sample(logits.expand(200, 5), 1.0, 1.0, 1, u).tolist() == [1] * 200 and probs.argmax() == 1
 
 
 def kept_tokens(logits, top_k, top_p):
@@ -204,7 +259,7 @@ def test_nucleus_with_banned_tokens_at_minus_infinity():
 
 def test_filtered_sampling_follows_the_renormalized_distribution():
     logits = torch.tensor([[0.05, 0.5, 0.3, 0.15]]).log().expand(20000, 4)
-    draws = sample(logits, 1.0, 0.9, 0, torch.Generator().manual_seed(0))
+    draws = sample(logits, 1.0, 0.9, 0, torch.rand(20000, generator=torch.Generator().manual_seed(0)))
     freq = torch.bincount(draws, minlength=4).float() / 20000
     assert freq[0] == 0 and torch.allclose(freq[1:], torch.tensor([0.5, 0.3, 0.15]) / 0.95, atol=0.015)
 
