@@ -10,7 +10,6 @@ Per-item results are cached in RUN/eval/TASK.jsonl; --compare pairs items by id 
     python eval.py --model qwen --task persona --n 50
     python eval.py --compare qwen runs/persona-qwen runs/persona-qwen-ipo
 """
-import gc
 import hashlib
 import re
 import sys
@@ -20,6 +19,7 @@ from dataclasses import asdict
 import torch
 
 import mipo
+from model_loader import free_memory
 from sampler import Sampling
 from tasks import (GSM8K_EXTRACT_PROMPT, PREFERENCE_BY_ID, Example, Task, extract_number, first_number,
                    mentions_answer, nearest_rating, prompt_messages, score_gsm8k_answer)
@@ -200,7 +200,7 @@ def results_for(spec: dict, task: Task, examples, args, settings: dict) -> list[
         items = evaluate(model, tokenizer, task, examples, Sampling(**settings["sampling"]), args.seed,
                          args.batch_size, not args.no_mi, progress=True, answer_fallback=args.answer_fallback)
         del model
-        gc.collect()  # the decoder holds reference cycles: freed now, before the next model loads
+        free_memory()  # now, before the next model loads
         results.save_evaluation(spec, task, items, settings, time.time() - start, args.device)
     return items
 
@@ -229,7 +229,7 @@ def judge_all(models: list[tuple[dict, list[dict]]], task: Task, examples, args)
             for item in items:
                 item["judge"]["settings"] = settings
         del judge_model
-        gc.collect()
+        free_memory()
     for spec, items in models:
         for item in items:
             judge_metrics(item, args.judge_unparsed)
@@ -259,7 +259,7 @@ def meter_all(models: list[tuple[dict, list[dict]]], task: Task, examples, args)
             item["metrics"]["pmi_per_token"] = value / length if length else None
         update_summary(spec, task, items, mi_reference=reference)
     del model
-    gc.collect()
+    free_memory()
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -10,7 +10,6 @@ pairs file is TRL's conversational preference format (formats/pairs_file.py).
     python mipo.py --model qwen --task persona --n 32
 """
 import argparse
-import gc
 import json
 import random
 import sys
@@ -24,7 +23,7 @@ from tqdm import tqdm
 
 import sampler
 from dpo_loss import token_logps
-from model_loader import load_model
+from model_loader import free_memory, load_model
 from sampler import Sampling
 from tasks import (DATA_SEED, NEGATIVES, TASKS, Example, Task, compare_responses, default_sampling, get_task,
                    load_examples, prompt_messages)
@@ -392,7 +391,7 @@ def trained_meter(load, trained, base, task: Task, examples: list[Example], samp
     own = sample_responses(policy, tokenizer, prompts, sampling, seed, batch_size)
     pmi_self = held_out_meter(policy, tokenizer, task, examples, own)["pmi"]
     del policy
-    gc.collect()  # the decoder holds reference cycles: freed now, before the base model loads
+    free_memory()  # now, before the base model loads
     reference, tokenizer = load(base)
     return {**held_out_meter(reference, tokenizer, task, examples, own), "pmi_self": pmi_self}
 
@@ -414,6 +413,9 @@ def add_sampling_flags(parser: argparse.ArgumentParser, title: str, many: dict |
     g.add_argument("--repetition-penalty", type=float, default=None, **many, help="penalize the logits of the tokens a "
                    "response or its prompt holds already (1: off; default: the model's generation_config.json, 1 "
                    "where it sets none)")
+    g.add_argument("--compile", action="store_true", help="sample with a torch.compile'd decode step over a static "
+                   "KV cache (CUDA graphs on a GPU): the same tokens as without it; off by default until measured on "
+                   "a GPU (docs/performance.md)")
     return g
 
 
@@ -485,6 +487,7 @@ def main(argv=None) -> None:
     args.model = local_model(args.model, args.revision)  # a hub name: downloaded now, then a local directory
     model, tokenizer = load_model(args.model, args.device, torch_dtype(args.dtype, args.device))
     cpu_speedups.apply(model)
+    model.compile_decode = args.compile  # sampler.generate reads it
     sampling = resolve_sampling(sampling, model)  # the flags and the task leave top-k and the penalty to it
     print(f"{task.name}: {len(examples)} prompts, --negative {negative}, {asdict(sampling)} -> {out}", file=sys.stderr)
     print(cpu_speedups.plan_line(args.device), file=sys.stderr)

@@ -2,6 +2,7 @@
 from a Hugging Face directory, with the KV cache the sampler writes; no part of the method. Which directory
 --model names: formats/model_sources.py.
 """
+import gc
 import json
 import math
 import shutil
@@ -176,17 +177,20 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H or K, T, D)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv_cache is not None:
-            # Cache (B, K, S_max, D): write slots cache_pos, attend to the first S = mask width (fixed S: static shapes)
+            # Cache (B, K, S_max, D): write slots cache_pos; with a mask, attend to the first S = its width (fixed S:
+            # static shapes), without one to the new tokens alone (a prefill that no earlier slot serves)
             k_cache, v_cache = kv_cache
             k_cache.index_copy_(2, cache_pos, k)
             v_cache.index_copy_(2, cache_pos, v)
-            S = mask.shape[-1]
-            k, v = k_cache[:, :, :S], v_cache[:, :, :S]  # (B, K, S, D)
+            if mask is not None:
+                S = mask.shape[-1]
+                k, v = k_cache[:, :, :S], v_cache[:, :, :S]  # (B, K, S, D)
         # GQA: each key/value head serves H/K query heads (any ratio, e.g. 7)
-        if T == 1:
+        if T == 1 and mask is not None:
             y = decode_attention(q, k, v, mask)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_heads != self.n_kv_heads)
+        else:  # no mask: causal, where the fused kernels (flash attention) run
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                               enable_gqa=self.n_heads != self.n_kv_heads)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, H*D)
         return self.o_proj(y)
 
@@ -239,15 +243,14 @@ class CausalLM(nn.Module):
     def forward(self, input_ids, positions=None, mask=None, kv_cache=None, cache_pos=None, logits_index=None):
         """input_ids (B, T) -> logits (B, T, V), float32 when the weights are.
 
-        Alone: causal over positions 0..T-1 (right padding needs no more: real tokens never see the pads after
-        them). The sampler adds positions (B, T) (shifted by left padding), a bool key mask (B, 1, T, S), a KV cache
-        ((k, v) of (B, K, S_max, D) per layer) and cache_pos (T,), the slots to write. logits_index: the positions
+        Alone: causal over positions 0..T-1, with no mask (right padding needs none: real tokens never see the pads
+        after them). Others pass positions (B, T) and a bool mask (B, 1, T, S): left padding (the sampler), the packed
+        training row (train.collate). The sampler adds a KV cache ((k, v) of (B, K, S_max, D) per layer) and
+        cache_pos (T,), the slots to write. logits_index: the positions
         to project, an int or slice (-1 to sample) or (rows, positions) (N,) tensors -> (N, V) (train.py)."""
         B, T = input_ids.shape
         if positions is None:
             positions = torch.arange(T, device=input_ids.device).expand(B, T)
-        if mask is None:
-            mask = torch.ones(T, T, dtype=torch.bool, device=input_ids.device).tril()  # causal (T, T)
         # float32 RoPE tables, shared by all heads and layers
         freqs = positions[..., None].float() * self.inv_freq  # (B, T, D/2)
         emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, D)
@@ -280,8 +283,8 @@ class CausalLM(nn.Module):
 # ---------------------------------------------------------------------------------------------------
 
 
-def load_weights(model: CausalLM, model_dir: Path, device, dtype) -> None:
-    """Copy every checkpoint tensor into the model (keys and shapes checked: check_weights)."""
+def load_weights(model: CausalLM, model_dir: Path) -> None:
+    """Copy every checkpoint tensor into the model, cast to its dtype (keys and shapes checked: check_weights)."""
     params = dict(model.state_dict())
     for key, path in check_weights(model_dir, model).items():
         # mmapped pages read stay resident until closed: one open per tensor keeps the peak at the model's size
@@ -292,7 +295,7 @@ def load_weights(model: CausalLM, model_dir: Path, device, dtype) -> None:
             raise MipoError(f"{path}: cannot read tensor {key!r} ({str(e).splitlines()[0]}); "
                             "re-download or re-convert it")
         with torch.no_grad():
-            params[key].copy_(tensor.to(dtype))
+            params[key].copy_(tensor)  # cast while copied: no second copy of the tensor
         del tensor
 
 
@@ -314,15 +317,24 @@ def load_model(name_or_path, device="cpu", dtype=torch.float32, revision=None):
     cfg = ModelConfig.from_dict(read_json(model_dir / "config.json"), str(model_dir / "config.json"))
     tokenizer = Tokenizer(model_dir, cfg)
     with torch.device("meta"):  # no memory or time spent on a random init
-        model = CausalLM(cfg)
-    model.to_empty(device=device).to(dtype)
+        model = CausalLM(cfg).to(dtype)  # cast while on meta: no float32 copy of a bf16 model at any moment
+    model.to_empty(device=device)
     if cfg.tie_word_embeddings:  # to_empty allocates afresh: tie again
         model.lm_head.weight = model.model.embed_tokens.weight
     model.inv_freq = rope_inv_freq(cfg).to(device)  # meta buffers hold no values
-    load_weights(model, model_dir, device, dtype)
+    load_weights(model, model_dir)
     model.name_or_path = str(name_or_path)
     model.generation_defaults = generation_defaults(model_dir)
     return model.eval(), tokenizer
+
+
+def free_memory() -> None:
+    """After `del model`: free its memory now, before the next stage's model loads. The decoder holds reference
+    cycles (a compiled forward, tied weights), which wait for the cycle collector; on a GPU the allocator's cache
+    is emptied too, so that the next stage's memory plan holds."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def save_model(model: CausalLM, tokenizer: Tokenizer, out_dir) -> Path:

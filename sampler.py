@@ -35,14 +35,15 @@ PREFILL_ROWS = 8  # rows per prefill forward: efficient matmuls, little padding 
 
 @torch.inference_mode()
 def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0, stop_token_ids=(), seed=0,
-             batch_size=None, return_logprobs=False, progress=True, static=False, compile=False,
+             batch_size=None, return_logprobs=False, progress=True, static=False, compile=None,
              repetition_penalty=1.0, top_k_top_p=None):
     """Token-id lists -> each completion's tokens (stop token included if emitted), in input order; with
     return_logprobs (tokens, logprobs): log p(token) at temperature 1 of the raw logits (before penalty, temperature
     and filters), as the method scores responses. temperature=0: greedy.
 
     static=True: fixed shapes (whole-cache attention, finished rows kept) for CUDA graphs; else finished rows are
-    dropped (faster eager). compile=True (implies static): a torch.compile'd decode step, CUDA graphs on a GPU.
+    dropped (faster eager). compile=True (implies static): a torch.compile'd decode step, CUDA graphs on a GPU
+    (default: the model's compile_decode attribute, which the commands' --compile set, else off).
     top_k_top_p: a faster filter of the same candidates (default: the model's, else ours).
     """
     if temperature < 0 or not 0 < top_p <= 1 or top_k < 0 or max_new_tokens < 1 or not repetition_penalty > 0:
@@ -53,6 +54,7 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0
         raise ValueError("every prompt needs at least one token")
     # transforms/cpu_speedups.py's apply gives a CPU model its filter
     top_k_top_p = top_k_top_p or getattr(model, "top_k_top_p", None) or plain_top_k_top_p
+    compile = getattr(model, "compile_decode", False) if compile is None else compile
     batch_size = batch_size or DEFAULT_BATCH_SIZE
     sampling = dict(temperature=temperature, top_p=top_p, top_k=top_k, top_k_top_p=top_k_top_p, seed=seed)
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))  # longest first: least padding
@@ -165,9 +167,12 @@ def prefill(model, prompts, max_new_tokens):
     logits = torch.empty(B, model.config.vocab_size, dtype=model.lm_head.weight.dtype, device=device)  # (B, V)
     for r in range(0, B, PREFILL_ROWS):
         rows = slice(r, r + PREFILL_ROWS)
-        first = int(n_pad[rows].min()) + L  # earlier slots: pads or cached prefix in every row
+        pads = [P - len(p) for p in prompts[rows]]
+        first = min(pads) + L  # earlier slots: pads or cached prefix in every row
+        # Rows of one length and no cached prefix: plain causal rows, no mask (a GPU's fused attention kernel)
+        group_mask = None if L == 0 and min(pads) == max(pads) else mask[rows, :, first:]
         group_cache = [(k[rows], v[rows]) for k, v in kv_cache]
-        logits[rows] = model(input_ids[rows, first:], positions[rows, first:], mask[rows, :, first:], group_cache,
+        logits[rows] = model(input_ids[rows, first:], positions[rows, first:], group_mask, group_cache,
                              torch.arange(first, P, device=device), logits_index=-1)
     return logits, Batch(kv_cache, seen, slot_is_real, lengths.clone(), P, torch.arange(B, device=device),
                          torch.zeros(B, dtype=torch.bool, device=device))

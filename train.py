@@ -29,7 +29,7 @@ from dpo_loss import LOSSES, preference_loss, preference_metrics, token_logps
 from formats import pairs_file
 from formats.dtypes import torch_dtype
 from formats.files import MipoError, run_command
-from model_loader import load_model, save_model
+from model_loader import free_memory, load_model, save_model
 from tasks import get_task, load_examples
 from transforms import cpu_speedups, lora, shard
 
@@ -65,12 +65,14 @@ def make_pairs(run: Run):
         # Compute-dtype weights: the KV cache takes theirs; bf16 is faster where native (formats/dtypes.py).
         model, tokenizer = load_model(cfg.model, run.hw.device, torch_dtype(run.hw.dtype, run.hw.device))
         cpu_speedups.apply(model)
+        model.compile_decode = run.hw.compile  # --compile: sampler.generate reads it
         if pairs is None:  # under torchrun each process samples its share
             pairs = runs.build_pairs(run, model, tokenizer, task, train_examples, pairs_path)
         if eval_pairs is None:
             eval_pairs = runs.build_pairs(run, model, tokenizer, task, eval_examples, eval_path)
         held_out.write_base_meter(run, model, tokenizer, task, eval_examples, eval_pairs)  # the meter before training
         del model
+        free_memory()  # now, before stage 2 loads the float32 weights
     run.link_shared("pairs.jsonl", "eval_pairs.jsonl", "base_eval.json")
     return pairs, eval_pairs, held_out.read_base_meter(run)
 
@@ -119,45 +121,64 @@ def tokenize_pair(tokenizer, pair: dict, with_negative_prompt: bool, context_win
     return record
 
 
-def collate(records: list[dict], with_negative_prompt: bool, device) -> dict:
-    """One right-padded row per pair, x once and both responses: [x, y+, x[-1], y-] (docs/walkthrough.md step 5).
+PACKED = {"cpu": True, "cuda": False}  # training rows by device type: measured in bench/profile_step.py --layouts
 
-    The copy of x[-1] and y- see x[:-1], not y+ or the original x[-1], and their positions restart where x ends:
-    exactly a separate x + y-, with x run once (~40% fewer tokens). infonce / sami add a row per pair under x'.
-    Masks come from the lengths, never from a pad id.
+
+def collate(records: list[dict], with_negative_prompt: bool, device, packed: bool | None = None) -> dict:
+    """Right-padded rows of token ids, and which positions score which response (docs/walkthrough.md step 5).
+
+    packed (the CPU's default, PACKED): one row per pair, x once and both responses: [x, y+, x[-1], y-]. The copy
+    of x[-1] and y- see x[:-1], not y+ or the original x[-1], and their positions restart where x ends: exactly a
+    separate x + y-, with x run once (~40% fewer tokens), for an attention mask. Else two causal rows per pair,
+    [x, y+] and [x, y-]: no mask, so a GPU runs its fused (flash) attention kernel. infonce / sami add rows under
+    x'. Masks come from the lengths, never from a pad id.
     """
+    if packed is None:
+        packed = PACKED.get(torch.device(device).type, False)
     prompts = [r["prompt_ids"] for r in records]
     if with_negative_prompt:
         prompts += [r["negative_prompt_ids"] for r in records]
         records = records + records
-    T = max(len(p) + len(r["chosen_ids"]) + 1 + len(r["rejected_ids"]) for p, r in zip(prompts, records))
-    R = len(prompts)
-    input_ids = torch.zeros(R, T, dtype=torch.long)  # (R, T); any id pads: no real token attends to a pad
-    positions = torch.zeros(R, T, dtype=torch.long)  # (R, T) RoPE positions
-    branch = torch.zeros(R, T, dtype=torch.long)  # (R, T) 0: x[:-1] and pads, 1: x[-1] + y+, 2: x[-1] copy + y-
-    # Positions whose logits score a response token (t scores t + 1): y+ from x[-1] on, y- from its copy on.
-    # Only these go through the output projection (a quarter of Qwen's FLOPs per token) and the log-softmax.
-    rows, cols, segment = [], [], []  # (N,) each: row, position, and 2 * row + (0 for y+, 1 for y-)
+    if packed:
+        rows_of = [[p + r["chosen_ids"] + p[-1:] + r["rejected_ids"]] for p, r in zip(prompts, records)]
+    else:
+        rows_of = [[p + r["chosen_ids"], p + r["rejected_ids"]] for p, r in zip(prompts, records)]
+    ids = [row for rows in rows_of for row in rows]
+    T = max(len(row) for row in ids)
+    input_ids = torch.zeros(len(ids), T, dtype=torch.long)  # (R, T); any id pads: no real token attends to a pad
+    for i, row in enumerate(ids):
+        input_ids[i, :len(row)] = torch.tensor(row)
+    # Positions whose logits score a response token (t scores t + 1). Only these go through the output projection
+    # (a quarter of Qwen's FLOPs per token) and the log-softmax.
+    rows, cols, segment = [], [], []  # (N,) each: row, position, and 2 * prompt row + (0 for y+, 1 for y-)
     for i, (prompt, r) in enumerate(zip(prompts, records)):
         P, C, N = len(prompt), len(r["chosen_ids"]), len(r["rejected_ids"])
-        input_ids[i, :P + C + 1 + N] = torch.tensor(prompt + r["chosen_ids"] + prompt[-1:] + r["rejected_ids"])
-        positions[i, :P + C] = torch.arange(P + C)
-        positions[i, P + C:P + C + 1 + N] = torch.arange(P - 1, P + N)
-        branch[i, P - 1:P + C], branch[i, P + C:P + C + 1 + N] = 1, 2
-        for side, span in enumerate((range(P - 1, P + C - 1), range(P + C, P + C + N))):
-            rows += [i] * len(span)
+        if packed:  # y+ scored from x[-1] on, y- from its copy on
+            spans = ((i, range(P - 1, P + C - 1)), (i, range(P + C, P + C + N)))
+        else:
+            spans = ((2 * i, range(P - 1, P + C - 1)), (2 * i + 1, range(P - 1, P + N - 1)))
+        for side, (row, span) in enumerate(spans):
+            rows += [row] * len(span)
             cols += span
             segment += [2 * i + side] * len(span)
     rows, cols = torch.tensor(rows), torch.tensor(cols)
-    causal = torch.ones(T, T, dtype=torch.bool).tril()  # (T, T)
-    attention_mask = causal & ~((branch[:, :, None] == 2) & (branch[:, None, :] == 1))  # (R, T queries, T keys)
+    positions = mask = None  # two causal rows: positions 0..T-1, causal attention
+    if packed:
+        branch = torch.zeros(len(ids), T, dtype=torch.long)  # (R, T) 0: x[:-1] and pads, 1: x[-1] + y+, 2: y- branch
+        positions = torch.zeros(len(ids), T, dtype=torch.long)  # (R, T) RoPE positions
+        for i, (prompt, r) in enumerate(zip(prompts, records)):
+            P, C, N = len(prompt), len(r["chosen_ids"]), len(r["rejected_ids"])
+            positions[i, :P + C] = torch.arange(P + C)
+            positions[i, P + C:P + C + 1 + N] = torch.arange(P - 1, P + N)
+            branch[i, P - 1:P + C], branch[i, P + C:P + C + 1 + N] = 1, 2
+        causal = torch.ones(T, T, dtype=torch.bool).tril()  # (T, T)
+        mask = (causal & ~((branch[:, :, None] == 2) & (branch[:, None, :] == 1)))[:, None]  # (R, 1, T, T)
+    to = lambda t: None if t is None else t.to(device)  # noqa: E731
     return {
-        "input_ids": input_ids.to(device),
-        "positions": positions.to(device),
-        "mask": attention_mask[:, None].to(device),
+        "input_ids": input_ids.to(device), "positions": to(positions), "mask": to(mask),
         "scored": (rows.to(device), cols.to(device)), "targets": input_ids[rows, cols + 1].to(device),
-        "segment": torch.tensor(segment, device=device),
-        "n_tokens": sum(len(p) + len(r["chosen_ids"]) + 1 + len(r["rejected_ids"]) for p, r in zip(prompts, records)),
+        "segment": torch.tensor(segment, device=device), "pairs": len(prompts),
+        "n_tokens": sum(len(row) for row in ids),
     }
 
 
@@ -172,7 +193,7 @@ def forward_logps(model, batch: dict, hw: HardwareConfig):
         logits = model(batch["input_ids"], batch["positions"], batch["mask"], logits_index=batch["scored"])  # (N, V)
     # Outside autocast on purpose: token_logps takes the log-softmax in float32.
     logps = token_logps(logits, batch["targets"])  # (N,) log pi of each response token
-    R = batch["input_ids"].shape[0]
+    R = batch["pairs"]  # prompt rows: y+ and y- of each
     sums = torch.zeros(2 * R, dtype=logps.dtype, device=logps.device).index_add(0, batch["segment"], logps)  # (2R,)
     return sums[0::2], sums[1::2]
 
@@ -389,6 +410,7 @@ def train_run(args):
         with run.timed("train"):
             train(model, tokenizer, records, run)  # stages 3 and 4
         del model
+        free_memory()  # now, before the held-out meter loads the trained model
     run.finish()
     if run.rank == 0:
         summary = held_out.run_summary(run, pair_stats, base_eval, eval_pairs)  # with the held-out meter after

@@ -103,6 +103,7 @@ class HardwareConfig:
     device: str = "cpu"
     dtype: str = "float32"  # compute dtype: bfloat16 = matmuls under autocast; weights and AdamW stay float32
     gradient_checkpointing: bool = False
+    compile: bool = False  # sampling's decode step through torch.compile (--compile)
     shard: bool = False  # FSDP2 over the torchrun processes (transforms/shard.py)
     save_minutes: float = 10.0  # minutes of DPO between checkpoints (0: not by time); Ctrl-C and SIGTERM write one too
     save_every: int | None = None  # optimizer steps between checkpoints, besides the clock (None: by the clock only)
@@ -263,8 +264,8 @@ def resolve_config(args):
         raise MipoError("--lora-rank with --shard: not supported; FSDP2 here shards every weight with its AdamW "
                         "state, which adapters leave frozen or absent: run LoRA on one GPU or under DDP")
     hw = HardwareConfig(device=device, dtype=compute_dtype(args.dtype, device),
-                        gradient_checkpointing=bool(args.gradient_checkpointing), shard=args.shard,
-                        save_minutes=args.save_minutes, save_every=args.save_every)
+                        gradient_checkpointing=bool(args.gradient_checkpointing), compile=args.compile,
+                        shard=args.shard, save_minutes=args.save_minutes, save_every=args.save_every)
     if preset is PRESETS["paper"] and torch.device(device).type == "cuda" and args.micro_batch_size is None \
             and args.gradient_checkpointing is None:
         gpu_bytes = torch.cuda.get_device_properties(int(os.environ.get("LOCAL_RANK", "0"))).total_memory

@@ -46,6 +46,7 @@ def trained_meter(run: Run, eval_pairs: list[dict]) -> dict:
     def load(name):
         model, tokenizer = load_model(name, run.hw.device, dtype)
         pairs_file.use_recorded_date(tokenizer, eval_pairs, eval_path)
+        model.compile_decode = run.hw.compile  # --compile: sampler.generate reads it
         return cpu_speedups.apply(model), tokenizer
 
     sampling = mipo.resolve_sampling(cfg.sampling, cfg.model)  # the base model's defaults, as its samples had

@@ -184,6 +184,7 @@ def load(model_arg, args):
     """(model, tokenizer) in eval.py's dtype, with the CPU speed-ups the commands switch on."""
     model, tokenizer = load_model(model_arg, args.device, args.torch_dtype)
     cpu_speedups.apply(model)
+    model.compile_decode = args.compile  # --compile: sampler.generate reads it
     return model, tokenizer
 
 

@@ -343,7 +343,7 @@ def test_pmi_is_scored_by_the_base_model_and_pmi_self_by_the_model_itself(tmp_pa
     spec = {"name": "m", "eval_dir": tmp_path / "m-eval"}
     results.save_results(spec["eval_dir"], task, items, {})
     args = SimpleNamespace(no_mi=False, mi_reference={"name": "base", "model": str(tmp_path / "base")}, device="cpu",
-                           torch_dtype=torch.float32, batch_size=3)
+                           torch_dtype=torch.float32, batch_size=3, compile=False)
     evaluation.meter_all([(spec, items)], task, examples, args)
     negatives = [x_prime for x_prime, _, _ in mipo.plan_negatives(task, examples, task.negative, mipo.METER_SEED)]
     assert all(n.id != ex.id for n, ex in zip(negatives, examples))  # jsonl's x': another held-out prompt

@@ -48,6 +48,78 @@ def write_hf_model(config: dict, out_dir, seed=0, qk_scale=1.0):
     return model.eval()
 
 
+@pytest.mark.parametrize("name", ["qwen2_bias_ratio7", "llama_llama3_rope"])
+def test_causal_rows_run_without_a_mask_and_equal_the_masked_path(name, tmp_path, monkeypatch):
+    """A causal forward (the meter's rows, two-row training, an unpadded prefill) calls scaled_dot_product_attention
+    with is_causal and no mask, the fused kernels' case, and gives what an explicit causal mask gives, on an
+    unpadded batch and on a right-padded one (real tokens never see the pads after them)."""
+    import model_loader
+    from sampler import prefill
+
+    write_hf_model(CONFIGS[name], tmp_path, qk_scale=4.0)
+    model, _ = load_model_dir_without_tokenizer(tmp_path)
+    calls = []
+    sdpa = model_loader.F.scaled_dot_product_attention
+    monkeypatch.setattr(model_loader.F, "scaled_dot_product_attention",
+                        lambda *a, **kw: (calls.append((kw["attn_mask"], kw["is_causal"])), sdpa(*a, **kw))[1])
+    ids = torch.randint(0, TINY["vocab_size"], (3, 29), generator=torch.Generator().manual_seed(4))
+    causal = torch.ones(29, 29, dtype=torch.bool).tril()
+    with torch.no_grad():
+        unmasked = model(ids)
+        assert calls and all(mask is None and is_causal for mask, is_causal in calls)
+        calls.clear()
+        masked = model(ids, mask=causal)
+        assert calls and all(mask is not None and not is_causal for mask, is_causal in calls)
+        assert torch.allclose(unmasked, masked, atol=1e-5)
+        right_padded = ids.clone()
+        right_padded[1, 20:], right_padded[2, 11:] = 0, 5  # pads after each row's end: its real logits stay
+        padded = model(right_padded)
+        for row, n in ((0, 29), (1, 20), (2, 11)):
+            alone = model(right_padded[row:row + 1, :n])[0]
+            assert torch.allclose(padded[row, :n], alone, atol=1e-5)
+            assert torch.allclose(padded[row, :n], model(right_padded, mask=causal)[row, :n], atol=1e-5)
+        calls.clear()
+        logits, _ = prefill(model, [ids[0, :9].tolist(), ids[1, :9].tolist()], 4)  # one length, no shared prefix
+        assert calls and all(mask is None and is_causal for mask, is_causal in calls)
+        assert torch.allclose(logits, model(ids[:2, :9])[:, -1], atol=1e-5)
+        calls.clear()
+        prefill(model, [ids[0, :9].tolist(), ids[1, :5].tolist()], 4)  # left padding: a mask
+        assert calls and all(mask is not None for mask, _ in calls)
+
+
+def test_a_bf16_checkpoint_loads_in_bf16_without_a_float32_copy(tmp_path):
+    """Every tensor an op makes while a bf16 checkpoint loads in bf16 is seen (a dispatch mode): the float32 ones
+    (the RoPE table) stay far below the weights' size; casting after allocating would make a float32 model first,
+    twice the weights (on a CPU an untouched allocation costs no resident memory, on a GPU it does)."""
+    from safetensors.torch import save_file
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Made(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.bytes = {}
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else [out]:
+                if isinstance(t, torch.Tensor) and t.device.type != "meta":
+                    self.bytes[t.dtype] = self.bytes.get(t.dtype, 0) + t.numel() * t.element_size()
+            return out
+
+    ref = write_hf_model(CONFIGS["qwen2_bias_ratio7"], tmp_path)
+    save_file({k: v.to(torch.bfloat16).contiguous() for k, v in ref.state_dict().items()},
+              tmp_path / "model.safetensors")
+    weights = sum(v.numel() * 2 for v in ref.state_dict().values())
+    write_tiny_tokenizer(tmp_path)
+    with Made() as made:
+        model, _ = load_model(tmp_path, dtype=torch.bfloat16)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert made.bytes.get(torch.bfloat16, 0) >= weights  # the mode sees the model's own allocations
+    assert made.bytes.get(torch.float32, 0) < 0.01 * weights, made.bytes
+    for key, value in ref.state_dict().items():
+        assert torch.equal(model.state_dict()[key], value.to(torch.bfloat16))
+
+
 @pytest.mark.parametrize("name", CONFIGS)
 def test_logits_match_transformers(name, tmp_path):
     ref = write_hf_model(CONFIGS[name], tmp_path)
