@@ -329,7 +329,8 @@ def fit_to_gpu(model: str, prompt_tokens: int, response_tokens: int, opt: OptimC
     cfg = ModelConfig.from_dict(read_json(resolve_model_dir(model) / "config.json"))
     strategy = "fsdp" if hw.shard else ("ddp" if world > 1 else "single")
     layout = shard.choose_layout(cfg, world, strategy, gpu_bytes, opt.batch_size, prompt_tokens=prompt_tokens,
-                                 response_tokens=response_tokens, param_bytes=2 if hw.dtype == "bfloat16" else 4)
+                                 response_tokens=response_tokens, param_bytes=2 if hw.dtype == "bfloat16" else 4,
+                                 lora_rank=opt.lora_rank, lora_targets=opt.lora_targets)
     return (replace(opt, micro_batch_size=layout["micro_batch_pairs"]),
             replace(hw, gradient_checkpointing=layout["gradient_checkpointing"]))
 

@@ -59,3 +59,50 @@ def test_sampling_flags_override_the_models_generation_config(tmp_path):
             parse(*flags)
     for parser in (config.train_parser, config.eval_parser):
         assert parser().parse_args(["--repetition-penalty", "1.05", "--top-k", "20"]).repetition_penalty == 1.05
+
+
+def readme_gpu_commands() -> list[tuple[int, list[str]]]:
+    """README's train.py commands with --preset paper: (processes, train.py's arguments), from its code blocks and
+    its inline code (which may wrap over lines)."""
+    import re
+    import shlex
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    blocks = re.findall(r"```[a-z]*\n(.*?)```", readme, re.DOTALL)
+    inline = re.findall(r"`([^`]+)`", re.sub(r"```.*?```", "", readme, flags=re.DOTALL).replace("\n", " "))
+    commands = [line for block in blocks for line in block.splitlines()] + inline
+    found = []
+    for command in commands:
+        words = shlex.split(command.split("#")[0])
+        if "train.py" in words and "--preset" in words and words[words.index("--preset") + 1] == "paper":
+            procs = int(next((w.split("=")[-1] if "=" in w else words[i + 1] for i, w in enumerate(words)
+                              if w.startswith("--nproc_per_node")), 1))
+            found.append((procs, [w for w in words[words.index("train.py") + 1:] if w != "--"]))
+    return found
+
+
+def test_the_readmes_gpu_commands_fit_their_memory_check(tmp_path):
+    """Every `--preset paper` command README shows is one train.py's memory check accepts on 80 GB GPUs (the model
+    by its directory's name in shard.PAPER_MODELS; prompts and responses of 512 tokens, as the scaling tables):
+    bookkeeping/config.py's fit_to_gpu, which refuses what does not fit in one line."""
+    from transforms import shard
+
+    commands = readme_gpu_commands()
+    assert any(procs == 1 for procs, _ in commands)  # a one-GPU example is among them
+    by_dir = {hub.split("/")[-1]: name for name, hub in shard.HUB_NAMES.items()}
+    for procs, argv in commands:
+        args = config.train_parser().parse_args(argv)
+        model_dir = tmp_path / args.model.strip("/").replace("/", "_")
+        model_dir.mkdir(exist_ok=True)
+        (model_dir / "config.json").write_text(json.dumps(shard.PAPER_MODELS[by_dir[args.model.split("/")[-1]]]))
+        opt = config.OptimConfig(lora_rank=args.lora_rank[0] if isinstance(args.lora_rank, list) else args.lora_rank)
+        hw = config.HardwareConfig(device="cuda", dtype="bfloat16", shard=args.shard)
+        opt, hw = config.fit_to_gpu(str(model_dir), 512, 512, opt, hw, procs, 80 * 2**30)  # a refusal raises
+        assert opt.micro_batch_size >= 1
+    with pytest.raises(MipoError, match="add --shard or more GPUs"):  # the check refuses what does not fit
+        seven_b = tmp_path / "7b"
+        seven_b.mkdir()
+        (seven_b / "config.json").write_text(json.dumps(shard.PAPER_MODELS["qwen2.5-7b"]))
+        config.fit_to_gpu(str(seven_b), 512, 512, config.OptimConfig(), config.HardwareConfig(device="cuda"), 1,
+                          80 * 2**30)

@@ -354,6 +354,34 @@ def test_paper_models_parse_and_table_prints():
     assert "| Qwen/Qwen2.5-7B-Instruct | 1 | does not fit" in commands
 
 
+def markdown_tables(text: str) -> list[str]:
+    """Every run of consecutive lines that start with "|", as one string."""
+    tables, run = [], []
+    for line in text.splitlines() + [""]:
+        if line.startswith("|"):
+            run.append(line)
+        elif run:
+            tables.append("\n".join(run))
+            run = []
+    return tables
+
+
+def test_scaling_doc_holds_exactly_what_shard_prints(capsys):
+    """docs/scaling.md embeds the tables of `python -m transforms.shard --table` and `--commands`, and the plan of
+    `--plan qwen2.5-7b --gpus 4`: each must be the one the code prints now, row for row and number for number
+    (regenerate them with those commands when the memory model changes)."""
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "scaling.md").read_text(encoding="utf-8")
+    tables = markdown_tables(doc)
+    for printed in (shard.memory_table(), shard.breakdown_table(), shard.lora_table(), shard.paper_commands()):
+        header = printed.splitlines()[0]
+        in_doc = [table for table in tables if table.splitlines()[0] == header]
+        assert len(in_doc) == 1, f"docs/scaling.md: {len(in_doc)} tables headed {header}"
+        assert in_doc[0] == printed, f"docs/scaling.md: the table headed {header} is not what shard.py prints"
+    shard.main(["--plan", "qwen2.5-7b", "--gpus", "4"])
+    plan = capsys.readouterr().out
+    assert f"```\n{plan}```" in doc, "docs/scaling.md: the plan printout is not `--plan qwen2.5-7b --gpus 4`'s"
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Checkpoints from elsewhere hold weights, never code (no processes needed)
 # ---------------------------------------------------------------------------------------------------------------

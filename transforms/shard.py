@@ -21,7 +21,7 @@ library train.py calls for that, plus the memory model that says in advance whet
 
 Launch: torchrun --nproc_per_node 4 train.py -- --model DIR --preset paper --shard (docs/scaling.md has the
 commands for the paper's five models on 1, 2, 4 and 8 GPUs, and on several nodes).
-Shape legend: B pairs in a micro-batch, R rows of its forward (one packed row per pair), T tokens per row,
+Shape legend: B pairs in a micro-batch, R rows of its forward (two causal rows per pair on a GPU), T tokens per row,
 V vocabulary, C hidden size, I MLP width, H query heads, K key/value heads, D head_dim, L layers, N parameters.
 """
 import argparse
@@ -316,8 +316,8 @@ def activation_bytes_per_token(cfg: ModelConfig, act_bytes: int) -> int:
     Two RMSNorms each keep their float32 normalized input (4C) and their output (aC); attention keeps q, k, v
     after RoPE (a(H + 2K)D), its output (aHD) and a float32 log-sum-exp per head (4H); SwiGLU keeps gate, up,
     silu(gate) and their product (4aI). The inputs of q/k/v and gate/up are the norms' outputs, counted once.
-    On a GPU, scaled_dot_product_attention with a boolean mask runs the memory-efficient kernel, which keeps no
-    (T, T) probabilities; the CPU's math kernel keeps them (not modelled: this plan is for GPUs).
+    On a GPU, training's rows are causal with no mask (train.collate, train.PACKED), so scaled_dot_product_attention
+    runs the flash kernel, which keeps no (T, T) probabilities, only that log-sum-exp (this plan is for GPUs).
     """
     a, C, I, D = act_bytes, cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
     H, K = cfg.num_attention_heads, cfg.num_key_value_heads
@@ -331,8 +331,8 @@ def memory_plan(cfg: ModelConfig, world_size: int = 1, strategy: str = "fsdp", g
     """Peak bytes per rank of one training step, by what holds them. An estimate to about +-20%: it leaves out
     the CUDA context and allocator slack (1-3 GB), and counts everything as alive at once.
 
-    A micro-batch of B pairs is B packed rows of T = prompt + response + 1 + response tokens (train.collate:
-    [x, y+, x[-1], y-]) with logits over the 2 * response + 1 positions after the prompt. param_bytes is the
+    A micro-batch of B pairs is 2B causal rows of T = prompt + response tokens (train.collate on a GPU: [x, y+] and
+    [x, y-], no mask) with logits over the 2 * response positions that score them. param_bytes is the
     compute dtype (2: bf16), master_bytes the dtype of the weights AdamW updates (4: float32). With lora_rank,
     gradients and AdamW states are the adapters' only (transforms/lora.py); the frozen weights stay.
     """
@@ -362,8 +362,8 @@ def memory_plan(cfg: ModelConfig, world_size: int = 1, strategy: str = "fsdp", g
         plan["gathered"] = param_bytes * N if param_bytes < master_bytes else 0
         if strategy == "ddp":
             plan["gathered"] += master_bytes * trained
-    T = prompt_tokens + 2 * response_tokens + 1
-    tokens = micro_batch_pairs * T
+    T = prompt_tokens + response_tokens
+    tokens = micro_batch_pairs * 2 * T
     # The residual stream is bf16 under FSDP (bf16 weights) but float32 under autocast over float32 weights.
     residual_bytes = param_bytes if strategy == "fsdp" else master_bytes
     per_layer = activation_bytes_per_token(cfg, param_bytes) * tokens
@@ -373,7 +373,7 @@ def memory_plan(cfg: ModelConfig, world_size: int = 1, strategy: str = "fsdp", g
         plan["activations"] = L * per_layer
     # Logits: kept for backward in the compute dtype, and their gradient as large; dpo_loss.token_logps adds a
     # float32 chunk (and its exponentials) of logits_chunk_tokens positions, in forward and again in backward.
-    logit_positions = micro_batch_pairs * (2 * response_tokens + 1)
+    logit_positions = micro_batch_pairs * 2 * response_tokens
     plan["logits"] = 2 * param_bytes * logit_positions * V + 2 * 4 * min(logits_chunk_tokens, logit_positions) * V
     plan["total"] = sum(plan.values())
     plan["meta"] = dict(strategy=strategy, world_size=world_size, gradient_checkpointing=gradient_checkpointing,
@@ -402,7 +402,7 @@ def format_memory_plan(plan: dict, gpu_bytes: float | None = None, sampling: dic
     ckpt = "with" if m["gradient_checkpointing"] else "without"
     adapters = f" (LoRA rank {m['lora_rank']}: {m['trained'] / 1e6:.1f}M trained)" if m.get("lora_rank") else ""
     lines = [f"memory plan per rank ({m['strategy']}, {m['world_size']} rank(s), {m['parameters'] / 1e9:.2f}B "
-             f"parameters{adapters}, micro-batch {m['micro_batch_pairs']} pair(s) of {m['tokens_per_row']} tokens, "
+             f"parameters{adapters}, micro-batch {m['micro_batch_pairs']} pair(s), rows of {m['tokens_per_row']} tokens, "
              f"{ckpt} "
              "gradient checkpointing):",
              f"  parameters {gib(plan['parameters'])}, gradients {gib(plan['gradients'])}, AdamW states "
