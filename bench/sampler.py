@@ -3,6 +3,7 @@
     python bench/sampler.py                       # both bundled models, float32 and bfloat16
     python bench/sampler.py --models llama --dtypes float32 --new-tokens 32   # a quick look
     python bench/sampler.py --device cuda --batch 64 --compile                 # a GPU: compiled decode, CUDA graphs
+    python bench/sampler.py --tiny                # seconds: a tiny random model, 4 prompts, 8 new tokens
 
 Each (engine, model, dtype) runs in its own subprocess so peak memory is that engine's alone.
 Tokens are counted the same way for both: each row's completion up to and including its stop token.
@@ -15,6 +16,7 @@ import os
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -23,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from model_loader import ModelConfig, load_model, read_json, resolve_model_dir  # noqa: E402
 from formats.tokenizer import Tokenizer  # noqa: E402
-from sampler import generate, sample  # noqa: E402
+from sampler import generate, sample, uniforms  # noqa: E402
 from transforms import cpu_speedups  # noqa: E402
 from formats.dtypes import matmul_peak  # noqa: E402
 
@@ -128,13 +130,17 @@ def breakdown(model, run, prompts, completions, top_p, total):
     steps = max(len(c) for c in completions) - 1
     with torch.no_grad():
         logits = torch.cat([model(torch.tensor([p], device=device), logits_index=-1).float() for p in prompts])
-    g = torch.Generator(device=device).manual_seed(0)
     nucleus = getattr(model, "top_k_top_p", None)  # the filter cpu_speedups.apply gave the model, as generate takes it
-    sample(logits, 1.0, top_p, 0, g, nucleus)
+    rows = torch.arange(len(prompts), device=device)
+
+    def one_step(step):  # as sampler.decode_step draws: a uniform per row from (seed, row, step), then the sample
+        return sample(logits, temperature=1.0, top_p=top_p, top_k=0, u=uniforms(0, rows, step), top_k_top_p=nucleus)
+
+    one_step(0)
     sync()
     start = time.perf_counter()
-    for _ in range(8):
-        sample(logits, 1.0, top_p, 0, g, nucleus)
+    for step in range(8):
+        one_step(step)
     sync()
     sampling_per_step = (time.perf_counter() - start) / 8
     # Read bandwidth: a sum over a buffer far larger than the caches reads it from memory once.
@@ -172,12 +178,26 @@ def main():
     p.add_argument("--hf-malloc-like-ours", action="store_true", help="give transformers the glibc settings our "
                    "sampler gets (cpu_speedups.keep_freed_memory_for_reuse)")
     p.add_argument("--out", default=None, help="also write the results as JSON here")
+    p.add_argument("--tiny", action="store_true", help="a quick check in seconds: a tiny random model (float32, "
+                   "batch 4, 8 new tokens) in place of --models, --dtypes, --batch and --new-tokens")
     p.add_argument("--_one", nargs=3, metavar=("ENGINE", "MODEL", "DTYPE"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args._one:
         print(json.dumps(run_one(*args._one, args.batch, args.new_tokens, args.top_p, args.seed, args.device,
                                  args.compile, args.hf_malloc_like_ours)))
         return
+    if args.tiny:
+        from bench.tiny_model import write_tiny_model
+
+        with tempfile.TemporaryDirectory(prefix="mipo-sampler-") as tmp:
+            args.models, args.dtypes = [str(write_tiny_model(Path(tmp) / "tiny"))], ["float32"]
+            args.batch, args.new_tokens = 4, 8
+            return compare(args)
+    compare(args)
+
+
+def compare(args):
+    """Every engine on every (model, dtype), each in a process of its own; a line per engine, then the table."""
     rows = []
     for model_name in args.models:
         for dtype in args.dtypes:
