@@ -553,7 +553,8 @@ def section_step0(s, device, clock):
                     raise RuntimeError("train.py printed no step-0 check")
                 diff = float(re.search(r"= (\S+) nats", line).group(1))
                 ok = line.endswith(": OK")
-                emit("d", case, f"{'OK' if ok else 'MISMATCH'}, max |log pi - log pi_ref| {diff:.2e} nats", ok=ok, max_abs_logp_diff=diff, line=line,
+                emit("d", case, f"{'OK' if ok else 'MISMATCH'}, max |log pi - log pi_ref| {diff:.2e} nats", ok=ok,
+                     max_abs_logp_diff=diff, line=line,
                      row=["step 0", f"`python train.py` on {device}, tiny model, {dtype_name}",
                           f"{'OK' if ok else 'MISMATCH'}, {diff:.1e} nats"])
             guarded("d", case, check)

@@ -33,7 +33,8 @@ from tasks import get_task, load_examples
 from transforms import shard
 
 # Settings that may change between a run and its resumption: they change how the work is done, not the result.
-MAY_CHANGE = {"hardware.device", "hardware.gradient_checkpointing", "hardware.compile", "hardware.save_every", "hardware.save_minutes"}
+MAY_CHANGE = {"hardware.device", "hardware.gradient_checkpointing", "hardware.compile", "hardware.save_every",
+              "hardware.save_minutes"}
 
 
 # ---------------------------------------------------------------------------------------------------------------

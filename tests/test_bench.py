@@ -15,8 +15,8 @@ NUM = r"[-+]?\d+(?:\.\d+)?(?:e[-+]?\d+)?"
 
 
 def run_tiny(script: str, *flags: str) -> str:
-    """bench/SCRIPT --tiny on one thread -> its standard output."""
-    proc = subprocess.run([sys.executable, str(REPO / "bench" / script), "--tiny", *flags], capture_output=True,
+    """SCRIPT --tiny on one thread -> its standard output."""
+    proc = subprocess.run([sys.executable, str(REPO / script), "--tiny", *flags], capture_output=True,
                           text=True,
                           cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -89,13 +89,13 @@ def check_profile_step(out: str):
 # One row per benchmark script: its file, the flags after --tiny and the check of its output (bench/gpu_check.py
 # has tests/test_gpu_check.py).
 BENCHMARKS = [
-    ("sampler.py", (), check_sampler),
-    ("train_step.py", (), check_train_step),
-    ("ablation.py", (), check_ablation),
-    ("profile_step.py", ("--layout", "both", "--steps", "2"), check_profile_step),
+    ("bench/sampler.py", (), check_sampler),
+    ("bench/train_step.py", (), check_train_step),
+    ("bench/ablation.py", (), check_ablation),
+    ("bench/profile_step.py", ("--layout", "both", "--steps", "2"), check_profile_step),
 ]
 
 
-@pytest.mark.parametrize("script, flags, check", BENCHMARKS, ids=[script for script, _, _ in BENCHMARKS])
+@pytest.mark.parametrize("script, flags, check", BENCHMARKS, ids=[Path(script).stem for script, _, _ in BENCHMARKS])
 def test_tiny_mode(script, flags, check):
     check(run_tiny(script, *flags))

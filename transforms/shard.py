@@ -402,8 +402,8 @@ def format_memory_plan(plan: dict, gpu_bytes: float | None = None, sampling: dic
     ckpt = "with" if m["gradient_checkpointing"] else "without"
     adapters = f" (LoRA rank {m['lora_rank']}: {m['trained'] / 1e6:.1f}M trained)" if m.get("lora_rank") else ""
     lines = [f"memory plan per rank ({m['strategy']}, {m['world_size']} rank(s), {m['parameters'] / 1e9:.2f}B "
-             f"parameters{adapters}, micro-batch {m['micro_batch_pairs']} pair(s), rows of {m['tokens_per_row']} tokens, "
-             f"{ckpt} "
+             f"parameters{adapters}, micro-batch {m['micro_batch_pairs']} pair(s), rows of {m['tokens_per_row']} "
+             f"tokens, {ckpt} "
              "gradient checkpointing):",
              f"  parameters {gib(plan['parameters'])}, gradients {gib(plan['gradients'])}, AdamW states "
              f"{gib(plan['optimizer'])}, gathered/working weights {gib(plan['gathered'])}",
