@@ -843,13 +843,14 @@ def test_presets_and_flags_resolve_in_one_place():
 
 def test_memory_plan_counts_the_longest_training_prompt(assets, baseline, tmp_path, capsys):
     """The printed plan sizes a row as the longest prompt the run trains on (as the reference pass stored it) plus
-    both responses, from the task's prompts and from a --pairs file alike; not a fixed 512-token prompt."""
+    a response (a GPU's two causal rows per pair), from the task's prompts and from a --pairs file alike; not a
+    fixed 512-token prompt."""
     stored = map(json.loads, (baseline / "reference.jsonl").read_text().splitlines())
     longest = max(len(r["prompt_ids"]) for r in stored)
     for extra in ((), ("--pairs", str(baseline / "pairs.jsonl"))):
         args = config.train_parser().parse_args(args_for(assets, tmp_path, *extra))
         config.print_plan(*config.resolve_config(args), 1)
-        assert f"pair(s) of {longest + 2 * 6 + 1} tokens" in capsys.readouterr().out
+        assert f"pair(s), rows of {longest + 6} tokens" in capsys.readouterr().out
 
 
 def test_the_plan_names_the_cpu_speedups_and_one_switch_turns_them_all_off(assets, tmp_path, capsys, monkeypatch):
