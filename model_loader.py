@@ -246,8 +246,8 @@ class CausalLM(nn.Module):
         Alone: causal over positions 0..T-1, with no mask (right padding needs none: real tokens never see the pads
         after them). Others pass positions (B, T) and a bool mask (B, 1, T, S): left padding (the sampler), the packed
         training row (train.collate). The sampler adds a KV cache ((k, v) of (B, K, S_max, D) per layer) and
-        cache_pos (T,), the slots to write. logits_index: the positions
-        to project, an int or slice (-1 to sample) or (rows, positions) (N,) tensors -> (N, V) (train.py)."""
+        cache_pos (T,), the slots to write. logits_index: the positions to project, an int or slice (-1 to sample)
+        or (rows, positions) (N,) tensors -> (N, V) (train.py)."""
         B, T = input_ids.shape
         if positions is None:
             positions = torch.arange(T, device=input_ids.device).expand(B, T)
@@ -329,9 +329,9 @@ def load_model(name_or_path, device="cpu", dtype=torch.float32, revision=None):
 
 
 def free_memory() -> None:
-    """After `del model`: free its memory now, before the next stage's model loads. The decoder holds reference
-    cycles (a compiled forward, tied weights), which wait for the cycle collector; on a GPU the allocator's cache
-    is emptied too, so that the next stage's memory plan holds."""
+    """After `del model`: free its memory now, before the next stage's model loads. A model can sit in a reference
+    cycle (its compiled forward holds it), which waits for the cycle collector; on a GPU the allocator's cache is
+    emptied too, so that the next stage's memory plan holds."""
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

@@ -1,9 +1,10 @@
 """Batched generation with a preallocated KV cache: how MIPO samples every y+ and y- from the base model (MIPO
 section 3). Token ids in, token ids (and log-probs) out.
 
-generate batches the prompts longest first; generate_batch runs one: prefill, then a decode_step per token, rows
-leaving as they stop. Tokens are picked as by transformers' generate: penalty on the raw logits, temperature,
-top-k, top-p (docs/walkthrough.md, step 2; unset settings: mipo.resolve_sampling).
+generate batches the prompts longest first; generate_batch runs one: prefill, then a decode_step per token, the
+host looking every 8 steps for rows that stopped. Tokens are picked as by transformers' generate: penalty on the raw
+logits, temperature, top-k, top-p, with one uniform per row and step hashed from (seed, row, step)
+(docs/walkthrough.md, step 2; unset settings: mipo.resolve_sampling).
 
 Shape legend: B rows in the batch, P padded prompt length, S key/value slots, V vocab.
 """
