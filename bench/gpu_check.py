@@ -464,7 +464,7 @@ def section_dpo_step(s, device, clock):
             row = "; ".join(f"{who} {v[0]:.2f} pairs/s, MFU {v[1]:.0%}" for who, v in found.items())
             row += f"; {other} / default layout {found[f'ours, {other}'][0] / found['ours'][0]:.2f}x" \
                 if {"ours", f"ours, {other}"} <= found.keys() else ""
-            if len(found) == 2:
+            if {"ours", "TRL"} <= found.keys():
                 row += f"; ours / TRL {found['ours'][0] / found['TRL'][0]:.2f}x"
             print("RESULT " + json.dumps({"section": "b", "row": ["DPO step", shape, row]}), flush=True)
 
