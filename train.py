@@ -73,7 +73,7 @@ def make_pairs(run: Run):
         held_out.write_base_meter(run, model, tokenizer, task, eval_examples, eval_pairs)  # the meter before training
         del model
         free_memory()  # now, before stage 2 loads the float32 weights
-    run.link_shared("pairs.jsonl", "eval_pairs.jsonl", "base_eval.json")
+    run.link_shared("pairs.jsonl", "eval_pairs.jsonl", "base_eval.json", held_out.BASE_TOKENS)
     return pairs, eval_pairs, held_out.read_base_meter(run)
 
 

@@ -29,7 +29,7 @@ from formats import pairs_file
 from transforms import cpu_speedups, shard
 from conftest import RunsCodeWhenUnpickled, make_tiny_model, naive_sequence_logps
 from model_loader import load_model, save_model
-from formats.files import MipoError
+from formats.files import MipoError, read_jsonl
 
 from bench.tiny_model import VOCAB, write_prompts, write_tiny_model
 
@@ -442,6 +442,21 @@ def test_held_out_meter_scores_each_models_own_samples_under_the_base_model(asse
     assert after["pmi_self"] == pytest.approx(under_policy["pmi"], abs=1e-5)
     assert abs(after["pmi"] - after["pmi_self"]) > 1e-3  # two scorers, two numbers
     assert (after["length"], after["truncated"]) == (under_base["length"], under_base["truncated"])
+
+    # Beside each meter, the same token by token: one line per held-out answer, its pieces, its terms summing to its
+    # pmi (the numbers summary.json holds), none of it in summary.json itself.
+    for side, answers in (("base_eval", held_out.chosen_responses(eval_pairs)), ("trained_eval", own)):
+        lines = read_jsonl(out / f"{side}.tokens.jsonl")
+        assert [r["id"] for r in lines] == [item["id"] for item in summary[side]["items"]] == [ex.id for ex in examples]
+        assert "per_token" not in summary[side]
+        terms = mipo.pointwise_mi(base, tokenizer, rows(answers))[2]
+        for line, item, (x, _, text, stopped), (ids, pmi_tokens) in zip(lines, summary[side]["items"], rows(answers),
+                                                                         terms):
+            assert ids == mipo.encode_turn(tokenizer, x, text, stopped)[1]
+            assert line["pmi"] == item["metrics"]["pmi"] and line["length"] == len(ids) == len(line["pmi_tokens"])
+            assert line["stopped"] == stopped and "".join(line["tokens"]) == tokenizer.decode(ids, False)
+            assert line["pmi_tokens"] == pytest.approx(pmi_tokens, abs=1e-5)
+            assert math.fsum(line["pmi_tokens"]) == pytest.approx(line["pmi"], abs=1e-4)  # float32 sums of tens of nats
 
 
 def test_train_and_eval_meter_the_same_items_alike(assets, tmp_path):
