@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 import mipo
-from bookkeeping import config, held_out, report, runs, sweep
+from bookkeeping import config, held_out, pmi_page, report, runs, sweep
 from bookkeeping.config import HardwareConfig, OptimConfig, PairsConfig
 from bookkeeping.runs import Run
 from dpo_loss import LOSSES, preference_loss, preference_metrics, token_logps
@@ -417,6 +417,7 @@ def train_run(args):
     if run.rank == 0:
         summary = held_out.run_summary(run, pair_stats, base_eval, eval_pairs)  # with the held-out meter after
         report.print_summary(summary)
+        print(f"page: {pmi_page.write_run_page(run.out)} (the held-out answers token by token, and the pairs)")
 
 
 def pairs_to_train_on(pairs: list[dict], cfg: PairsConfig) -> tuple[list[dict], dict]:

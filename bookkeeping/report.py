@@ -5,6 +5,7 @@ comparison table (text and Markdown) and its plots (bar charts with intervals, t
 import math
 import os
 import platform
+import re
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -13,6 +14,7 @@ import numpy as np
 import torch
 
 import mipo
+from bookkeeping import pmi_page
 from bookkeeping.config import LossConfig, PairsConfig
 from dpo_loss import LOSSES, preference_loss
 from formats.files import RUN_METRICS, RUN_SUMMARY, read_json, read_jsonl, write_atomically
@@ -403,6 +405,15 @@ def write_comparison(models: list[tuple[dict, list[dict]]], task: Task, examples
         write_atomically(out_dir / f"compare-{task.name}.md", markdown)
         plot_comparison(rows, names, out_dir / f"compare-{task.name}.png")
         print(f"table: {out_dir / f'compare-{task.name}.md'}", file=sys.stderr)
+    prompts = pmi_page.meter_prompts(task, examples)
+    base_rows = pmi_page.read_token_rows(pmi_page.tokens_file(specs[0]["eval_dir"], task.name))
+    for spec, name, (_, items) in zip(specs[1:], names[1:], models[1:]):
+        page = (Path(args.out) / f"pmi-{task.name}-{re.sub(r'[^A-Za-z0-9._-]+', '_', name)}.html" if args.out
+                else spec["eval_dir"] / f"pmi-{task.name}.html")
+        pmi_page.write_compare_page(page, [names[0], name], prompts, [
+            (models[0][1], base_rows), (items, pmi_page.read_token_rows(pmi_page.tokens_file(spec["eval_dir"],
+                                                                                             task.name)))])
+        print(f"page: {page}", file=sys.stderr)
     for spec in specs:
         if spec["run"] is not None and plot_training_curves(spec["run"], spec["eval_dir"] / "curves.png"):
             print(f"curves: {spec['eval_dir'] / 'curves.png'}", file=sys.stderr)
