@@ -24,7 +24,7 @@ import mipo
 import model_loader
 import tasks
 import train
-from bookkeeping import config, held_out, runs
+from bookkeeping import config, held_out, report, runs
 from formats import pairs_file
 from transforms import cpu_speedups, shard
 from conftest import RunsCodeWhenUnpickled, make_tiny_model, naive_sequence_logps
@@ -457,6 +457,49 @@ def test_held_out_meter_scores_each_models_own_samples_under_the_base_model(asse
             assert line["stopped"] == stopped and "".join(line["tokens"]) == tokenizer.decode(ids, False)
             assert line["pmi_tokens"] == pytest.approx(pmi_tokens, abs=1e-5)
             assert math.fsum(line["pmi_tokens"]) == pytest.approx(line["pmi"], abs=1e-4)  # float32 sums of tens of nats
+
+
+def drawn_panels(monkeypatch) -> list:
+    """What report.plot_training_curves draws, as it saves each figure: (file, {panel title: each line's y})."""
+    drawn, save = [], report.save_figure
+
+    def keep(fig, out_png):
+        drawn.append((out_png, {ax.get_title(): [line.get_ydata().tolist() for line in ax.lines] for ax in fig.axes
+                                if ax.get_title()}))
+        save(fig, out_png)
+
+    monkeypatch.setattr(report, "save_figure", keep)
+    return drawn
+
+
+def test_train_py_draws_the_training_curves_where_the_run_ends(assets, tmp_path, monkeypatch, capsys):
+    # eval.py's curves, from the same function: every panel the step's metrics, the meter before and after.
+    drawn = drawn_panels(monkeypatch)
+    out = tmp_path / "curves"
+    train.main(args_for(assets, out, "--n-eval", "4"))
+    assert f"curves: {out / 'curves.png'}" in capsys.readouterr().out
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    ((path, panels),) = drawn
+    history, summary = metrics(out), json.loads((out / "summary.json").read_text())
+    assert path == out / "curves.png"
+    for title, keys in report.CURVE_PANELS:
+        assert panels[title] == [[m[key] for m in history] for key in keys], title
+    assert {"gradient norm (before clipping)", "learning rate"} <= set(panels)
+    assert panels["MI meter (nats)"] == [[summary["base_eval"]["pmi"], summary["trained_eval"]["pmi"]]]
+
+
+def test_without_matplotlib_train_py_says_so_in_one_line_and_writes_the_rest(assets, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
+    monkeypatch.setattr(report, "_warned_no_matplotlib", [])
+    out = tmp_path / "no-plots"
+    train.main(args_for(assets, out, "--n-eval", "4"))
+    captured = capsys.readouterr()
+    notices = [line for line in captured.err.splitlines() if "matplotlib" in line]
+    assert notices == ["plots skipped: matplotlib is not installed (pip install matplotlib); everything else is "
+                       "written"]
+    assert "curves:" not in captured.out and not (out / "curves.png").exists()
+    for name in ("summary.json", "pmi.html", "trained_eval.tokens.jsonl", "final/model.safetensors"):
+        assert (out / name).is_file(), name
 
 
 def test_train_and_eval_meter_the_same_items_alike(assets, tmp_path):
