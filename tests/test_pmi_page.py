@@ -193,3 +193,16 @@ def test_eval_compare_writes_a_page_per_run_with_the_base_models_terms(tmp_path,
     assert set(prompts) == {"u4", "u9", "u14", "u19"}
     assert_items_as_in_the_files(page, tokens, prompts)
     assert page.root.find("details", "pair") == []  # eval.py's page: the held-out items alone
+
+    # Evaluated anew without the meter: the old terms are gone with the old answers, and the page shows the new
+    # answers as plain text.
+    evaluation.main(["--compare", str(base), str(run), "--n", "4", "--max-new-tokens", "4", "--judge", "none",
+                     "--no-mi"])
+    assert not (run / "eval" / "jsonl.tokens.jsonl").exists() and not base_eval.exists()
+    page = Page((run / "eval" / "pmi-jsonl.html").read_text())
+    responses = {it["id"]: it["response"] for it in read_jsonl(run / "eval" / "jsonl.jsonl")}
+    for item in page.root.find("div", "item"):
+        answers = item.find("div", "answer")
+        assert all(a.find("span", "numbers")[0].text().startswith("pmi - nats") for a in answers)
+        assert answers[1].find("div", "text")[0].text() == responses[item.attrs["id"].removeprefix("item-")]
+        assert not any(a.find("div", "text")[0].find("span") for a in answers)
