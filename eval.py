@@ -23,7 +23,7 @@ from model_loader import free_memory
 from sampler import Sampling
 from tasks import (GSM8K_EXTRACT_PROMPT, PREFERENCE_BY_ID, Example, Task, extract_number, first_number,
                    mentions_answer, nearest_rating, prompt_messages, score_gsm8k_answer)
-from bookkeeping import config, results
+from bookkeeping import config, pmi_page, results
 from bookkeeping.report import print_one, short_names, write_comparison
 from bookkeeping.results import fingerprint, locate, resolve, update_summary
 from formats.files import MipoError, run_command
@@ -141,8 +141,8 @@ def evaluate(model, tokenizer, task: Task, examples: list[Example], sampling: Sa
         read_missing_answers(model, tokenizer, examples, items, answer_fallback, READER_SAMPLING[where], seed,
                              batch_size, progress)
     if mi and can_meter(task, examples):
-        values, lengths = mipo.pointwise_mi(model, tokenizer, meter_rows(task, examples, items), batch_size,
-                                            progress=True)
+        values, lengths, _ = mipo.pointwise_mi(model, tokenizer, meter_rows(task, examples, items), batch_size,
+                                               progress=True)
         for item, value, length in zip(items, values, lengths):
             item["metrics"].update(pmi_self=value, length=float(length))
     return items
@@ -240,23 +240,26 @@ def judge_all(models: list[tuple[dict, list[dict]]], task: Task, examples, args)
 
 
 def meter_all(models: list[tuple[dict, list[dict]]], task: Task, examples, args) -> None:
-    """pmi: each model's responses scored by the base model (loaded once) where not yet scored; MIPO's claim is
-    that training raises it (docs/walkthrough.md step 14)."""
+    """pmi: each model's responses scored by the base model (loaded once) where not yet scored, and its terms per
+    token in EVAL_DIR/TASK.tokens.jsonl; MIPO's claim is that training raises it (docs/walkthrough.md step 14)."""
     if args.no_mi or not can_meter(task, examples):
         return
     reference = {"model": args.mi_reference["name"], "files": fingerprint(args.mi_reference["model"])}
-    todo = [(spec, items) for spec, items in models if any(item.get("mi_reference") != reference for item in items)]
+    todo = [(spec, items) for spec, items in models if any(item.get("mi_reference") != reference for item in items)
+            or not pmi_page.tokens_file(spec["eval_dir"], task.name).is_file()]
     if not todo:
         return
     model, tokenizer = results.load(args.mi_reference["model"], args)
     for spec, items in todo:
         print(f"{spec['name']}: pointwise MI of {len(items)} responses under {args.mi_reference['name']}",
               file=sys.stderr)
-        values, lengths = mipo.pointwise_mi(model, tokenizer, meter_rows(task, examples, items), args.batch_size,
-                                            progress=True)
+        values, lengths, terms = mipo.pointwise_mi(model, tokenizer, meter_rows(task, examples, items),
+                                                   args.batch_size, progress=True)
         for item, value, length in zip(items, values, lengths):
             item["metrics"]["pmi"], item["mi_reference"] = value, reference
             item["metrics"]["pmi_per_token"] = value / length if length else None
+        pmi_page.write_token_rows(pmi_page.tokens_file(spec["eval_dir"], task.name), pmi_page.token_rows(
+            tokenizer, [item["id"] for item in items], values, [item["stopped"] for item in items], terms))
         update_summary(spec, task, items, mi_reference=reference)
     del model
     free_memory()

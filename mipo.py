@@ -298,13 +298,15 @@ def encode_turn(tokenizer, messages: list[dict], response: str, stopped: bool) -
 
 @torch.no_grad()
 def response_logps(
-    model, rows: list[tuple[list[int], list[int]]], batch_size: int = 8, progress: bool = False
-) -> torch.Tensor:
-    """Summed log p(response | prompt) of each (prompt ids, response ids) row: (N,) float32. Longest rows first (little
+    model, rows: list[tuple[list[int], list[int]]], batch_size: int = 8, progress: bool = False, per_token: bool = False
+):
+    """Summed log p(response | prompt) of each (prompt ids, response ids) row: (N,) float32; per_token: also each
+    row's terms log p(y_t | prompt, y_<t), (len(response),) float32 each, whose sum it is. Longest rows first (little
     padding); only positions that score a response token reach the output projection and the log-softmax.
     Shapes: B rows in a batch, T tokens, R response tokens of the batch, V vocabulary."""
     device = model.lm_head.weight.device
     out = torch.zeros(len(rows))  # an empty response (no token at all) has log-prob 0 under any prompt
+    terms = [torch.zeros(0)] * len(rows)
     scored = sorted((i for i, (_, r) in enumerate(rows) if r), key=lambda i: -len(rows[i][0]) - len(rows[i][1]))
     for start in tqdm(
         range(0, len(scored), batch_size), desc="log-probs", unit="batch", disable=not progress, leave=False
@@ -324,32 +326,42 @@ def response_logps(
         logits = model(input_ids, logits_index=(row_of, position))  # (R, V)
         token_logp = token_logps(logits, input_ids[row_of, position + 1])  # (R,) float32
         out[batch] = torch.zeros(len(batch), device=device).index_add_(0, row_of, token_logp).cpu()
-    return out
+        if per_token:  # the same terms before the sum, split by row (row_of runs through the batch in order)
+            for i, row_terms in zip(batch, token_logp.cpu().split([len(rows[i][1]) for i in batch])):
+                terms[i] = row_terms
+    return (out, terms) if per_token else out
 
 
 def pointwise_mi(model, tokenizer, responses: list[tuple[list[dict], list[dict], str, bool]], batch_size: int = 8,
-                 progress: bool = False) -> tuple[list[float], list[int]]:
+                 progress: bool = False) -> tuple[list[float], list[int], list[tuple[list[int], list | None]]]:
     """log p(y|x) - log p(y|x') under `model`, summed over y's tokens, for each (x, x', y, stopped) (x, x' chat
-    messages, y text, stopped: y ended by itself), and each y's length in tokens. x' another prompt: the MI
-    log p(y|x) - log p(y); x' = x without its context c: the conditional form log p(y|x,c) - log p(y|x)."""
+    messages, y text, stopped: y ended by itself), each y's length in tokens, and y per token: its ids and the terms
+    log p(y_t|x, y_<t) - log p(y_t|x', y_<t) of the sum, from the same forward passes (None where the chat template
+    cuts y into other tokens under x'). x' another prompt: the MI log p(y|x) - log p(y); x' = x without its context
+    c: the conditional form log p(y|x,c) - log p(y|x)."""
     rows = []
     for x, x_prime, text, stopped in responses:
         rows += [encode_turn(tokenizer, x, text, stopped), encode_turn(tokenizer, x_prime, text, stopped)]
-    logps = response_logps(model, rows, batch_size, progress).view(len(responses), 2)  # (responses, x | x')
-    return (logps[:, 0] - logps[:, 1]).tolist(), [len(rows[2 * k][1]) for k in range(len(responses))]
+    sums, terms = response_logps(model, rows, batch_size, progress, per_token=True)
+    logps = sums.view(len(responses), 2)  # (responses, x | x')
+    per_token = [(rows[2 * k][1], (terms[2 * k] - terms[2 * k + 1]).tolist() if rows[2 * k][1] == rows[2 * k + 1][1]
+                  else None) for k in range(len(responses))]
+    return (logps[:, 0] - logps[:, 1]).tolist(), [len(rows[2 * k][1]) for k in range(len(responses))], per_token
 
 
 def mi_meter(model, tokenizer, responses: list[tuple[list[dict], list[dict], str, bool]], batch_size: int = 8) -> dict:
     """Means over responses (x, x', y, stopped) under `model`: pmi, pmi_per_token (each response's over its length:
-    the sum grows with the length), length, the share cut at max_new_tokens; per_response for paired comparisons."""
+    the sum grows with the length), length, the share cut at max_new_tokens; per_response for paired comparisons,
+    with each response's ids and its terms per token (pointwise_mi)."""
     if not responses:
         raise MipoError("mi_meter: no responses")
-    values, lengths = pointwise_mi(model, tokenizer, responses, batch_size)
+    values, lengths, terms = pointwise_mi(model, tokenizer, responses, batch_size)
     n = len(responses)
     per_token = [value / length for value, length in zip(values, lengths) if length]
     return {"pmi": sum(values) / n, "pmi_per_token": sum(per_token) / max(1, len(per_token)),
             "length": sum(lengths) / n, "truncated": sum(not r[3] for r in responses) / n, "pairs": n,
-            "per_response": [{"pmi": value, "length": length} for value, length in zip(values, lengths)]}
+            "per_response": [{"pmi": value, "length": length, "ids": ids, "pmi_tokens": pmi_tokens}
+                             for value, length, (ids, pmi_tokens) in zip(values, lengths, terms)]}
 
 
 METER_SEED = DATA_SEED  # fixes x' of the meter: every model and every run is metered against the same x'
@@ -365,20 +377,23 @@ def meter_rows(task: Task, examples: list[Example], responses: list[tuple[str, b
 
 @torch.no_grad()
 def held_out_meter(model, tokenizer, task: Task, examples: list[Example], responses: list[tuple[str, bool]]) -> dict:
-    """mi_meter of one response (text, stopped) per held-out example, the task's metric, and each item's numbers."""
+    """mi_meter of one response (text, stopped) per held-out example, the task's metric, each item's numbers, and
+    per_token: each response's ids and its terms per token."""
     was_training = model.training
     model.eval()
     meter = mi_meter(model, tokenizer, meter_rows(task, examples, responses))
     model.train(was_training)
-    items, scores = [], {}
+    items, scores, terms = [], {}, []
     for ex, (text, stopped), mi in zip(examples, responses, meter.pop("per_response")):
+        terms.append({"id": ex.id, "ids": mi.pop("ids"), "pmi_tokens": mi.pop("pmi_tokens")})
         task_scores = task.score(ex, text)
         for metric, value in task_scores.items():
             scores.setdefault(metric, []).append(value)
         per_token = mi["pmi"] / mi["length"] if mi["length"] else None
         items.append({"id": ex.id, "metrics": {**mi, "pmi_per_token": per_token, "truncated": float(not stopped),
                                                **task_scores}})
-    return {**meter, "task": {metric: sum(v) / len(v) for metric, v in scores.items()}, "items": items}
+    return {**meter, "task": {metric: sum(v) / len(v) for metric, v in scores.items()}, "items": items,
+            "per_token": terms}
 
 
 def trained_meter(load, trained, base, task: Task, examples: list[Example], sampling: Sampling, seed: int,

@@ -9,7 +9,8 @@ saved as a Hugging Face model. Pairs: mipo.py; loss: dpo_loss.py; this file orde
 
 Each stage writes a file in --out and is skipped when that file is complete, so the same command resumes after a
 kill: config.json, pairs.jsonl and eval_pairs.jsonl + base_eval.json (stage 1), reference.jsonl (stage 2),
-checkpoint.pt and metrics.jsonl (stage 3), final/ (stage 4), summary.json (the held-out meter).
+checkpoint.pt and metrics.jsonl (stage 3), final/ (stage 4), summary.json (the held-out meter); then, rewritten at
+every end, pmi.html (the held-out answers token by token: bookkeeping/pmi_page.py) and curves.png.
 
 Shape legend: B pairs in a micro-batch, R rows in its forward (B, or 2B for the losses that also score both responses
 under x'), T padded tokens, V vocabulary.
@@ -22,7 +23,7 @@ from pathlib import Path
 import torch
 
 import mipo
-from bookkeeping import config, held_out, report, runs, sweep
+from bookkeeping import config, held_out, pmi_page, report, runs, sweep
 from bookkeeping.config import HardwareConfig, OptimConfig, PairsConfig
 from bookkeeping.runs import Run
 from dpo_loss import LOSSES, preference_loss, preference_metrics, token_logps
@@ -73,7 +74,7 @@ def make_pairs(run: Run):
         held_out.write_base_meter(run, model, tokenizer, task, eval_examples, eval_pairs)  # the meter before training
         del model
         free_memory()  # now, before stage 2 loads the float32 weights
-    run.link_shared("pairs.jsonl", "eval_pairs.jsonl", "base_eval.json")
+    run.link_shared("pairs.jsonl", "eval_pairs.jsonl", "base_eval.json", held_out.BASE_TOKENS)
     return pairs, eval_pairs, held_out.read_base_meter(run)
 
 
@@ -388,6 +389,7 @@ def main(argv=None):
         train_run(args)
     if len(variants) > 1 and runs.rank_zero():
         sweep.print_table(variants)
+        sweep.plot_curves(variants)
 
 
 def train_run(args):
@@ -417,6 +419,9 @@ def train_run(args):
     if run.rank == 0:
         summary = held_out.run_summary(run, pair_stats, base_eval, eval_pairs)  # with the held-out meter after
         report.print_summary(summary)
+        print(f"page: {pmi_page.write_run_page(run.out)} (the held-out answers token by token, and the pairs)")
+        if report.plot_training_curves(run.out, run.out / "curves.png"):
+            print(f"curves: {run.out / 'curves.png'}")
 
 
 def pairs_to_train_on(pairs: list[dict], cfg: PairsConfig) -> tuple[list[dict], dict]:

@@ -5,6 +5,7 @@ comparison table (text and Markdown) and its plots (bar charts with intervals, t
 import math
 import os
 import platform
+import re
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -13,6 +14,7 @@ import numpy as np
 import torch
 
 import mipo
+from bookkeeping import pmi_page
 from bookkeeping.config import LossConfig, PairsConfig
 from dpo_loss import LOSSES, preference_loss
 from formats.files import RUN_METRICS, RUN_SUMMARY, read_json, read_jsonl, write_atomically
@@ -276,7 +278,7 @@ def pyplot():
         return plt
     except ImportError:
         if not _warned_no_matplotlib:
-            print("plots skipped: matplotlib is not installed (pip install matplotlib); the tables are written",
+            print("plots skipped: matplotlib is not installed (pip install matplotlib); everything else is written",
                   file=sys.stderr)
             _warned_no_matplotlib.append(True)
         return None
@@ -312,45 +314,87 @@ def plot_comparison(rows: list[dict], names: list[str], out_png: Path) -> bool:
     return True
 
 
-def plot_training_curves(run: Path, out_png: Path) -> bool:
-    """Loss, reward accuracy, margins, chosen and rejected log-probs and the MI meter against the step."""
-    path = run / RUN_METRICS
-    if not path.is_file():
+# The panels of the training curves: (title, the metrics.jsonl keys drawn in it); the MI meter comes last.
+CURVE_PANELS = [("loss", ["loss"]), ("reward accuracy", ["rewards/accuracies"]), ("reward margin", ["rewards/margins"]),
+                ("rewards", ["rewards/chosen", "rewards/rejected"]),
+                ("log-probs (summed)", ["logps/chosen", "logps/rejected"]),
+                ("gradient norm (before clipping)", ["grad_norm"]), ("learning rate", ["lr"])]
+LINE_STYLES = ("-", "--", ":")
+
+
+def plot_training_curves(runs, out_png: Path, names: list[str] | None = None) -> bool:
+    """Loss, reward accuracy, margin, rewards, chosen and rejected log-probs, gradient norm, learning rate and the MI
+    meter against the step: train.py's RUN/curves.png, eval.py's RUN/eval/curves.png, and a sweep's, every variant
+    on the same axes (runs: one run directory or several, names their legend)."""
+    runs = [Path(runs)] if isinstance(runs, (str, Path)) else [Path(r) for r in runs]
+    names = names or [r.name for r in runs]
+    histories = [[r for r in read_jsonl(run / RUN_METRICS) if isinstance(r, dict)] if (run / RUN_METRICS).is_file()
+                 else [] for run in runs]
+    if not any(histories):
         return False
-    records = [r for r in read_jsonl(path) if isinstance(r, dict)]
     plt = pyplot()
-    if plt is None or not records:
+    if plt is None:
         return False
-    pmi_keys = sorted({k for r in records for k in r if "pmi" in k})
-    meter = read_json(run / RUN_SUMMARY) if (run / RUN_SUMMARY).is_file() else {}  # the meter before and after
-    ends = ((0, "base_eval"), (records[-1].get("step", len(records)), "trained_eval"))
-    before_after = {metric: [(step, meter[key][metric]) for step, key in ends
-                             if isinstance(meter.get(key), dict) and isinstance(meter[key].get(metric), (int, float))]
-                    for metric in ("pmi", "pmi_per_token")}
-    panels = [("loss", ["loss"]), ("reward accuracy", ["rewards/accuracies"]), ("reward margin", ["rewards/margins"]),
-              ("rewards", ["rewards/chosen", "rewards/rejected"]),
-              ("log-probs (summed)", ["logps/chosen", "logps/rejected"]), ("MI meter (nats)", pmi_keys)]
-    fig, axes = plt.subplots(2, 3, figsize=(13, 6.5))
-    for ax, (title, keys) in zip(axes.flat, panels):
-        for key in keys:
-            points = [(r.get("step", k), r[key]) for k, r in enumerate(records) if isinstance(r.get(key), (int, float))]
-            if points:
-                ax.plot(*zip(*points), label=key, marker="." if len(points) < 30 else None)
-        if title.startswith("MI meter") and not keys and before_after["pmi"]:
-            ax.plot(*zip(*before_after["pmi"]), marker="o", label="held-out pmi under the base model, before -> after")
+    from matplotlib.lines import Line2D
+
+    many = len(runs) > 1
+    fig, axes = plt.subplots(2, 4, figsize=(17, 6.8))
+    meter_ax = axes.flat[len(CURVE_PANELS)]
+    right = None
+    for k, (run, records) in enumerate(zip(runs, histories)):
+        if not records:
+            continue
+        colour = f"C{k}" if many else None
+        for ax, (title, keys) in zip(axes.flat, CURVE_PANELS):
+            for style, key in zip(LINE_STYLES, keys):
+                points = [(r.get("step", i), r[key]) for i, r in enumerate(records)
+                          if isinstance(r.get(key), (int, float))]
+                if points:
+                    ax.plot(*zip(*points), label=key, color=colour, linestyle=style if many else "-",
+                            marker="." if len(points) < 30 else None)
+        # The meter: any pmi logged per step, else the held-out meter before and after training (summary.json).
+        pmi_keys = sorted({key for r in records for key in r if "pmi" in key})
+        for style, key in zip(LINE_STYLES, pmi_keys):
+            points = [(r.get("step", i), r[key]) for i, r in enumerate(records) if isinstance(r.get(key), (int, float))]
+            meter_ax.plot(*zip(*points), label=key, color=colour, linestyle=style)
+        meter = read_json(run / RUN_SUMMARY) if (run / RUN_SUMMARY).is_file() else {}
+        ends = ((0, "base_eval"), (records[-1].get("step", len(records)), "trained_eval"))
+        before_after = {metric: [(step, meter[key][metric]) for step, key in ends
+                                 if isinstance(meter.get(key), dict)
+                                 and isinstance(meter[key].get(metric), (int, float))]
+                        for metric in ("pmi", "pmi_per_token")}
+        if not pmi_keys and before_after["pmi"]:
+            meter_ax.plot(*zip(*before_after["pmi"]), marker="o", color=colour,
+                          label="held-out pmi under the base model, before -> after")
             if before_after["pmi_per_token"]:  # nats per token: its own axis, on the right
-                right = ax.twinx()
-                right.plot(*zip(*before_after["pmi_per_token"]), marker="s", color="C1", label="the same per token")
-                right.set_ylabel("nats per token", fontsize=8)
-                right.legend(fontsize=7, loc="lower right")
-        if ax.lines:
-            ax.legend(fontsize=7)
-        else:
+                right = right or meter_ax.twinx()
+                right.plot(*zip(*before_after["pmi_per_token"]), marker="s", linestyle="--", color=colour or "C1",
+                           label="the same per token")
+    for ax, (title, keys) in zip(axes.flat, CURVE_PANELS + [("MI meter (nats)", [])]):
+        if not ax.lines:
             ax.text(0.5, 0.5, f"not in {RUN_METRICS}", ha="center", va="center", transform=ax.transAxes, color="grey")
+        elif many:  # the colour is the run (the figure's legend), the line style the key
+            styles = sorted({(line.get_linestyle(), line.get_label()) for line in ax.lines})
+            if len(styles) > 1:
+                ax.legend(handles=[Line2D([], [], color="black", linestyle=style, label=label)
+                                   for style, label in styles], fontsize=7)
+        else:
+            ax.legend(fontsize=7)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("step", fontsize=8)
-    fig.suptitle(str(run), fontsize=10)
-    fig.tight_layout()
+    axes.flat[CURVE_PANELS.index(("learning rate", ["lr"]))].ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
+    if right is not None:
+        right.set_ylabel("nats per token", fontsize=8)
+        if not many:
+            right.legend(fontsize=7, loc="lower right")
+    if many:
+        fig.legend(handles=[Line2D([], [], color=f"C{k}", label=name) for k, name in enumerate(names)],
+                   loc="lower center", ncol=min(4, len(names)), fontsize=8)
+        fig.suptitle(f"{out_png.parent}: {len(runs)} runs", fontsize=10)
+        fig.tight_layout(rect=(0, 0.04 * math.ceil(len(names) / 4), 1, 1))
+    else:
+        fig.suptitle(str(runs[0]), fontsize=10)
+        fig.tight_layout()
     save_figure(fig, out_png)
     plt.close(fig)
     return True
@@ -403,6 +447,15 @@ def write_comparison(models: list[tuple[dict, list[dict]]], task: Task, examples
         write_atomically(out_dir / f"compare-{task.name}.md", markdown)
         plot_comparison(rows, names, out_dir / f"compare-{task.name}.png")
         print(f"table: {out_dir / f'compare-{task.name}.md'}", file=sys.stderr)
+    prompts = pmi_page.meter_prompts(task, examples)
+    base_rows = pmi_page.read_token_rows(pmi_page.tokens_file(specs[0]["eval_dir"], task.name))
+    for spec, name, (_, items) in zip(specs[1:], names[1:], models[1:]):
+        page = (Path(args.out) / f"pmi-{task.name}-{re.sub(r'[^A-Za-z0-9._-]+', '_', name)}.html" if args.out
+                else spec["eval_dir"] / f"pmi-{task.name}.html")
+        pmi_page.write_compare_page(page, [names[0], name], prompts, [
+            (models[0][1], base_rows), (items, pmi_page.read_token_rows(pmi_page.tokens_file(spec["eval_dir"],
+                                                                                             task.name)))])
+        print(f"page: {page}", file=sys.stderr)
     for spec in specs:
         if spec["run"] is not None and plot_training_curves(spec["run"], spec["eval_dir"] / "curves.png"):
             print(f"curves: {spec['eval_dir'] / 'curves.png'}", file=sys.stderr)

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 import mipo
-from bookkeeping import config, report, sweep
+from bookkeeping import config, pmi_page, report, sweep
 from formats.dtypes import torch_dtype
 from formats.files import (EVAL_SUBDIR, OTHER_MODELS_DIR, RUN_CONFIG, RUN_FINAL, RUN_METRICS, MipoError,
                            numbered_jsonl, read_json, read_jsonl, write_atomically)
@@ -200,6 +200,8 @@ def cached(spec: dict, task: Task, examples: list[Example], settings: dict, forc
 
 
 def save_evaluation(spec: dict, task: Task, items: list[dict], settings: dict, seconds: float, device: str) -> None:
+    """A fresh evaluation's items and summary; the terms per token of the items it replaces are gone with them."""
+    pmi_page.tokens_file(spec["eval_dir"], task.name).unlink(missing_ok=True)
     save_results(spec["eval_dir"], task, items, {"model": spec["name"], "model_dir": spec["model"], "task": task.name,
                                                  "settings": settings, "seconds": round(seconds, 1),
                                                  "machine": report.machine(device), "metrics": report.summarize(items)})

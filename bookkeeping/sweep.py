@@ -100,3 +100,11 @@ def print_table(variants: list) -> None:
     if report.plot_comparison(rows, names, sweep_dir / "compare-held-out.png"):
         print(f"table: {sweep_dir / 'compare-held-out.md'}, chart: {sweep_dir / 'compare-held-out.png'}",
               file=sys.stderr)
+
+
+def plot_curves(variants: list) -> None:
+    """SWEEP/curves.png: the training curves of every variant on one set of axes per panel."""
+    sweep_dir = Path(variants[0].out).parent
+    names = [Path(v.out).name for v in variants]
+    if report.plot_training_curves([Path(v.out) for v in variants], sweep_dir / "curves.png", names):
+        print(f"curves: {sweep_dir / 'curves.png'}", file=sys.stderr)

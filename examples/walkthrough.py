@@ -8,7 +8,8 @@ and prints what the paper talks about, in the order the paper does it:
   stage 2  its frozen reference log-probs, and the 2 x 2 table log pi_ref(y+ or y- | x or x') they come from
   stage 3  DPO: step 0 (policy = reference: rewards 0, loss ln 2), then loss and reward accuracy step by step
   stage 4  the pointwise-MI meter on held-out prompts: the base model's PMI of the base model's answers and of the
-           trained model's answers (what MIPO claims to raise), and the trained model's own score of its answers
+           trained model's answers (what MIPO claims to raise), and the trained model's own score of its answers;
+           then the path of the run's page, RUN/pmi.html, where every token of those answers is shaded by its term
 
 Nothing here re-implements the method: every number comes from train.py's files or from calling the project's
 own functions (mipo.response_logps, mipo.mi_meter, dpo_loss.preference_loss, mipo.sample_responses).
@@ -38,6 +39,7 @@ import sampler  # noqa: E402
 import tasks  # noqa: E402
 from dpo_loss import LOSSES, preference_loss  # noqa: E402
 from model_loader import load_model  # noqa: E402
+from bookkeeping import pmi_page  # noqa: E402
 from formats import pairs_file  # noqa: E402
 from formats.files import MipoError, read_jsonl, run_command  # noqa: E402
 
@@ -242,6 +244,10 @@ def main(argv=None):
         show("  the base model's answer (eval_pairs.jsonl):", held_out_pairs[0]["chosen"][0]["content"])
         show("  the trained model's answer (sampled with the same seed):", own[0][0])
     t_extra = time.time() - t_extra
+
+    page = pmi_page.write_run_page(out)  # train.py wrote it too; written again here from the run's files
+    print(f"\nthe held-out answers token by token, each token shaded by its term of the base model's pmi, and the "
+          f"pairs: {page}\n(open it in a browser; bookkeeping/pmi_page.py:write_run_page)")
 
     heading("time")
     print("train.py: " + ", ".join(f"{stage} {seconds:.0f} s" for stage, seconds in timings.items())

@@ -19,7 +19,8 @@ RUN_FINAL = "final"  # the trained policy, a Hugging Face model directory
 RUN_METRICS = "metrics.jsonl"  # one JSON dict per optimizer step (loss, rewards/*, logps/*, ...)
 RUN_CONFIG = "config.json"  # the run's settings; eval reads pairs.task and pairs.data from it
 RUN_SUMMARY = "summary.json"  # base_eval / trained_eval: train.py's held-out MI meter before and after
-EVAL_SUBDIR = "eval"  # RUN/eval/TASK.jsonl, TASK.summary.json, compare-TASK.md/.png, curves.png
+EVAL_SUBDIR = "eval"  # RUN/eval/TASK.jsonl, TASK.summary.json, TASK.tokens.jsonl, compare-TASK.md/.png, pmi-TASK.html,
+#                       curves.png
 OTHER_MODELS_DIR = Path("runs/eval")  # results of a bundled model or a plain model directory: runs/eval/NAME
 
 

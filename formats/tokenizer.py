@@ -69,6 +69,22 @@ class Tokenizer:
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
+    def pieces(self, ids) -> list[str]:
+        """The text each id adds to the decoded text, special tokens written out: one piece per id, which joined are
+        decode(ids, skip_special_tokens=False). An id that ends inside a character (one byte of a multi-byte UTF-8
+        character) adds "", and the id that completes the character adds all of it. Each id is decoded after the
+        one before it, so a word's leading space stays with the word (incremental detokenization)."""
+        out, context, start = [], 0, 0  # ids[context:start] were decoded already; ids[start:k] wait for a character
+        for k in range(len(ids)):
+            before = self.decode(ids[context:start], skip_special_tokens=False)
+            after = self.decode(ids[context:k + 1], skip_special_tokens=False)
+            if after.endswith("\ufffd") and k + 1 < len(ids):
+                out.append("")
+                continue
+            out.append(after[len(before):] if after.startswith(before) else after)
+            context, start = start, k + 1
+        return out
+
     def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         if not self.chat_template:
             raise MipoError(f"{self.model_dir / 'tokenizer_config.json'}: field 'chat_template' is missing")

@@ -86,6 +86,18 @@ def check_profile_step(out: str):
     assert ratio and float(ratio[1]) > 0, out
 
 
+def check_pmi_page(out: str):
+    """The page's size, render, write and parse times and element count, without and with the pairs section; the
+    pairs make it larger."""
+    sizes = {}
+    for label in ("held-out items", "held-out items and pairs"):
+        row = re.search(rf"^{label}: 20 items, .*: ({NUM}) MB, render ({NUM}) s, write ({NUM}) s, html.parser ({NUM}) "
+                        rf"s, (\d+) elements$", out, re.M)
+        assert row and float(row[1]) > 0 and int(row[5]) > 0 and all(float(x) >= 0 for x in row.groups()), out
+        sizes[label] = float(row[1])
+    assert sizes["held-out items and pairs"] > sizes["held-out items"], out
+
+
 # One row per benchmark script: its file, the flags after --tiny and the check of its output (bench/gpu_check.py
 # has tests/test_gpu_check.py).
 BENCHMARKS = [
@@ -93,6 +105,7 @@ BENCHMARKS = [
     ("bench/train_step.py", (), check_train_step),
     ("bench/ablation.py", (), check_ablation),
     ("bench/profile_step.py", ("--layout", "both", "--steps", "2"), check_profile_step),
+    ("bench/pmi_page.py", (), check_pmi_page),
 ]
 
 

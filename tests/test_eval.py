@@ -2,6 +2,7 @@
 score parser on messy replies, the MI meter against a full forward pass, `--compare` end to end on tiny
 synthetic runs (table, cache, Markdown, plots), and bad input (one line, exit status 2, nothing written)."""
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -366,6 +367,14 @@ def test_pmi_is_scored_by_the_base_model_and_pmi_self_by_the_model_itself(tmp_pa
     saved = [json.loads(line) for line in (spec["eval_dir"] / "jsonl.jsonl").read_text().splitlines()]
     assert [s["metrics"]["pmi"] for s in saved] == [it["metrics"]["pmi"] for it in items]
     assert all(s["mi_reference"]["model"] == "base" for s in saved)
+    # Beside the results, the base model's terms token by token: one line per answer, summing to its pmi.
+    lines = [json.loads(line) for line in (spec["eval_dir"] / "jsonl.tokens.jsonl").read_text().splitlines()]
+    assert [line["id"] for line in lines] == [it["id"] for it in items]
+    for line, it, ex in zip(lines, items, examples):
+        ids = mipo.encode_turn(tokenizer, tasks.prompt_messages(task, ex), it["response"], it["stopped"])[1]
+        assert line["pmi"] == it["metrics"]["pmi"] and line["length"] == len(ids) == len(line["pmi_tokens"])
+        assert "".join(line["tokens"]) == tokenizer.decode(ids, False) and line["stopped"] == it["stopped"]
+        assert math.fsum(line["pmi_tokens"]) == pytest.approx(line["pmi"], abs=1e-4)  # float32 sums of tens of nats
 
 
 # ------------------------------------------------------------------ --compare end to end

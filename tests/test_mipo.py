@@ -1,6 +1,7 @@
 """MIPO pairs: the pairing logic on a fake sampler (exact and fast), the whole path on a tiny random model,
 every task's loader on the real package data, the checkers on hand-written responses, and bad input."""
 import json
+import math
 import random
 import subprocess
 import sys
@@ -297,16 +298,28 @@ def test_tiny_model_pairs_and_pointwise_mi_equal_a_full_forward(tmp_path):
 
     responses = {k: [(p["prompt"], p["negative_prompt"], content(p[k]), p[f"{k}_stopped"]) for p in pairs]
                  for k in ("chosen", "rejected")}
-    pmi, lengths = mipo.pointwise_mi(model, tokenizer, responses["chosen"], batch_size=3)
-    pmi_rejected, _ = mipo.pointwise_mi(model, tokenizer, responses["rejected"], batch_size=2)
+    pmi, lengths, terms = mipo.pointwise_mi(model, tokenizer, responses["chosen"], batch_size=3)
+    pmi_rejected, _, _ = mipo.pointwise_mi(model, tokenizer, responses["rejected"], batch_size=2)
     meter = mipo.mi_meter(model, tokenizer, responses["chosen"], batch_size=4)
 
-    def full_forward_logp(messages, text, stopped):
+    def full_forward_terms(messages, text, stopped):  # log p(y_t | prompt, y_<t) of each token, one plain forward
         prompt, response = mipo.encode_turn(tokenizer, messages, text, stopped)
         assert response and (response[-1] in tokenizer.stop_token_ids) == stopped
         with torch.no_grad():
             logits = model(torch.tensor([prompt + response]))[0, len(prompt) - 1:-1]
-        return torch.log_softmax(logits.float(), -1).gather(-1, torch.tensor(response)[:, None]).sum().item()
+        return torch.log_softmax(logits.float(), -1).gather(-1, torch.tensor(response)[:, None])[:, 0]
+
+    def full_forward_logp(messages, text, stopped):
+        return full_forward_terms(messages, text, stopped).sum().item()
+
+    # Per token: each term is its token's difference under x and x' in one plain forward each, and the terms of
+    # an answer sum to its pmi.
+    for p, (ids, pmi_tokens), value in zip(pairs, terms, pmi):
+        args = content(p["chosen"]), p["chosen_stopped"]
+        assert ids == mipo.encode_turn(tokenizer, p["prompt"], *args)[1] and len(pmi_tokens) == len(ids)
+        assert pmi_tokens == pytest.approx((full_forward_terms(p["prompt"], *args)
+                                            - full_forward_terms(p["negative_prompt"], *args)).tolist(), abs=1e-5)
+        assert math.fsum(pmi_tokens) == pytest.approx(value, rel=1e-6, abs=1e-5)
 
     expected = [[full_forward_logp(p["prompt"], content(p[k]), p[f"{k}_stopped"])
                  - full_forward_logp(p["negative_prompt"], content(p[k]), p[f"{k}_stopped"])
@@ -323,6 +336,45 @@ def test_tiny_model_pairs_and_pointwise_mi_equal_a_full_forward(tmp_path):
     assert meter == pytest.approx({"pmi": sum(e[0] for e in expected) / 5, "pmi_per_token": per_token,
                                    "length": sum(lengths) / 5,
                                    "truncated": sum(not p["chosen_stopped"] for p in pairs) / 5, "pairs": 5}, abs=1e-4)
+
+
+def test_per_token_terms_of_a_long_answer_sum_to_its_pmi_to_float_precision(tmp_path):
+    # 200 tokens under each prompt, in batches with other rows: the terms come from the same forward passes as the
+    # sums (no second pass), so they differ from them only by float32 rounding of the sums' order of addition.
+    model, tokenizer = make_tiny_model("llama", max_position_embeddings=512), tiny_tokenizer(tmp_path)
+    answers = [" ".join(f"w{(7 * k + j) % 90 + 1}" for k in range(200 - 40 * j)) for j in range(3)]
+    rows = [([{"role": "user", "content": f"w{j + 3} w5 w8"}], [{"role": "user", "content": "w9"}], text, j == 1)
+            for j, text in enumerate(answers)]
+    values, lengths, terms = mipo.pointwise_mi(model, tokenizer, rows, batch_size=4)
+    encoded = [mipo.encode_turn(tokenizer, messages, text, stopped) for x, x_prime, text, stopped in rows
+               for messages in (x, x_prime)]
+    _, logps = mipo.response_logps(model, encoded, per_token=True)
+    assert lengths == [200, 161, 120]
+    for k, (value, (ids, pmi_tokens)) in enumerate(zip(values, terms)):
+        assert len(pmi_tokens) == lengths[k] == len(ids)
+        scale = logps[2 * k].abs().sum().item() + logps[2 * k + 1].abs().sum().item()  # what the sums add up
+        assert abs(math.fsum(pmi_tokens) - value) <= 1e-6 * scale, (k, math.fsum(pmi_tokens) - value, scale)
+
+
+def test_token_pieces_join_to_the_decoded_text_and_a_split_character_waits_for_its_last_byte(tmp_path):
+    # A byte-level BPE that never saw these characters cuts each into its UTF-8 bytes.
+    from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = HFTokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(["hello world, a plain sentence"] * 4, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|im_end|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>"}))
+    tokenizer = Tokenizer(tmp_path, SimpleNamespace(eos_token_id=None))
+    text = "hello wörld 日本 🎉 </td><script>"
+    ids = tokenizer.encode(text) + [tokenizer.eos_token_id]
+    pieces = tokenizer.pieces(ids)
+    assert len(pieces) == len(ids) and "".join(pieces) == text + "<|im_end|>"
+    assert "" in pieces and "\ufffd" not in "".join(pieces)  # the bytes of a character: "" until the last
+    assert pieces[:7] == ["hello", " ", "w", "", "ö", "r", "ld"]  # ö is two bytes: "", then ö
+    assert pieces[pieces.index("🎉") - 3:pieces.index("🎉")] == ["", "", ""] and pieces[-1] == "<|im_end|>"
 
 
 def test_prompt_longer_than_the_context_window_is_one_clear_error(tmp_path):

@@ -10,7 +10,7 @@ import torch
 
 import mipo
 import train
-from bookkeeping import results, runs, sweep
+from bookkeeping import report, results, runs, sweep
 from formats.files import MipoError
 from test_train import args_for, completed_run, final_weights, make_assets, metrics, run_cli
 
@@ -45,9 +45,10 @@ def test_a_sweep_trains_each_variant_as_its_single_command_would(assets, swept, 
     for name in VARIANTS:
         run = out / name
         for file in ("config.json", "pairs.jsonl", "eval_pairs.jsonl", "reference.jsonl", "metrics.jsonl",
-                     "summary.json", "final/model.safetensors"):
+                     "summary.json", "final/model.safetensors", "base_eval.tokens.jsonl", "trained_eval.tokens.jsonl",
+                     "pmi.html", "curves.png"):
             assert (run / file).is_file(), (name, file)
-        for file in ("pairs.jsonl", "reference.jsonl"):
+        for file in ("pairs.jsonl", "reference.jsonl", "base_eval.tokens.jsonl"):
             assert os.stat(run / file).st_ino == os.stat(out / sweep.SHARED / file).st_ino
     assert (single / "pairs.jsonl").read_bytes() == (out / sweep.SHARED / "pairs.jsonl").read_bytes()
     assert (single / "reference.jsonl").read_bytes() == (out / sweep.SHARED / "reference.jsonl").read_bytes()
@@ -106,3 +107,17 @@ def test_a_killed_sweep_resumes_to_the_same_weights(assets, swept, tmp_path):
     for name in VARIANTS:
         a, b = final_weights(out / name), final_weights(swept[0] / name)
         assert all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_a_sweep_draws_its_variants_on_one_set_of_axes(swept, monkeypatch):
+    from test_train import drawn_panels
+
+    out, result = swept
+    assert f"curves: {out / 'curves.png'}" in result.stderr
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    drawn = drawn_panels(monkeypatch)
+    sweep.plot_curves([SimpleNamespace(out=str(out / name)) for name in VARIANTS])  # what the sweep drew, again
+    ((path, panels),) = drawn
+    assert path == out / "curves.png"
+    for title, keys in report.CURVE_PANELS:  # one line per variant and key, in the variants' order
+        assert panels[title] == [[m[key] for m in metrics(out / name)] for name in VARIANTS for key in keys], title

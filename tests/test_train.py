@@ -24,12 +24,12 @@ import mipo
 import model_loader
 import tasks
 import train
-from bookkeeping import config, held_out, runs
+from bookkeeping import config, held_out, report, runs
 from formats import pairs_file
 from transforms import cpu_speedups, shard
 from conftest import RunsCodeWhenUnpickled, make_tiny_model, naive_sequence_logps
 from model_loader import load_model, save_model
-from formats.files import MipoError
+from formats.files import MipoError, read_jsonl
 
 from bench.tiny_model import VOCAB, write_prompts, write_tiny_model
 
@@ -442,6 +442,64 @@ def test_held_out_meter_scores_each_models_own_samples_under_the_base_model(asse
     assert after["pmi_self"] == pytest.approx(under_policy["pmi"], abs=1e-5)
     assert abs(after["pmi"] - after["pmi_self"]) > 1e-3  # two scorers, two numbers
     assert (after["length"], after["truncated"]) == (under_base["length"], under_base["truncated"])
+
+    # Beside each meter, the same token by token: one line per held-out answer, its pieces, its terms summing to its
+    # pmi (the numbers summary.json holds), none of it in summary.json itself.
+    for side, answers in (("base_eval", held_out.chosen_responses(eval_pairs)), ("trained_eval", own)):
+        lines = read_jsonl(out / f"{side}.tokens.jsonl")
+        assert [r["id"] for r in lines] == [item["id"] for item in summary[side]["items"]] == [ex.id for ex in examples]
+        assert "per_token" not in summary[side]
+        terms = mipo.pointwise_mi(base, tokenizer, rows(answers))[2]
+        for line, item, (x, _, text, stopped), (ids, pmi_tokens) in zip(lines, summary[side]["items"], rows(answers),
+                                                                         terms):
+            assert ids == mipo.encode_turn(tokenizer, x, text, stopped)[1]
+            assert line["pmi"] == item["metrics"]["pmi"] and line["length"] == len(ids) == len(line["pmi_tokens"])
+            assert line["stopped"] == stopped and "".join(line["tokens"]) == tokenizer.decode(ids, False)
+            assert line["pmi_tokens"] == pytest.approx(pmi_tokens, abs=1e-5)
+            assert math.fsum(line["pmi_tokens"]) == pytest.approx(line["pmi"], abs=1e-4)  # float32 sums of tens of nats
+
+
+def drawn_panels(monkeypatch) -> list:
+    """What report.plot_training_curves draws, as it saves each figure: (file, {panel title: each line's y})."""
+    drawn, save = [], report.save_figure
+
+    def keep(fig, out_png):
+        drawn.append((out_png, {ax.get_title(): [line.get_ydata().tolist() for line in ax.lines] for ax in fig.axes
+                                if ax.get_title()}))
+        save(fig, out_png)
+
+    monkeypatch.setattr(report, "save_figure", keep)
+    return drawn
+
+
+def test_train_py_draws_the_training_curves_where_the_run_ends(assets, tmp_path, monkeypatch, capsys):
+    # eval.py's curves, from the same function: every panel the step's metrics, the meter before and after.
+    drawn = drawn_panels(monkeypatch)
+    out = tmp_path / "curves"
+    train.main(args_for(assets, out, "--n-eval", "4"))
+    assert f"curves: {out / 'curves.png'}" in capsys.readouterr().out
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    ((path, panels),) = drawn
+    history, summary = metrics(out), json.loads((out / "summary.json").read_text())
+    assert path == out / "curves.png"
+    for title, keys in report.CURVE_PANELS:
+        assert panels[title] == [[m[key] for m in history] for key in keys], title
+    assert {"gradient norm (before clipping)", "learning rate"} <= set(panels)
+    assert panels["MI meter (nats)"] == [[summary["base_eval"]["pmi"], summary["trained_eval"]["pmi"]]]
+
+
+def test_without_matplotlib_train_py_says_so_in_one_line_and_writes_the_rest(assets, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
+    monkeypatch.setattr(report, "_warned_no_matplotlib", [])
+    out = tmp_path / "no-plots"
+    train.main(args_for(assets, out, "--n-eval", "4"))
+    captured = capsys.readouterr()
+    notices = [line for line in captured.err.splitlines() if "matplotlib" in line]
+    assert notices == ["plots skipped: matplotlib is not installed (pip install matplotlib); everything else is "
+                       "written"]
+    assert "curves:" not in captured.out and not (out / "curves.png").exists()
+    for name in ("summary.json", "pmi.html", "trained_eval.tokens.jsonl", "final/model.safetensors"):
+        assert (out / name).is_file(), name
 
 
 def test_train_and_eval_meter_the_same_items_alike(assets, tmp_path):

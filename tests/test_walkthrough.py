@@ -188,6 +188,14 @@ def test_example_prints_the_mi_meter_before_and_after(example):
     assert number(r"scored under the BASE model here: (-?[\d.]+) nats", stdout) == pytest.approx(after, abs=1e-3)
 
 
+def test_example_prints_the_path_of_its_page(example):
+    stdout, out = example
+    assert f"shaded by its term of the base model's pmi, and the pairs: {out / 'pmi.html'}\n" in stdout
+    page = (out / "pmi.html").read_text()
+    held_out = [json.loads(line)["id"] for line in (out / "eval_pairs.jsonl").read_text().splitlines()]
+    assert len(held_out) == 2 and all(f'id="item-{item_id}"' in page for item_id in held_out)
+
+
 def test_training_moved_the_model(example):
     # Not only the run's files agreeing with each other: the update went the way DPO pushes, and the saved weights
     # are not the base model's.
