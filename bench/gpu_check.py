@@ -627,7 +627,7 @@ def run_section(section: str, argv: list[str], seconds: float) -> tuple[list[dic
                 else:
                     print(line, end="", flush=True)
             proc.wait()
-        finally:  # on Ctrl-C too: the child's session does not get the terminal's signal
+        finally:  # on Ctrl-C too: the child runs in a process group of its own, which the terminal's signal misses
             timer.cancel()
             if proc.poll() is None:
                 kill()
